@@ -1,0 +1,34 @@
+// pybind11 module: build and CPU-feature information only. No math lives here; the ops are reached
+// through torch.ops.fusedtrain.* (ops.cpp).
+#include <torch/extension.h>
+
+#include <string>
+
+#include "fusedtrain/cpu_isa.h"
+
+#ifndef FUSEDTRAIN_VERSION
+#define FUSEDTRAIN_VERSION "0.0.0"
+#endif
+#ifndef FUSEDTRAIN_TORCH_VERSION
+#define FUSEDTRAIN_TORCH_VERSION "unknown"
+#endif
+#ifndef FUSEDTRAIN_CUDA_ARCHS
+#define FUSEDTRAIN_CUDA_ARCHS ""
+#endif
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fusedtrain compiled library: build information (ops live in torch.ops.fusedtrain)";
+  m.def("version", [] { return std::string(FUSEDTRAIN_VERSION); });
+  m.def("built_with_torch", [] { return std::string(FUSEDTRAIN_TORCH_VERSION); });
+  m.def("has_cuda", [] {
+#ifdef FUSEDTRAIN_WITH_CUDA
+    return true;
+#else
+    return false;
+#endif
+  });
+  m.def("cuda_archs", [] { return std::string(FUSEDTRAIN_CUDA_ARCHS); });
+  m.def("cpu_isa_detected", [] { return fusedtrain::cpu::isa_name(fusedtrain::cpu::detected_isa()); });
+  m.def("cpu_isa", [] { return fusedtrain::cpu::isa_name(fusedtrain::cpu::active_isa()); });
+  m.def("set_cpu_isa", &fusedtrain::cpu::set_isa, "Select the SIMD copy of the CPU loops (tests, benchmarks)");
+}

@@ -1,0 +1,133 @@
+// The one CPU multi-tensor driver: every optimizer (and later EMA) runs through cpu_multi_tensor_apply.
+//
+// Note [CPU work split]:
+// All tensors of a call are laid end to end as one flat index space [0, total). One at::parallel_for
+// region splits that space into equal ranges, so two threads get the same number of elements whether
+// the group holds one huge tensor or two thousand small ones (torch's fused CPU kernels instead run one
+// parallel region per tensor). Each thread walks the tensors overlapping its range and runs the inner
+// loop on each piece.
+//
+// Note [CPU SIMD dispatch]:
+// The inner loop is written once (loop_body) as plain scalar C++ calling the functor of math.h. It is
+// compiled three times through GCC/Clang `target` attributes (AVX-512, AVX2+FMA, baseline x86-64 or
+// whatever the host compiler targets), and the auto-vectorizer turns each copy into SIMD code for that
+// ISA. The copy is picked at run time from what the processor reports (cpu_isa.cpp), so one build runs
+// everywhere and no -march=native is needed.
+#pragma once
+
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+
+#include <algorithm>
+#include <array>
+#include <cstdint>
+#include <vector>
+
+#include "fusedtrain/cpu_isa.h"
+
+namespace fusedtrain {
+namespace cpu {
+
+template <typename S, typename Op>
+inline __attribute__((always_inline)) void loop_body(S* const* ptr, int64_t n, const Op& op_in) {
+  using T = at::opmath_type<S>;
+  constexpr int D = Op::depth;
+  const Op op = op_in;  // a local copy: stores through the pointers cannot alias the hyperparameters
+  S* __restrict__ p0 = ptr[0];
+  const S* __restrict__ p1 = ptr[1];
+  S* __restrict__ p2 = D > 2 ? ptr[2] : nullptr;
+  S* __restrict__ p3 = D > 3 ? ptr[3] : nullptr;
+  S* __restrict__ p4 = D > 4 ? ptr[4] : nullptr;
+  for (int64_t i = 0; i < n; ++i) {
+    T r[D];
+    r[0] = static_cast<T>(p0[i]);
+    r[1] = static_cast<T>(p1[i]);
+    if constexpr (D > 2) r[2] = static_cast<T>(p2[i]);
+    if constexpr (D > 3) r[3] = static_cast<T>(p3[i]);
+    if constexpr (D > 4) r[4] = static_cast<T>(p4[i]);
+    op(r);
+    p0[i] = static_cast<S>(r[0]);
+    if constexpr (D > 2) p2[i] = static_cast<S>(r[2]);
+    if constexpr (D > 3) p3[i] = static_cast<S>(r[3]);
+    if constexpr (D > 4) p4[i] = static_cast<S>(r[4]);
+  }
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define FT_HAVE_X86_DISPATCH 1
+template <typename S, typename Op>
+__attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c"))) void loop_avx512(
+    S* const* ptr, int64_t n, const Op& op) {
+  loop_body<S, Op>(ptr, n, op);
+}
+template <typename S, typename Op>
+__attribute__((target("avx2,fma,f16c"))) void loop_avx2(S* const* ptr, int64_t n, const Op& op) {
+  loop_body<S, Op>(ptr, n, op);
+}
+#endif
+template <typename S, typename Op>
+void loop_baseline(S* const* ptr, int64_t n, const Op& op) {
+  loop_body<S, Op>(ptr, n, op);
+}
+
+template <typename S, typename Op>
+using LoopFn = void (*)(S* const*, int64_t, const Op&);
+
+template <typename S, typename Op>
+LoopFn<S, Op> select_loop() {
+#ifdef FT_HAVE_X86_DISPATCH
+  switch (active_isa()) {
+    case Isa::kAvx512:
+      return &loop_avx512<S, Op>;
+    case Isa::kAvx2:
+      return &loop_avx2<S, Op>;
+    default:
+      break;
+  }
+#endif
+  return &loop_baseline<S, Op>;
+}
+
+// Elements per parallel_for grain: large enough to amortize the per-range tensor search, small enough
+// to split a 100 KB tensor between two cores.
+constexpr int64_t kGrain = 16384;
+
+// lists[k][i]: list k (0 = params, 1 = grads, 2.. = states) of tensor i. Every tuple must be
+// non-overlapping-and-dense with equal strides (optim_host.h guarantees it), so memory order is a
+// valid element order for all D tensors of the tuple.
+template <typename S, typename Op>
+void multi_tensor_apply(const std::vector<std::vector<at::Tensor>>& lists, const Op& op) {
+  constexpr int D = Op::depth;
+  const size_t n = lists[0].size();
+  std::vector<int64_t> offset(n + 1, 0);
+  std::vector<std::array<S*, D>> ptrs(n);
+  for (size_t i = 0; i < n; ++i) {
+    offset[i + 1] = offset[i] + lists[0][i].numel();
+    for (int k = 0; k < D; ++k) ptrs[i][k] = static_cast<S*>(lists[k][i].data_ptr());
+  }
+  const int64_t total = offset[n];
+  if (total == 0) return;
+  const LoopFn<S, Op> loop = select_loop<S, Op>();
+  at::parallel_for(0, total, kGrain, [&](int64_t begin, int64_t end) {
+    size_t i = std::upper_bound(offset.begin(), offset.end(), begin) - offset.begin() - 1;
+    for (; i < n && offset[i] < end; ++i) {
+      const int64_t lo = std::max(begin, offset[i]) - offset[i];
+      const int64_t hi = std::min(end, offset[i + 1]) - offset[i];
+      if (hi <= lo) continue;
+      S* piece[D];
+      for (int k = 0; k < D; ++k) piece[k] = ptrs[i][k] + lo;
+      loop(piece, hi - lo, op);
+    }
+  });
+}
+
+struct Backend {
+  template <typename S, typename Op>
+  static void apply(const std::vector<std::vector<at::Tensor>>& lists, const Op& op) {
+    multi_tensor_apply<S, Op>(lists, op);
+  }
+};
+
+}  // namespace cpu
+}  // namespace fusedtrain

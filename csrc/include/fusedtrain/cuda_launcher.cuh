@@ -1,0 +1,168 @@
+// The one CUDA multi-tensor launcher: every optimizer (and later EMA) runs through multi_tensor_apply.
+//
+// Note [CUDA launch shape]:
+// - Tensor addresses travel in the kernel's parameter space (up to ~32 KB since CUDA 12.1 on sm_70+),
+//   passed as a __grid_constant__ struct, so one launch carries hundreds of tensors with no host-to-device
+//   copy and nothing to allocate: the launch can be captured in a CUDA graph.
+// - Each tensor is cut into chunks of kChunk elements. A persistent grid (as many blocks as fit on the
+//   device at once) strides over the global chunk index; a block finds the chunk's tensor by binary
+//   search over the cumulative chunk counts (uniform across the block, served by the constant cache).
+// - Inside a chunk each thread moves 16-byte vectors (4 floats, 8 halves, 2 doubles) of all D tensors,
+//   converts them to opmath registers, runs the math.h functor, and stores the mutated ones back.
+//   Chunks start at multiples of kChunk elements, so alignment of a tensor's base address decides the
+//   vector path for all its chunks; misaligned tensors (views at odd offsets) take a scalar loop.
+#pragma once
+
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+
+#include <climits>
+#include <cstdint>
+#include <vector>
+
+namespace fusedtrain {
+namespace cuda {
+
+constexpr int kThreads = 512;
+constexpr int64_t kChunk = 16384;  // elements; a multiple of every vector width
+constexpr int kArgBytes = 31 * 1024;  // kernel parameter budget for the tensor table (limit: 32764 B)
+
+template <int D>
+struct TensorTable {
+  static constexpr int kMax = (kArgBytes - 16) / (D * 8 + 8 + 4);
+  void* ptr[D][kMax];
+  int64_t numel[kMax];
+  int32_t chunk_end[kMax];  // cumulative chunk count up to and including tensor t
+  int32_t count;
+};
+
+template <typename S, int N>
+struct alignas(16) Pack {
+  S v[N];
+};
+
+template <typename S, typename Op, int D>
+__device__ __forceinline__ void element(S* const* p, int64_t i, const Op& op) {
+  using T = at::opmath_type<S>;
+  T r[D];
+#pragma unroll
+  for (int k = 0; k < D; ++k) r[k] = static_cast<T>(p[k][i]);
+  op(r);
+  p[0][i] = static_cast<S>(r[0]);
+#pragma unroll
+  for (int k = 2; k < D; ++k) p[k][i] = static_cast<S>(r[k]);
+}
+
+template <typename S, typename Op, int D>
+__global__ void __launch_bounds__(kThreads) multi_tensor_kernel(const __grid_constant__ TensorTable<D> table,
+                                                                const Op op) {
+  using T = at::opmath_type<S>;
+  constexpr int VEC = 16 / sizeof(S);
+  const int32_t total = table.chunk_end[table.count - 1];
+  for (int32_t c = blockIdx.x; c < total; c += gridDim.x) {
+    int lo = 0, hi = table.count - 1;
+    while (lo < hi) {
+      const int mid = (lo + hi) >> 1;
+      if (table.chunk_end[mid] > c) hi = mid;
+      else lo = mid + 1;
+    }
+    const int t = lo;
+    const int64_t start = static_cast<int64_t>(c - (t > 0 ? table.chunk_end[t - 1] : 0)) * kChunk;
+    const int64_t len = min(kChunk, table.numel[t] - start);
+    S* p[D];
+    bool aligned = true;
+#pragma unroll
+    for (int k = 0; k < D; ++k) {
+      p[k] = static_cast<S*>(table.ptr[k][t]) + start;
+      aligned = aligned && (reinterpret_cast<uintptr_t>(p[k]) % 16 == 0);
+    }
+    int64_t done = 0;
+    if (aligned) {
+      const int64_t nvec = len / VEC;
+      for (int64_t v = threadIdx.x; v < nvec; v += kThreads) {
+        Pack<S, VEC> x[D];
+#pragma unroll
+        for (int k = 0; k < D; ++k) x[k] = reinterpret_cast<const Pack<S, VEC>*>(p[k])[v];
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) {
+          T r[D];
+#pragma unroll
+          for (int k = 0; k < D; ++k) r[k] = static_cast<T>(x[k].v[e]);
+          op(r);
+          x[0].v[e] = static_cast<S>(r[0]);
+#pragma unroll
+          for (int k = 2; k < D; ++k) x[k].v[e] = static_cast<S>(r[k]);
+        }
+        reinterpret_cast<Pack<S, VEC>*>(p[0])[v] = x[0];
+#pragma unroll
+        for (int k = 2; k < D; ++k) reinterpret_cast<Pack<S, VEC>*>(p[k])[v] = x[k];
+      }
+      done = nvec * VEC;
+    }
+    for (int64_t i = done + threadIdx.x; i < len; i += kThreads) element<S, Op, D>(p, i, op);
+  }
+}
+
+template <typename S, typename Op>
+int blocks_per_sm() {
+  // Function-local cache per kernel instantiation: occupancy depends only on the compiled kernel.
+  static const int value = [] {
+    int blocks = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+        &blocks, multi_tensor_kernel<S, Op, Op::depth>, kThreads, 0));
+    return blocks > 0 ? blocks : 1;
+  }();
+  return value;
+}
+
+// lists[k][i] as in cpu_driver.h: tuples are dense with equal strides (optim_host.h), all on one device.
+template <typename S, typename Op>
+void multi_tensor_apply(const std::vector<std::vector<at::Tensor>>& lists, const Op& op) {
+  constexpr int D = Op::depth;
+  using Table = TensorTable<D>;
+  static_assert(sizeof(Table) + sizeof(Op) <= 32764, "kernel parameters exceed the 32 KB limit");
+  const c10::cuda::CUDAGuard guard(lists[0][0].device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  int sm_count = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, lists[0][0].device().index()));
+  const int64_t max_grid = static_cast<int64_t>(sm_count) * blocks_per_sm<S, Op>();
+
+  Table table;
+  table.count = 0;
+  int64_t chunks = 0;
+  auto flush = [&] {
+    if (table.count == 0) return;
+    const unsigned grid = static_cast<unsigned>(chunks < max_grid ? chunks : max_grid);
+    multi_tensor_kernel<S, Op, D><<<grid, kThreads, 0, stream>>>(table, op);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    table.count = 0;
+    chunks = 0;
+  };
+  const size_t n = lists[0].size();
+  for (size_t i = 0; i < n; ++i) {
+    const int64_t numel = lists[0][i].numel();
+    if (numel == 0) continue;
+    const int64_t tensor_chunks = (numel + kChunk - 1) / kChunk;
+    if (table.count == Table::kMax || chunks + tensor_chunks > INT32_MAX) flush();
+    for (int k = 0; k < D; ++k) table.ptr[k][table.count] = lists[k][i].data_ptr();
+    table.numel[table.count] = numel;
+    chunks += tensor_chunks;
+    table.chunk_end[table.count] = static_cast<int32_t>(chunks);
+    ++table.count;
+  }
+  flush();
+}
+
+struct Backend {
+  template <typename S, typename Op>
+  static void apply(const std::vector<std::vector<at::Tensor>>& lists, const Op& op) {
+    multi_tensor_apply<S, Op>(lists, op);
+  }
+};
+
+}  // namespace cuda
+}  // namespace fusedtrain

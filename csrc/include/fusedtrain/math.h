@@ -1,0 +1,156 @@
+// Per-element update rules of every fusedtrain optimizer.
+//
+// Note [one source of truth]:
+// Each functor below IS the formula. The CPU driver (cpu_driver.h) and the CUDA launcher
+// (cuda_launcher.cuh) only load the D values of one element into registers, call the functor, and
+// store the results; so the CPU tests, which CI runs, exercise the very arithmetic the GPU runs.
+//
+// Register convention: r[0] = parameter, r[1] = gradient (read only), r[2..D-1] = state tensors in
+// the order of the op's schema. All arithmetic is in the "opmath" type T (float for
+// float/half/bfloat16, double for double), and the order of operations follows torch.optim's
+// single-tensor (foreach=False) implementation, so float32/float64 results agree to rounding.
+#pragma once
+
+#include <c10/macros/Macros.h>
+
+#include <cmath>
+
+namespace fusedtrain {
+namespace math {
+
+#if defined(__CUDACC__)
+#define FT_HD __host__ __device__ __forceinline__
+#else
+#define FT_HD inline __attribute__((always_inline))
+#endif
+
+template <typename T>
+FT_HD T sqrt_(T x) {
+  return std::sqrt(x);
+}
+
+// torch.lerp's formula (aten/src/ATen/native/Lerp.h): more accurate on both ends of the weight range.
+template <typename T>
+FT_HD T lerp(T self, T end, T weight) {
+  return (std::abs(weight) < T(0.5)) ? self + weight * (end - self) : end - (end - self) * (T(1) - weight);
+}
+
+// The gradient as every rule first sees it: sign flipped for maximize, L2 term added (coupled decay).
+template <typename T>
+FT_HD T effective_grad(T g, T p, bool maximize, T weight_decay) {
+  g = maximize ? -g : g;
+  return weight_decay != T(0) ? g + weight_decay * p : g;
+}
+
+// SGD, heavy-ball momentum and Nesterov (Sutskever et al. 2013 in torch's parametrization):
+//   g <- g + wd*p;  b <- mu*b + (1 - dampening)*g  (b <- g on the first step)
+//   d <- g + mu*b (nesterov) or b (momentum) or g (plain);  p <- p - lr*d
+// Depth: 2 without momentum (p, g), 3 with it (p, g, b).
+template <typename T, bool MOMENTUM>
+struct SgdOp {
+  static constexpr int depth = MOMENTUM ? 3 : 2;
+  T lr, momentum, one_minus_dampening, weight_decay;
+  bool nesterov, maximize, first_step;
+
+  FT_HD void operator()(T* r) const {
+    T g = effective_grad(r[1], r[0], maximize, weight_decay);
+    if constexpr (MOMENTUM) {
+      T b = first_step ? g : r[2] * momentum + one_minus_dampening * g;
+      r[2] = b;
+      g = nesterov ? g + momentum * b : b;
+    }
+    r[0] = r[0] + (-lr) * g;
+  }
+};
+
+// Adagrad (Duchi et al. 2011):  s <- s + g*g;  p <- p - clr * g / (sqrt(s) + eps),
+// with clr = lr / (1 + (step - 1)*lr_decay) computed on the host per step.  Depth 3: (p, g, s).
+template <typename T>
+struct AdagradOp {
+  static constexpr int depth = 3;
+  T clr, weight_decay, eps;
+  bool maximize;
+
+  FT_HD void operator()(T* r) const {
+    const T g = effective_grad(r[1], r[0], maximize, weight_decay);
+    const T s = r[2] + g * g;
+    r[2] = s;
+    r[0] = r[0] + (-clr) * (g / (sqrt_(s) + eps));
+  }
+};
+
+// RMSprop (Hinton, lecture 6e; centered form of Graves 2013):
+//   v <- alpha*v + (1 - alpha)*g*g;  [centered: a <- lerp(a, g, 1 - alpha); v~ = v - a*a]
+//   d = g / (sqrt(v~) + eps);  momentum: b <- mu*b + d, p <- p - lr*b;  else p <- p - lr*d
+// Registers: (p, g, v, [a if CENTERED], [b if MOMENTUM]).
+template <typename T, bool CENTERED, bool MOMENTUM>
+struct RmspropOp {
+  static constexpr int depth = 3 + (CENTERED ? 1 : 0) + (MOMENTUM ? 1 : 0);
+  static constexpr int kGradAvg = 3;
+  static constexpr int kMomentum = CENTERED ? 4 : 3;
+  T lr, alpha, one_minus_alpha, eps, weight_decay, momentum;
+  bool maximize;
+
+  FT_HD void operator()(T* r) const {
+    const T g = effective_grad(r[1], r[0], maximize, weight_decay);
+    const T v = r[2] * alpha + one_minus_alpha * g * g;
+    r[2] = v;
+    T avg;
+    if constexpr (CENTERED) {
+      const T a = lerp(r[kGradAvg], g, one_minus_alpha);
+      r[kGradAvg] = a;
+      avg = sqrt_(v + T(-1) * a * a);
+    } else {
+      avg = sqrt_(v);
+    }
+    avg = avg + eps;
+    if constexpr (MOMENTUM) {
+      const T b = r[kMomentum] * momentum + g / avg;
+      r[kMomentum] = b;
+      r[0] = r[0] + (-lr) * b;
+    } else {
+      r[0] = r[0] + (-lr) * (g / avg);
+    }
+  }
+};
+
+// Adam (Kingma & Ba 2015) and AdamW (Loshchilov & Hutter 2019, decoupled decay):
+//   AdamW: p <- p*(1 - lr*wd);  Adam: g <- g + wd*p
+//   m <- lerp(m, g, 1 - b1);  v <- b2*v + (1 - b2)*g*g;  [amsgrad: vmax <- max(vmax, v)]
+//   p <- p - step_size * m / (sqrt(v)/bc2_sqrt + eps),
+// with step_size = lr / (1 - b1^t) and bc2_sqrt = sqrt(1 - b2^t) computed per step on the host.
+// Registers: (p, g, m, v, [vmax if AMSGRAD]).
+template <typename T, bool AMSGRAD>
+struct AdamOp {
+  static constexpr int depth = AMSGRAD ? 5 : 4;
+  T beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay, decay_factor, step_size, bc2_sqrt;
+  bool maximize, decoupled;
+
+  FT_HD void operator()(T* r) const {
+    T p = r[0];
+    T g = maximize ? -r[1] : r[1];
+    if (weight_decay != T(0)) {
+      if (decoupled) {
+        p = p * decay_factor;
+      } else {
+        g = g + weight_decay * p;
+      }
+    }
+    const T m = lerp(r[2], g, one_minus_beta1);
+    const T v = r[3] * beta2 + one_minus_beta2 * g * g;
+    r[2] = m;
+    r[3] = v;
+    T vhat = v;
+    if constexpr (AMSGRAD) {
+      const T vmax = r[4];
+      // torch.maximum propagates NaN from either side; so do we, so a NaN never hides in the max.
+      vhat = (vmax != vmax || v != v) ? vmax + v : (vmax > v ? vmax : v);
+      r[4] = vhat;
+    }
+    const T denom = sqrt_(vhat) / bc2_sqrt + eps;
+    r[0] = p + (-step_size) * (m / denom);
+  }
+};
+
+}  // namespace math
+}  // namespace fusedtrain

@@ -1,0 +1,250 @@
+// Host-side logic of the optimizer ops, shared by the CPU and CUDA registrations.
+//
+// Each `<op>_impl<Backend>` checks its tensor lists, advances the step counters, computes the
+// per-step scalars (bias corrections, decayed learning rates), builds the functor of math.h and hands
+// it to Backend::apply<scalar_t>(lists, functor). cpu/optim.cpp instantiates these with the CPU
+// driver, cuda/optim.cu with the CUDA launcher: the schemas (ops.cpp) and this file are the only
+// places that know the argument lists.
+#pragma once
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <cmath>
+#include <map>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "fusedtrain/math.h"
+
+namespace fusedtrain {
+namespace host {
+
+using Lists = std::vector<std::vector<at::Tensor>>;
+
+// Note [dense tuples]:
+// The drivers walk the D tensors of one element tuple (param, grad, states) in memory order, which is
+// right only when all of them are non-overlapping and dense with the same strides (any contiguous or
+// channels-last tensor, a transposed parameter with a grad of the same layout). Tuples that are not
+// get contiguous temporaries, and the mutated ones are copied back after the update.
+struct Prepared {
+  Lists lists;
+  std::vector<std::pair<at::Tensor, at::Tensor>> copy_back;  // (original, temporary)
+
+  void finish() {
+    for (auto& [original, temp] : copy_back) original.copy_(temp);
+  }
+};
+
+inline void check_lists(const char* op, const std::vector<std::pair<const char*, at::TensorList>>& named) {
+  const at::TensorList params = named[0].second;
+  for (size_t k = 1; k < named.size(); ++k) {
+    TORCH_CHECK(named[k].second.size() == params.size(), "fusedtrain.", op, ": ", named[k].first, " has ",
+                named[k].second.size(), " tensors but params has ", params.size());
+  }
+  for (size_t i = 0; i < params.size(); ++i) {
+    const at::Tensor& p = params[i];
+    TORCH_CHECK(at::isFloatingType(p.scalar_type()), "fusedtrain.", op, ": params[", i,
+                "] has dtype ", p.scalar_type(), "; only float32, float64, float16 and bfloat16 are supported");
+    TORCH_CHECK(p.device() == params[0].device(), "fusedtrain.", op, ": params[", i, "] is on ", p.device(),
+                " but params[0] is on ", params[0].device(), "; one call updates tensors of one device");
+    TORCH_CHECK(p.scalar_type() == params[0].scalar_type(), "fusedtrain.", op, ": params[", i, "] has dtype ",
+                p.scalar_type(), " but params[0] has ", params[0].scalar_type(),
+                "; one call updates tensors of one dtype");
+    for (size_t k = 1; k < named.size(); ++k) {
+      const at::Tensor& t = named[k].second[i];
+      TORCH_CHECK(t.device() == p.device() && t.scalar_type() == p.scalar_type() && t.sizes() == p.sizes(),
+                  "fusedtrain.", op, ": ", named[k].first, "[", i, "] (", t.scalar_type(), " ", t.sizes(), " on ",
+                  t.device(), ") must match params[", i, "] (", p.scalar_type(), " ", p.sizes(), " on ", p.device(),
+                  ")");
+      TORCH_CHECK(t.layout() == at::kStrided && !t.is_sparse(), "fusedtrain.", op, ": ", named[k].first, "[", i,
+                  "] is not a dense (strided) tensor; sparse gradients are not supported");
+    }
+  }
+}
+
+// named: the element lists in functor register order; lists after index 1 are updated in place.
+inline Prepared prepare(const std::vector<at::TensorList>& lists, const std::vector<int64_t>& index) {
+  Prepared out;
+  out.lists.resize(lists.size());
+  for (int64_t i : index) {
+    const at::Tensor& p = lists[0][i];
+    if (p.numel() == 0) continue;
+    bool dense = true;
+    for (const auto& list : lists) {
+      const at::Tensor& t = list[i];
+      dense = dense && t.is_non_overlapping_and_dense() && t.strides() == p.strides();
+    }
+    for (size_t k = 0; k < lists.size(); ++k) {
+      const at::Tensor& t = lists[k][i];
+      if (dense) {
+        out.lists[k].push_back(t);
+      } else {
+        at::Tensor temp = t.contiguous();
+        if (k != 1 && !temp.is_same(t)) out.copy_back.emplace_back(t, temp);
+        out.lists[k].push_back(std::move(temp));
+      }
+    }
+  }
+  return out;
+}
+
+inline std::vector<int64_t> all_indices(size_t n) {
+  std::vector<int64_t> index(n);
+  for (size_t i = 0; i < n; ++i) index[i] = static_cast<int64_t>(i);
+  return index;
+}
+
+// Note [step counters]:
+// Like torch.optim with capturable=False and fused=False, `step` is a float scalar tensor on the CPU,
+// one per parameter. The op adds one to each (after every check has passed, so a refused call changes
+// nothing) and groups the tensors by their new step value: one launch per distinct value, which is one
+// launch in the usual case where every parameter was updated equally often.
+inline void check_steps(const char* op, at::TensorList steps, size_t n) {
+  TORCH_CHECK(steps.size() == n, "fusedtrain.", op, ": state_steps has ", steps.size(),
+              " tensors but params has ", n);
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& s = steps[i];
+    TORCH_CHECK(s.device().is_cpu() && s.numel() == 1 && at::isFloatingType(s.scalar_type()), "fusedtrain.", op,
+                ": state_steps[", i, "] must be a one-element floating tensor on the CPU (got ", s.scalar_type(), " ",
+                s.sizes(), " on ", s.device(), ")");
+  }
+}
+
+inline std::map<double, std::vector<int64_t>> advance_steps(at::TensorList steps) {
+  std::map<double, std::vector<int64_t>> by_step;
+  for (size_t i = 0; i < steps.size(); ++i) {
+    const at::Tensor& s = steps[i];
+    double value = 0.0;
+    // Written through the pointer: a dispatcher call per counter would cost more than a small update.
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "fusedtrain_step", [&] {
+      scalar_t* ptr = s.data_ptr<scalar_t>();
+      *ptr = static_cast<scalar_t>(static_cast<double>(*ptr) + 1.0);
+      value = static_cast<double>(*ptr);
+    });
+    by_step[value].push_back(static_cast<int64_t>(i));
+  }
+  return by_step;
+}
+
+template <class Backend, typename Make>
+void run(const std::vector<at::TensorList>& lists, const std::vector<int64_t>& index, Make&& make) {
+  Prepared prepared = prepare(lists, index);
+  if (prepared.lists[0].empty()) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, prepared.lists[0][0].scalar_type(), "fusedtrain", [&] {
+    using T = at::opmath_type<scalar_t>;
+    make(T{}, [&](const auto& op) { Backend::template apply<scalar_t>(prepared.lists, op); });
+  });
+  prepared.finish();
+}
+
+template <class Backend>
+void sgd_impl(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, double lr,
+              double momentum, double dampening, double weight_decay, bool nesterov, bool maximize,
+              bool first_step) {
+  const bool has_momentum = momentum != 0.0;
+  if (has_momentum) {
+    check_lists("sgd_", {{"params", params}, {"grads", grads}, {"momentum_buffers", momentum_buffers}});
+  } else {
+    check_lists("sgd_", {{"params", params}, {"grads", grads}});
+  }
+  std::vector<at::TensorList> lists{params, grads};
+  if (has_momentum) lists.push_back(momentum_buffers);
+  run<Backend>(lists, all_indices(params.size()), [&](auto zero, auto&& launch) {
+    using T = decltype(zero);
+    if (has_momentum) {
+      launch(math::SgdOp<T, true>{T(lr), T(momentum), T(1.0 - dampening), T(weight_decay), nesterov, maximize,
+                                  first_step});
+    } else {
+      launch(math::SgdOp<T, false>{T(lr), T(0), T(1), T(weight_decay), false, maximize, false});
+    }
+  });
+}
+
+template <class Backend>
+void adagrad_impl(at::TensorList params, at::TensorList grads, at::TensorList state_sums, at::TensorList state_steps,
+                  double lr, double lr_decay, double weight_decay, double eps, bool maximize) {
+  check_lists("adagrad_", {{"params", params}, {"grads", grads}, {"state_sums", state_sums}});
+  check_steps("adagrad_", state_steps, params.size());
+  for (auto& [step, index] : advance_steps(state_steps)) {
+    const double clr = lr / (1.0 + (step - 1.0) * lr_decay);
+    run<Backend>({params, grads, state_sums}, index, [&](auto zero, auto&& launch) {
+      using T = decltype(zero);
+      launch(math::AdagradOp<T>{T(clr), T(weight_decay), T(eps), maximize});
+    });
+  }
+}
+
+template <class Backend>
+void rmsprop_impl(at::TensorList params, at::TensorList grads, at::TensorList square_avgs, at::TensorList grad_avgs,
+                  at::TensorList momentum_buffers, at::TensorList state_steps, double lr, double alpha, double eps,
+                  double weight_decay, double momentum, bool centered, bool maximize) {
+  const bool has_momentum = momentum > 0.0;
+  std::vector<std::pair<const char*, at::TensorList>> named{
+      {"params", params}, {"grads", grads}, {"square_avgs", square_avgs}};
+  if (centered) named.emplace_back("grad_avgs", grad_avgs);
+  if (has_momentum) named.emplace_back("momentum_buffers", momentum_buffers);
+  check_lists("rmsprop_", named);
+  check_steps("rmsprop_", state_steps, params.size());
+  std::vector<at::TensorList> lists;
+  for (auto& entry : named) lists.push_back(entry.second);
+  advance_steps(state_steps);  // RMSprop keeps the count for torch compatibility; the rule does not use it
+  run<Backend>(lists, all_indices(params.size()), [&](auto zero, auto&& launch) {
+    using T = decltype(zero);
+    auto go = [&](auto op) {
+      op.lr = T(lr);
+      op.alpha = T(alpha);
+      op.one_minus_alpha = T(1.0 - alpha);
+      op.eps = T(eps);
+      op.weight_decay = T(weight_decay);
+      op.momentum = T(momentum);
+      op.maximize = maximize;
+      launch(op);
+    };
+    if (centered && has_momentum) go(math::RmspropOp<T, true, true>{});
+    else if (centered) go(math::RmspropOp<T, true, false>{});
+    else if (has_momentum) go(math::RmspropOp<T, false, true>{});
+    else go(math::RmspropOp<T, false, false>{});
+  });
+}
+
+template <class Backend>
+void adam_impl(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+               at::TensorList max_exp_avg_sqs, at::TensorList state_steps, double lr, double beta1, double beta2,
+               double eps, double weight_decay, bool amsgrad, bool maximize, bool decoupled_weight_decay) {
+  std::vector<std::pair<const char*, at::TensorList>> named{
+      {"params", params}, {"grads", grads}, {"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}};
+  if (amsgrad) named.emplace_back("max_exp_avg_sqs", max_exp_avg_sqs);
+  check_lists("adam_", named);
+  check_steps("adam_", state_steps, params.size());
+  std::vector<at::TensorList> lists;
+  for (auto& entry : named) lists.push_back(entry.second);
+  for (auto& [step, index] : advance_steps(state_steps)) {
+    const double step_size = lr / (1.0 - std::pow(beta1, step));
+    const double bc2_sqrt = std::sqrt(1.0 - std::pow(beta2, step));
+    run<Backend>(lists, index, [&](auto zero, auto&& launch) {
+      using T = decltype(zero);
+      auto go = [&](auto op) {
+        op.beta2 = T(beta2);
+        op.one_minus_beta1 = T(1.0 - beta1);
+        op.one_minus_beta2 = T(1.0 - beta2);
+        op.eps = T(eps);
+        op.weight_decay = T(weight_decay);
+        op.decay_factor = T(1.0 - lr * weight_decay);
+        op.step_size = T(step_size);
+        op.bc2_sqrt = T(bc2_sqrt);
+        op.maximize = maximize;
+        op.decoupled = decoupled_weight_decay;
+        launch(op);
+      };
+      if (amsgrad) go(math::AdamOp<T, true>{});
+      else go(math::AdamOp<T, false>{});
+    });
+  }
+}
+
+}  // namespace host
+}  // namespace fusedtrain

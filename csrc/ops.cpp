@@ -1,0 +1,25 @@
+// Every fusedtrain op schema, declared once. Backends add implementations with TORCH_LIBRARY_IMPL
+// (cpu/optim.cpp, cuda/optim.cu); python/fusedtrain/_ops.py registers the fake kernels.
+//
+// Note [optimizer op conventions]:
+// In-place multi-tensor updates take `Tensor(x!)[]` lists for what they mutate and return `()`.
+// Lists that an option turns off (momentum buffers without momentum, max_exp_avg_sqs without
+// amsgrad, ...) are passed empty. `state_steps` are one-element CPU float tensors, advanced by the op.
+#include <torch/library.h>
+
+TORCH_LIBRARY(fusedtrain, m) {
+  m.def(
+      "sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, float lr, float momentum, "
+      "float dampening, float weight_decay, bool nesterov, bool maximize, bool first_step) -> ()");
+  m.def(
+      "adagrad_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state_sums, Tensor(c!)[] state_steps, "
+      "float lr, float lr_decay, float weight_decay, float eps, bool maximize) -> ()");
+  m.def(
+      "rmsprop_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] square_avgs, Tensor(c!)[] grad_avgs, "
+      "Tensor(d!)[] momentum_buffers, Tensor(e!)[] state_steps, float lr, float alpha, float eps, "
+      "float weight_decay, float momentum, bool centered, bool maximize) -> ()");
+  m.def(
+      "adam_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+      "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] state_steps, float lr, float beta1, float beta2, float eps, "
+      "float weight_decay, bool amsgrad, bool maximize, bool decoupled_weight_decay) -> ()");
+}

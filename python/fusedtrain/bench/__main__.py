@@ -1,0 +1,7 @@
+"""``python -m fusedtrain.bench``."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,96 @@
+"""Command line of ``python -m fusedtrain.bench [--device cpu|cuda] [--family optim] [--quick] ...``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from datetime import datetime, timezone
+from typing import Any
+
+import torch
+
+from .._build import build_info
+from . import optim as optim_bench
+from .common import format_table, measure_bandwidth
+
+FAMILIES = ["optim"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m fusedtrain.bench",
+                                description="Benchmark fusedtrain against torch on this machine.")
+    p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if available, else cpu)")
+    p.add_argument("--family", action="append", choices=FAMILIES, help="benchmark family (repeatable; default all)")
+    p.add_argument("--sizes", default=None,
+                   help=f"comma-separated parameter sets: {', '.join(optim_bench.PARAM_SETS)}")
+    p.add_argument("--optimizers", default=None,
+                   help=f"comma-separated optimizers: {', '.join(optim_bench.OPTIMIZERS)}")
+    p.add_argument("--quick", action="store_true", help="fewer repetitions and smaller sets")
+    p.add_argument("--reps", type=int, default=None, help="timed repetitions per row")
+    p.add_argument("--json", dest="json_path", default=None, help="write the results as JSON to this path")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def _device(arg: str | None) -> torch.device:
+    if arg is None:
+        return torch.device("cuda" if torch.cuda.is_available() and build_info()["cuda"] else "cpu")
+    try:
+        dev = torch.device(arg)
+    except RuntimeError as exc:
+        raise SystemExit(f"fusedtrain.bench: unknown device {arg!r}: {exc}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise SystemExit(f"fusedtrain.bench: device {arg!r} is not supported; use cpu or cuda")
+    if dev.type == "cuda" and not (torch.cuda.is_available() and build_info()["cuda"]):
+        raise SystemExit("fusedtrain.bench: --device cuda needs a visible GPU and a build with CUDA kernels")
+    return dev
+
+
+def _split(arg: str | None, known: dict[str, Any], what: str) -> list[str] | None:
+    if arg is None:
+        return None
+    items = [s.strip() for s in arg.split(",") if s.strip()]
+    unknown = [s for s in items if s not in known]
+    if unknown:
+        raise SystemExit(f"fusedtrain.bench: unknown {what} {unknown}; choose from {list(known)}")
+    return items
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    device = _device(args.device)
+    sets = _split(args.sizes, optim_bench.PARAM_SETS, "parameter set")
+    optimizers = _split(args.optimizers, optim_bench.OPTIMIZERS, "optimizer")
+    if args.quick and sets is None:
+        sets = ["resnet50", "small-2004"]
+    reps = args.reps or (5 if args.quick else (20 if device.type == "cuda" else 10))
+    info = build_info()
+    env = {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "fusedtrain": info,
+    }
+    print(f"fusedtrain {info['version']} | torch {env['torch']} | {env['device']} | {env['date']}", flush=True)
+    bandwidth = measure_bandwidth(device, args.quick)
+    env["bandwidth_gbps"] = bandwidth
+    what = "device copy" if device.type == "cuda" else "in-place add"
+    print(f"measured bandwidth ({what}, bytes read + written): {bandwidth:.0f} GB/s", flush=True)
+    results = []
+    for family in args.family or FAMILIES:
+        if family == "optim":
+            results += optim_bench.run(device, sets, optimizers, reps, warmup=3, bandwidth=bandwidth,
+                                       progress=not args.no_progress)
+    print(format_table(results))
+    if args.json_path:
+        with open(args.json_path, "w") as f:
+            json.dump({"env": env, "results": [r.as_dict() for r in results]}, f, indent=1)
+        print(f"wrote {args.json_path}")
+    return 0
+
+

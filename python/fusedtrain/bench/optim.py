@@ -1,0 +1,138 @@
+"""Optimizer-step benchmark: fusedtrain vs torch.optim (for-loop, foreach, fused) on realistic shapes."""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .. import optim as ft_optim
+from .common import Progress, Result, measure, summarize
+
+__all__ = ["PARAM_SETS", "OPTIMIZERS", "param_shapes", "run"]
+
+
+def _gpt2_medium() -> list[tuple[int, ...]]:
+    """GPT-2 medium: 24 layers, d=1024, vocab 50257, context 1024 (354.8 M parameters, 292 tensors)."""
+    d, shapes = 1024, [(50257, 1024), (1024, 1024)]
+    for _ in range(24):
+        shapes += [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,), (d,), (d,), (d, 4 * d), (4 * d,), (4 * d, d), (d,)]
+    return shapes + [(d,), (d,)]
+
+
+def _resnet50() -> list[tuple[int, ...]]:
+    """torchvision ResNet-50's parameter shapes (25.6 M parameters, 161 tensors)."""
+    shapes: list[tuple[int, ...]] = [(64, 3, 7, 7), (64,), (64,)]
+    cin = 64
+    for width, blocks in ((64, 3), (128, 4), (256, 6), (512, 3)):
+        for b in range(blocks):
+            out = width * 4
+            for co, ci, k in ((width, cin, 1), (width, width, 3), (out, width, 1)):
+                shapes += [(co, ci, k, k), (co,), (co,)]
+            if b == 0:
+                shapes += [(out, cin, 1, 1), (out,), (out,)]
+            cin = out
+    return shapes + [(1000, 2048), (1000,)]
+
+
+def _large98() -> list[tuple[int, ...]]:
+    """98 large matrices, 83.4 M parameters: bandwidth-bound on a CPU."""
+    return [(1024, 1024)] * 49 + [(1024, 640)] * 49
+
+
+def _small2004() -> list[tuple[int, ...]]:
+    """2004 small tensors, about 11 M parameters: per-tensor overhead dominates."""
+    g = torch.Generator().manual_seed(0)
+    sizes = torch.randint(64, 10_900, (2004,), generator=g)
+    return [(int(s),) for s in sizes]
+
+
+PARAM_SETS: dict[str, Callable[[], list[tuple[int, ...]]]] = {
+    "gpt2-medium": _gpt2_medium,
+    "resnet50": _resnet50,
+    "large-98": _large98,
+    "small-2004": _small2004,
+}
+DEFAULT_SETS = {"cpu": ["resnet50", "large-98", "small-2004"], "cuda": ["gpt2-medium", "resnet50"]}
+
+# name -> (class name, kwargs, bytes moved per fp32 parameter by one fused pass)
+OPTIMIZERS: dict[str, tuple[str, dict[str, Any], int]] = {
+    "Adam": ("Adam", dict(lr=1e-3), 28),
+    "AdamW": ("AdamW", dict(lr=1e-3), 28),
+    "SGD momentum": ("SGD", dict(lr=1e-2, momentum=0.9), 20),
+    "SGD nesterov": ("SGD", dict(lr=1e-2, momentum=0.9, nesterov=True), 20),
+    "Adagrad": ("Adagrad", dict(lr=1e-2), 20),
+    "RMSprop": ("RMSprop", dict(lr=1e-2), 20),
+}
+
+IMPLS = {
+    "torch for-loop": dict(foreach=False),
+    "torch foreach": dict(foreach=True),
+    "torch fused": dict(fused=True),
+    "fusedtrain": {},
+}
+
+
+def param_shapes(name: str) -> list[tuple[int, ...]]:
+    return PARAM_SETS[name]()
+
+
+def _numel(shapes: list[tuple[int, ...]]) -> int:
+    total = 0
+    for s in shapes:
+        n = 1
+        for d in s:
+            n *= d
+        total += n
+    return total
+
+
+def _make(shapes: list[tuple[int, ...]], device: torch.device) -> list[torch.Tensor]:
+    params = [torch.randn(s, device=device) for s in shapes]
+    for p in params:
+        p.requires_grad_()
+        p.grad = torch.randn_like(p)
+    return params
+
+
+def run(device: torch.device, sets: list[str] | None, optimizers: list[str] | None, reps: int, warmup: int,
+        bandwidth: float, progress: bool = True) -> list[Result]:
+    sets = sets or DEFAULT_SETS[device.type]
+    names = optimizers or list(OPTIMIZERS)
+    results: list[Result] = []
+    bar = Progress(len(sets) * len(names) * len(IMPLS), progress)
+    for set_name in sets:
+        shapes = param_shapes(set_name)
+        numel = _numel(shapes)
+        case_label = f"{set_name} ({numel / 1e6:.1f} M, {len(shapes)} tensors)"
+        for name in names:
+            cls_name, kwargs, bytes_per_param = OPTIMIZERS[name]
+            rows: dict[str, Result] = {}
+            for impl, flags in IMPLS.items():
+                bar.step(f"{set_name} {name} {impl}")
+                params = _make(shapes, device)
+                row = Result("optim", f"{name}, {case_label}", impl, str(device), None,
+                             bytes_moved=numel * bytes_per_param)
+                try:
+                    cls = getattr(ft_optim if impl == "fusedtrain" else torch.optim, cls_name)
+                    opt = cls(params, **kwargs, **flags)
+                    times = measure(opt.step, device, warmup, reps)
+                    row.median_ms, row.p20_ms, row.p80_ms = summarize(times)
+                    row.gbps = row.bytes_moved / row.median_ms / 1e6
+                    row.pct_bw = 100 * row.gbps / bandwidth if bandwidth else None
+                except (RuntimeError, ValueError, TypeError) as exc:
+                    row.note = f"not available: {str(exc).splitlines()[0][:60]}"
+                rows[impl] = row
+                del params
+                opt = None
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            torch_times = [r.median_ms for k, r in rows.items() if k != "fusedtrain" and r.median_ms is not None]
+            ours = rows["fusedtrain"]
+            if torch_times and ours.median_ms:
+                ours.vs_best_torch = min(torch_times) / ours.median_ms
+            results += list(rows.values())
+    return results

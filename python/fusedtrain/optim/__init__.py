@@ -1,0 +1,9 @@
+"""Drop-in fused replacements for torch.optim: same arguments, defaults, state and results."""
+
+from . import functional
+from .adagrad import Adagrad
+from .adam import Adam, AdamW
+from .rmsprop import RMSprop
+from .sgd import SGD
+
+__all__ = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "functional"]

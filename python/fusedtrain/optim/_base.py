@@ -1,0 +1,127 @@
+"""Shared plumbing of the fusedtrain optimizers: checks, state steps, grouping, torch fallback."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .._build import has_cuda_kernels
+
+__all__ = ["FusedOptimizerMixin", "group_by_device_dtype", "real_view", "to_scalar"]
+
+_SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.complex64,
+                     torch.complex128)
+
+
+def to_scalar(x: float | Tensor) -> float:
+    """A hyperparameter as a Python float (a one-element tensor is read once per step)."""
+    return float(x.item()) if isinstance(x, Tensor) else float(x)
+
+
+def real_view(t: Tensor) -> Tensor:
+    """Complex tensors are updated as pairs of reals, exactly as torch.optim does (view_as_real)."""
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+def group_by_device_dtype(tensors: Sequence[Tensor]) -> dict[tuple[torch.device, torch.dtype], list[int]]:
+    """Indices of ``tensors`` grouped by (device, dtype): one op call per group."""
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((t.device, t.dtype), []).append(i)
+    return groups
+
+
+def check_param(opt_name: str, p: Tensor) -> None:
+    """Refuse, before anything is mutated, what the fused kernels cannot update."""
+    grad = p.grad
+    assert grad is not None
+    if grad.is_sparse:
+        raise RuntimeError(
+            f"fusedtrain.optim.{opt_name} does not support sparse gradients; use torch.optim.SparseAdam or "
+            f"torch.optim.{opt_name} for parameters with sparse gradients (e.g. nn.Embedding(sparse=True))")
+    if p.device.type not in ("cpu", "cuda"):
+        raise RuntimeError(f"fusedtrain.optim.{opt_name} updates CPU and CUDA tensors; got a parameter on "
+                           f"'{p.device}'. Use torch.optim.{opt_name} for this device.")
+    if p.device.type == "cuda" and not has_cuda_kernels():
+        raise RuntimeError(
+            f"fusedtrain.optim.{opt_name} got a CUDA parameter, but this fusedtrain build has no CUDA kernels. "
+            "Rebuild with a CUDA build of torch and nvcc available (unset FUSEDTRAIN_CPU_ONLY): "
+            "`pip install --no-build-isolation -e .`")
+    if p.dtype not in _SUPPORTED_DTYPES:
+        raise RuntimeError(f"fusedtrain.optim.{opt_name} supports float32, float64, float16, bfloat16 and complex "
+                           f"parameters; got {p.dtype}")
+    if grad.shape != p.shape or grad.dtype != p.dtype or grad.device != p.device:
+        raise RuntimeError(
+            f"fusedtrain.optim.{opt_name}: a parameter's .grad ({grad.dtype} {tuple(grad.shape)} on {grad.device}) "
+            f"must match the parameter ({p.dtype} {tuple(p.shape)} on {p.device})")
+
+
+def cpu_step(state: dict[str, Any]) -> Tensor:
+    """The state's ``step`` as the CPU scalar tensor the kernels advance (see Note [step counters]).
+
+    A step restored from a capturable/fused torch optimizer (on the GPU) or an old float checkpoint
+    is moved once; its value is unchanged.
+    """
+    step = state["step"]
+    if not isinstance(step, Tensor):
+        step = state["step"] = torch.tensor(float(step), dtype=torch.get_default_dtype()
+                                            if torch.get_default_dtype() == torch.float64 else torch.float32)
+    elif step.device.type != "cpu":
+        step = state["step"] = step.to("cpu")
+    return step
+
+
+def new_step() -> Tensor:
+    """A fresh step counter, as torch.optim makes one with capturable=False and fused=False."""
+    dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+    return torch.tensor(0.0, dtype=dtype)
+
+
+class FusedOptimizerMixin:
+    """Mixed into subclasses of the torch.optim class of the same name.
+
+    The torch base class provides the constructor's checks, defaults, ``param_groups``, ``state``,
+    ``state_dict``/``load_state_dict``, hooks and ``zero_grad``; the subclass replaces ``step``.
+    """
+
+    _torch_cls: type[torch.optim.Optimizer]
+    _opt_name: str
+    param_groups: list[dict[str, Any]]
+    state: Any
+
+    @staticmethod
+    def _check_compat_flags(foreach: bool | None, fused: bool | None, differentiable: bool) -> None:
+        if fused and foreach:
+            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+        if fused and differentiable:
+            raise RuntimeError("`fused` does not support `differentiable`")
+
+    def _use_torch_step(self) -> bool:
+        """capturable / differentiable groups run torch's own implementation (same state keys)."""
+        return any(g.get("capturable", False) or g.get("differentiable", False) for g in self.param_groups)
+
+    def _torch_step(self, closure: Callable[[], Any] | None) -> Any:
+        fn = self._torch_cls.step
+        if getattr(fn, "hooked", False):  # torch wrapped its class's step with the hook runner; ours ran them
+            fn = fn.__wrapped__  # type: ignore[attr-defined]
+        return fn(self, closure)
+
+    def _params_with_grad(self) -> list[tuple[dict[str, Any], list[Tensor]]]:
+        """Every group's parameters that have a gradient, all checked before any update runs."""
+        work = []
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in params:
+                check_param(self._opt_name, p)
+            work.append((group, params))
+        return work
+
+    @staticmethod
+    def _run_closure(closure: Callable[[], Any] | None) -> Any:
+        if closure is None:
+            return None
+        with torch.enable_grad():
+            return closure()

@@ -1,0 +1,70 @@
+"""Adagrad on fusedtrain's fused multi-tensor kernels."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import functional as F
+from ._base import FusedOptimizerMixin, cpu_step, new_step, to_scalar
+
+__all__ = ["Adagrad"]
+
+
+class Adagrad(FusedOptimizerMixin, torch.optim.Adagrad):
+    r"""Adagrad (Duchi, Hazan & Singer, 2011), a drop-in for :class:`torch.optim.Adagrad`.
+
+    .. math::
+        r \leftarrow r + g\odot g,\qquad \theta \leftarrow \theta - \eta_t\,\frac{g}{\sqrt{r}+\delta},
+        \qquad \eta_t = \frac{\eta}{1 + (t-1)\,\text{lr\_decay}}
+
+    (:math:`\delta` is ``eps``; :math:`r` starts at ``initial_accumulator_value``.)
+
+    Args:
+        params, lr, lr_decay, weight_decay, initial_accumulator_value, eps, maximize: as in torch.
+        foreach, fused: accepted and ignored. differentiable: runs torch.optim.Adagrad's own step.
+
+    State: ``step`` (CPU float tensor) and ``sum``, created in the constructor as torch does.
+    Sparse gradients are refused (torch.optim.Adagrad handles them).
+    """
+
+    _torch_cls = torch.optim.Adagrad
+    _opt_name = "Adagrad"
+
+    def __init__(self, params: Any, lr: float | Tensor = 1e-2, lr_decay: float = 0, weight_decay: float = 0,
+                 initial_accumulator_value: float = 0, eps: float = 1e-10, foreach: bool | None = None, *,
+                 maximize: bool = False, differentiable: bool = False, fused: bool | None = None) -> None:
+        self._check_compat_flags(foreach, fused, differentiable)
+        super().__init__(params, lr, lr_decay, weight_decay, initial_accumulator_value, eps, maximize=maximize,
+                         differentiable=differentiable)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Performs one optimization step.
+
+        Args:
+            closure: re-evaluates the model and returns the loss (optional).
+        """
+        if self._use_torch_step():
+            return self._torch_step(closure)
+        loss = self._run_closure(closure)
+        for group, params in self._params_with_grad():
+            if not params:
+                continue
+            sums, steps = [], []
+            for p in params:
+                state = self.state[p]
+                if len(state) == 0:  # a parameter added with add_param_group after construction
+                    init = group["initial_accumulator_value"]
+                    state["step"] = new_step()
+                    state["sum"] = torch.full_like(p, complex(init, init) if p.is_complex() else init,
+                                                   memory_format=torch.preserve_format)
+                sums.append(state["sum"])
+                steps.append(cpu_step(state))
+            F.adagrad(params, [p.grad for p in params], sums, steps, lr=to_scalar(group["lr"]),
+                      lr_decay=group["lr_decay"], weight_decay=group["weight_decay"], eps=group["eps"],
+                      maximize=group["maximize"])
+        return loss

@@ -1,0 +1,129 @@
+"""Adam and AdamW on fusedtrain's fused multi-tensor kernels."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import functional as F
+from ._base import FusedOptimizerMixin, cpu_step, new_step, to_scalar
+
+__all__ = ["Adam", "AdamW"]
+
+_TORCH_ADAM_HAS_DECOUPLED = "decoupled_weight_decay" in inspect.signature(torch.optim.Adam.__init__).parameters
+
+
+class Adam(FusedOptimizerMixin, torch.optim.Adam):
+    r"""Adam (Kingma & Ba, 2015), a drop-in for :class:`torch.optim.Adam` that runs one fused kernel per
+    (device, dtype) group.
+
+    .. math::
+        g_t &= \nabla_\theta f_t(\theta_{t-1}) \;(+\lambda\theta_{t-1}),\qquad
+        m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t,\qquad v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2 \\
+        \theta_t &= \theta_{t-1} - \frac{\eta}{1-\beta_1^t}\,\frac{m_t}{\sqrt{v_t}/\sqrt{1-\beta_2^t}+\epsilon}
+
+    This is torch's parametrization: ``eps`` is added after the bias correction of :math:`\sqrt{v_t}`.
+    ``amsgrad`` uses :math:`\max(v_{\max}, v_t)` in place of :math:`v_t`; ``decoupled_weight_decay`` gives
+    AdamW (the parameter is first multiplied by :math:`1-\eta\lambda`).
+
+    Args:
+        params: parameters or parameter groups, as for any torch optimizer.
+        lr, betas, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay: as in torch.optim.Adam
+            (same defaults and validation errors).
+        foreach, fused: accepted for compatibility and ignored: fusedtrain always runs its fused kernels
+            (the param group records ``None``).
+        capturable, differentiable: when set, ``step`` runs torch.optim.Adam's own implementation
+            (same state keys), since the fused kernels are neither graph-capturable yet nor differentiable.
+
+    The state keys (``step`` as a CPU float tensor, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``) are
+    torch's, so ``state_dict()`` loads into torch.optim.Adam and back.
+    """
+
+    _torch_cls = torch.optim.Adam
+    _opt_name = "Adam"
+    _decoupled_default = False
+
+    def __init__(self, params: Any, lr: float | Tensor = 1e-3, betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0, amsgrad: bool = False, *, foreach: bool | None = None,
+                 maximize: bool = False, capturable: bool = False, differentiable: bool = False,
+                 fused: bool | None = None, decoupled_weight_decay: bool = False) -> None:
+        self._check_compat_flags(foreach, fused, differentiable)
+        kwargs: dict[str, Any] = dict(maximize=maximize, capturable=capturable, differentiable=differentiable)
+        if _TORCH_ADAM_HAS_DECOUPLED and self._torch_cls is torch.optim.Adam:
+            kwargs["decoupled_weight_decay"] = decoupled_weight_decay
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, **kwargs)
+        if not _TORCH_ADAM_HAS_DECOUPLED or self._torch_cls is not torch.optim.Adam:
+            self.defaults["decoupled_weight_decay"] = decoupled_weight_decay
+            for group in self.param_groups:
+                group.setdefault("decoupled_weight_decay", decoupled_weight_decay)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("decoupled_weight_decay", self._decoupled_default)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Performs one optimization step.
+
+        Args:
+            closure: re-evaluates the model and returns the loss (optional).
+        """
+        if self._use_torch_step():
+            return self._torch_step(closure)
+        loss = self._run_closure(closure)
+        for group, params in self._params_with_grad():
+            if not params:
+                continue
+            amsgrad = group["amsgrad"]
+            grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = [], [], [], [], []
+            for p in params:
+                state = self.state[p]
+                if len(state) == 0:
+                    state["step"] = new_step()
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    if amsgrad:
+                        state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                grads.append(p.grad)
+                exp_avgs.append(state["exp_avg"])
+                exp_avg_sqs.append(state["exp_avg_sq"])
+                if amsgrad:
+                    max_exp_avg_sqs.append(state["max_exp_avg_sq"])
+                steps.append(cpu_step(state))
+            beta1, beta2 = group["betas"]
+            F.adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr=to_scalar(group["lr"]),
+                   beta1=to_scalar(beta1), beta2=to_scalar(beta2), eps=group["eps"],
+                   weight_decay=to_scalar(group["weight_decay"]), amsgrad=amsgrad, maximize=group["maximize"],
+                   decoupled_weight_decay=group.get("decoupled_weight_decay", self._decoupled_default))
+        return loss
+
+
+class AdamW(Adam, torch.optim.AdamW):
+    r"""AdamW (Loshchilov & Hutter, 2019): Adam with decoupled weight decay, a drop-in for
+    :class:`torch.optim.AdamW` (default ``weight_decay=1e-2``).
+
+    .. math::
+        \theta_{t-1} \leftarrow \theta_{t-1}(1-\eta\lambda), \text{ then the Adam update without the L2 term.}
+
+    Arguments and state are those of :class:`Adam`; see there.
+    """
+
+    _torch_cls = torch.optim.AdamW
+    _opt_name = "AdamW"
+    _decoupled_default = True
+
+    def __init__(self, params: Any, lr: float | Tensor = 1e-3, betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *,
+                 maximize: bool = False, foreach: bool | None = None, capturable: bool = False,
+                 differentiable: bool = False, fused: bool | None = None) -> None:
+        self._check_compat_flags(foreach, fused, differentiable)
+        torch.optim.AdamW.__init__(self, params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
+                                   capturable=capturable, differentiable=differentiable)
+        self.defaults["decoupled_weight_decay"] = True
+        for group in self.param_groups:
+            group["decoupled_weight_decay"] = True

@@ -1,0 +1,81 @@
+"""RMSprop on fusedtrain's fused multi-tensor kernels."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import functional as F
+from ._base import FusedOptimizerMixin, cpu_step, new_step, to_scalar
+
+__all__ = ["RMSprop"]
+
+
+class RMSprop(FusedOptimizerMixin, torch.optim.RMSprop):
+    r"""RMSprop (Hinton, Coursera lecture 6e), a drop-in for :class:`torch.optim.RMSprop`.
+
+    .. math::
+        v \leftarrow \alpha v + (1-\alpha) g^2,\qquad
+        \theta \leftarrow \theta - \eta\,\frac{g}{\sqrt{\tilde v} + \epsilon}
+
+    with :math:`\tilde v = v` or, when ``centered``, :math:`\tilde v = v - \bar g^2` where
+    :math:`\bar g \leftarrow \alpha \bar g + (1-\alpha) g` (Graves, 2013). With ``momentum`` :math:`\mu>0`
+    the step goes through a buffer :math:`b \leftarrow \mu b + g/(\sqrt{\tilde v}+\epsilon)`,
+    :math:`\theta \leftarrow \theta - \eta b`. Note that :math:`\epsilon` is added outside the square root
+    (torch's convention; TensorFlow adds it inside).
+
+    Args:
+        params, lr, alpha, eps, weight_decay, momentum, centered, maximize: as in torch.optim.RMSprop.
+        foreach: accepted and ignored. capturable, differentiable: run torch.optim.RMSprop's own step.
+
+    State: ``step``, ``square_avg``, ``momentum_buffer`` (momentum > 0), ``grad_avg`` (centered).
+    """
+
+    _torch_cls = torch.optim.RMSprop
+    _opt_name = "RMSprop"
+
+    def __init__(self, params: Any, lr: float | Tensor = 1e-2, alpha: float = 0.99, eps: float = 1e-8,
+                 weight_decay: float = 0, momentum: float = 0, centered: bool = False, capturable: bool = False,
+                 foreach: bool | None = None, maximize: bool = False, differentiable: bool = False) -> None:
+        self._check_compat_flags(foreach, None, differentiable)
+        super().__init__(params, lr, alpha, eps, weight_decay, momentum, centered, capturable=capturable,
+                         maximize=maximize, differentiable=differentiable)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Performs one optimization step.
+
+        Args:
+            closure: re-evaluates the model and returns the loss (optional).
+        """
+        if self._use_torch_step():
+            return self._torch_step(closure)
+        loss = self._run_closure(closure)
+        for group, params in self._params_with_grad():
+            if not params:
+                continue
+            momentum, centered = group["momentum"], group["centered"]
+            square_avgs, grad_avgs, buffers, steps = [], [], [], []
+            for p in params:
+                state = self.state[p]
+                if len(state) == 0:
+                    state["step"] = new_step()
+                    state["square_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    if momentum > 0:
+                        state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    if centered:
+                        state["grad_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                square_avgs.append(state["square_avg"])
+                if momentum > 0:
+                    buffers.append(state["momentum_buffer"])
+                if centered:
+                    grad_avgs.append(state["grad_avg"])
+                steps.append(cpu_step(state))
+            F.rmsprop(params, [p.grad for p in params], square_avgs, grad_avgs, buffers, steps,
+                      lr=to_scalar(group["lr"]), alpha=group["alpha"], eps=group["eps"],
+                      weight_decay=group["weight_decay"], momentum=momentum, centered=centered,
+                      maximize=group["maximize"])
+        return loss

@@ -1,0 +1,78 @@
+"""SGD, momentum and Nesterov momentum on fusedtrain's fused multi-tensor kernels."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import functional as F
+from ._base import FusedOptimizerMixin, to_scalar
+
+__all__ = ["SGD"]
+
+
+class SGD(FusedOptimizerMixin, torch.optim.SGD):
+    r"""Stochastic gradient descent with optional momentum, a drop-in for :class:`torch.optim.SGD`.
+
+    With :math:`g = \nabla f(\theta) + \lambda\theta` (weight decay :math:`\lambda`):
+
+    - plain SGD: :math:`\theta \leftarrow \theta - \eta g`;
+    - momentum (heavy ball): :math:`b \leftarrow \mu b + (1-\tau) g,\ \theta \leftarrow \theta - \eta b`
+      (:math:`b = g` on the first step). The textbook form :math:`v \leftarrow \mu v - \eta g,\ \theta
+      \leftarrow \theta + v` is the same trajectory with :math:`v = -\eta b` for a constant :math:`\eta`;
+    - Nesterov: :math:`\theta \leftarrow \theta - \eta (g + \mu b)`, the look-ahead form of Sutskever
+      et al. (2013) rewritten in terms of the current parameters.
+
+    Args:
+        params: parameters or parameter groups.
+        lr, momentum, dampening, weight_decay, nesterov, maximize: as in torch.optim.SGD (same defaults
+            and errors).
+        foreach, fused: accepted and ignored (always fused here; the group records ``None``).
+        differentiable: runs torch.optim.SGD's own step.
+
+    State: ``momentum_buffer`` when momentum is non-zero, as in torch.
+    """
+
+    _torch_cls = torch.optim.SGD
+    _opt_name = "SGD"
+
+    def __init__(self, params: Any, lr: float | Tensor = 1e-3, momentum: float = 0, dampening: float = 0,
+                 weight_decay: float | Tensor = 0, nesterov: bool = False, *, maximize: bool = False,
+                 foreach: bool | None = None, differentiable: bool = False, fused: bool | None = None) -> None:
+        self._check_compat_flags(foreach, fused, differentiable)
+        super().__init__(params, lr, momentum, dampening, weight_decay, nesterov, maximize=maximize,
+                         differentiable=differentiable)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Performs one optimization step.
+
+        Args:
+            closure: re-evaluates the model and returns the loss (optional).
+        """
+        if self._use_torch_step():
+            return self._torch_step(closure)
+        loss = self._run_closure(closure)
+        for group, params in self._params_with_grad():
+            if not params:
+                continue
+            momentum = group["momentum"]
+            hyper = dict(lr=to_scalar(group["lr"]), momentum=momentum, dampening=group["dampening"],
+                         weight_decay=to_scalar(group["weight_decay"]), nesterov=group["nesterov"],
+                         maximize=group["maximize"])
+            if momentum == 0:
+                F.sgd(params, [p.grad for p in params], [], **hyper)
+                continue
+            # Parameters without a buffer yet start it from the gradient (torch clones the gradient).
+            fresh = [p for p in params if self.state[p].get("momentum_buffer") is None]
+            old = [p for p in params if self.state[p].get("momentum_buffer") is not None]
+            for p in fresh:
+                self.state[p]["momentum_buffer"] = torch.empty_like(p, memory_format=torch.preserve_format)
+            for subset, first in ((old, False), (fresh, True)):
+                if subset:
+                    F.sgd(subset, [p.grad for p in subset], [self.state[p]["momentum_buffer"] for p in subset],
+                          first_step=first, **hyper)
+        return loss

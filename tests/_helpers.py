@@ -1,0 +1,105 @@
+"""Shared helpers of the optimizer tests: parameter sets, paired runs against torch.optim."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+import fusedtrain
+
+OPTIMIZERS = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW"]
+
+# (optimizer, options): every option combination that changes the kernel's arithmetic.
+CONFIGS: list[tuple[str, dict[str, Any]]] = [
+    ("SGD", dict(lr=0.1)),
+    ("SGD", dict(lr=0.1, weight_decay=0.01, maximize=True)),
+    ("SGD", dict(lr=0.1, momentum=0.9)),
+    ("SGD", dict(lr=0.1, momentum=0.9, dampening=0.2, weight_decay=0.01)),
+    ("SGD", dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01, maximize=True)),
+    ("Adagrad", dict(lr=0.1)),
+    ("Adagrad", dict(lr=0.1, lr_decay=0.05, weight_decay=0.01, initial_accumulator_value=0.1, maximize=True)),
+    ("RMSprop", dict(lr=0.01)),
+    ("RMSprop", dict(lr=0.01, centered=True, weight_decay=0.01)),
+    ("RMSprop", dict(lr=0.01, momentum=0.9, maximize=True)),
+    ("RMSprop", dict(lr=0.01, momentum=0.9, centered=True, alpha=0.9)),
+    ("Adam", dict(lr=0.01)),
+    ("Adam", dict(lr=0.01, weight_decay=0.1, amsgrad=True)),
+    ("Adam", dict(lr=0.01, betas=(0.8, 0.99), maximize=True, weight_decay=0.1, decoupled_weight_decay=True)),
+    ("AdamW", dict(lr=0.01)),
+    ("AdamW", dict(lr=0.01, amsgrad=True, maximize=True, weight_decay=0.05)),
+]
+
+
+def config_id(cfg: tuple[str, dict[str, Any]]) -> str:
+    name, kw = cfg
+    return name + "-" + "-".join(f"{k}={v}" for k, v in kw.items() if k != "lr")
+
+
+def make_params(device: str, dtype: torch.dtype) -> list[torch.Tensor]:
+    """Odd sizes, empty, 0-dim, a transposed (dense, non-contiguous) and a strided (not dense) parameter."""
+    ps = [torch.randn(s, dtype=torch.float64).to(dtype) for s in [(1,), (7,), (4097,), (0,), (), (33, 17)]]
+    ps.append(torch.randn(9, 6, dtype=torch.float64).to(dtype).t())
+    ps = [p.to(device) for p in ps]
+    ps.append(torch.randn(8, 10, dtype=torch.float64).to(dtype).to(device)[:, ::3])
+    return [p.requires_grad_() for p in ps]
+
+
+def make_grads(params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Fresh random gradients; the (33, 17) parameter gets a transposed-layout gradient."""
+    grads = []
+    for p in params:
+        if p.shape == (33, 17) and p.is_contiguous():
+            g = torch.randn(17, 33, dtype=torch.float64).to(p.dtype).to(p.device).t()
+        else:
+            g = torch.randn(p.shape, dtype=torch.float64).to(p.dtype).to(p.device)
+            if p.dim() == 2 and not p.is_contiguous() and p.stride(0) == 1:
+                g = g.t().contiguous().t()  # same layout as a transposed parameter
+        grads.append(g)
+    return grads
+
+
+def clone_params(params: list[torch.Tensor], dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+    return [p.detach().clone().to(dtype or p.dtype).requires_grad_() for p in params]
+
+
+def ours(name: str) -> type[torch.optim.Optimizer]:
+    return getattr(fusedtrain.optim, name)
+
+
+def theirs(name: str) -> type[torch.optim.Optimizer]:
+    return getattr(torch.optim, name)
+
+
+def torch_kwargs(name: str, kw: dict[str, Any]) -> dict[str, Any]:
+    out = dict(kw)
+    out["foreach"] = False
+    return out
+
+
+def set_grads(params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+
+
+def assert_close_ulps(x: torch.Tensor, y: torch.Tensor, rtol: float, atol: float) -> None:
+    """assert_close with atol scaled by the tensor's largest magnitude: a few ulps of the operands, so a
+    state that cancels to near zero (momentum buffers) is judged by the size of what cancelled."""
+    y = y.detach().to(x.dtype)
+    scale = max(1.0, float(y.abs().max())) if y.numel() else 1.0
+    torch.testing.assert_close(x.detach(), y, rtol=rtol, atol=atol * scale)
+
+
+def assert_same_state(a: torch.optim.Optimizer, pa: list[torch.Tensor], b: torch.optim.Optimizer,
+                      pb: list[torch.Tensor], **tol: float) -> None:
+    for x, y in zip(pa, pb):
+        assert_close_ulps(x, y, **tol)
+        sx, sy = a.state[x], b.state[y]
+        assert set(sx) == set(sy), (set(sx), set(sy))
+        for key in sx:
+            vx, vy = sx[key], sy[key]
+            if key == "step":
+                assert float(vx) == float(vy)
+                assert vx.device.type == "cpu" and vx.dtype == vy.dtype
+            else:
+                assert_close_ulps(vx, vy, **tol)

@@ -1,0 +1,140 @@
+"""Op-level checks: opcheck, every CPU SIMD copy, thread counts, layouts, CPU == CUDA, functional API."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fusedtrain
+from fusedtrain import _build
+from fusedtrain.optim import functional as F
+from conftest import DEVICES
+
+
+def _lists(device: str, dtype: torch.dtype, n_states: int, sizes=(7, 4097, 1, 33)) -> list[list[torch.Tensor]]:
+    return [[torch.randn(s, device=device, dtype=dtype) for s in sizes] for _ in range(2 + n_states)]
+
+
+def _steps(n: int) -> list[torch.Tensor]:
+    return [torch.tensor(3.0) for _ in range(n)]
+
+
+def _op_cases(device: str, dtype: torch.dtype):
+    p, g, b = _lists(device, dtype, 1)
+    yield torch.ops.fusedtrain.sgd_.default, (p, g, b, 0.1, 0.9, 0.0, 0.01, True, False, False)
+    p, g = _lists(device, dtype, 0)
+    yield torch.ops.fusedtrain.sgd_.default, (p, g, [], 0.1, 0.0, 0.0, 0.0, False, True, False)
+    p, g, s = _lists(device, dtype, 1)
+    s = [x.abs() for x in s]
+    yield torch.ops.fusedtrain.adagrad_.default, (p, g, s, _steps(4), 0.1, 0.01, 0.0, 1e-10, False)
+    p, g, v, a, m = _lists(device, dtype, 3)
+    v = [x.abs() + 1 for x in v]
+    yield torch.ops.fusedtrain.rmsprop_.default, (p, g, v, a, m, _steps(4), 0.01, 0.99, 1e-8, 0.0, 0.9, True, False)
+    p, g, m, v, vm = _lists(device, dtype, 3)
+    v, vm = [x.abs() for x in v], [x.abs() for x in vm]
+    yield torch.ops.fusedtrain.adam_.default, (p, g, m, v, vm, _steps(4), 1e-3, 0.9, 0.999, 1e-8, 0.01, True, False,
+                                               True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device: str) -> None:
+    for op, args in _op_cases(device, torch.float32):
+        torch.library.opcheck(op, args)
+
+
+def _run_all_optimizers(device: str = "cpu") -> list[torch.Tensor]:
+    torch.manual_seed(7)
+    out = []
+    for name, kw in [("SGD", dict(lr=0.1, momentum=0.9, nesterov=True)), ("Adagrad", {}),
+                     ("RMSprop", dict(centered=True, momentum=0.5)), ("Adam", dict(amsgrad=True)),
+                     ("AdamW", {})]:
+        for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+            # drawn on the CPU so that both devices see the same numbers
+            ps = [torch.randn(s, dtype=dtype).to(device).requires_grad_() for s in (100_003, 17, 40_000)]
+            opt = getattr(fusedtrain.optim, name)(ps, **kw)
+            for _ in range(3):
+                for p in ps:
+                    p.grad = torch.randn(p.shape, dtype=dtype).to(device)
+                opt.step()
+            out += [p.detach().cpu() for p in ps]
+    return out
+
+
+def _assert_ulps(x: torch.Tensor, y: torch.Tensor, ulps: int) -> None:
+    """Within a few units in the last place of the tensor's own dtype (FMA contraction differs)."""
+    eps = torch.finfo(x.dtype).eps
+    torch.testing.assert_close(x.float(), y.float(), rtol=ulps * eps, atol=ulps * eps)
+
+
+def test_every_cpu_isa_and_thread_count_gives_the_same_result() -> None:
+    lib = _build.library()
+    order = ["baseline", "avx2", "avx512"]
+    usable = order[: order.index(lib.cpu_isa_detected()) + 1]
+    original, threads = lib.cpu_isa(), torch.get_num_threads()
+    try:
+        lib.set_cpu_isa("baseline")
+        torch.set_num_threads(1)
+        reference = _run_all_optimizers()
+        for isa in usable:
+            lib.set_cpu_isa(isa)
+            for n in (1, 2):
+                torch.set_num_threads(n)
+                got = _run_all_optimizers()
+                for x, y in zip(got, reference):
+                    _assert_ulps(x, y, 4)
+    finally:
+        lib.set_cpu_isa(original)
+        torch.set_num_threads(threads)
+    with pytest.raises(RuntimeError, match="unknown CPU ISA"):
+        lib.set_cpu_isa("sse9")
+
+
+@pytest.mark.cuda
+def test_cuda_matches_cpu() -> None:
+    for x, y in zip(_run_all_optimizers("cuda"), _run_all_optimizers("cpu")):
+        _assert_ulps(x, y, 8)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_misaligned_views_and_many_tensors(device: str) -> None:
+    """Views at odd offsets take the scalar path; over a thousand tensors span several launches."""
+    base = torch.randn(10_001, device=device)
+    params = [base[1:5001], base[5001:]] + [torch.randn(int(n), device=device) for n in torch.randint(1, 300, (1500,))]
+    grads = [torch.randn_like(p) for p in params]
+    ref = [p.clone() - 0.1 * g for p, g in zip(params, grads)]
+    F.sgd(params, grads, [], lr=0.1)
+    for p, r in zip(params, ref):
+        torch.testing.assert_close(p, r)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_functional_groups_mixed_dtypes(device: str) -> None:
+    params = [torch.randn(5, device=device, dtype=dt) for dt in (torch.float32, torch.float64, torch.float32)]
+    grads = [torch.randn_like(p) for p in params]
+    bufs = [torch.empty_like(p) for p in params]
+    expected = [p - 0.1 * g for p, g in zip(params, grads)]
+    F.sgd(params, grads, bufs, lr=0.1, momentum=0.9, first_step=True)
+    for p, e, b, g in zip(params, expected, bufs, grads):
+        torch.testing.assert_close(p, e)
+        torch.testing.assert_close(b, g)
+
+
+def test_op_rejects_mismatched_lists_without_mutation() -> None:
+    p, g = [torch.randn(4)], [torch.randn(5)]
+    before = p[0].clone()
+    with pytest.raises(RuntimeError, match=r"grads\[0\].*must match params\[0\]"):
+        torch.ops.fusedtrain.sgd_(p, g, [], 0.1, 0.0, 0.0, 0.0, False, False, False)
+    steps = [torch.tensor(0.0)]
+    with pytest.raises(RuntimeError, match="exp_avgs has 0 tensors"):
+        torch.ops.fusedtrain.adam_(p, [torch.randn(4)], [], [], [], steps, 0.1, 0.9, 0.99, 1e-8, 0.0, False, False,
+                                   False)
+    assert torch.equal(p[0], before) and float(steps[0]) == 0.0
+
+
+def test_build_info() -> None:
+    info = fusedtrain.build_info()
+    assert set(info) >= {"version", "torch_built", "torch_runtime", "cuda", "cuda_archs", "cpu_isa", "threads"}
+    assert info["cpu_isa"] in ("avx512", "avx2", "baseline")
+    assert info["threads"] == torch.get_num_threads()
+    if torch.version.cuda and info["cuda"]:
+        assert info["cuda_archs"]
