@@ -5,6 +5,7 @@ Build options (environment variables):
   TORCH_CUDA_ARCH_LIST      CUDA architectures, e.g. "9.0" or "8.0;9.0+PTX" (default "8.0;9.0+PTX").
   MAX_JOBS                  parallel compile jobs (ninja).
   CUDA_HOME                 CUDA toolkit root; found automatically when unset (see _find_cuda_home).
+  FUSEDTRAIN_CUDA_ILP       vectors each CUDA thread keeps in flight (default 2; a tuning knob).
 
 The CUDA kernels are compiled whenever torch is a CUDA build and nvcc is found; no GPU is needed.
 Install with ``pip install --no-build-isolation -e .`` after torch is installed.
@@ -116,6 +117,8 @@ def _extension():
         os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
         sources.append("csrc/cuda/optim.cu")
         define += [("FUSEDTRAIN_WITH_CUDA", None), ("FUSEDTRAIN_CUDA_ARCHS", f'"{arch_list}"')]
+        if os.environ.get("FUSEDTRAIN_CUDA_ILP"):  # tuning knob: vectors in flight per thread
+            define.append(("FUSEDTRAIN_CUDA_ILP", str(int(os.environ["FUSEDTRAIN_CUDA_ILP"]))))
         include_dirs += _nvidia_wheel_includes()
         kwargs["extra_compile_args"] = {
             "cxx": cxx,

@@ -1,41 +1,78 @@
 #!/usr/bin/env bash
 # The one GPU check (H100/H200 lent machine: torch 2.11 + CUDA 13.0, Python 3.12, 16 cores, no internet).
-# Builds for sm_90 with all cores, runs the whole test suite (CUDA cases included) and the CUDA
-# benchmark, and writes every log under $OUT. Budget: well under 8 minutes.
-#   usage: bash benchmarks/gpu_check.sh [extra args for python -m fusedtrain.bench]
+# Builds for sm_90 with all cores, runs the whole test suite (CUDA cases included), splits the step
+# into kernel and host time (benchmarks/kernel_profile.py), compares CUDA ILP variants, and runs the
+# CUDA benchmark. Every log goes under $OUT. Budget: well under 8 minutes.
+#   usage: bash benchmarks/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/fusedtrain-gpu}"
 mkdir -p "$OUT"
-export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}" PYTHONUNBUFFERED=1
+export TORCH_CUDA_ARCH_LIST="${FT_ARCH:-9.0}" MAX_JOBS="${MAX_JOBS:-16}" PYTHONUNBUFFERED=1
 PY="${PYTHON:-python3}"
+TORCHLIB=$("$PY" -c "import torch, os; print(os.path.join(os.path.dirname(torch.__file__), 'lib'))")
 
 {
   date -u
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv
   "$PY" -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
   nvcc --version | tail -2
+  "${CXX:-g++}" --version | head -1; command -v g++ gcc; ls /opt/gcc/bin 2>/dev/null | head -3
+  ls "$TORCHLIB" | grep -i omp
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
+build() {  # build [dir] [ILP]
+  local dir="$1" ilp="${2:-}"
+  ( cd "$dir" && FUSEDTRAIN_CUDA_ILP="$ilp" "$PY" setup.py build_ext --inplace > "$OUT/build${ilp}.log" 2>&1 )
+}
 start=$(date +%s)
-if ! "$PY" setup.py build_ext --inplace > "$OUT/build.log" 2>&1; then
-  tail -40 "$OUT/build.log"
-  echo "BUILD FAILED"
-  exit 1
-fi
+if ! build . ""; then tail -40 "$OUT/build.log"; echo "BUILD FAILED"; exit 1; fi
 echo "build: $(( $(date +%s) - start )) s"
-export PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$PWD/python"
 "$PY" -c "import fusedtrain; print(fusedtrain.build_info())"
+ldd python/fusedtrain/_C*.so | grep -iE "omp|stdc" | tee -a "$OUT/env.txt"
+
+# ILP variants for the A/B, built in the background while the tests run
+for ilp in 1 4; do
+  rm -rf "/tmp/ft_ilp$ilp"; mkdir -p "/tmp/ft_ilp$ilp"
+  cp -r csrc python setup.py pyproject.toml benchmarks "/tmp/ft_ilp$ilp/"
+  rm -f /tmp/ft_ilp$ilp/python/fusedtrain/_C*.so
+  (MAX_JOBS=4 build "/tmp/ft_ilp$ilp" "$ilp") &
+done
+
+# a C++ error raised inside an op must surface as a Python RuntimeError
+cat > /tmp/ft_repro.py <<'PYEOF'
+import torch, fusedtrain
+try:
+    torch.ops.fusedtrain.sgd_([torch.randn(4)], [torch.randn(5)], [], 0.1, 0.0, 0.0, 0.0, False, False, False)
+except RuntimeError as e:
+    print("raised as expected:", str(e).splitlines()[0][:120])
+PYEOF
+if ! "$PY" /tmp/ft_repro.py > "$OUT/diag.txt" 2>&1; then
+  echo "repro crashed; backtrace:" | tee -a "$OUT/diag.txt"
+  timeout 90 cuda-gdb -batch -ex run -ex bt --args "$PY" /tmp/ft_repro.py >> "$OUT/diag.txt" 2>&1
+  grep -E "^#[0-9]" "$OUT/diag.txt" | head -25
+fi
+cat "$OUT/diag.txt" | head -3
 
 start=$(date +%s)
-timeout 240 "$PY" -m pytest -q -p no:cacheprovider tests/ > "$OUT/tests.log" 2>&1
+timeout 200 "$PY" -m pytest -q -p no:cacheprovider tests/ > "$OUT/tests.log" 2>&1
 echo "tests: exit $? in $(( $(date +%s) - start )) s"
 grep -E "passed|failed|error" "$OUT/tests.log" | tail -3
-grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -20
+grep -E "^(FAILED|ERROR)|Fatal|Segmentation" "$OUT/tests.log" | head -20
+
+timeout 150 "$PY" benchmarks/kernel_profile.py --json "$OUT/kernel_profile.json" > "$OUT/kernel_profile.txt" 2>&1
+cat "$OUT/kernel_profile.txt"
+wait
+for ilp in 1 4; do
+  echo "--- ILP=$ilp"
+  (cd "/tmp/ft_ilp$ilp" && PYTHONPATH="$PWD/python" timeout 60 "$PY" benchmarks/kernel_profile.py --sizes gpt2-medium \
+    --optimizers "Adam,SGD momentum" --impls fusedtrain 2>&1 | grep -v "^NVIDIA" | tee "$OUT/kernel_profile_ilp$ilp.txt")
+done
 
 start=$(date +%s)
-timeout 300 "$PY" -m fusedtrain.bench --device cuda --no-progress --json "$OUT/bench_cuda.json" "$@" \
+timeout 150 "$PY" -m fusedtrain.bench --device cuda --no-progress --json "$OUT/bench_cuda.json" \
   > "$OUT/bench_cuda.txt" 2>&1
 echo "bench: exit $? in $(( $(date +%s) - start )) s"
 cat "$OUT/bench_cuda.txt"

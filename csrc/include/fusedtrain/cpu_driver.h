@@ -20,11 +20,11 @@
 #include <ATen/core/Tensor.h>
 
 #include <algorithm>
-#include <array>
 #include <cstdint>
 #include <vector>
 
 #include "fusedtrain/cpu_isa.h"
+#include "fusedtrain/work.h"
 
 namespace fusedtrain {
 namespace cpu {
@@ -93,19 +93,14 @@ LoopFn<S, Op> select_loop() {
 // to split a 100 KB tensor between two cores.
 constexpr int64_t kGrain = 16384;
 
-// lists[k][i]: list k (0 = params, 1 = grads, 2.. = states) of tensor i. Every tuple must be
-// non-overlapping-and-dense with equal strides (optim_host.h guarantees it), so memory order is a
-// valid element order for all D tensors of the tuple.
+// Every tuple of `work` is non-overlapping-and-dense with equal strides (optim_host.h guarantees it),
+// so memory order is a valid element order for all D tensors of the tuple.
 template <typename S, typename Op>
-void multi_tensor_apply(const std::vector<std::vector<at::Tensor>>& lists, const Op& op) {
+void multi_tensor_apply(const Work& work, const Op& op) {
   constexpr int D = Op::depth;
-  const size_t n = lists[0].size();
+  const size_t n = work.size();
   std::vector<int64_t> offset(n + 1, 0);
-  std::vector<std::array<S*, D>> ptrs(n);
-  for (size_t i = 0; i < n; ++i) {
-    offset[i + 1] = offset[i] + lists[0][i].numel();
-    for (int k = 0; k < D; ++k) ptrs[i][k] = static_cast<S*>(lists[k][i].data_ptr());
-  }
+  for (size_t i = 0; i < n; ++i) offset[i + 1] = offset[i] + work.numel[i];
   const int64_t total = offset[n];
   if (total == 0) return;
   const LoopFn<S, Op> loop = select_loop<S, Op>();
@@ -116,7 +111,7 @@ void multi_tensor_apply(const std::vector<std::vector<at::Tensor>>& lists, const
       const int64_t hi = std::min(end, offset[i + 1]) - offset[i];
       if (hi <= lo) continue;
       S* piece[D];
-      for (int k = 0; k < D; ++k) piece[k] = ptrs[i][k] + lo;
+      for (int k = 0; k < D; ++k) piece[k] = static_cast<S*>(work.ptr[i][k]) + lo;
       loop(piece, hi - lo, op);
     }
   });
@@ -124,8 +119,8 @@ void multi_tensor_apply(const std::vector<std::vector<at::Tensor>>& lists, const
 
 struct Backend {
   template <typename S, typename Op>
-  static void apply(const std::vector<std::vector<at::Tensor>>& lists, const Op& op) {
-    multi_tensor_apply<S, Op>(lists, op);
+  static void apply(const Work& work, const Op& op) {
+    multi_tensor_apply<S, Op>(work, op);
   }
 };
 

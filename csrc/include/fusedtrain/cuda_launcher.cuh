@@ -24,10 +24,16 @@
 #include <cstdint>
 #include <vector>
 
+#include "fusedtrain/work.h"
+
 namespace fusedtrain {
 namespace cuda {
 
 constexpr int kThreads = 512;
+#ifndef FUSEDTRAIN_CUDA_ILP
+#define FUSEDTRAIN_CUDA_ILP 2
+#endif
+constexpr int kIlp = FUSEDTRAIN_CUDA_ILP;  // vectors in flight per thread (benchmarks/NOTES.md)
 constexpr int64_t kChunk = 16384;  // elements; a multiple of every vector width
 constexpr int kArgBytes = 31 * 1024;  // kernel parameter budget for the tensor table (limit: 32764 B)
 
@@ -83,23 +89,35 @@ __global__ void __launch_bounds__(kThreads) multi_tensor_kernel(const __grid_con
     int64_t done = 0;
     if (aligned) {
       const int64_t nvec = len / VEC;
-      for (int64_t v = threadIdx.x; v < nvec; v += kThreads) {
-        Pack<S, VEC> x[D];
+      // kIlp independent vectors per thread per round: all their loads are issued before the first use.
+      for (int64_t v0 = threadIdx.x; v0 < nvec; v0 += kThreads * kIlp) {
+        Pack<S, VEC> x[kIlp][D];
 #pragma unroll
-        for (int k = 0; k < D; ++k) x[k] = reinterpret_cast<const Pack<S, VEC>*>(p[k])[v];
+        for (int u = 0; u < kIlp; ++u) {
+          const int64_t v = v0 + u * kThreads;
+          if (v < nvec) {
 #pragma unroll
-        for (int e = 0; e < VEC; ++e) {
-          T r[D];
-#pragma unroll
-          for (int k = 0; k < D; ++k) r[k] = static_cast<T>(x[k].v[e]);
-          op(r);
-          x[0].v[e] = static_cast<S>(r[0]);
-#pragma unroll
-          for (int k = 2; k < D; ++k) x[k].v[e] = static_cast<S>(r[k]);
+            for (int k = 0; k < D; ++k) x[u][k] = reinterpret_cast<const Pack<S, VEC>*>(p[k])[v];
+          }
         }
-        reinterpret_cast<Pack<S, VEC>*>(p[0])[v] = x[0];
 #pragma unroll
-        for (int k = 2; k < D; ++k) reinterpret_cast<Pack<S, VEC>*>(p[k])[v] = x[k];
+        for (int u = 0; u < kIlp; ++u) {
+          const int64_t v = v0 + u * kThreads;
+          if (v >= nvec) break;
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) {
+            T r[D];
+#pragma unroll
+            for (int k = 0; k < D; ++k) r[k] = static_cast<T>(x[u][k].v[e]);
+            op(r);
+            x[u][0].v[e] = static_cast<S>(r[0]);
+#pragma unroll
+            for (int k = 2; k < D; ++k) x[u][k].v[e] = static_cast<S>(r[k]);
+          }
+          reinterpret_cast<Pack<S, VEC>*>(p[0])[v] = x[u][0];
+#pragma unroll
+          for (int k = 2; k < D; ++k) reinterpret_cast<Pack<S, VEC>*>(p[k])[v] = x[u][k];
+        }
       }
       done = nvec * VEC;
     }
@@ -119,16 +137,16 @@ int blocks_per_sm() {
   return value;
 }
 
-// lists[k][i] as in cpu_driver.h: tuples are dense with equal strides (optim_host.h), all on one device.
+// Tuples of `work` are dense with equal strides (optim_host.h) and all on work.device.
 template <typename S, typename Op>
-void multi_tensor_apply(const std::vector<std::vector<at::Tensor>>& lists, const Op& op) {
+void multi_tensor_apply(const Work& work, const Op& op) {
   constexpr int D = Op::depth;
   using Table = TensorTable<D>;
   static_assert(sizeof(Table) + sizeof(Op) <= 32764, "kernel parameters exceed the 32 KB limit");
-  const c10::cuda::CUDAGuard guard(lists[0][0].device());
+  const c10::cuda::CUDAGuard guard(work.device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   int sm_count = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, lists[0][0].device().index()));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, work.device.index()));
   const int64_t max_grid = static_cast<int64_t>(sm_count) * blocks_per_sm<S, Op>();
 
   Table table;
@@ -142,13 +160,11 @@ void multi_tensor_apply(const std::vector<std::vector<at::Tensor>>& lists, const
     table.count = 0;
     chunks = 0;
   };
-  const size_t n = lists[0].size();
-  for (size_t i = 0; i < n; ++i) {
-    const int64_t numel = lists[0][i].numel();
-    if (numel == 0) continue;
+  for (size_t i = 0; i < work.size(); ++i) {
+    const int64_t numel = work.numel[i];
     const int64_t tensor_chunks = (numel + kChunk - 1) / kChunk;
     if (table.count == Table::kMax || chunks + tensor_chunks > INT32_MAX) flush();
-    for (int k = 0; k < D; ++k) table.ptr[k][table.count] = lists[k][i].data_ptr();
+    for (int k = 0; k < D; ++k) table.ptr[k][table.count] = work.ptr[i][k];
     table.numel[table.count] = numel;
     chunks += tensor_chunks;
     table.chunk_end[table.count] = static_cast<int32_t>(chunks);
@@ -159,8 +175,8 @@ void multi_tensor_apply(const std::vector<std::vector<at::Tensor>>& lists, const
 
 struct Backend {
   template <typename S, typename Op>
-  static void apply(const std::vector<std::vector<at::Tensor>>& lists, const Op& op) {
-    multi_tensor_apply<S, Op>(lists, op);
+  static void apply(const Work& work, const Op& op) {
+    multi_tensor_apply<S, Op>(work, op);
   }
 };
 

@@ -19,26 +19,16 @@
 #include <vector>
 
 #include "fusedtrain/math.h"
+#include "fusedtrain/work.h"
 
 namespace fusedtrain {
 namespace host {
-
-using Lists = std::vector<std::vector<at::Tensor>>;
 
 // Note [dense tuples]:
 // The drivers walk the D tensors of one element tuple (param, grad, states) in memory order, which is
 // right only when all of them are non-overlapping and dense with the same strides (any contiguous or
 // channels-last tensor, a transposed parameter with a grad of the same layout). Tuples that are not
 // get contiguous temporaries, and the mutated ones are copied back after the update.
-struct Prepared {
-  Lists lists;
-  std::vector<std::pair<at::Tensor, at::Tensor>> copy_back;  // (original, temporary)
-
-  void finish() {
-    for (auto& [original, temp] : copy_back) original.copy_(temp);
-  }
-};
-
 inline void check_lists(const char* op, const std::vector<std::pair<const char*, at::TensorList>>& named) {
   const at::TensorList params = named[0].second;
   for (size_t k = 1; k < named.size(); ++k) {
@@ -66,30 +56,43 @@ inline void check_lists(const char* op, const std::vector<std::pair<const char*,
   }
 }
 
-// named: the element lists in functor register order; lists after index 1 are updated in place.
-inline Prepared prepare(const std::vector<at::TensorList>& lists, const std::vector<int64_t>& index) {
-  Prepared out;
-  out.lists.resize(lists.size());
+// lists: the element lists in functor register order (0 = params, 1 = grads, then states); all but
+// the grads are updated in place. Only the tuples named by `index` are taken; empty ones are skipped.
+inline Work prepare(const std::vector<at::TensorList>& lists, const std::vector<int64_t>& index) {
+  Work work;
+  const size_t depth = lists.size();
+  work.ptr.reserve(index.size());
+  work.numel.reserve(index.size());
   for (int64_t i : index) {
     const at::Tensor& p = lists[0][i];
-    if (p.numel() == 0) continue;
+    const int64_t numel = p.numel();
+    if (numel == 0) continue;
+    work.device = p.device();
     bool dense = true;
-    for (const auto& list : lists) {
-      const at::Tensor& t = list[i];
-      dense = dense && t.is_non_overlapping_and_dense() && t.strides() == p.strides();
+    if (!p.is_contiguous()) {
+      for (const auto& list : lists) {
+        const at::Tensor& t = list[i];
+        dense = dense && t.is_non_overlapping_and_dense() && t.strides() == p.strides();
+      }
+    } else {
+      for (size_t k = 1; k < depth; ++k) dense = dense && lists[k][i].is_contiguous();
     }
-    for (size_t k = 0; k < lists.size(); ++k) {
+    std::array<void*, kMaxDepth> ptr{};
+    for (size_t k = 0; k < depth; ++k) {
       const at::Tensor& t = lists[k][i];
       if (dense) {
-        out.lists[k].push_back(t);
+        ptr[k] = t.data_ptr();
       } else {
         at::Tensor temp = t.contiguous();
-        if (k != 1 && !temp.is_same(t)) out.copy_back.emplace_back(t, temp);
-        out.lists[k].push_back(std::move(temp));
+        ptr[k] = temp.data_ptr();
+        if (k != 1 && !temp.is_same(t)) work.copy_back.emplace_back(t, temp);
+        work.keep_alive.push_back(std::move(temp));
       }
     }
+    work.ptr.push_back(ptr);
+    work.numel.push_back(numel);
   }
-  return out;
+  return work;
 }
 
 inline std::vector<int64_t> all_indices(size_t n) {
@@ -116,29 +119,40 @@ inline void check_steps(const char* op, at::TensorList steps, size_t n) {
 
 inline std::map<double, std::vector<int64_t>> advance_steps(at::TensorList steps) {
   std::map<double, std::vector<int64_t>> by_step;
+  std::vector<int64_t>* last = nullptr;
+  double last_value = -1.0;
   for (size_t i = 0; i < steps.size(); ++i) {
     const at::Tensor& s = steps[i];
     double value = 0.0;
     // Written through the pointer: a dispatcher call per counter would cost more than a small update.
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "fusedtrain_step", [&] {
-      scalar_t* ptr = s.data_ptr<scalar_t>();
-      *ptr = static_cast<scalar_t>(static_cast<double>(*ptr) + 1.0);
-      value = static_cast<double>(*ptr);
-    });
-    by_step[value].push_back(static_cast<int64_t>(i));
+    if (s.scalar_type() == at::kFloat) {
+      float* ptr = static_cast<float*>(s.data_ptr());
+      value = *ptr = *ptr + 1.0f;
+    } else {
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "fusedtrain_step", [&] {
+        scalar_t* ptr = s.data_ptr<scalar_t>();
+        *ptr = static_cast<scalar_t>(static_cast<double>(*ptr) + 1.0);
+        value = static_cast<double>(*ptr);
+      });
+    }
+    if (last == nullptr || value != last_value) {
+      last = &by_step[value];
+      last_value = value;
+    }
+    last->push_back(static_cast<int64_t>(i));
   }
   return by_step;
 }
 
 template <class Backend, typename Make>
 void run(const std::vector<at::TensorList>& lists, const std::vector<int64_t>& index, Make&& make) {
-  Prepared prepared = prepare(lists, index);
-  if (prepared.lists[0].empty()) return;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, prepared.lists[0][0].scalar_type(), "fusedtrain", [&] {
+  Work work = prepare(lists, index);
+  if (work.size() == 0) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, lists[0][0].scalar_type(), "fusedtrain", [&] {
     using T = at::opmath_type<scalar_t>;
-    make(T{}, [&](const auto& op) { Backend::template apply<scalar_t>(prepared.lists, op); });
+    make(T{}, [&](const auto& op) { Backend::template apply<scalar_t>(work, op); });
   });
-  prepared.finish();
+  for (auto& [original, temp] : work.copy_back) original.copy_(temp);
 }
 
 template <class Backend>

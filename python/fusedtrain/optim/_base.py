@@ -10,7 +10,9 @@ from torch import Tensor
 
 from .._build import has_cuda_kernels
 
-__all__ = ["FusedOptimizerMixin", "group_by_device_dtype", "real_view", "to_scalar"]
+from ._groups import Split, splits_for
+
+__all__ = ["FusedOptimizerMixin", "to_scalar", "new_step", "cpu_step", "check_param"]
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.complex64,
                      torch.complex128)
@@ -19,19 +21,6 @@ _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16
 def to_scalar(x: float | Tensor) -> float:
     """A hyperparameter as a Python float (a one-element tensor is read once per step)."""
     return float(x.item()) if isinstance(x, Tensor) else float(x)
-
-
-def real_view(t: Tensor) -> Tensor:
-    """Complex tensors are updated as pairs of reals, exactly as torch.optim does (view_as_real)."""
-    return torch.view_as_real(t) if t.is_complex() else t
-
-
-def group_by_device_dtype(tensors: Sequence[Tensor]) -> dict[tuple[torch.device, torch.dtype], list[int]]:
-    """Indices of ``tensors`` grouped by (device, dtype): one op call per group."""
-    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-    for i, t in enumerate(tensors):
-        groups.setdefault((t.device, t.dtype), []).append(i)
-    return groups
 
 
 def check_param(opt_name: str, p: Tensor) -> None:
@@ -109,15 +98,41 @@ class FusedOptimizerMixin:
             fn = fn.__wrapped__  # type: ignore[attr-defined]
         return fn(self, closure)
 
-    def _params_with_grad(self) -> list[tuple[dict[str, Any], list[Tensor]]]:
-        """Every group's parameters that have a gradient, all checked before any update runs."""
+    def _groups_to_update(self) -> list[tuple[dict[str, Any], list[Tensor], list[Tensor], list[Split]]]:
+        """(group, params with a grad, their grads, device/dtype splits) of every group, all checked
+        before any update runs, so a refused step changes nothing.
+
+        Note [per-step host cost]: a step's Python work is a few list comprehensions per group. The full
+        per-parameter checks and the (device, dtype) grouping run when a group's set of parameters
+        with gradients changes; other steps only look for sparse gradients.
+        """
+        plans: dict[int, tuple[tuple[int, ...], list[Split]]] = self.__dict__.setdefault("_ft_plans", {})
         work = []
         for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            for p in params:
-                check_param(self._opt_name, p)
-            work.append((group, params))
+            params = group["params"]
+            grads = [p.grad for p in params]
+            if any(g is None for g in grads):
+                params = [p for p, g in zip(params, grads) if g is not None]
+                grads = [g for g in grads if g is not None]
+            if not params:
+                continue
+            key = tuple(map(id, params))
+            plan = plans.get(id(group))
+            if plan is None or plan[0] != key or any(g.is_sparse for g in grads):
+                for p in params:
+                    check_param(self._opt_name, p)
+                plan = plans[id(group)] = (key, splits_for(params))
+            work.append((group, params, grads, plan[1]))
         return work
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch.optim's load_state_dict; ``step`` counters restored from a capturable/fused torch
+        optimizer (on the GPU) are moved to the CPU once, where the fused kernels advance them."""
+        super().load_state_dict(state_dict)  # type: ignore[misc]
+        if not self._use_torch_step():
+            for entry in self.state.values():
+                if "step" in entry:
+                    cpu_step(entry)
 
     @staticmethod
     def _run_closure(closure: Callable[[], Any] | None) -> Any:

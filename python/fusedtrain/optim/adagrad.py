@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from . import functional as F
-from ._base import FusedOptimizerMixin, cpu_step, new_step, to_scalar
+from ._base import FusedOptimizerMixin, new_step, to_scalar
 
 __all__ = ["Adagrad"]
 
@@ -51,20 +51,16 @@ class Adagrad(FusedOptimizerMixin, torch.optim.Adagrad):
         if self._use_torch_step():
             return self._torch_step(closure)
         loss = self._run_closure(closure)
-        for group, params in self._params_with_grad():
-            if not params:
-                continue
-            sums, steps = [], []
-            for p in params:
-                state = self.state[p]
-                if len(state) == 0:  # a parameter added with add_param_group after construction
-                    init = group["initial_accumulator_value"]
-                    state["step"] = new_step()
-                    state["sum"] = torch.full_like(p, complex(init, init) if p.is_complex() else init,
-                                                   memory_format=torch.preserve_format)
-                sums.append(state["sum"])
-                steps.append(cpu_step(state))
-            F.adagrad(params, [p.grad for p in params], sums, steps, lr=to_scalar(group["lr"]),
-                      lr_decay=group["lr_decay"], weight_decay=group["weight_decay"], eps=group["eps"],
-                      maximize=group["maximize"])
+        for group, params, grads, splits in self._groups_to_update():
+            states = [self.state[p] for p in params]
+            if not all(states):  # parameters added with add_param_group after construction
+                init = group["initial_accumulator_value"]
+                for p, state in zip(params, states):
+                    if not state:
+                        state["step"] = new_step()
+                        state["sum"] = torch.full_like(p, complex(init, init) if p.is_complex() else init,
+                                                       memory_format=torch.preserve_format)
+            F.adagrad(params, grads, [s["sum"] for s in states], [s["step"] for s in states],
+                      lr=to_scalar(group["lr"]), lr_decay=group["lr_decay"], weight_decay=group["weight_decay"],
+                      eps=group["eps"], maximize=group["maximize"], splits=splits)
         return loss

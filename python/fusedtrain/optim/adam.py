@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from . import functional as F
-from ._base import FusedOptimizerMixin, cpu_step, new_step, to_scalar
+from ._base import FusedOptimizerMixin, new_step, to_scalar
 
 __all__ = ["Adam", "AdamW"]
 
@@ -76,30 +76,24 @@ class Adam(FusedOptimizerMixin, torch.optim.Adam):
         if self._use_torch_step():
             return self._torch_step(closure)
         loss = self._run_closure(closure)
-        for group, params in self._params_with_grad():
-            if not params:
-                continue
+        for group, params, grads, splits in self._groups_to_update():
             amsgrad = group["amsgrad"]
-            grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = [], [], [], [], []
-            for p in params:
-                state = self.state[p]
-                if len(state) == 0:
-                    state["step"] = new_step()
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    if amsgrad:
-                        state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                grads.append(p.grad)
-                exp_avgs.append(state["exp_avg"])
-                exp_avg_sqs.append(state["exp_avg_sq"])
-                if amsgrad:
-                    max_exp_avg_sqs.append(state["max_exp_avg_sq"])
-                steps.append(cpu_step(state))
+            states = [self.state[p] for p in params]
+            if not all(states):
+                for p, state in zip(params, states):
+                    if not state:
+                        state["step"] = new_step()
+                        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                        if amsgrad:
+                            state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             beta1, beta2 = group["betas"]
-            F.adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr=to_scalar(group["lr"]),
-                   beta1=to_scalar(beta1), beta2=to_scalar(beta2), eps=group["eps"],
+            F.adam(params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+                   [s["max_exp_avg_sq"] for s in states] if amsgrad else [], [s["step"] for s in states],
+                   lr=to_scalar(group["lr"]), beta1=to_scalar(beta1), beta2=to_scalar(beta2), eps=group["eps"],
                    weight_decay=to_scalar(group["weight_decay"]), amsgrad=amsgrad, maximize=group["maximize"],
-                   decoupled_weight_decay=group.get("decoupled_weight_decay", self._decoupled_default))
+                   decoupled_weight_decay=group.get("decoupled_weight_decay", self._decoupled_default),
+                   splits=splits)
         return loss
 
 

@@ -3,40 +3,43 @@
 Each function takes the same lists as the torch.optim functional of the same name (params, grads and
 state tensors, plus CPU ``state_steps`` where the rule counts steps), groups them by (device, dtype) and
 runs one fused multi-tensor kernel per group. Complex tensors are updated as pairs of reals, as in
-torch.optim. The optimizer classes call these.
+torch.optim. ``splits=`` takes the groups precomputed by :func:`splits_for` (the optimizer classes
+cache them) to skip the regrouping. The optimizer classes call these.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
+import torch
 from torch import Tensor
 
 from .. import _ops
-from ._base import group_by_device_dtype, real_view
+from ._groups import Split, real_view, splits_for
 
-__all__ = ["sgd", "adagrad", "rmsprop", "adam", "adamw"]
-
-
-def _split(params: Sequence[Tensor], *lists: Sequence[Tensor]) -> list[list[list[Tensor]]]:
-    """Per (device, dtype) group: [params, *lists] restricted to the group, complex ones as real views."""
-    views = [real_view(p) for p in params]
-    out = []
-    for index in group_by_device_dtype(views).values():
-        out.append([[views[i] for i in index]] +
-                   [[real_view(lst[i]) for i in index] if len(lst) else []
-                    for lst in lists])
-    return out
+__all__ = ["sgd", "adagrad", "rmsprop", "adam", "adamw", "splits_for"]
 
 
-def _steps(state_steps: Sequence[Tensor], params: Sequence[Tensor]) -> list[list[Tensor]]:
-    views = [real_view(p) for p in params]
-    return [[state_steps[i] for i in index] for index in group_by_device_dtype(views).values()]
+def _take(tensors: Sequence[Tensor], idx: list[int], cplx: bool) -> list[Tensor]:
+    if len(tensors) == 0:
+        return []
+    out = [tensors[i] for i in idx]
+    return [real_view(t) for t in out] if cplx else out
+
+
+def _run(op: Callable[..., None], splits: list[Split], lists: Sequence[Sequence[Tensor]],
+         steps: Sequence[Tensor] | None, **hyper: Any) -> None:
+    for idx, cplx in splits:
+        args = [_take(lst, idx, cplx) for lst in lists]
+        if steps is not None:
+            args.append([steps[i] for i in idx])
+        op(*args, **hyper)
 
 
 def sgd(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers: Sequence[Tensor], *, lr: float,
         momentum: float = 0.0, dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False,
-        maximize: bool = False, first_step: bool = False) -> None:
+        maximize: bool = False, first_step: bool = False, splits: list[Split] | None = None) -> None:
     r"""SGD with optional heavy-ball or Nesterov momentum, in place.
 
     .. math::
@@ -45,48 +48,47 @@ def sgd(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers: Seq
 
     ``first_step=True`` initializes the buffers to the gradient (their old contents are ignored).
     """
-    for p, g, b in _split(params, grads, momentum_buffers):
-        _ops.sgd_(p, g, b, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                  nesterov=nesterov, maximize=maximize, first_step=first_step)
+    _run(_ops.sgd_, splits or splits_for(params), (params, grads, momentum_buffers), None, lr=lr, momentum=momentum,
+         dampening=dampening, weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
+         first_step=first_step)
 
 
 def adagrad(params: Sequence[Tensor], grads: Sequence[Tensor], state_sums: Sequence[Tensor],
             state_steps: Sequence[Tensor], *, lr: float = 1e-2, lr_decay: float = 0.0, weight_decay: float = 0.0,
-            eps: float = 1e-10, maximize: bool = False) -> None:
+            eps: float = 1e-10, maximize: bool = False, splits: list[Split] | None = None) -> None:
     r"""Adagrad in place: :math:`r \leftarrow r + g\odot g,\ \theta \leftarrow \theta - \eta_t\, g/(\sqrt r+\delta)`."""
-    for (p, g, s), steps in zip(_split(params, grads, state_sums), _steps(state_steps, params)):
-        _ops.adagrad_(p, g, s, steps, lr=lr, lr_decay=lr_decay, weight_decay=weight_decay, eps=eps,
-                      maximize=maximize)
+    _run(_ops.adagrad_, splits or splits_for(params), (params, grads, state_sums), state_steps, lr=lr, lr_decay=lr_decay,
+         weight_decay=weight_decay, eps=eps, maximize=maximize)
 
 
 def rmsprop(params: Sequence[Tensor], grads: Sequence[Tensor], square_avgs: Sequence[Tensor],
             grad_avgs: Sequence[Tensor], momentum_buffers: Sequence[Tensor], state_steps: Sequence[Tensor], *,
             lr: float = 1e-2, alpha: float = 0.99, eps: float = 1e-8, weight_decay: float = 0.0,
-            momentum: float = 0.0, centered: bool = False, maximize: bool = False) -> None:
+            momentum: float = 0.0, centered: bool = False, maximize: bool = False,
+            splits: list[Split] | None = None) -> None:
     r"""RMSprop in place: :math:`v \leftarrow \alpha v + (1-\alpha) g^2,\ \theta \leftarrow \theta - \eta\, g/(\sqrt v+\epsilon)`.
 
     ``grad_avgs`` (centered) and ``momentum_buffers`` (momentum > 0) are empty lists when unused.
     """
-    for (p, g, v, a, b), steps in zip(_split(params, grads, square_avgs, grad_avgs, momentum_buffers),
-                                      _steps(state_steps, params)):
-        _ops.rmsprop_(p, g, v, a, b, steps, lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
-                      momentum=momentum, centered=centered, maximize=maximize)
+    _run(_ops.rmsprop_, splits or splits_for(params), (params, grads, square_avgs, grad_avgs, momentum_buffers), state_steps,
+         lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum, centered=centered,
+         maximize=maximize)
 
 
 def adam(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
          exp_avg_sqs: Sequence[Tensor], max_exp_avg_sqs: Sequence[Tensor], state_steps: Sequence[Tensor], *,
          lr: float = 1e-3, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0,
-         amsgrad: bool = False, maximize: bool = False, decoupled_weight_decay: bool = False) -> None:
+         amsgrad: bool = False, maximize: bool = False, decoupled_weight_decay: bool = False,
+         splits: list[Split] | None = None) -> None:
     r"""Adam (AdamW with ``decoupled_weight_decay=True``) in place, with bias correction.
 
     .. math::
         m \leftarrow \beta_1 m + (1-\beta_1) g,\quad v \leftarrow \beta_2 v + (1-\beta_2) g^2,\quad
         \theta \leftarrow \theta - \frac{\eta}{1-\beta_1^t}\,\frac{m}{\sqrt{v}/\sqrt{1-\beta_2^t} + \epsilon}
     """
-    for (p, g, m, v, vmax), steps in zip(_split(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs),
-                                         _steps(state_steps, params)):
-        _ops.adam_(p, g, m, v, vmax, steps, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-                   amsgrad=amsgrad, maximize=maximize, decoupled_weight_decay=decoupled_weight_decay)
+    _run(_ops.adam_, splits or splits_for(params), (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs), state_steps,
+         lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
+         decoupled_weight_decay=decoupled_weight_decay)
 
 
 def adamw(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from . import functional as F
-from ._base import FusedOptimizerMixin, cpu_step, new_step, to_scalar
+from ._base import FusedOptimizerMixin, new_step, to_scalar
 
 __all__ = ["RMSprop"]
 
@@ -54,28 +54,22 @@ class RMSprop(FusedOptimizerMixin, torch.optim.RMSprop):
         if self._use_torch_step():
             return self._torch_step(closure)
         loss = self._run_closure(closure)
-        for group, params in self._params_with_grad():
-            if not params:
-                continue
+        for group, params, grads, splits in self._groups_to_update():
             momentum, centered = group["momentum"], group["centered"]
-            square_avgs, grad_avgs, buffers, steps = [], [], [], []
-            for p in params:
-                state = self.state[p]
-                if len(state) == 0:
-                    state["step"] = new_step()
-                    state["square_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    if momentum > 0:
-                        state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    if centered:
-                        state["grad_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                square_avgs.append(state["square_avg"])
-                if momentum > 0:
-                    buffers.append(state["momentum_buffer"])
-                if centered:
-                    grad_avgs.append(state["grad_avg"])
-                steps.append(cpu_step(state))
-            F.rmsprop(params, [p.grad for p in params], square_avgs, grad_avgs, buffers, steps,
+            states = [self.state[p] for p in params]
+            if not all(states):
+                for p, state in zip(params, states):
+                    if not state:
+                        state["step"] = new_step()
+                        state["square_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                        if momentum > 0:
+                            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                        if centered:
+                            state["grad_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            F.rmsprop(params, grads, [s["square_avg"] for s in states],
+                      [s["grad_avg"] for s in states] if centered else [],
+                      [s["momentum_buffer"] for s in states] if momentum > 0 else [], [s["step"] for s in states],
                       lr=to_scalar(group["lr"]), alpha=group["alpha"], eps=group["eps"],
                       weight_decay=group["weight_decay"], momentum=momentum, centered=centered,
-                      maximize=group["maximize"])
+                      maximize=group["maximize"], splits=splits)
         return loss

@@ -56,23 +56,28 @@ class SGD(FusedOptimizerMixin, torch.optim.SGD):
         if self._use_torch_step():
             return self._torch_step(closure)
         loss = self._run_closure(closure)
-        for group, params in self._params_with_grad():
-            if not params:
-                continue
+        for group, params, grads, splits in self._groups_to_update():
             momentum = group["momentum"]
             hyper = dict(lr=to_scalar(group["lr"]), momentum=momentum, dampening=group["dampening"],
                          weight_decay=to_scalar(group["weight_decay"]), nesterov=group["nesterov"],
                          maximize=group["maximize"])
             if momentum == 0:
-                F.sgd(params, [p.grad for p in params], [], **hyper)
+                F.sgd(params, grads, [], splits=splits, **hyper)
+                continue
+            states = [self.state[p] for p in params]
+            buffers = [s.get("momentum_buffer") for s in states]
+            if all(b is not None for b in buffers):
+                F.sgd(params, grads, buffers, first_step=False, splits=splits, **hyper)
                 continue
             # Parameters without a buffer yet start it from the gradient (torch clones the gradient).
-            fresh = [p for p in params if self.state[p].get("momentum_buffer") is None]
-            old = [p for p in params if self.state[p].get("momentum_buffer") is not None]
-            for p in fresh:
-                self.state[p]["momentum_buffer"] = torch.empty_like(p, memory_format=torch.preserve_format)
-            for subset, first in ((old, False), (fresh, True)):
-                if subset:
-                    F.sgd(subset, [p.grad for p in subset], [self.state[p]["momentum_buffer"] for p in subset],
-                          first_step=first, **hyper)
+            for first in (False, True):
+                idx = [i for i, b in enumerate(buffers) if (b is None) == first]
+                if not idx:
+                    continue
+                if first:
+                    for i in idx:
+                        buffers[i] = states[i]["momentum_buffer"] = torch.empty_like(
+                            params[i], memory_format=torch.preserve_format)
+                F.sgd([params[i] for i in idx], [grads[i] for i in idx], [buffers[i] for i in idx],
+                      first_step=first, **hyper)
         return loss
