@@ -30,6 +30,9 @@ def _take(tensors: Sequence[Tensor], idx: list[int], cplx: bool) -> list[Tensor]
 
 def _run(op: Callable[..., None], splits: list[Split], lists: Sequence[Sequence[Tensor]],
          steps: Sequence[Tensor] | None, **hyper: Any) -> None:
+    if len(splits) == 1 and not splits[0][1]:  # the usual case: one device, one real dtype
+        op(*lists, *(() if steps is None else (steps,)), **hyper)
+        return
     for idx, cplx in splits:
         args = [_take(lst, idx, cplx) for lst in lists]
         if steps is not None:
