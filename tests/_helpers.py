@@ -52,7 +52,8 @@ def make_grads(params: list[torch.Tensor]) -> list[torch.Tensor]:
         if p.shape == (33, 17) and p.is_contiguous():
             g = torch.randn(17, 33, dtype=torch.float64).to(p.dtype).to(p.device).t()
         else:
-            g = torch.randn(p.shape, dtype=torch.float64).to(p.dtype).to(p.device)
+            wide = torch.complex128 if p.is_complex() else torch.float64
+            g = torch.randn(p.shape, dtype=wide).to(p.dtype).to(p.device)
             if p.dim() == 2 and not p.is_contiguous() and p.stride(0) == 1:
                 g = g.t().contiguous().t()  # same layout as a transposed parameter
         grads.append(g)
@@ -79,7 +80,20 @@ def torch_kwargs(name: str, kw: dict[str, Any]) -> dict[str, Any]:
 
 def set_grads(params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
     for p, g in zip(params, grads):
-        p.grad = g.clone()
+        p.grad = g.to(p.dtype).clone()
+
+
+def step_together(runs: list[tuple[torch.optim.Optimizer, list[torch.Tensor]]], n_steps: int,
+                  after_step: Any = None) -> None:
+    """n_steps times: the same fresh random gradients (cast to each run's dtype) for every
+    (optimizer, params) run, then one step of each; ``after_step()`` runs after each round."""
+    for _ in range(n_steps):
+        grads = make_grads(runs[0][1])
+        for opt, params in runs:
+            set_grads(params, grads)
+            opt.step()
+        if after_step is not None:
+            after_step()
 
 
 def assert_close_ulps(x: torch.Tensor, y: torch.Tensor, rtol: float, atol: float) -> None:

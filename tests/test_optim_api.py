@@ -10,7 +10,7 @@ import torch
 
 import fusedtrain
 from _helpers import (CONFIGS, OPTIMIZERS, assert_same_state, clone_params, config_id, make_grads, make_params,
-                      ours, set_grads, theirs, torch_kwargs)
+                      ours, set_grads, step_together, theirs, torch_kwargs)
 from conftest import DEVICES
 
 
@@ -73,14 +73,7 @@ def test_lr_scheduler_and_param_groups(name: str) -> None:
     a, b = ours(name)(groups(pa), lr=0.01), theirs(name)(groups(pb), lr=0.01, foreach=False)
     sa = torch.optim.lr_scheduler.StepLR(a, step_size=2, gamma=0.5)
     sb = torch.optim.lr_scheduler.StepLR(b, step_size=2, gamma=0.5)
-    for _ in range(7):
-        grads = make_grads(pa)
-        set_grads(pa, grads)
-        set_grads(pb, grads)
-        a.step()
-        b.step()
-        sa.step()
-        sb.step()
+    step_together([(a, pa), (b, pb)], 7, after_step=lambda: (sa.step(), sb.step()))
     assert [g["lr"] for g in a.param_groups] == [g["lr"] for g in b.param_groups]
     assert_same_state(a, pa, b, pb, rtol=1e-12, atol=1e-12)
 
@@ -143,12 +136,7 @@ def test_complex_params_match_torch(cfg) -> None:
     pa = [torch.randn(s, dtype=torch.complex128, requires_grad=True) for s in [(5,), (3, 4)]]
     pb = clone_params(pa)
     a, b = ours(name)(pa, **kw), theirs(name)(pb, **torch_kwargs(name, kw))
-    for _ in range(6):
-        grads = [torch.randn_like(p) for p in pa]
-        set_grads(pa, grads)
-        set_grads(pb, grads)
-        a.step()
-        b.step()
+    step_together([(a, pa), (b, pb)], 6)
     assert_same_state(a, pa, b, pb, rtol=1e-12, atol=1e-12)
 
 
@@ -159,12 +147,7 @@ def test_tensor_lr_matches_torch() -> None:
     pb = clone_params(pa)
     a = fusedtrain.optim.Adam(pa, lr=torch.tensor(0.01))
     b = torch.optim.Adam(pb, lr=torch.tensor(0.01), foreach=False)
-    for _ in range(4):
-        grads = make_grads(pa)
-        set_grads(pa, grads)
-        set_grads(pb, grads)
-        a.step()
-        b.step()
+    step_together([(a, pa), (b, pb)], 4)
     assert_same_state(a, pa, b, pb, rtol=2e-6, atol=2e-6)
 
 
@@ -175,12 +158,7 @@ def test_capturable_runs_torch_implementation_on_cuda() -> None:
     # fusedtrain records foreach=None, so torch picks its foreach implementation on CUDA
     a = fusedtrain.optim.Adam(pa, lr=0.01, capturable=True)
     b = torch.optim.Adam(pb, lr=0.01, capturable=True, foreach=True)
-    for _ in range(4):
-        grads = make_grads(pa)
-        set_grads(pa, grads)
-        set_grads(pb, grads)
-        a.step()
-        b.step()
+    step_together([(a, pa), (b, pb)], 4)
     for x, y in zip(pa, pb):
         torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
     assert a.state[pa[0]]["step"].device.type == "cuda"

@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 import torch
 
-from _helpers import (CONFIGS, assert_same_state, clone_params, config_id, make_grads, make_params, ours,
-                      set_grads, theirs, torch_kwargs)
+from _helpers import (CONFIGS, assert_same_state, clone_params, config_id, make_params, ours, step_together,
+                      theirs, torch_kwargs)
 from conftest import DEVICES
 
 TOL = {torch.float64: dict(rtol=1e-12, atol=1e-12), torch.float32: dict(rtol=2e-6, atol=2e-6)}
@@ -22,12 +22,7 @@ def test_matches_torch(cfg: tuple[str, dict[str, Any]], dtype: torch.dtype, devi
     pa = make_params(device, dtype)
     pb = clone_params(pa)
     a, b = ours(name)(pa, **kw), theirs(name)(pb, **torch_kwargs(name, kw))
-    for _ in range(12):
-        grads = make_grads(pa)
-        set_grads(pa, grads)
-        set_grads(pb, grads)
-        a.step()
-        b.step()
+    step_together([(a, pa), (b, pb)], 12)
     assert_same_state(a, pa, b, pb, **TOL[dtype])
 
 
@@ -48,14 +43,7 @@ def test_half_precision_error_within_torch(cfg: tuple[str, dict[str, Any]], dtyp
     pref = clone_params(pa, torch.float64)
     a, b = ours(name)(pa, **kw), theirs(name)(pb, **torch_kwargs(name, kw))
     ref = theirs(name)(pref, **torch_kwargs(name, kw))
-    for _ in range(10):
-        grads = make_grads(pa)
-        set_grads(pa, grads)
-        set_grads(pb, grads)
-        set_grads(pref, [g.double() for g in grads])
-        a.step()
-        b.step()
-        ref.step()
+    step_together([(a, pa), (b, pb), (ref, pref)], 10)
     scale = sum(float(r.detach().pow(2).sum()) for r in pref) ** 0.5
     floor = torch.finfo(dtype).eps * scale
     ours_err, torch_err = _error(pa, pref), _error(pb, pref)

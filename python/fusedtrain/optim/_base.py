@@ -134,9 +134,27 @@ class FusedOptimizerMixin:
                 if "step" in entry:
                     cpu_step(entry)
 
-    @staticmethod
-    def _run_closure(closure: Callable[[], Any] | None) -> Any:
-        if closure is None:
-            return None
-        with torch.enable_grad():
-            return closure()
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Performs one optimization step: one fused kernel per (device, dtype) of each group.
+
+        Args:
+            closure: a callable that re-evaluates the model and returns the loss (optional).
+
+        Returns:
+            The closure's loss, or None.
+        """
+        if self._use_torch_step():
+            return self._torch_step(closure)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group, params, grads, splits in self._groups_to_update():
+            self._update_group(group, params, grads, splits)
+        return loss
+
+    def _update_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
+                      splits: list[Split]) -> None:
+        """Creates missing state and runs the optimizer's fused op on one param group."""
+        raise NotImplementedError

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -10,6 +9,7 @@ from torch import Tensor
 
 from . import functional as F
 from ._base import FusedOptimizerMixin, new_step, to_scalar
+from ._groups import Split
 
 __all__ = ["Adagrad"]
 
@@ -41,26 +41,16 @@ class Adagrad(FusedOptimizerMixin, torch.optim.Adagrad):
         super().__init__(params, lr, lr_decay, weight_decay, initial_accumulator_value, eps, maximize=maximize,
                          differentiable=differentiable)
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Performs one optimization step.
-
-        Args:
-            closure: re-evaluates the model and returns the loss (optional).
-        """
-        if self._use_torch_step():
-            return self._torch_step(closure)
-        loss = self._run_closure(closure)
-        for group, params, grads, splits in self._groups_to_update():
-            states = [self.state[p] for p in params]
-            if not all(states):  # parameters added with add_param_group after construction
-                init = group["initial_accumulator_value"]
-                for p, state in zip(params, states):
-                    if not state:
-                        state["step"] = new_step()
-                        state["sum"] = torch.full_like(p, complex(init, init) if p.is_complex() else init,
-                                                       memory_format=torch.preserve_format)
-            F.adagrad(params, grads, [s["sum"] for s in states], [s["step"] for s in states],
-                      lr=to_scalar(group["lr"]), lr_decay=group["lr_decay"], weight_decay=group["weight_decay"],
-                      eps=group["eps"], maximize=group["maximize"], splits=splits)
-        return loss
+    def _update_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
+                      splits: list[Split]) -> None:
+        states = [self.state[p] for p in params]
+        if not all(states):  # parameters added with add_param_group after construction
+            init = group["initial_accumulator_value"]
+            for p, state in zip(params, states):
+                if not state:
+                    state["step"] = new_step()
+                    state["sum"] = torch.full_like(p, complex(init, init) if p.is_complex() else init,
+                                                   memory_format=torch.preserve_format)
+        F.adagrad(params, grads, [s["sum"] for s in states], [s["step"] for s in states],
+                  lr=to_scalar(group["lr"]), lr_decay=group["lr_decay"], weight_decay=group["weight_decay"],
+                  eps=group["eps"], maximize=group["maximize"], splits=splits)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -11,6 +10,7 @@ from torch import Tensor
 
 from . import functional as F
 from ._base import FusedOptimizerMixin, new_step, to_scalar
+from ._groups import Split
 
 __all__ = ["Adam", "AdamW"]
 
@@ -66,35 +66,25 @@ class Adam(FusedOptimizerMixin, torch.optim.Adam):
         for group in self.param_groups:
             group.setdefault("decoupled_weight_decay", self._decoupled_default)
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Performs one optimization step.
-
-        Args:
-            closure: re-evaluates the model and returns the loss (optional).
-        """
-        if self._use_torch_step():
-            return self._torch_step(closure)
-        loss = self._run_closure(closure)
-        for group, params, grads, splits in self._groups_to_update():
-            amsgrad = group["amsgrad"]
-            states = [self.state[p] for p in params]
-            if not all(states):
-                for p, state in zip(params, states):
-                    if not state:
-                        state["step"] = new_step()
-                        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                        if amsgrad:
-                            state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            beta1, beta2 = group["betas"]
-            F.adam(params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-                   [s["max_exp_avg_sq"] for s in states] if amsgrad else [], [s["step"] for s in states],
-                   lr=to_scalar(group["lr"]), beta1=to_scalar(beta1), beta2=to_scalar(beta2), eps=group["eps"],
-                   weight_decay=to_scalar(group["weight_decay"]), amsgrad=amsgrad, maximize=group["maximize"],
-                   decoupled_weight_decay=group.get("decoupled_weight_decay", self._decoupled_default),
-                   splits=splits)
-        return loss
+    def _update_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
+                      splits: list[Split]) -> None:
+        amsgrad = group["amsgrad"]
+        states = [self.state[p] for p in params]
+        if not all(states):
+            for p, state in zip(params, states):
+                if not state:
+                    state["step"] = new_step()
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    if amsgrad:
+                        state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        beta1, beta2 = group["betas"]
+        F.adam(params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+               [s["max_exp_avg_sq"] for s in states] if amsgrad else [], [s["step"] for s in states],
+               lr=to_scalar(group["lr"]), beta1=to_scalar(beta1), beta2=to_scalar(beta2), eps=group["eps"],
+               weight_decay=to_scalar(group["weight_decay"]), amsgrad=amsgrad, maximize=group["maximize"],
+               decoupled_weight_decay=group.get("decoupled_weight_decay", self._decoupled_default),
+               splits=splits)
 
 
 class AdamW(Adam, torch.optim.AdamW):

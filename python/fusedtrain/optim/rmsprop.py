@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -10,6 +9,7 @@ from torch import Tensor
 
 from . import functional as F
 from ._base import FusedOptimizerMixin, new_step, to_scalar
+from ._groups import Split
 
 __all__ = ["RMSprop"]
 
@@ -44,32 +44,22 @@ class RMSprop(FusedOptimizerMixin, torch.optim.RMSprop):
         super().__init__(params, lr, alpha, eps, weight_decay, momentum, centered, capturable=capturable,
                          maximize=maximize, differentiable=differentiable)
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Performs one optimization step.
-
-        Args:
-            closure: re-evaluates the model and returns the loss (optional).
-        """
-        if self._use_torch_step():
-            return self._torch_step(closure)
-        loss = self._run_closure(closure)
-        for group, params, grads, splits in self._groups_to_update():
-            momentum, centered = group["momentum"], group["centered"]
-            states = [self.state[p] for p in params]
-            if not all(states):
-                for p, state in zip(params, states):
-                    if not state:
-                        state["step"] = new_step()
-                        state["square_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                        if momentum > 0:
-                            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                        if centered:
-                            state["grad_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            F.rmsprop(params, grads, [s["square_avg"] for s in states],
-                      [s["grad_avg"] for s in states] if centered else [],
-                      [s["momentum_buffer"] for s in states] if momentum > 0 else [], [s["step"] for s in states],
-                      lr=to_scalar(group["lr"]), alpha=group["alpha"], eps=group["eps"],
-                      weight_decay=group["weight_decay"], momentum=momentum, centered=centered,
-                      maximize=group["maximize"], splits=splits)
-        return loss
+    def _update_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
+                      splits: list[Split]) -> None:
+        momentum, centered = group["momentum"], group["centered"]
+        states = [self.state[p] for p in params]
+        if not all(states):
+            for p, state in zip(params, states):
+                if not state:
+                    state["step"] = new_step()
+                    state["square_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    if momentum > 0:
+                        state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    if centered:
+                        state["grad_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        F.rmsprop(params, grads, [s["square_avg"] for s in states],
+                  [s["grad_avg"] for s in states] if centered else [],
+                  [s["momentum_buffer"] for s in states] if momentum > 0 else [], [s["step"] for s in states],
+                  lr=to_scalar(group["lr"]), alpha=group["alpha"], eps=group["eps"],
+                  weight_decay=group["weight_decay"], momentum=momentum, centered=centered,
+                  maximize=group["maximize"], splits=splits)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -10,6 +9,7 @@ from torch import Tensor
 
 from . import functional as F
 from ._base import FusedOptimizerMixin, to_scalar
+from ._groups import Split
 
 __all__ = ["SGD"]
 
@@ -46,38 +46,28 @@ class SGD(FusedOptimizerMixin, torch.optim.SGD):
         super().__init__(params, lr, momentum, dampening, weight_decay, nesterov, maximize=maximize,
                          differentiable=differentiable)
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Performs one optimization step.
-
-        Args:
-            closure: re-evaluates the model and returns the loss (optional).
-        """
-        if self._use_torch_step():
-            return self._torch_step(closure)
-        loss = self._run_closure(closure)
-        for group, params, grads, splits in self._groups_to_update():
-            momentum = group["momentum"]
-            hyper = dict(lr=to_scalar(group["lr"]), momentum=momentum, dampening=group["dampening"],
-                         weight_decay=to_scalar(group["weight_decay"]), nesterov=group["nesterov"],
-                         maximize=group["maximize"])
-            if momentum == 0:
-                F.sgd(params, grads, [], splits=splits, **hyper)
+    def _update_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
+                      splits: list[Split]) -> None:
+        momentum = group["momentum"]
+        hyper = dict(lr=to_scalar(group["lr"]), momentum=momentum, dampening=group["dampening"],
+                     weight_decay=to_scalar(group["weight_decay"]), nesterov=group["nesterov"],
+                     maximize=group["maximize"])
+        if momentum == 0:
+            F.sgd(params, grads, [], splits=splits, **hyper)
+            return
+        states = [self.state[p] for p in params]
+        buffers = [s.get("momentum_buffer") for s in states]
+        if all(b is not None for b in buffers):
+            F.sgd(params, grads, buffers, first_step=False, splits=splits, **hyper)
+            return
+        # Parameters without a buffer yet start it from the gradient (torch clones the gradient).
+        for first in (False, True):
+            idx = [i for i, b in enumerate(buffers) if (b is None) == first]
+            if not idx:
                 continue
-            states = [self.state[p] for p in params]
-            buffers = [s.get("momentum_buffer") for s in states]
-            if all(b is not None for b in buffers):
-                F.sgd(params, grads, buffers, first_step=False, splits=splits, **hyper)
-                continue
-            # Parameters without a buffer yet start it from the gradient (torch clones the gradient).
-            for first in (False, True):
-                idx = [i for i, b in enumerate(buffers) if (b is None) == first]
-                if not idx:
-                    continue
-                if first:
-                    for i in idx:
-                        buffers[i] = states[i]["momentum_buffer"] = torch.empty_like(
-                            params[i], memory_format=torch.preserve_format)
-                F.sgd([params[i] for i in idx], [grads[i] for i in idx], [buffers[i] for i in idx],
-                      first_step=first, **hyper)
-        return loss
+            if first:
+                for i in idx:
+                    buffers[i] = states[i]["momentum_buffer"] = torch.empty_like(
+                        params[i], memory_format=torch.preserve_format)
+            F.sgd([params[i] for i in idx], [grads[i] for i in idx], [buffers[i] for i in idx],
+                  first_step=first, **hyper)
