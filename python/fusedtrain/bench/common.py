@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Result", "Progress", "measure", "measure_bandwidth", "format_table", "sync"]
+__all__ = ["Result", "Progress", "measure", "measure_interleaved", "measure_bandwidth", "format_table", "sync"]
 
 
 @dataclass
@@ -60,6 +60,23 @@ def measure(fn: Callable[[], None], device: torch.device, warmup: int, reps: int
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def measure_interleaved(fns: dict[str, Callable[[], None]], device: torch.device, warmup: int,
+                        reps: int) -> dict[str, list[float]]:
+    """Like :func:`measure` for several implementations at once, taking turns call by call (the order
+    rotates every round), so a noisy neighbour slows all of them alike and the ratios stay fair."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    sync(device)
+    names = list(fns)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for rep in range(reps):
+        order = names[rep % len(names):] + names[:rep % len(names)]
+        for name in order:
+            times[name] += measure(fns[name], device, 0, 1)
     return times
 
 

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from .. import optim as ft_optim
-from .common import Progress, Result, measure, summarize
+from .common import Progress, Result, measure_interleaved, summarize
 
 __all__ = ["PARAM_SETS", "OPTIMIZERS", "param_shapes", "run"]
 
@@ -110,26 +110,28 @@ def run(device: torch.device, sets: list[str] | None, optimizers: list[str] | No
         for name in names:
             cls_name, kwargs, bytes_per_param = OPTIMIZERS[name]
             rows: dict[str, Result] = {}
+            steps: dict[str, Callable[[], Any]] = {}
             for impl, flags in IMPLS.items():
                 bar.step(f"{set_name} {name} {impl}")
-                params = _make(shapes, device)
-                row = Result("optim", f"{name}, {case_label}", impl, str(device), None,
-                             bytes_moved=numel * bytes_per_param)
+                rows[impl] = Result("optim", f"{name}, {case_label}", impl, str(device), None,
+                                    bytes_moved=numel * bytes_per_param)
                 try:
                     cls = getattr(ft_optim if impl == "fusedtrain" else torch.optim, cls_name)
-                    opt = cls(params, **kwargs, **flags)
-                    times = measure(opt.step, device, warmup, reps)
-                    row.median_ms, row.p20_ms, row.p80_ms = summarize(times)
-                    row.gbps = row.bytes_moved / row.median_ms / 1e6
-                    row.pct_bw = 100 * row.gbps / bandwidth if bandwidth else None
+                    opt = cls(_make(shapes, device), **kwargs, **flags)
+                    opt.step()
+                    steps[impl] = opt.step
                 except (RuntimeError, ValueError, TypeError) as exc:
-                    row.note = f"not available: {str(exc).splitlines()[0][:60]}"
-                rows[impl] = row
-                del params
-                opt = None
-                gc.collect()
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+                    rows[impl].note = f"not available: {str(exc).splitlines()[0][:60]}"
+            times = measure_interleaved(steps, device, warmup, reps)
+            for impl, ts in times.items():
+                row = rows[impl]
+                row.median_ms, row.p20_ms, row.p80_ms = summarize(ts)
+                row.gbps = row.bytes_moved / row.median_ms / 1e6
+                row.pct_bw = 100 * row.gbps / bandwidth if bandwidth else None
+            steps.clear()
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
             torch_times = [r.median_ms for k, r in rows.items() if k != "fusedtrain" and r.median_ms is not None]
             ours = rows["fusedtrain"]
             if torch_times and ours.median_ms:
