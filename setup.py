@@ -108,8 +108,10 @@ def _extension():
     # -fopenmp: at::parallel_for is an inline OpenMP region in torch's Linux builds; without the flag it
     # silently runs on one thread. The loader reuses the libgomp.so.1 torch already loaded, so
     # torch.set_num_threads governs our threads too. Torch chooses the C++ standard it needs.
+    # -ffp-contract=off / --fmad=false: every operation of math.h rounds as written, in every
+    # instantiation, so a rule gives the same bits wherever it is inlined (see Note [no FMA contraction]).
     openmp = [] if sys.platform == "darwin" else ["-fopenmp"]
-    cxx = ["-O3", "-fno-math-errno"] + openmp
+    cxx = ["-O3", "-fno-math-errno", "-ffp-contract=off"] + openmp
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     kwargs = {}
     if with_cuda:
@@ -122,7 +124,7 @@ def _extension():
         include_dirs += _nvidia_wheel_includes()
         kwargs["extra_compile_args"] = {
             "cxx": cxx,
-            "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"],
+            "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "--fmad=false"],
         }
         ext_cls = cpp_extension.CUDAExtension
     else:

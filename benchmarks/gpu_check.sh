@@ -37,7 +37,7 @@ ldd python/fusedtrain/_C*.so | grep -iE "omp|stdc" | tee -a "$OUT/env.txt"
 cat > /tmp/ft_repro.py <<'PYEOF'
 import torch, fusedtrain
 try:
-    torch.ops.fusedtrain.sgd_([torch.randn(4)], [torch.randn(5)], [], 0.1, 0.0, 0.0, 0.0, False, False, False)
+    torch.ops.fusedtrain.sgd_([torch.randn(4)], [torch.randn(5)], [], 0.1, 0.0, 0.0, 0.0, False, False, False, [], 0.0)
 except RuntimeError as e:
     print("raised as expected:", str(e).splitlines()[0][:120])
 PYEOF

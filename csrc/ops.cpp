@@ -5,21 +5,29 @@
 // In-place multi-tensor updates take `Tensor(x!)[]` lists for what they mutate and return `()`.
 // Lists that an option turns off (momentum buffers without momentum, max_exp_avg_sqs without
 // amsgrad, ...) are passed empty. `state_steps` are one-element CPU float tensors, advanced by the op.
+// Every optimizer op ends with `ema_params, ema_weight`: when the list is non-empty, the same pass also
+// moves each average toward its freshly updated parameter (a <- lerp(a, p, ema_weight)).
 #include <torch/library.h>
 
 TORCH_LIBRARY(fusedtrain, m) {
   m.def(
       "sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, float lr, float momentum, "
-      "float dampening, float weight_decay, bool nesterov, bool maximize, bool first_step) -> ()");
+      "float dampening, float weight_decay, bool nesterov, bool maximize, bool first_step, Tensor(z!)[] ema_params, "
+      "float ema_weight) -> ()");
   m.def(
       "adagrad_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state_sums, Tensor(c!)[] state_steps, "
-      "float lr, float lr_decay, float weight_decay, float eps, bool maximize) -> ()");
+      "float lr, float lr_decay, float weight_decay, float eps, bool maximize, Tensor(z!)[] ema_params, "
+      "float ema_weight) -> ()");
   m.def(
       "rmsprop_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] square_avgs, Tensor(c!)[] grad_avgs, "
       "Tensor(d!)[] momentum_buffers, Tensor(e!)[] state_steps, float lr, float alpha, float eps, "
-      "float weight_decay, float momentum, bool centered, bool maximize) -> ()");
+      "float weight_decay, float momentum, bool centered, bool maximize, Tensor(z!)[] ema_params, float ema_weight) "
+      "-> ()");
   m.def(
       "adam_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
       "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] state_steps, float lr, float beta1, float beta2, float eps, "
-      "float weight_decay, bool amsgrad, bool maximize, bool decoupled_weight_decay) -> ()");
+      "float weight_decay, bool amsgrad, bool maximize, bool decoupled_weight_decay, Tensor(z!)[] ema_params, "
+      "float ema_weight) -> ()");
+  // averages <- lerp(averages, params, weight): EMA / Polyak (weight = 1 - decay), SWA (1 / (n + 1)).
+  m.def("ema_(Tensor(a!)[] averages, Tensor[] params, float weight) -> ()");
 }

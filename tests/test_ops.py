@@ -20,20 +20,23 @@ def _steps(n: int) -> list[torch.Tensor]:
 
 
 def _op_cases(device: str, dtype: torch.dtype):
-    p, g, b = _lists(device, dtype, 1)
-    yield torch.ops.fusedtrain.sgd_.default, (p, g, b, 0.1, 0.9, 0.0, 0.01, True, False, False)
+    p, g, b, e = _lists(device, dtype, 2)
+    yield torch.ops.fusedtrain.sgd_.default, (p, g, b, 0.1, 0.9, 0.0, 0.01, True, False, False, e, 0.1)
     p, g = _lists(device, dtype, 0)
-    yield torch.ops.fusedtrain.sgd_.default, (p, g, [], 0.1, 0.0, 0.0, 0.0, False, True, False)
+    yield torch.ops.fusedtrain.sgd_.default, (p, g, [], 0.1, 0.0, 0.0, 0.0, False, True, False, [], 0.0)
     p, g, s = _lists(device, dtype, 1)
     s = [x.abs() for x in s]
-    yield torch.ops.fusedtrain.adagrad_.default, (p, g, s, _steps(4), 0.1, 0.01, 0.0, 1e-10, False)
-    p, g, v, a, m = _lists(device, dtype, 3)
+    yield torch.ops.fusedtrain.adagrad_.default, (p, g, s, _steps(4), 0.1, 0.01, 0.0, 1e-10, False, [], 0.0)
+    p, g, v, a, m, e = _lists(device, dtype, 4)
     v = [x.abs() + 1 for x in v]
-    yield torch.ops.fusedtrain.rmsprop_.default, (p, g, v, a, m, _steps(4), 0.01, 0.99, 1e-8, 0.0, 0.9, True, False)
-    p, g, m, v, vm = _lists(device, dtype, 3)
+    yield torch.ops.fusedtrain.rmsprop_.default, (p, g, v, a, m, _steps(4), 0.01, 0.99, 1e-8, 0.0, 0.9, True, False,
+                                                  e, 0.01)
+    p, g, m, v, vm, e = _lists(device, dtype, 4)
     v, vm = [x.abs() for x in v], [x.abs() for x in vm]
     yield torch.ops.fusedtrain.adam_.default, (p, g, m, v, vm, _steps(4), 1e-3, 0.9, 0.999, 1e-8, 0.01, True, False,
-                                               True)
+                                               True, e, 0.001)
+    a, p = _lists(device, dtype, 0)
+    yield torch.ops.fusedtrain.ema_.default, (a, p, 0.25)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -123,11 +126,11 @@ def test_op_rejects_mismatched_lists_without_mutation() -> None:
     p, g = [torch.randn(4)], [torch.randn(5)]
     before = p[0].clone()
     with pytest.raises(RuntimeError, match=r"grads\[0\].*must match params\[0\]"):
-        torch.ops.fusedtrain.sgd_(p, g, [], 0.1, 0.0, 0.0, 0.0, False, False, False)
+        torch.ops.fusedtrain.sgd_(p, g, [], 0.1, 0.0, 0.0, 0.0, False, False, False, [], 0.0)
     steps = [torch.tensor(0.0)]
     with pytest.raises(RuntimeError, match="exp_avgs has 0 tensors"):
         torch.ops.fusedtrain.adam_(p, [torch.randn(4)], [], [], [], steps, 0.1, 0.9, 0.99, 1e-8, 0.0, False, False,
-                                   False)
+                                   False, [], 0.0)
     assert torch.equal(p[0], before) and float(steps[0]) == 0.0
 
 

@@ -1,12 +1,13 @@
 """fusedtrain: fused, fast, drop-in parts of a PyTorch training loop.
 
 ``fusedtrain.optim`` holds drop-in replacements for torch.optim's SGD, Adagrad, RMSprop, Adam and AdamW
-that run one fused multi-tensor kernel per (device, dtype) group on CPU and CUDA.
+that run one fused multi-tensor kernel per (device, dtype) group on CPU and CUDA; ``fusedtrain.ensemble``
+holds snapshot ensembles, prediction ensembles and EMA / SWA weight averaging.
 """
 
 from ._build import build_info, has_cuda_kernels
-from . import optim
+from . import ensemble, optim
 
 __version__ = "0.1.0"
 
-__all__ = ["build_info", "has_cuda_kernels", "optim", "__version__"]
+__all__ = ["build_info", "has_cuda_kernels", "optim", "ensemble", "__version__"]

@@ -1,6 +1,7 @@
 """The only module that calls ``torch.ops.fusedtrain.*``: typed wrappers and fake (meta) kernels.
 
-Schemas live in ``csrc/ops.cpp``; see Note [optimizer op conventions] there. The fake kernels let
+Schemas live in ``csrc/ops.cpp``; see Note [optimizer op conventions] there. Every optimizer op takes
+``ema_params`` / ``ema_weight``: a non-empty list of averages is updated in the same pass. The fake kernels let
 ``torch.compile`` and ``torch.library.opcheck`` trace the ops: they check nothing and mutate nothing.
 """
 
@@ -13,7 +14,7 @@ from torch import Tensor
 
 from ._build import library
 
-__all__ = ["sgd_", "adagrad_", "rmsprop_", "adam_"]
+__all__ = ["sgd_", "adagrad_", "rmsprop_", "adam_", "ema_"]
 
 library()  # loads fusedtrain._C, which registers the ops (clear error if it is missing)
 _ops = torch.ops.fusedtrain
@@ -22,32 +23,42 @@ TensorSeq = Sequence[Tensor]
 
 
 def sgd_(params: TensorSeq, grads: TensorSeq, momentum_buffers: TensorSeq, *, lr: float, momentum: float,
-         dampening: float, weight_decay: float, nesterov: bool, maximize: bool, first_step: bool) -> None:
+         dampening: float, weight_decay: float, nesterov: bool, maximize: bool, first_step: bool,
+         ema_params: TensorSeq = (), ema_weight: float = 0.0) -> None:
     """In-place SGD / momentum / Nesterov update of ``params`` (one device, one dtype)."""
     _ops.sgd_(params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov, maximize,
-              first_step)
+              first_step, ema_params, ema_weight)
 
 
 def adagrad_(params: TensorSeq, grads: TensorSeq, state_sums: TensorSeq, state_steps: TensorSeq, *, lr: float,
-             lr_decay: float, weight_decay: float, eps: float, maximize: bool) -> None:
+             lr_decay: float, weight_decay: float, eps: float, maximize: bool, ema_params: TensorSeq = (),
+             ema_weight: float = 0.0) -> None:
     """In-place Adagrad update; advances ``state_steps`` (CPU scalars)."""
-    _ops.adagrad_(params, grads, state_sums, state_steps, lr, lr_decay, weight_decay, eps, maximize)
+    _ops.adagrad_(params, grads, state_sums, state_steps, lr, lr_decay, weight_decay, eps, maximize, ema_params,
+                  ema_weight)
 
 
 def rmsprop_(params: TensorSeq, grads: TensorSeq, square_avgs: TensorSeq, grad_avgs: TensorSeq,
              momentum_buffers: TensorSeq, state_steps: TensorSeq, *, lr: float, alpha: float, eps: float,
-             weight_decay: float, momentum: float, centered: bool, maximize: bool) -> None:
+             weight_decay: float, momentum: float, centered: bool, maximize: bool, ema_params: TensorSeq = (),
+             ema_weight: float = 0.0) -> None:
     """In-place RMSprop update; ``grad_avgs`` / ``momentum_buffers`` empty when unused."""
     _ops.rmsprop_(params, grads, square_avgs, grad_avgs, momentum_buffers, state_steps, lr, alpha, eps,
-                  weight_decay, momentum, centered, maximize)
+                  weight_decay, momentum, centered, maximize, ema_params, ema_weight)
 
 
 def adam_(params: TensorSeq, grads: TensorSeq, exp_avgs: TensorSeq, exp_avg_sqs: TensorSeq,
           max_exp_avg_sqs: TensorSeq, state_steps: TensorSeq, *, lr: float, beta1: float, beta2: float,
-          eps: float, weight_decay: float, amsgrad: bool, maximize: bool, decoupled_weight_decay: bool) -> None:
+          eps: float, weight_decay: float, amsgrad: bool, maximize: bool, decoupled_weight_decay: bool,
+          ema_params: TensorSeq = (), ema_weight: float = 0.0) -> None:
     """In-place Adam / AdamW update; ``max_exp_avg_sqs`` empty unless ``amsgrad``."""
     _ops.adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2, eps,
-               weight_decay, amsgrad, maximize, decoupled_weight_decay)
+               weight_decay, amsgrad, maximize, decoupled_weight_decay, ema_params, ema_weight)
+
+
+def ema_(averages: TensorSeq, params: TensorSeq, *, weight: float) -> None:
+    """In place: ``averages <- averages + weight * (params - averages)`` (one device, one dtype)."""
+    _ops.ema_(averages, params, weight)
 
 
 def _fake_inplace(*args: object) -> None:

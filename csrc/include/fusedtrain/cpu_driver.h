@@ -39,6 +39,8 @@ inline __attribute__((always_inline)) void loop_body(S* const* ptr, int64_t n, c
   S* __restrict__ p2 = D > 2 ? ptr[2] : nullptr;
   S* __restrict__ p3 = D > 3 ? ptr[3] : nullptr;
   S* __restrict__ p4 = D > 4 ? ptr[4] : nullptr;
+  S* __restrict__ p5 = D > 5 ? ptr[5] : nullptr;
+  static_assert(D <= 6, "loop_body handles up to six lists");
   for (int64_t i = 0; i < n; ++i) {
     T r[D];
     r[0] = static_cast<T>(p0[i]);
@@ -46,11 +48,13 @@ inline __attribute__((always_inline)) void loop_body(S* const* ptr, int64_t n, c
     if constexpr (D > 2) r[2] = static_cast<T>(p2[i]);
     if constexpr (D > 3) r[3] = static_cast<T>(p3[i]);
     if constexpr (D > 4) r[4] = static_cast<T>(p4[i]);
+    if constexpr (D > 5) r[5] = static_cast<T>(p5[i]);
     op(r);
     p0[i] = static_cast<S>(r[0]);
     if constexpr (D > 2) p2[i] = static_cast<S>(r[2]);
     if constexpr (D > 3) p3[i] = static_cast<S>(r[3]);
     if constexpr (D > 4) p4[i] = static_cast<S>(r[4]);
+    if constexpr (D > 5) p5[i] = static_cast<S>(r[5]);
   }
 }
 

@@ -9,6 +9,12 @@
 // the order of the op's schema. All arithmetic is in the "opmath" type T (float for
 // float/half/bfloat16, double for double), and the order of operations follows torch.optim's
 // single-tensor (foreach=False) implementation, so float32/float64 results agree to rounding.
+//
+// Note [no FMA contraction]:
+// The build turns off floating-point contraction (-ffp-contract=off, nvcc --fmad=false). Otherwise the
+// compiler may fuse `p * decay + x` into an FMA in one inlining context and not in another, and the same
+// rule would give results one ulp apart depending on the driver or the wrapper (WithEma) around it. The
+// steps are memory-bound, so the extra instructions cost nothing measurable.
 #pragma once
 
 #include <c10/macros/Macros.h>
@@ -149,6 +155,32 @@ struct AdamOp {
     }
     const T denom = sqrt_(vhat) / bc2_sqrt + eps;
     r[0] = p + (-step_size) * (m / denom);
+  }
+};
+
+// Exponential moving average of weights (Polyak & Juditsky 1992 averaging with exponential forgetting):
+//   a <- a + w*(p - a) with w = 1 - decay, as torch.lerp / torch._foreach_lerp_ compute it.
+// SWA's equal-weight running mean is the same rule with w = 1/(n+1).  Registers: (a, p).
+template <typename T>
+struct EmaOp {
+  static constexpr int depth = 2;
+  T weight;
+
+  FT_HD void operator()(T* r) const { r[0] = lerp(r[0], r[1], weight); }
+};
+
+// Any update rule followed, in the same pass, by the EMA of the parameter it just wrote. The new
+// parameter is rounded to its storage type S first, so the result equals a separate EMA pass over the
+// stored parameter bit for bit.  Registers: (the rule's ..., a).
+template <typename S, typename T, typename Op>
+struct WithEma {
+  static constexpr int depth = Op::depth + 1;
+  Op op;
+  T weight;
+
+  FT_HD void operator()(T* r) const {
+    op(r);
+    r[Op::depth] = lerp(r[Op::depth], static_cast<T>(static_cast<S>(r[0])), weight);
   }
 };
 

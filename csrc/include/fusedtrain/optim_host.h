@@ -11,9 +11,11 @@
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
+#include <torch/library.h>
 
 #include <cmath>
 #include <map>
+#include <type_traits>
 #include <string>
 #include <utility>
 #include <vector>
@@ -144,30 +146,49 @@ inline std::map<double, std::vector<int64_t>> advance_steps(at::TensorList steps
   return by_step;
 }
 
+// Runs the functor `make` builds on the tuples named by `index`. With a non-empty `ema` list the
+// functor is wrapped in math::WithEma: the same pass also moves each average toward its new parameter.
 template <class Backend, typename Make>
-void run(const std::vector<at::TensorList>& lists, const std::vector<int64_t>& index, Make&& make) {
+void run(std::vector<at::TensorList> lists, const std::vector<int64_t>& index, at::TensorList ema,
+         double ema_weight, Make&& make) {
+  const bool with_ema = !ema.empty();
+  if (with_ema) lists.push_back(ema);
   Work work = prepare(lists, index);
   if (work.size() == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, lists[0][0].scalar_type(), "fusedtrain", [&] {
     using T = at::opmath_type<scalar_t>;
-    make(T{}, [&](const auto& op) { Backend::template apply<scalar_t>(work, op); });
+    make(T{}, [&](const auto& op) {
+      if (with_ema) {
+        using Op = std::decay_t<decltype(op)>;
+        Backend::template apply<scalar_t>(work, math::WithEma<scalar_t, T, Op>{op, static_cast<T>(ema_weight)});
+      } else {
+        Backend::template apply<scalar_t>(work, op);
+      }
+    });
   });
   for (auto& [original, temp] : work.copy_back) original.copy_(temp);
+}
+
+using Named = std::vector<std::pair<const char*, at::TensorList>>;
+
+// Checks the named lists (plus the EMA averages, when given) and returns them as driver lists.
+inline std::vector<at::TensorList> checked(const char* op, Named named, at::TensorList ema) {
+  if (!ema.empty()) named.emplace_back("ema_params", ema);
+  check_lists(op, named);
+  std::vector<at::TensorList> lists;
+  for (size_t k = 0; k + (ema.empty() ? 0 : 1) < named.size(); ++k) lists.push_back(named[k].second);
+  return lists;
 }
 
 template <class Backend>
 void sgd_impl(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, double lr,
               double momentum, double dampening, double weight_decay, bool nesterov, bool maximize,
-              bool first_step) {
+              bool first_step, at::TensorList ema_params, double ema_weight) {
   const bool has_momentum = momentum != 0.0;
-  if (has_momentum) {
-    check_lists("sgd_", {{"params", params}, {"grads", grads}, {"momentum_buffers", momentum_buffers}});
-  } else {
-    check_lists("sgd_", {{"params", params}, {"grads", grads}});
-  }
-  std::vector<at::TensorList> lists{params, grads};
-  if (has_momentum) lists.push_back(momentum_buffers);
-  run<Backend>(lists, all_indices(params.size()), [&](auto zero, auto&& launch) {
+  Named named{{"params", params}, {"grads", grads}};
+  if (has_momentum) named.emplace_back("momentum_buffers", momentum_buffers);
+  const auto lists = checked("sgd_", named, ema_params);
+  run<Backend>(lists, all_indices(params.size()), ema_params, ema_weight, [&](auto zero, auto&& launch) {
     using T = decltype(zero);
     if (has_momentum) {
       launch(math::SgdOp<T, true>{T(lr), T(momentum), T(1.0 - dampening), T(weight_decay), nesterov, maximize,
@@ -180,12 +201,13 @@ void sgd_impl(at::TensorList params, at::TensorList grads, at::TensorList moment
 
 template <class Backend>
 void adagrad_impl(at::TensorList params, at::TensorList grads, at::TensorList state_sums, at::TensorList state_steps,
-                  double lr, double lr_decay, double weight_decay, double eps, bool maximize) {
-  check_lists("adagrad_", {{"params", params}, {"grads", grads}, {"state_sums", state_sums}});
+                  double lr, double lr_decay, double weight_decay, double eps, bool maximize, at::TensorList ema_params,
+                  double ema_weight) {
+  const auto lists = checked("adagrad_", {{"params", params}, {"grads", grads}, {"state_sums", state_sums}}, ema_params);
   check_steps("adagrad_", state_steps, params.size());
   for (auto& [step, index] : advance_steps(state_steps)) {
     const double clr = lr / (1.0 + (step - 1.0) * lr_decay);
-    run<Backend>({params, grads, state_sums}, index, [&](auto zero, auto&& launch) {
+    run<Backend>(lists, index, ema_params, ema_weight, [&](auto zero, auto&& launch) {
       using T = decltype(zero);
       launch(math::AdagradOp<T>{T(clr), T(weight_decay), T(eps), maximize});
     });
@@ -195,18 +217,16 @@ void adagrad_impl(at::TensorList params, at::TensorList grads, at::TensorList st
 template <class Backend>
 void rmsprop_impl(at::TensorList params, at::TensorList grads, at::TensorList square_avgs, at::TensorList grad_avgs,
                   at::TensorList momentum_buffers, at::TensorList state_steps, double lr, double alpha, double eps,
-                  double weight_decay, double momentum, bool centered, bool maximize) {
+                  double weight_decay, double momentum, bool centered, bool maximize, at::TensorList ema_params,
+                  double ema_weight) {
   const bool has_momentum = momentum > 0.0;
-  std::vector<std::pair<const char*, at::TensorList>> named{
-      {"params", params}, {"grads", grads}, {"square_avgs", square_avgs}};
+  Named named{{"params", params}, {"grads", grads}, {"square_avgs", square_avgs}};
   if (centered) named.emplace_back("grad_avgs", grad_avgs);
   if (has_momentum) named.emplace_back("momentum_buffers", momentum_buffers);
-  check_lists("rmsprop_", named);
+  const auto lists = checked("rmsprop_", named, ema_params);
   check_steps("rmsprop_", state_steps, params.size());
-  std::vector<at::TensorList> lists;
-  for (auto& entry : named) lists.push_back(entry.second);
   advance_steps(state_steps);  // RMSprop keeps the count for torch compatibility; the rule does not use it
-  run<Backend>(lists, all_indices(params.size()), [&](auto zero, auto&& launch) {
+  run<Backend>(lists, all_indices(params.size()), ema_params, ema_weight, [&](auto zero, auto&& launch) {
     using T = decltype(zero);
     auto go = [&](auto op) {
       op.lr = T(lr);
@@ -228,18 +248,16 @@ void rmsprop_impl(at::TensorList params, at::TensorList grads, at::TensorList sq
 template <class Backend>
 void adam_impl(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                at::TensorList max_exp_avg_sqs, at::TensorList state_steps, double lr, double beta1, double beta2,
-               double eps, double weight_decay, bool amsgrad, bool maximize, bool decoupled_weight_decay) {
-  std::vector<std::pair<const char*, at::TensorList>> named{
-      {"params", params}, {"grads", grads}, {"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}};
+               double eps, double weight_decay, bool amsgrad, bool maximize, bool decoupled_weight_decay,
+               at::TensorList ema_params, double ema_weight) {
+  Named named{{"params", params}, {"grads", grads}, {"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}};
   if (amsgrad) named.emplace_back("max_exp_avg_sqs", max_exp_avg_sqs);
-  check_lists("adam_", named);
+  const auto lists = checked("adam_", named, ema_params);
   check_steps("adam_", state_steps, params.size());
-  std::vector<at::TensorList> lists;
-  for (auto& entry : named) lists.push_back(entry.second);
   for (auto& [step, index] : advance_steps(state_steps)) {
     const double step_size = lr / (1.0 - std::pow(beta1, step));
     const double bc2_sqrt = std::sqrt(1.0 - std::pow(beta2, step));
-    run<Backend>(lists, index, [&](auto zero, auto&& launch) {
+    run<Backend>(lists, index, ema_params, ema_weight, [&](auto zero, auto&& launch) {
       using T = decltype(zero);
       auto go = [&](auto op) {
         op.beta2 = T(beta2);
@@ -258,6 +276,26 @@ void adam_impl(at::TensorList params, at::TensorList grads, at::TensorList exp_a
       else go(math::AdamOp<T, false>{});
     });
   }
+}
+
+// EMA / SWA averaging: averages <- lerp(averages, params, weight).
+template <class Backend>
+void ema_impl(at::TensorList averages, at::TensorList params, double weight) {
+  const auto lists = checked("ema_", {{"averages", averages}, {"params", params}}, {});
+  run<Backend>(lists, all_indices(averages.size()), {}, 0.0, [&](auto zero, auto&& launch) {
+    using T = decltype(zero);
+    launch(math::EmaOp<T>{T(weight)});
+  });
+}
+
+// The implementations of every op for one backend (called from TORCH_LIBRARY_IMPL in cpu/ and cuda/).
+template <class Backend>
+void register_ops(torch::Library& m) {
+  m.impl("sgd_", &sgd_impl<Backend>);
+  m.impl("adagrad_", &adagrad_impl<Backend>);
+  m.impl("rmsprop_", &rmsprop_impl<Backend>);
+  m.impl("adam_", &adam_impl<Backend>);
+  m.impl("ema_", &ema_impl<Backend>);
 }
 
 }  // namespace host

@@ -11,7 +11,7 @@
 
 namespace fusedtrain {
 
-constexpr int kMaxDepth = 5;  // param, grad and up to three state tensors per element
+constexpr int kMaxDepth = 6;  // param, grad, up to three states and an EMA average per element
 
 struct Work {
   c10::Device device{c10::kCPU};

@@ -138,23 +138,52 @@ class FusedOptimizerMixin:
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Performs one optimization step: one fused kernel per (device, dtype) of each group.
 
+        With an EMA attached (``ema=``), the same kernels also update the averages of the parameters
+        they change; the EMA's other parameters and its buffers follow in one more pass. The result
+        equals ``step()`` followed by ``ema.update()``.
+
         Args:
             closure: a callable that re-evaluates the model and returns the loss (optional).
 
         Returns:
             The closure's loss, or None.
         """
+        ema = self.ema
         if self._use_torch_step():
-            return self._torch_step(closure)
+            loss = self._torch_step(closure)
+            if ema is not None:
+                ema.update()
+            return loss
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group, params, grads, splits in self._groups_to_update():
-            self._update_group(group, params, grads, splits)
+        work = self._groups_to_update()
+        weight = ema.next_weight() if ema is not None else 0.0
+        fused: list[Tensor] = []
+        for group, params, grads, splits in work:
+            averages = ema.averages_for(params) if ema is not None else None
+            self._update_group(group, params, grads, splits, averages or [], weight)
+            if averages:
+                fused += params
+        if ema is not None:
+            ema.finish_fused_update(fused)
         return loss
 
-    def _update_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
-                      splits: list[Split]) -> None:
-        """Creates missing state and runs the optimizer's fused op on one param group."""
+    @property
+    def ema(self) -> Any:
+        """The :class:`fusedtrain.ensemble.EMA` updated with every step (``None``: no averaging)."""
+        return self.__dict__.get("_ft_ema")
+
+    @ema.setter
+    def ema(self, value: Any) -> None:
+        if value is not None and not all(hasattr(value, a) for a in ("next_weight", "averages_for",
+                                                                      "finish_fused_update", "update")):
+            raise TypeError(f"ema must be a fusedtrain.ensemble.EMA (or SWA), got {type(value).__name__}")
+        self.__dict__["_ft_ema"] = value
+
+    def _update_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], splits: list[Split],
+                      ema_params: list[Tensor], ema_weight: float) -> None:
+        """Creates missing state and runs the optimizer's fused op on one param group (moving
+        ``ema_params``, when given, toward the updated parameters in the same pass)."""
         raise NotImplementedError

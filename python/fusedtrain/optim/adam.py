@@ -50,7 +50,7 @@ class Adam(FusedOptimizerMixin, torch.optim.Adam):
     def __init__(self, params: Any, lr: float | Tensor = 1e-3, betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0, amsgrad: bool = False, *, foreach: bool | None = None,
                  maximize: bool = False, capturable: bool = False, differentiable: bool = False,
-                 fused: bool | None = None, decoupled_weight_decay: bool = False) -> None:
+                 fused: bool | None = None, decoupled_weight_decay: bool = False, ema: Any = None) -> None:
         self._check_compat_flags(foreach, fused, differentiable)
         kwargs: dict[str, Any] = dict(maximize=maximize, capturable=capturable, differentiable=differentiable)
         if _TORCH_ADAM_HAS_DECOUPLED and self._torch_cls is torch.optim.Adam:
@@ -60,14 +60,15 @@ class Adam(FusedOptimizerMixin, torch.optim.Adam):
             self.defaults["decoupled_weight_decay"] = decoupled_weight_decay
             for group in self.param_groups:
                 group.setdefault("decoupled_weight_decay", decoupled_weight_decay)
+        self.ema = ema
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         for group in self.param_groups:
             group.setdefault("decoupled_weight_decay", self._decoupled_default)
 
-    def _update_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
-                      splits: list[Split]) -> None:
+    def _update_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], splits: list[Split],
+                      ema_params: list[Tensor], ema_weight: float) -> None:
         amsgrad = group["amsgrad"]
         states = [self.state[p] for p in params]
         if not all(states):
@@ -84,7 +85,7 @@ class Adam(FusedOptimizerMixin, torch.optim.Adam):
                lr=to_scalar(group["lr"]), beta1=to_scalar(beta1), beta2=to_scalar(beta2), eps=group["eps"],
                weight_decay=to_scalar(group["weight_decay"]), amsgrad=amsgrad, maximize=group["maximize"],
                decoupled_weight_decay=group.get("decoupled_weight_decay", self._decoupled_default),
-               splits=splits)
+               splits=splits, ema_params=ema_params, ema_weight=ema_weight)
 
 
 class AdamW(Adam, torch.optim.AdamW):
@@ -104,10 +105,11 @@ class AdamW(Adam, torch.optim.AdamW):
     def __init__(self, params: Any, lr: float | Tensor = 1e-3, betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *,
                  maximize: bool = False, foreach: bool | None = None, capturable: bool = False,
-                 differentiable: bool = False, fused: bool | None = None) -> None:
+                 differentiable: bool = False, fused: bool | None = None, ema: Any = None) -> None:
         self._check_compat_flags(foreach, fused, differentiable)
         torch.optim.AdamW.__init__(self, params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
                                    capturable=capturable, differentiable=differentiable)
         self.defaults["decoupled_weight_decay"] = True
         for group in self.param_groups:
             group["decoupled_weight_decay"] = True
+        self.ema = ema

@@ -39,13 +39,15 @@ class RMSprop(FusedOptimizerMixin, torch.optim.RMSprop):
 
     def __init__(self, params: Any, lr: float | Tensor = 1e-2, alpha: float = 0.99, eps: float = 1e-8,
                  weight_decay: float = 0, momentum: float = 0, centered: bool = False, capturable: bool = False,
-                 foreach: bool | None = None, maximize: bool = False, differentiable: bool = False) -> None:
+                 foreach: bool | None = None, maximize: bool = False, differentiable: bool = False, *,
+                 ema: Any = None) -> None:
         self._check_compat_flags(foreach, None, differentiable)
         super().__init__(params, lr, alpha, eps, weight_decay, momentum, centered, capturable=capturable,
                          maximize=maximize, differentiable=differentiable)
+        self.ema = ema
 
-    def _update_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
-                      splits: list[Split]) -> None:
+    def _update_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], splits: list[Split],
+                      ema_params: list[Tensor], ema_weight: float) -> None:
         momentum, centered = group["momentum"], group["centered"]
         states = [self.state[p] for p in params]
         if not all(states):
@@ -62,4 +64,4 @@ class RMSprop(FusedOptimizerMixin, torch.optim.RMSprop):
                   [s["momentum_buffer"] for s in states] if momentum > 0 else [], [s["step"] for s in states],
                   lr=to_scalar(group["lr"]), alpha=group["alpha"], eps=group["eps"],
                   weight_decay=group["weight_decay"], momentum=momentum, centered=centered,
-                  maximize=group["maximize"], splits=splits)
+                  maximize=group["maximize"], splits=splits, ema_params=ema_params, ema_weight=ema_weight)

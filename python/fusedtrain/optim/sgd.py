@@ -41,24 +41,27 @@ class SGD(FusedOptimizerMixin, torch.optim.SGD):
 
     def __init__(self, params: Any, lr: float | Tensor = 1e-3, momentum: float = 0, dampening: float = 0,
                  weight_decay: float | Tensor = 0, nesterov: bool = False, *, maximize: bool = False,
-                 foreach: bool | None = None, differentiable: bool = False, fused: bool | None = None) -> None:
+                 foreach: bool | None = None, differentiable: bool = False, fused: bool | None = None,
+                 ema: Any = None) -> None:
         self._check_compat_flags(foreach, fused, differentiable)
         super().__init__(params, lr, momentum, dampening, weight_decay, nesterov, maximize=maximize,
                          differentiable=differentiable)
+        self.ema = ema
 
-    def _update_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
-                      splits: list[Split]) -> None:
+    def _update_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], splits: list[Split],
+                      ema_params: list[Tensor], ema_weight: float) -> None:
         momentum = group["momentum"]
         hyper = dict(lr=to_scalar(group["lr"]), momentum=momentum, dampening=group["dampening"],
                      weight_decay=to_scalar(group["weight_decay"]), nesterov=group["nesterov"],
                      maximize=group["maximize"])
         if momentum == 0:
-            F.sgd(params, grads, [], splits=splits, **hyper)
+            F.sgd(params, grads, [], splits=splits, ema_params=ema_params, ema_weight=ema_weight, **hyper)
             return
         states = [self.state[p] for p in params]
         buffers = [s.get("momentum_buffer") for s in states]
         if all(b is not None for b in buffers):
-            F.sgd(params, grads, buffers, first_step=False, splits=splits, **hyper)
+            F.sgd(params, grads, buffers, first_step=False, splits=splits, ema_params=ema_params,
+                  ema_weight=ema_weight, **hyper)
             return
         # Parameters without a buffer yet start it from the gradient (torch clones the gradient).
         for first in (False, True):
@@ -70,4 +73,5 @@ class SGD(FusedOptimizerMixin, torch.optim.SGD):
                     buffers[i] = states[i]["momentum_buffer"] = torch.empty_like(
                         params[i], memory_format=torch.preserve_format)
             F.sgd([params[i] for i in idx], [grads[i] for i in idx], [buffers[i] for i in idx],
-                  first_step=first, **hyper)
+                  first_step=first, ema_params=[ema_params[i] for i in idx] if ema_params else [],
+                  ema_weight=ema_weight, **hyper)
