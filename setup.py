@@ -111,7 +111,9 @@ def _extension():
     # -ffp-contract=off / --fmad=false: every operation of math.h rounds as written, in every
     # instantiation, so a rule gives the same bits wherever it is inlined (see Note [no FMA contraction]).
     openmp = [] if sys.platform == "darwin" else ["-fopenmp"]
-    cxx = ["-O3", "-fno-math-errno", "-ffp-contract=off"] + openmp
+    # -fno-trapping-math lets it compute both sides of a select (if-conversion), needed to vectorize
+    # rules with options (see Note [flags as numbers] in math.h).
+    cxx = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off"] + openmp
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     kwargs = {}
     if with_cuda:

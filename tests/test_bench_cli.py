@@ -24,8 +24,8 @@ def test_unknown_option_and_device_fail_clearly(capsys: pytest.CaptureFixture[st
 def test_tiny_run_writes_json(tmp_path) -> None:
     out = tmp_path / "r.json"
     proc = subprocess.run([sys.executable, "-m", "fusedtrain.bench", "--device", "cpu", "--quick", "--reps", "2",
-                           "--sizes", "small-2004", "--optimizers", "SGD momentum", "--json", str(out),
-                           "--no-progress"], capture_output=True, text=True, timeout=600)
+                           "--family", "optim", "--sizes", "small-2004", "--optimizers", "SGD momentum", "--json",
+                           str(out), "--no-progress"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     data = json.loads(out.read_text())
     assert {"env", "results"} <= set(data)
@@ -37,3 +37,16 @@ def test_tiny_run_writes_json(tmp_path) -> None:
         int(s) for s in __import__("fusedtrain.bench.optim", fromlist=["x"]).param_shapes("small-2004")
         for s in s)
     assert "fusedtrain" in proc.stdout
+
+
+def test_ema_family_rows(tmp_path) -> None:
+    out = tmp_path / "ema.json"
+    proc = subprocess.run([sys.executable, "-m", "fusedtrain.bench", "--device", "cpu", "--reps", "2", "--family",
+                           "ema", "--sizes", "small-2004", "--json", str(out), "--no-progress"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["impl"]: r for r in json.loads(out.read_text())["results"]}
+    assert set(rows) == {"torch _foreach_lerp_", "fusedtrain", "torch fused Adam + _foreach_lerp_",
+                         "fusedtrain Adam alone (no EMA)", "fusedtrain Adam(ema=)"}
+    assert rows["fusedtrain Adam(ema=)"]["note"].endswith("over the step alone")
+    assert all(r["median_ms"] > 0 for r in rows.values())

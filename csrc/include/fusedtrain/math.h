@@ -41,11 +41,19 @@ FT_HD T lerp(T self, T end, T weight) {
   return (std::abs(weight) < T(0.5)) ? self + weight * (end - self) : end - (end - self) * (T(1) - weight);
 }
 
+// Note [flags as numbers]: options are stored as T (0 or 1) and tested with on(), never as bool
+// members. GCC vectorizes a select on a floating-point comparison, but not one on a bool loaded from
+// the functor, and gives up on the whole loop (see benchmarks/NOTES.md, "EMA").
+template <typename T>
+FT_HD bool on(T flag) {
+  return flag != T(0);
+}
+
 // The gradient as every rule first sees it: sign flipped for maximize, L2 term added (coupled decay).
 template <typename T>
-FT_HD T effective_grad(T g, T p, bool maximize, T weight_decay) {
-  g = maximize ? -g : g;
-  return weight_decay != T(0) ? g + weight_decay * p : g;
+FT_HD T effective_grad(T g, T p, T maximize, T weight_decay) {
+  g = on(maximize) ? -g : g;
+  return on(weight_decay) ? g + weight_decay * p : g;
 }
 
 // SGD, heavy-ball momentum and Nesterov (Sutskever et al. 2013 in torch's parametrization):
@@ -56,14 +64,14 @@ template <typename T, bool MOMENTUM>
 struct SgdOp {
   static constexpr int depth = MOMENTUM ? 3 : 2;
   T lr, momentum, one_minus_dampening, weight_decay;
-  bool nesterov, maximize, first_step;
+  T nesterov, maximize, first_step;  // flags (Note [flags as numbers])
 
   FT_HD void operator()(T* r) const {
     T g = effective_grad(r[1], r[0], maximize, weight_decay);
     if constexpr (MOMENTUM) {
-      T b = first_step ? g : r[2] * momentum + one_minus_dampening * g;
+      T b = on(first_step) ? g : r[2] * momentum + one_minus_dampening * g;
       r[2] = b;
-      g = nesterov ? g + momentum * b : b;
+      g = on(nesterov) ? g + momentum * b : b;
     }
     r[0] = r[0] + (-lr) * g;
   }
@@ -75,7 +83,7 @@ template <typename T>
 struct AdagradOp {
   static constexpr int depth = 3;
   T clr, weight_decay, eps;
-  bool maximize;
+  T maximize;  // flag
 
   FT_HD void operator()(T* r) const {
     const T g = effective_grad(r[1], r[0], maximize, weight_decay);
@@ -95,7 +103,7 @@ struct RmspropOp {
   static constexpr int kGradAvg = 3;
   static constexpr int kMomentum = CENTERED ? 4 : 3;
   T lr, alpha, one_minus_alpha, eps, weight_decay, momentum;
-  bool maximize;
+  T maximize;  // flag
 
   FT_HD void operator()(T* r) const {
     const T g = effective_grad(r[1], r[0], maximize, weight_decay);
@@ -129,19 +137,15 @@ struct RmspropOp {
 template <typename T, bool AMSGRAD>
 struct AdamOp {
   static constexpr int depth = AMSGRAD ? 5 : 4;
-  T beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay, decay_factor, step_size, bc2_sqrt;
-  bool maximize, decoupled;
+  // coupled_wd: the L2 coefficient, 0 for AdamW; decay_factor: 1 - lr*wd for AdamW, else exactly 1.
+  T beta2, one_minus_beta1, one_minus_beta2, eps, coupled_wd, decay_factor, step_size, bc2_sqrt;
+  T maximize;  // flag
 
   FT_HD void operator()(T* r) const {
-    T p = r[0];
-    T g = maximize ? -r[1] : r[1];
-    if (weight_decay != T(0)) {
-      if (decoupled) {
-        p = p * decay_factor;
-      } else {
-        g = g + weight_decay * p;
-      }
-    }
+    const T p0 = r[0];
+    T g = on(maximize) ? -r[1] : r[1];
+    g = on(coupled_wd) ? g + coupled_wd * p0 : g;
+    const T p = p0 * decay_factor;
     const T m = lerp(r[2], g, one_minus_beta1);
     const T v = r[3] * beta2 + one_minus_beta2 * g * g;
     r[2] = m;

@@ -191,10 +191,10 @@ void sgd_impl(at::TensorList params, at::TensorList grads, at::TensorList moment
   run<Backend>(lists, all_indices(params.size()), ema_params, ema_weight, [&](auto zero, auto&& launch) {
     using T = decltype(zero);
     if (has_momentum) {
-      launch(math::SgdOp<T, true>{T(lr), T(momentum), T(1.0 - dampening), T(weight_decay), nesterov, maximize,
-                                  first_step});
+      launch(math::SgdOp<T, true>{T(lr), T(momentum), T(1.0 - dampening), T(weight_decay), T(nesterov), T(maximize),
+                                  T(first_step)});
     } else {
-      launch(math::SgdOp<T, false>{T(lr), T(0), T(1), T(weight_decay), false, maximize, false});
+      launch(math::SgdOp<T, false>{T(lr), T(0), T(1), T(weight_decay), T(0), T(maximize), T(0)});
     }
   });
 }
@@ -209,7 +209,7 @@ void adagrad_impl(at::TensorList params, at::TensorList grads, at::TensorList st
     const double clr = lr / (1.0 + (step - 1.0) * lr_decay);
     run<Backend>(lists, index, ema_params, ema_weight, [&](auto zero, auto&& launch) {
       using T = decltype(zero);
-      launch(math::AdagradOp<T>{T(clr), T(weight_decay), T(eps), maximize});
+      launch(math::AdagradOp<T>{T(clr), T(weight_decay), T(eps), T(maximize)});
     });
   }
 }
@@ -235,7 +235,7 @@ void rmsprop_impl(at::TensorList params, at::TensorList grads, at::TensorList sq
       op.eps = T(eps);
       op.weight_decay = T(weight_decay);
       op.momentum = T(momentum);
-      op.maximize = maximize;
+      op.maximize = T(maximize);
       launch(op);
     };
     if (centered && has_momentum) go(math::RmspropOp<T, true, true>{});
@@ -264,12 +264,11 @@ void adam_impl(at::TensorList params, at::TensorList grads, at::TensorList exp_a
         op.one_minus_beta1 = T(1.0 - beta1);
         op.one_minus_beta2 = T(1.0 - beta2);
         op.eps = T(eps);
-        op.weight_decay = T(weight_decay);
-        op.decay_factor = T(1.0 - lr * weight_decay);
+        op.coupled_wd = T(decoupled_weight_decay ? 0.0 : weight_decay);
+        op.decay_factor = T(decoupled_weight_decay && weight_decay != 0.0 ? 1.0 - lr * weight_decay : 1.0);
         op.step_size = T(step_size);
         op.bc2_sqrt = T(bc2_sqrt);
-        op.maximize = maximize;
-        op.decoupled = decoupled_weight_decay;
+        op.maximize = T(maximize);
         launch(op);
       };
       if (amsgrad) go(math::AdamOp<T, true>{});

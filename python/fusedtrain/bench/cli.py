@@ -12,10 +12,11 @@ from typing import Any
 import torch
 
 from .._build import build_info
+from . import ema as ema_bench
 from . import optim as optim_bench
 from .common import format_table, measure_bandwidth
 
-FAMILIES = ["optim"]
+FAMILIES = ["optim", "ema"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -86,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
         if family == "optim":
             results += optim_bench.run(device, sets, optimizers, reps, warmup=3, bandwidth=bandwidth,
                                        progress=not args.no_progress)
+        elif family == "ema":
+            results += ema_bench.run(device, sets, reps, warmup=3, bandwidth=bandwidth,
+                                     progress=not args.no_progress)
     print(format_table(results))
     if args.json_path:
         with open(args.json_path, "w") as f:

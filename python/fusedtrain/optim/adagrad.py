@@ -26,6 +26,8 @@ class Adagrad(FusedOptimizerMixin, torch.optim.Adagrad):
     Args:
         params, lr, lr_decay, weight_decay, initial_accumulator_value, eps, maximize: as in torch.
         foreach, fused: accepted and ignored. differentiable: runs torch.optim.Adagrad's own step.
+        ema: a :class:`fusedtrain.ensemble.EMA` (or ``SWA``) whose averages the step's kernel updates in
+            the same pass; equal to calling ``ema.update()`` after each step.
 
     State: ``step`` (CPU float tensor) and ``sum``, created in the constructor as torch does.
     Sparse gradients are refused (torch.optim.Adagrad handles them).

@@ -38,6 +38,8 @@ class Adam(FusedOptimizerMixin, torch.optim.Adam):
             (the param group records ``None``).
         capturable, differentiable: when set, ``step`` runs torch.optim.Adam's own implementation
             (same state keys), since the fused kernels are neither graph-capturable yet nor differentiable.
+        ema: a :class:`fusedtrain.ensemble.EMA` (or ``SWA``) whose averages the step's kernel updates in
+            the same pass; equal to calling ``ema.update()`` after each step.
 
     The state keys (``step`` as a CPU float tensor, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``) are
     torch's, so ``state_dict()`` loads into torch.optim.Adam and back.

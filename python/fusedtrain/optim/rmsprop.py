@@ -30,6 +30,8 @@ class RMSprop(FusedOptimizerMixin, torch.optim.RMSprop):
     Args:
         params, lr, alpha, eps, weight_decay, momentum, centered, maximize: as in torch.optim.RMSprop.
         foreach: accepted and ignored. capturable, differentiable: run torch.optim.RMSprop's own step.
+        ema: a :class:`fusedtrain.ensemble.EMA` (or ``SWA``) whose averages the step's kernel updates in
+            the same pass; equal to calling ``ema.update()`` after each step.
 
     State: ``step``, ``square_avg``, ``momentum_buffer`` (momentum > 0), ``grad_avg`` (centered).
     """

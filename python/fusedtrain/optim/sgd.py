@@ -32,6 +32,8 @@ class SGD(FusedOptimizerMixin, torch.optim.SGD):
             and errors).
         foreach, fused: accepted and ignored (always fused here; the group records ``None``).
         differentiable: runs torch.optim.SGD's own step.
+        ema: a :class:`fusedtrain.ensemble.EMA` (or ``SWA``) whose averages the step's kernel updates in
+            the same pass; equal to calling ``ema.update()`` after each step.
 
     State: ``momentum_buffer`` when momentum is non-zero, as in torch.
     """
