@@ -23,7 +23,7 @@ import fusedtrain
 from fusedtrain.ensemble import EMA, SnapshotEnsemble
 
 
-def load_digits(seed: int) -> tuple[torch.Tensor, ...]:
+def load_digits(seed: int, train_size: int) -> tuple[torch.Tensor, ...]:
     from sklearn.datasets import load_digits as sk_digits
 
     data = sk_digits()
@@ -32,14 +32,14 @@ def load_digits(seed: int) -> tuple[torch.Tensor, ...]:
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(len(x), generator=g)
     # a small training set makes the gap between one model and an ensemble visible
-    tr, te = perm[:500], perm[500:]
+    tr, te = perm[:train_size], perm[train_size:]
     return x[tr], y[tr], x[te], y[te]
 
 
-def make_model(seed: int) -> nn.Module:
+def make_model(seed: int, dropout: float) -> nn.Module:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Dropout(0.2), nn.Linear(256, 256), nn.ReLU(),
-                         nn.Dropout(0.2), nn.Linear(256, 10))
+    return nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Dropout(dropout), nn.Linear(256, 256), nn.ReLU(),
+                         nn.Dropout(dropout), nn.Linear(256, 10))
 
 
 def batches(x: torch.Tensor, y: torch.Tensor, bs: int, g: torch.Generator):
@@ -53,14 +53,15 @@ def accuracy(probs: torch.Tensor, y: torch.Tensor) -> float:
     return float((probs.argmax(-1) == y).float().mean())
 
 
-def run(seed: int, cycles: int, epochs: int, bs: int = 50, lr: float = 0.1) -> dict[str, float]:
-    xtr, ytr, xte, yte = load_digits(seed)
+def run(seed: int, cycles: int, epochs: int, lr: float, dropout: float, train_size: int,
+        bs: int = 50) -> dict[str, float]:
+    xtr, ytr, xte, yte = load_digits(seed, train_size)
     steps_per_epoch = (len(xtr) + bs - 1) // bs
     total = epochs * steps_per_epoch
     loss_fn = nn.CrossEntropyLoss()
 
     # single model: one cosine annealing cycle over the whole budget, plus an EMA of its weights
-    model = make_model(seed)
+    model = make_model(seed, dropout)
     opt = fusedtrain.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
     ema = EMA(model, decay=0.99, warmup=10)
     opt.ema = ema
@@ -79,7 +80,7 @@ def run(seed: int, cycles: int, epochs: int, bs: int = 50, lr: float = 0.1) -> d
             ema_acc = accuracy(model(xte), yte)
 
     # snapshot ensemble: same network, same budget, M cosine cycles
-    model = make_model(seed)
+    model = make_model(seed, dropout)
     opt = fusedtrain.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
     ens = SnapshotEnsemble(model, opt, total_steps=total, cycles=cycles)
     g = torch.Generator().manual_seed(seed)
@@ -94,8 +95,11 @@ def run(seed: int, cycles: int, epochs: int, bs: int = 50, lr: float = 0.1) -> d
     with torch.no_grad():
         last_snapshot = accuracy(model(xte), yte)
     snapshot = accuracy(ens.predict(xte), yte)
+    with torch.no_grad():
+        last3 = accuracy(sum(torch.softmax(m(xte), -1) for m in ens.models()[-3:]), yte)
     return {"single model (cosine)": single, "single model, EMA weights": ema_acc,
-            "last snapshot alone": last_snapshot, f"snapshot ensemble (M={cycles})": snapshot}
+            "last snapshot alone": last_snapshot, f"snapshot ensemble (all M={cycles})": snapshot,
+            "snapshot ensemble (last 3)": last3}
 
 
 def main() -> None:
@@ -103,13 +107,17 @@ def main() -> None:
     ap.add_argument("--cycles", type=int, default=5)
     ap.add_argument("--epochs", type=int, default=60)
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--lr", type=float, default=0.1)
+    ap.add_argument("--dropout", type=float, default=0.2)
+    ap.add_argument("--train-size", type=int, default=500)
     ap.add_argument("--quick", action="store_true", help="2 seeds, 20 epochs")
     args = ap.parse_args()
     if args.quick:
         args.seeds, args.epochs = 2, 20
-    runs = [run(seed, args.cycles, args.epochs) for seed in range(args.seeds)]
-    print(f"digits (500 train / 1297 test images), MLP, SGD momentum, {args.epochs} epochs, "
-          f"{args.seeds} seeds: test accuracy")
+    runs = [run(seed, args.cycles, args.epochs, args.lr, args.dropout, args.train_size)
+            for seed in range(args.seeds)]
+    print(f"digits ({args.train_size} train / {1797 - args.train_size} test images), MLP (dropout {args.dropout}), "
+          f"SGD momentum lr {args.lr}, {args.epochs} epochs, {args.seeds} seeds: test accuracy")
     for key in runs[0]:
         vals = [r[key] for r in runs]
         spread = f" ± {statistics.stdev(vals) * 100:.1f}" if len(vals) > 1 else ""
