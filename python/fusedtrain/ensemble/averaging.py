@@ -32,6 +32,7 @@ class _Averager:
         self._averages = [a for a in self.module.parameters()]
         self._index = {id(p): i for i, p in enumerate(self._params)}
         self._buffer_pairs = list(zip(model.buffers(), self.module.buffers()))
+        self._splits = F.splits_for(self._averages)  # (device, dtype) groups, computed once
         self.num_updates = 0
 
     # -- the weight schedule -------------------------------------------------------------------
@@ -48,7 +49,7 @@ class _Averager:
     def update(self) -> None:
         """Moves every average toward the model's current parameters (one fused kernel per device
         and dtype) and averages or copies the buffers."""
-        self._update_params(range(len(self._params)), self.next_weight())
+        self._update_params(range(len(self._params)), self.next_weight())  # under no_grad
         self._update_buffers()
         self.num_updates += 1
 
@@ -69,10 +70,11 @@ class _Averager:
         self._update_buffers()
         self.num_updates += 1
 
-    def _update_params(self, index: Iterable[int], weight: float) -> None:
-        idx = list(index)
-        if idx:
-            F.ema([self._averages[i] for i in idx], [self._params[i].detach() for i in idx], weight=weight)
+    def _update_params(self, index: Sequence[int], weight: float) -> None:
+        if len(index) == len(self._params):
+            F.ema(self._averages, self._params, weight=weight, splits=self._splits)
+        elif index:
+            F.ema([self._averages[i] for i in index], [self._params[i] for i in index], weight=weight)
 
     def _update_buffers(self) -> None:
         pairs = self._buffer_pairs
