@@ -49,6 +49,20 @@ def batches(x: torch.Tensor, y: torch.Tensor, bs: int, g: torch.Generator):
         yield x[idx], y[idx]
 
 
+def train(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, epochs: int, bs: int,
+          seed: int, after_step) -> None:
+    """Minibatch training; ``after_step()`` runs after every optimizer step (scheduler, snapshots)."""
+    loss_fn = nn.CrossEntropyLoss()
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        for xb, yb in batches(x, y, bs, g):
+            model.train()
+            opt.zero_grad()
+            loss_fn(model(xb), yb).backward()
+            opt.step()
+            after_step()
+
+
 def accuracy(probs: torch.Tensor, y: torch.Tensor) -> float:
     return float((probs.argmax(-1) == y).float().mean())
 
@@ -58,7 +72,6 @@ def run(seed: int, cycles: int, epochs: int, lr: float, dropout: float, train_si
     xtr, ytr, xte, yte = load_digits(seed, train_size)
     steps_per_epoch = (len(xtr) + bs - 1) // bs
     total = epochs * steps_per_epoch
-    loss_fn = nn.CrossEntropyLoss()
 
     # single model: one cosine annealing cycle over the whole budget, plus an EMA of its weights
     model = make_model(seed, dropout)
@@ -66,13 +79,7 @@ def run(seed: int, cycles: int, epochs: int, lr: float, dropout: float, train_si
     ema = EMA(model, decay=0.99, warmup=10)
     opt.ema = ema
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total)
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        for xb, yb in batches(xtr, ytr, bs, g):
-            opt.zero_grad()
-            loss_fn(model(xb), yb).backward()
-            opt.step()
-            sched.step()
+    train(model, opt, xtr, ytr, epochs, bs, seed, after_step=sched.step)
     model.eval()
     with torch.no_grad():
         single = accuracy(model(xte), yte)
@@ -83,14 +90,7 @@ def run(seed: int, cycles: int, epochs: int, lr: float, dropout: float, train_si
     model = make_model(seed, dropout)
     opt = fusedtrain.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
     ens = SnapshotEnsemble(model, opt, total_steps=total, cycles=cycles)
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        for xb, yb in batches(xtr, ytr, bs, g):
-            model.train()
-            opt.zero_grad()
-            loss_fn(model(xb), yb).backward()
-            opt.step()
-            ens.step()
+    train(model, opt, xtr, ytr, epochs, bs, seed, after_step=ens.step)
     model.eval()
     with torch.no_grad():
         last_snapshot = accuracy(model(xte), yte)

@@ -55,10 +55,10 @@ class Adam(FusedOptimizerMixin, torch.optim.Adam):
                  fused: bool | None = None, decoupled_weight_decay: bool = False, ema: Any = None) -> None:
         self._check_compat_flags(foreach, fused, differentiable)
         kwargs: dict[str, Any] = dict(maximize=maximize, capturable=capturable, differentiable=differentiable)
-        if _TORCH_ADAM_HAS_DECOUPLED and self._torch_cls is torch.optim.Adam:
+        if _TORCH_ADAM_HAS_DECOUPLED:
             kwargs["decoupled_weight_decay"] = decoupled_weight_decay
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, **kwargs)
-        if not _TORCH_ADAM_HAS_DECOUPLED or self._torch_cls is not torch.optim.Adam:
+        if not _TORCH_ADAM_HAS_DECOUPLED:  # torch < 2.7: record the option the way newer torch does
             self.defaults["decoupled_weight_decay"] = decoupled_weight_decay
             for group in self.param_groups:
                 group.setdefault("decoupled_weight_decay", decoupled_weight_decay)
