@@ -36,8 +36,12 @@ def load_digits(seed: int, train_size: int) -> tuple[torch.Tensor, ...]:
     return x[tr], y[tr], x[te], y[te]
 
 
-def make_model(seed: int, dropout: float) -> nn.Module:
+def make_model(seed: int, dropout: float, arch: str = "mlp") -> nn.Module:
     torch.manual_seed(seed)
+    if arch == "cnn":
+        return nn.Sequential(nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(),
+                             nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                             nn.Dropout(dropout), nn.Linear(64 * 16, 128), nn.ReLU(), nn.Linear(128, 10))
     return nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Dropout(dropout), nn.Linear(256, 256), nn.ReLU(),
                          nn.Dropout(dropout), nn.Linear(256, 10))
 
@@ -67,14 +71,14 @@ def accuracy(probs: torch.Tensor, y: torch.Tensor) -> float:
     return float((probs.argmax(-1) == y).float().mean())
 
 
-def run(seed: int, cycles: int, epochs: int, lr: float, dropout: float, train_size: int,
+def run(seed: int, cycles: int, epochs: int, lr: float, dropout: float, train_size: int, arch: str = "mlp",
         bs: int = 50) -> dict[str, float]:
     xtr, ytr, xte, yte = load_digits(seed, train_size)
     steps_per_epoch = (len(xtr) + bs - 1) // bs
     total = epochs * steps_per_epoch
 
     # single model: one cosine annealing cycle over the whole budget, plus an EMA of its weights
-    model = make_model(seed, dropout)
+    model = make_model(seed, dropout, arch)
     opt = fusedtrain.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
     ema = EMA(model, decay=0.99, warmup=10)
     opt.ema = ema
@@ -87,7 +91,7 @@ def run(seed: int, cycles: int, epochs: int, lr: float, dropout: float, train_si
             ema_acc = accuracy(model(xte), yte)
 
     # snapshot ensemble: same network, same budget, M cosine cycles
-    model = make_model(seed, dropout)
+    model = make_model(seed, dropout, arch)
     opt = fusedtrain.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
     ens = SnapshotEnsemble(model, opt, total_steps=total, cycles=cycles)
     train(model, opt, xtr, ytr, epochs, bs, seed, after_step=ens.step)
@@ -110,13 +114,15 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=0.1)
     ap.add_argument("--dropout", type=float, default=0.2)
     ap.add_argument("--train-size", type=int, default=500)
+    ap.add_argument("--arch", choices=["mlp", "cnn"], default="mlp")
     ap.add_argument("--quick", action="store_true", help="2 seeds, 20 epochs")
     args = ap.parse_args()
     if args.quick:
         args.seeds, args.epochs = 2, 20
-    runs = [run(seed, args.cycles, args.epochs, args.lr, args.dropout, args.train_size)
+    runs = [run(seed, args.cycles, args.epochs, args.lr, args.dropout, args.train_size, args.arch)
             for seed in range(args.seeds)]
-    print(f"digits ({args.train_size} train / {1797 - args.train_size} test images), MLP (dropout {args.dropout}), "
+    print(f"digits ({args.train_size} train / {1797 - args.train_size} test images), {args.arch.upper()} "
+          f"(dropout {args.dropout}), "
           f"SGD momentum lr {args.lr}, {args.epochs} epochs, {args.seeds} seeds: test accuracy")
     for key in runs[0]:
         vals = [r[key] for r in runs]
