@@ -6,8 +6,8 @@ holds snapshot ensembles, prediction ensembles and EMA / SWA weight averaging.
 """
 
 from ._build import build_info, has_cuda_kernels
-from . import ensemble, optim
+from . import ensemble, optim, transfer
 
 __version__ = "0.1.0"
 
-__all__ = ["build_info", "has_cuda_kernels", "optim", "ensemble", "__version__"]
+__all__ = ["build_info", "has_cuda_kernels", "optim", "ensemble", "transfer", "__version__"]
