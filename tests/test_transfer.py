@@ -180,3 +180,23 @@ def test_extract_features_and_bad_arguments() -> None:
         finetune(_model("vit_b_16"), "small", "different", num_classes=3)
     with pytest.raises(ValueError, match="bn must be"):
         freeze(model, bn="eval")
+
+
+@pytest.mark.parametrize("name", ["resnet18", "efficientnet_b0", "vit_tiny_patch16_224", "convnext_atto"])
+def test_timm_models(name: str) -> None:
+    timm = pytest.importorskip("timm")
+    model = timm.create_model(name, pretrained=False, num_classes=4)
+    groups = layer_groups(model)
+    ids = [id(p) for g in groups for p in g.parameters()]
+    assert len(ids) == len(set(ids)) == len(list(model.parameters()))
+    assert groups[-1].name == "head"
+    head = {id(p) for p in groups[-1].parameters()}
+    assert id(model.get_classifier().weight) in head
+    finetune(model, "small", "similar")
+    assert {id(p) for p in model.parameters() if p.requires_grad} == head
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if bns:
+        before = bns[0].running_mean.clone()
+        model.train()
+        model(torch.randn(2, 3, 64 if "vit" not in name else 224, 64 if "vit" not in name else 224))
+        assert torch.equal(bns[0].running_mean, before)

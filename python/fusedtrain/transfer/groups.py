@@ -76,6 +76,26 @@ def _has_params(m: nn.Module) -> bool:
     return any(True for _ in m.parameters())
 
 
+def _timm_groups(model: nn.Module) -> list[LayerGroup] | None:
+    """timm models describe their own stages (``group_matcher``); timm puts the head in the last group."""
+    if not callable(getattr(model, "group_matcher", None)):
+        return None
+    try:
+        from timm.models import group_parameters
+    except ImportError:
+        return None
+    by_group = group_parameters(model, model.group_matcher(coarse=True))
+    params = dict(model.named_parameters())
+    bns = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    groups = []
+    for gid, names in by_group.items():
+        members = set(names)
+        mods = [m for n, m in bns if any(f"{n}.{p}" in members for p, _ in m.named_parameters())]
+        groups.append(LayerGroup(f"group{gid}", mods, [params[n] for n in names], runnable=False))
+    groups[-1].name = "head"
+    return groups
+
+
 def layer_groups(model: nn.Module) -> list[LayerGroup]:
     """The model's stages from input to head; the head (final classifier) is the last group.
 
@@ -83,10 +103,14 @@ def layer_groups(model: nn.Module) -> list[LayerGroup]:
     (``features`` split into stages where the resolution halves, then ``classifier``), VisionTransformer
     (embedding, one group per encoder block, ``heads``). Any other ``nn.Sequential`` or module: its
     children with parameters in registration order, the last being the head (only a Sequential's
-    groups are runnable one after another). timm models take this generic path.
+    groups are runnable one after another). timm models (when timm is installed) use their own
+    ``group_matcher(coarse=True)`` stages.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    timm_groups = _timm_groups(model)
+    if timm_groups is not None:
+        return timm_groups
     names = {n for n, _ in model.named_children()}
     if {"conv1", "bn1", "layer1", "layer4", "fc"} <= names:  # ResNet family
         stem = [model.conv1, model.bn1] + [getattr(model, n) for n in ("relu", "maxpool") if n in names]
