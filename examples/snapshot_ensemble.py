@@ -14,12 +14,12 @@ Runs on the CPU in well under a minute.
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import torch
 from torch import nn
 
 import fusedtrain
+from _report import print_accuracies
 from fusedtrain.ensemble import EMA, SnapshotEnsemble
 
 
@@ -121,13 +121,10 @@ def main() -> None:
         args.seeds, args.epochs = 2, 20
     runs = [run(seed, args.cycles, args.epochs, args.lr, args.dropout, args.train_size, args.arch)
             for seed in range(args.seeds)]
-    print(f"digits ({args.train_size} train / {1797 - args.train_size} test images), {args.arch.upper()} "
-          f"(dropout {args.dropout}), "
-          f"SGD momentum lr {args.lr}, {args.epochs} epochs, {args.seeds} seeds: test accuracy")
-    for key in runs[0]:
-        vals = [r[key] for r in runs]
-        spread = f" ± {statistics.stdev(vals) * 100:.1f}" if len(vals) > 1 else ""
-        print(f"  {key:32s} {statistics.mean(vals) * 100:5.1f} %{spread}")
+    title = (f"digits ({args.train_size} train / {1797 - args.train_size} test images), {args.arch.upper()} "
+             f"(dropout {args.dropout}), SGD momentum lr {args.lr}, {args.epochs} epochs, {args.seeds} seeds: "
+             "test accuracy")
+    print_accuracies(title, runs)
 
 
 if __name__ == "__main__":

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 
 import torch
 from torch import nn
 
 import fusedtrain
+from _report import print_accuracies
 from fusedtrain.transfer import finetune, replace_head
 
 
@@ -91,12 +91,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     args = ap.parse_args()
     runs = [run(s, args.shots) for s in range(args.seeds)]
-    print(f"digits: CNN pretrained on 0-4, {args.shots} images per class of 5-9, {args.seeds} seeds: "
-          "test accuracy on the other images of 5-9")
-    for key in runs[0]:
-        vals = [r[key] for r in runs]
-        spread = f" ± {statistics.stdev(vals) * 100:.1f}" if len(vals) > 1 else ""
-        print(f"  {key:32s} {statistics.mean(vals) * 100:5.1f} %{spread}")
+    print_accuracies(f"digits: CNN pretrained on 0-4, {args.shots} images per class of 5-9, {args.seeds} seeds: "
+                     "test accuracy on the other images of 5-9", runs)
 
 
 if __name__ == "__main__":
