@@ -203,7 +203,8 @@ template <class Backend>
 void adagrad_impl(at::TensorList params, at::TensorList grads, at::TensorList state_sums, at::TensorList state_steps,
                   double lr, double lr_decay, double weight_decay, double eps, bool maximize, at::TensorList ema_params,
                   double ema_weight) {
-  const auto lists = checked("adagrad_", {{"params", params}, {"grads", grads}, {"state_sums", state_sums}}, ema_params);
+  const auto lists =
+      checked("adagrad_", {{"params", params}, {"grads", grads}, {"state_sums", state_sums}}, ema_params);
   check_steps("adagrad_", state_steps, params.size());
   for (auto& [step, index] : advance_steps(state_steps)) {
     const double clr = lr / (1.0 + (step - 1.0) * lr_decay);

@@ -31,7 +31,10 @@ class _Averager:
         self._params = [p for p in model.parameters()]
         self._averages = [a for a in self.module.parameters()]
         self._index = {id(p): i for i, p in enumerate(self._params)}
-        self._buffer_pairs = list(zip(model.buffers(), self.module.buffers()))
+        pairs = list(zip(model.buffers(), self.module.buffers()))
+        # (model buffer, its copy): floating ones averaged when buffers="average", the rest copied
+        self._averaged_buffers = [(b, a) for b, a in pairs if buffers == "average" and b.is_floating_point()]
+        self._copied_buffers = [(b, a) for b, a in pairs if not (buffers == "average" and b.is_floating_point())]
         self._splits = F.splits_for(self._averages)  # (device, dtype) groups, computed once
         self.num_updates = 0
 
@@ -77,24 +80,17 @@ class _Averager:
             F.ema([self._averages[i] for i in index], [self._params[i] for i in index], weight=weight)
 
     def _update_buffers(self) -> None:
-        pairs = self._buffer_pairs
-        if not pairs:
-            return
-        avg = [(b, a) for b, a in pairs if self.buffers == "average" and b.is_floating_point()]
-        if avg:
-            F.ema([a for _, a in avg], [b for b, _ in avg], weight=self.next_weight())
-        for b, a in pairs:
-            if not (self.buffers == "average" and b.is_floating_point()):
-                a.copy_(b)
+        if self._averaged_buffers:
+            F.ema([a for _, a in self._averaged_buffers], [b for b, _ in self._averaged_buffers],
+                  weight=self.next_weight())
+        for b, a in self._copied_buffers:
+            a.copy_(b)
 
     # -- evaluation with the averaged weights -----------------------------------------------------
     @torch.no_grad()
     def swap(self) -> None:
         """Exchanges the model's parameters (and averaged buffers) with the averages, in place."""
-        pairs = list(zip(self._params, self._averages))
-        if self.buffers == "average":
-            pairs += [(b, a) for b, a in self._buffer_pairs if b.is_floating_point()]
-        for p, a in pairs:
+        for p, a in list(zip(self._params, self._averages)) + self._averaged_buffers:
             tmp = p.detach().clone()
             p.copy_(a)
             a.copy_(tmp)

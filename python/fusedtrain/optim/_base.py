@@ -9,7 +9,6 @@ import torch
 from torch import Tensor
 
 from .._build import has_cuda_kernels
-
 from ._groups import Split, splits_for
 
 __all__ = ["FusedOptimizerMixin", "to_scalar", "new_step", "cpu_step", "check_param"]
@@ -56,8 +55,7 @@ def cpu_step(state: dict[str, Any]) -> Tensor:
     """
     step = state["step"]
     if not isinstance(step, Tensor):
-        step = state["step"] = torch.tensor(float(step), dtype=torch.get_default_dtype()
-                                            if torch.get_default_dtype() == torch.float64 else torch.float32)
+        step = state["step"] = new_step().fill_(float(step))
     elif step.device.type != "cpu":
         step = state["step"] = step.to("cpu")
     return step

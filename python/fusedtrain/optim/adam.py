@@ -49,7 +49,8 @@ class Adam(FusedOptimizerMixin, torch.optim.Adam):
     _opt_name = "Adam"
     _decoupled_default = False
 
-    def __init__(self, params: Any, lr: float | Tensor = 1e-3, betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
+    def __init__(self, params: Any, lr: float | Tensor = 1e-3,
+                 betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0, amsgrad: bool = False, *, foreach: bool | None = None,
                  maximize: bool = False, capturable: bool = False, differentiable: bool = False,
                  fused: bool | None = None, decoupled_weight_decay: bool = False, ema: Any = None) -> None:
@@ -104,7 +105,8 @@ class AdamW(Adam, torch.optim.AdamW):
     _opt_name = "AdamW"
     _decoupled_default = True
 
-    def __init__(self, params: Any, lr: float | Tensor = 1e-3, betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
+    def __init__(self, params: Any, lr: float | Tensor = 1e-3,
+                 betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *,
                  maximize: bool = False, foreach: bool | None = None, capturable: bool = False,
                  differentiable: bool = False, fused: bool | None = None, ema: Any = None) -> None:

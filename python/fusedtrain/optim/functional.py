@@ -74,8 +74,9 @@ def adagrad(params: Sequence[Tensor], grads: Sequence[Tensor], state_sums: Seque
             eps: float = 1e-10, maximize: bool = False, splits: list[Split] | None = None,
             ema_params: Sequence[Tensor] = (), ema_weight: float = 0.0) -> None:
     r"""Adagrad in place: :math:`r \leftarrow r + g\odot g,\ \theta \leftarrow \theta - \eta_t\, g/(\sqrt r+\delta)`."""
-    _run(_ops.adagrad_, splits or splits_for(params), (params, grads, state_sums), state_steps, lr=lr, lr_decay=lr_decay,
-         weight_decay=weight_decay, eps=eps, maximize=maximize, ema_params=ema_params, ema_weight=ema_weight)
+    _run(_ops.adagrad_, splits or splits_for(params), (params, grads, state_sums), state_steps, lr=lr,
+         lr_decay=lr_decay, weight_decay=weight_decay, eps=eps, maximize=maximize, ema_params=ema_params,
+         ema_weight=ema_weight)
 
 
 def rmsprop(params: Sequence[Tensor], grads: Sequence[Tensor], square_avgs: Sequence[Tensor],
@@ -83,11 +84,14 @@ def rmsprop(params: Sequence[Tensor], grads: Sequence[Tensor], square_avgs: Sequ
             lr: float = 1e-2, alpha: float = 0.99, eps: float = 1e-8, weight_decay: float = 0.0,
             momentum: float = 0.0, centered: bool = False, maximize: bool = False,
             splits: list[Split] | None = None, ema_params: Sequence[Tensor] = (), ema_weight: float = 0.0) -> None:
-    r"""RMSprop in place: :math:`v \leftarrow \alpha v + (1-\alpha) g^2,\ \theta \leftarrow \theta - \eta\, g/(\sqrt v+\epsilon)`.
+    r"""RMSprop in place.
+
+    .. math:: v \leftarrow \alpha v + (1-\alpha) g^2,\quad \theta \leftarrow \theta - \eta\, g/(\sqrt v+\epsilon)
 
     ``grad_avgs`` (centered) and ``momentum_buffers`` (momentum > 0) are empty lists when unused.
     """
-    _run(_ops.rmsprop_, splits or splits_for(params), (params, grads, square_avgs, grad_avgs, momentum_buffers), state_steps,
+    _run(_ops.rmsprop_, splits or splits_for(params), (params, grads, square_avgs, grad_avgs, momentum_buffers),
+         state_steps,
          lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum, centered=centered,
          maximize=maximize, ema_params=ema_params, ema_weight=ema_weight)
 

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 __all__ = ["LayerGroup", "layer_groups"]
 
 
-@dataclass
+@dataclass(eq=False)  # groups compare by identity: their fields hold modules and tensors
 class LayerGroup:
     """One stage of a model: its modules (in forward order when ``runnable``) and any parameters that
     belong to the model itself rather than to a module (ViT's class token and position embedding)."""
@@ -61,19 +61,19 @@ def _downsamples(module: nn.Module) -> bool:
     return False
 
 
+def _has_params(m: nn.Module) -> bool:
+    return any(True for _ in m.parameters())
+
+
 def _split_features(features: nn.Sequential, prefix: str) -> list[LayerGroup]:
     """Stages of a `features` Sequential: a new stage starts at each child that downsamples."""
     stages: list[list[nn.Module]] = []
     for child in features.children():
-        if not stages or (_downsamples(child) and any(any(True for _ in m.parameters()) for m in stages[-1])):
+        if not stages or (_downsamples(child) and any(_has_params(m) for m in stages[-1])):
             stages.append([child])
         else:
             stages[-1].append(child)
     return [LayerGroup(f"{prefix}{i}", mods) for i, mods in enumerate(stages)]
-
-
-def _has_params(m: nn.Module) -> bool:
-    return any(True for _ in m.parameters())
 
 
 def _timm_groups(model: nn.Module) -> list[LayerGroup] | None:
