@@ -7,27 +7,37 @@
 // amsgrad, ...) are passed empty. `state_steps` are one-element CPU float tensors, advanced by the op.
 // Every optimizer op ends with `ema_params, ema_weight`: when the list is non-empty, the same pass also
 // moves each average toward its freshly updated parameter (a <- lerp(a, p, ema_weight)).
+// Then the optional per-call scalars (Note [per-tensor binding] in math.h), each a one-element tensor on
+// the CPU (read by the host) or on the parameters' device (read by the kernels, no host sync):
+//   lr_tensor   the learning rate, overriding `lr` (torch's tensor lr; capturable steps);
+//   grad_scale  GradScaler's scale: gradients are multiplied by 1/grad_scale in registers;
+//   found_inf   GradScaler's flag: non-zero skips the update (and the step counters stay);
+//   clip_coef   max_grad_norm's coefficient min(1, max_norm / (norm + 1e-6)), applied after unscaling.
 #include <torch/library.h>
+
+#define OPTIM_SCALARS "Tensor? lr_tensor=None, Tensor? grad_scale=None, Tensor? found_inf=None, Tensor? clip_coef=None"
 
 TORCH_LIBRARY(fusedtrain, m) {
   m.def(
       "sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, float lr, float momentum, "
       "float dampening, float weight_decay, bool nesterov, bool maximize, bool first_step, Tensor(z!)[] ema_params, "
-      "float ema_weight) -> ()");
+      "float ema_weight, " OPTIM_SCALARS ") -> ()");
   m.def(
       "adagrad_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state_sums, Tensor(c!)[] state_steps, "
       "float lr, float lr_decay, float weight_decay, float eps, bool maximize, Tensor(z!)[] ema_params, "
-      "float ema_weight) -> ()");
+      "float ema_weight, " OPTIM_SCALARS ") -> ()");
   m.def(
       "rmsprop_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] square_avgs, Tensor(c!)[] grad_avgs, "
       "Tensor(d!)[] momentum_buffers, Tensor(e!)[] state_steps, float lr, float alpha, float eps, "
-      "float weight_decay, float momentum, bool centered, bool maximize, Tensor(z!)[] ema_params, float ema_weight) "
-      "-> ()");
+      "float weight_decay, float momentum, bool centered, bool maximize, Tensor(z!)[] ema_params, "
+      "float ema_weight, " OPTIM_SCALARS ") -> ()");
   m.def(
       "adam_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
       "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] state_steps, float lr, float beta1, float beta2, float eps, "
       "float weight_decay, bool amsgrad, bool maximize, bool decoupled_weight_decay, Tensor(z!)[] ema_params, "
-      "float ema_weight) -> ()");
+      "float ema_weight, " OPTIM_SCALARS ") -> ()");
   // averages <- lerp(averages, params, weight): EMA / Polyak (weight = 1 - decay), SWA (1 / (n + 1)).
   m.def("ema_(Tensor(a!)[] averages, Tensor[] params, float weight) -> ()");
+  // The vector norm of all tensors together (one device, one dtype): float32 (float64 for float64 input).
+  m.def("total_norm(Tensor[] tensors, float norm_type) -> Tensor");
 }

@@ -7,7 +7,9 @@ holds snapshot ensembles, prediction ensembles and EMA / SWA weight averaging.
 
 from ._build import build_info, has_cuda_kernels
 from . import ensemble, optim, transfer
+from .clip import clip_grad_norm_, get_total_norm
 
 __version__ = "0.1.0"
 
-__all__ = ["build_info", "has_cuda_kernels", "optim", "ensemble", "transfer", "__version__"]
+__all__ = ["build_info", "has_cuda_kernels", "optim", "ensemble", "transfer", "clip_grad_norm_", "get_total_norm",
+           "__version__"]

@@ -1,7 +1,10 @@
 """The only module that calls ``torch.ops.fusedtrain.*``: typed wrappers and fake (meta) kernels.
 
 Schemas live in ``csrc/ops.cpp``; see Note [optimizer op conventions] there. Every optimizer op takes
-``ema_params`` / ``ema_weight``: a non-empty list of averages is updated in the same pass. The fake kernels let
+``ema_params`` / ``ema_weight``: a non-empty list of averages is updated in the same pass, and the optional
+one-element tensors ``lr_tensor``, ``grad_scale``, ``found_inf`` and ``clip_coef`` (Note [per-tensor binding] in
+``csrc/include/fusedtrain/math.h``): on the CPU they are read by the host, on the parameters' GPU by the kernels,
+without a host synchronisation. The fake kernels let
 ``torch.compile`` and ``torch.library.opcheck`` trace the ops: they check nothing and mutate nothing.
 """
 
@@ -14,46 +17,53 @@ from torch import Tensor
 
 from ._build import library
 
-__all__ = ["sgd_", "adagrad_", "rmsprop_", "adam_", "ema_"]
+__all__ = ["sgd_", "adagrad_", "rmsprop_", "adam_", "ema_", "total_norm"]
 
 library()  # loads fusedtrain._C, which registers the ops (clear error if it is missing)
 _ops = torch.ops.fusedtrain
 
 TensorSeq = Sequence[Tensor]
+OptTensor = Tensor | None
 
 
 def sgd_(params: TensorSeq, grads: TensorSeq, momentum_buffers: TensorSeq, *, lr: float, momentum: float,
          dampening: float, weight_decay: float, nesterov: bool, maximize: bool, first_step: bool,
-         ema_params: TensorSeq = (), ema_weight: float = 0.0) -> None:
+         ema_params: TensorSeq = (), ema_weight: float = 0.0, lr_tensor: OptTensor = None,
+         grad_scale: OptTensor = None, found_inf: OptTensor = None, clip_coef: OptTensor = None) -> None:
     """In-place SGD / momentum / Nesterov update of ``params`` (one device, one dtype)."""
     _ops.sgd_(params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov, maximize,
-              first_step, ema_params, ema_weight)
+              first_step, ema_params, ema_weight, lr_tensor, grad_scale, found_inf, clip_coef)
 
 
 def adagrad_(params: TensorSeq, grads: TensorSeq, state_sums: TensorSeq, state_steps: TensorSeq, *, lr: float,
              lr_decay: float, weight_decay: float, eps: float, maximize: bool, ema_params: TensorSeq = (),
-             ema_weight: float = 0.0) -> None:
-    """In-place Adagrad update; advances ``state_steps`` (CPU scalars)."""
+             ema_weight: float = 0.0, lr_tensor: OptTensor = None, grad_scale: OptTensor = None,
+             found_inf: OptTensor = None, clip_coef: OptTensor = None) -> None:
+    """In-place Adagrad update; advances ``state_steps``."""
     _ops.adagrad_(params, grads, state_sums, state_steps, lr, lr_decay, weight_decay, eps, maximize, ema_params,
-                  ema_weight)
+                  ema_weight, lr_tensor, grad_scale, found_inf, clip_coef)
 
 
 def rmsprop_(params: TensorSeq, grads: TensorSeq, square_avgs: TensorSeq, grad_avgs: TensorSeq,
              momentum_buffers: TensorSeq, state_steps: TensorSeq, *, lr: float, alpha: float, eps: float,
              weight_decay: float, momentum: float, centered: bool, maximize: bool, ema_params: TensorSeq = (),
-             ema_weight: float = 0.0) -> None:
+             ema_weight: float = 0.0, lr_tensor: OptTensor = None, grad_scale: OptTensor = None,
+             found_inf: OptTensor = None, clip_coef: OptTensor = None) -> None:
     """In-place RMSprop update; ``grad_avgs`` / ``momentum_buffers`` empty when unused."""
     _ops.rmsprop_(params, grads, square_avgs, grad_avgs, momentum_buffers, state_steps, lr, alpha, eps,
-                  weight_decay, momentum, centered, maximize, ema_params, ema_weight)
+                  weight_decay, momentum, centered, maximize, ema_params, ema_weight, lr_tensor, grad_scale,
+                  found_inf, clip_coef)
 
 
 def adam_(params: TensorSeq, grads: TensorSeq, exp_avgs: TensorSeq, exp_avg_sqs: TensorSeq,
           max_exp_avg_sqs: TensorSeq, state_steps: TensorSeq, *, lr: float, beta1: float, beta2: float,
           eps: float, weight_decay: float, amsgrad: bool, maximize: bool, decoupled_weight_decay: bool,
-          ema_params: TensorSeq = (), ema_weight: float = 0.0) -> None:
+          ema_params: TensorSeq = (), ema_weight: float = 0.0, lr_tensor: OptTensor = None,
+          grad_scale: OptTensor = None, found_inf: OptTensor = None, clip_coef: OptTensor = None) -> None:
     """In-place Adam / AdamW update; ``max_exp_avg_sqs`` empty unless ``amsgrad``."""
     _ops.adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2, eps,
-               weight_decay, amsgrad, maximize, decoupled_weight_decay, ema_params, ema_weight)
+               weight_decay, amsgrad, maximize, decoupled_weight_decay, ema_params, ema_weight, lr_tensor,
+               grad_scale, found_inf, clip_coef)
 
 
 def ema_(averages: TensorSeq, params: TensorSeq, *, weight: float) -> None:
@@ -61,9 +71,21 @@ def ema_(averages: TensorSeq, params: TensorSeq, *, weight: float) -> None:
     _ops.ema_(averages, params, weight)
 
 
-def _fake_inplace(*args: object) -> None:
+def total_norm(tensors: TensorSeq, norm_type: float = 2.0) -> Tensor:
+    """The ``norm_type``-norm of all ``tensors`` together (one device, one dtype; ``norm_type`` > 0 or inf),
+    as a 0-dim float32 tensor (float64 for float64 input) on their device."""
+    return _ops.total_norm(tensors, norm_type)
+
+
+def _fake_inplace(*args: object, **kwargs: object) -> None:
     return None
 
 
-for _name in __all__:
+for _name in ("sgd_", "adagrad_", "rmsprop_", "adam_", "ema_"):
     torch.library.register_fake(f"fusedtrain::{_name}")(_fake_inplace)
+
+
+@torch.library.register_fake("fusedtrain::total_norm")
+def _total_norm_fake(tensors: TensorSeq, norm_type: float) -> Tensor:
+    dtype = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
+    return tensors[0].new_empty((), dtype=dtype)

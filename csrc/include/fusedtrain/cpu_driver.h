@@ -103,7 +103,9 @@ LoopFn<S, Op> select_loop() {
 constexpr int64_t kGrain = 16384;
 
 // Every tuple of `work` is non-overlapping-and-dense with equal strides (optim_host.h guarantees it),
-// so memory order is a valid element order for all D tensors of the tuple.
+// so memory order is a valid element order for all D tensors of the tuple. Each piece's functor is
+// bound to its tensor's step and the call's scalars first (Note [per-tensor binding]). found_inf is
+// resolved by the host on the CPU (optim_host.h), so work.scalars.found_inf is never set here.
 template <typename S, typename Op>
 void multi_tensor_apply(const Work& work, const Op& op) {
   constexpr int D = Op::depth;
@@ -121,7 +123,9 @@ void multi_tensor_apply(const Work& work, const Op& op) {
       if (hi <= lo) continue;
       S* piece[D];
       for (int k = 0; k < D; ++k) piece[k] = static_cast<S*>(work.ptr[i][k]) + lo;
-      loop(piece, hi - lo, op);
+      Op bound = op;
+      bound.bind(bound_for(work.scalars, work.step[i]));
+      loop(piece, hi - lo, bound);
     }
   });
 }

@@ -39,12 +39,29 @@ constexpr int kArgBytes = 31 * 1024;  // kernel parameter budget for the tensor 
 
 template <int D>
 struct TensorTable {
-  static constexpr int kMax = (kArgBytes - 16) / (D * 8 + 8 + 4);
+  static constexpr int kMax = (kArgBytes - 16 - static_cast<int>(sizeof(Scalars))) / (D * 8 + 8 + 16 + 4);
   void* ptr[D][kMax];
   int64_t numel[kMax];
+  Scalar step[kMax];        // per-tensor step: a host value, or the device counter (capturable)
   int32_t chunk_end[kMax];  // cumulative chunk count up to and including tensor t
   int32_t count;
+  Scalars scalars;
 };
+
+// The tensor and element range of global chunk c (binary search over the cumulative chunk counts;
+// uniform across the block, served by the constant cache).
+template <int D>
+__device__ __forceinline__ int find_chunk(const TensorTable<D>& table, int32_t c, int64_t* start, int64_t* len) {
+  int lo = 0, hi = table.count - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi) >> 1;
+    if (table.chunk_end[mid] > c) hi = mid;
+    else lo = mid + 1;
+  }
+  *start = static_cast<int64_t>(c - (lo > 0 ? table.chunk_end[lo - 1] : 0)) * kChunk;
+  *len = min(kChunk, table.numel[lo] - *start);
+  return lo;
+}
 
 template <typename S, int N>
 struct alignas(16) Pack {
@@ -65,20 +82,17 @@ __device__ __forceinline__ void element(S* const* p, int64_t i, const Op& op) {
 
 template <typename S, typename Op, int D>
 __global__ void __launch_bounds__(kThreads) multi_tensor_kernel(const __grid_constant__ TensorTable<D> table,
-                                                                const Op op) {
+                                                                const Op op_in) {
   using T = at::opmath_type<S>;
   constexpr int VEC = 16 / sizeof(S);
+  // GradScaler found an inf/NaN: the whole update is skipped, decided on the device (no host sync).
+  if (table.scalars.found_inf != nullptr && *table.scalars.found_inf != 0.0f) return;
   const int32_t total = table.chunk_end[table.count - 1];
   for (int32_t c = blockIdx.x; c < total; c += gridDim.x) {
-    int lo = 0, hi = table.count - 1;
-    while (lo < hi) {
-      const int mid = (lo + hi) >> 1;
-      if (table.chunk_end[mid] > c) hi = mid;
-      else lo = mid + 1;
-    }
-    const int t = lo;
-    const int64_t start = static_cast<int64_t>(c - (t > 0 ? table.chunk_end[t - 1] : 0)) * kChunk;
-    const int64_t len = min(kChunk, table.numel[t] - start);
+    int64_t start, len;
+    const int t = find_chunk(table, c, &start, &len);
+    Op op = op_in;
+    op.bind(bound_for(table.scalars, table.step[t]));
     S* p[D];
     bool aligned = true;
 #pragma unroll
@@ -151,6 +165,7 @@ void multi_tensor_apply(const Work& work, const Op& op) {
 
   Table table;
   table.count = 0;
+  table.scalars = work.scalars;
   int64_t chunks = 0;
   auto flush = [&] {
     if (table.count == 0) return;
@@ -166,6 +181,7 @@ void multi_tensor_apply(const Work& work, const Op& op) {
     if (table.count == Table::kMax || chunks + tensor_chunks > INT32_MAX) flush();
     for (int k = 0; k < D; ++k) table.ptr[k][table.count] = work.ptr[i][k];
     table.numel[table.count] = numel;
+    table.step[table.count] = work.step[i];
     chunks += tensor_chunks;
     table.chunk_end[table.count] = static_cast<int32_t>(chunks);
     ++table.count;

@@ -6,7 +6,15 @@
 // store the results; so the CPU tests, which CI runs, exercise the very arithmetic the GPU runs.
 //
 // Register convention: r[0] = parameter, r[1] = gradient (read only), r[2..D-1] = state tensors in
-// the order of the op's schema. All arithmetic is in the "opmath" type T (float for
+// the order of the op's schema.
+//
+// Note [per-tensor binding]:
+// What changes from step to step (the step count t, the learning rate, the gradient's unscale and clip
+// factors) is not baked in by the host. The drivers call `op.bind(Bound{...})` once per tensor (CPU:
+// per piece of a tensor; CUDA: per chunk), with values read from host scalars or from device memory
+// (capturable steps, a tensor lr, GradScaler's scale, a clip coefficient), and the functor derives its
+// per-step constants there (bias corrections in double, as torch.optim computes them in Python). So
+// one launch serves tensors at different step counts, and nothing about the step needs the host. All arithmetic is in the "opmath" type T (float for
 // float/half/bfloat16, double for double), and the order of operations follows torch.optim's
 // single-tensor (foreach=False) implementation, so float32/float64 results agree to rounding.
 //
@@ -49,6 +57,28 @@ FT_HD bool on(T flag) {
   return flag != T(0);
 }
 
+// The per-tensor values a driver hands to bind() (Note [per-tensor binding]).
+struct Bound {
+  double step;       // the step count after this step's increment (1 on the first step)
+  double lr;         // learning rate
+  double inv_scale;  // 1 / GradScaler's scale (1 without a scaler): 1/double(scale), rounded to T as torch does
+  double clip_coef;  // min(1, max_norm / (norm + 1e-6)) with max_grad_norm, else 1
+};
+
+// Every rule reads its gradient through this: unscaled and clipped as two roundings, (g * inv) * coef,
+// the same values torch gets from GradScaler.unscale_ followed by clip_grad_norm_ on float32 gradients.
+// Both factors are exactly 1 when unused, which leaves every gradient (inf and NaN included) unchanged.
+template <typename T>
+struct GradPrescale {
+  T inv_scale = T(1), clip_coef = T(1);
+
+  FT_HD void bind_prescale(const Bound& b) {
+    inv_scale = static_cast<T>(b.inv_scale);
+    clip_coef = static_cast<T>(b.clip_coef);
+  }
+  FT_HD T grad(T g) const { return g * inv_scale * clip_coef; }
+};
+
 // The gradient as every rule first sees it: sign flipped for maximize, L2 term added (coupled decay).
 template <typename T>
 FT_HD T effective_grad(T g, T p, T maximize, T weight_decay) {
@@ -61,13 +91,18 @@ FT_HD T effective_grad(T g, T p, T maximize, T weight_decay) {
 //   d <- g + mu*b (nesterov) or b (momentum) or g (plain);  p <- p - lr*d
 // Depth: 2 without momentum (p, g), 3 with it (p, g, b).
 template <typename T, bool MOMENTUM>
-struct SgdOp {
+struct SgdOp : GradPrescale<T> {
   static constexpr int depth = MOMENTUM ? 3 : 2;
   T lr, momentum, one_minus_dampening, weight_decay;
   T nesterov, maximize, first_step;  // flags (Note [flags as numbers])
 
+  FT_HD void bind(const Bound& b) {
+    this->bind_prescale(b);
+    lr = static_cast<T>(b.lr);
+  }
+
   FT_HD void operator()(T* r) const {
-    T g = effective_grad(r[1], r[0], maximize, weight_decay);
+    T g = effective_grad(this->grad(r[1]), r[0], maximize, weight_decay);
     if constexpr (MOMENTUM) {
       T b = on(first_step) ? g : r[2] * momentum + one_minus_dampening * g;
       r[2] = b;
@@ -78,15 +113,21 @@ struct SgdOp {
 };
 
 // Adagrad (Duchi et al. 2011):  s <- s + g*g;  p <- p - clr * g / (sqrt(s) + eps),
-// with clr = lr / (1 + (step - 1)*lr_decay) computed on the host per step.  Depth 3: (p, g, s).
+// with clr = lr / (1 + (step - 1)*lr_decay).  Depth 3: (p, g, s).
 template <typename T>
-struct AdagradOp {
+struct AdagradOp : GradPrescale<T> {
   static constexpr int depth = 3;
+  double lr_decay;
   T clr, weight_decay, eps;
   T maximize;  // flag
 
+  FT_HD void bind(const Bound& b) {
+    this->bind_prescale(b);
+    clr = static_cast<T>(b.lr / (1.0 + (b.step - 1.0) * lr_decay));
+  }
+
   FT_HD void operator()(T* r) const {
-    const T g = effective_grad(r[1], r[0], maximize, weight_decay);
+    const T g = effective_grad(this->grad(r[1]), r[0], maximize, weight_decay);
     const T s = r[2] + g * g;
     r[2] = s;
     r[0] = r[0] + (-clr) * (g / (sqrt_(s) + eps));
@@ -98,15 +139,20 @@ struct AdagradOp {
 //   d = g / (sqrt(v~) + eps);  momentum: b <- mu*b + d, p <- p - lr*b;  else p <- p - lr*d
 // Registers: (p, g, v, [a if CENTERED], [b if MOMENTUM]).
 template <typename T, bool CENTERED, bool MOMENTUM>
-struct RmspropOp {
+struct RmspropOp : GradPrescale<T> {
   static constexpr int depth = 3 + (CENTERED ? 1 : 0) + (MOMENTUM ? 1 : 0);
   static constexpr int kGradAvg = 3;
   static constexpr int kMomentum = CENTERED ? 4 : 3;
   T lr, alpha, one_minus_alpha, eps, weight_decay, momentum;
   T maximize;  // flag
 
+  FT_HD void bind(const Bound& b) {
+    this->bind_prescale(b);
+    lr = static_cast<T>(b.lr);
+  }
+
   FT_HD void operator()(T* r) const {
-    const T g = effective_grad(r[1], r[0], maximize, weight_decay);
+    const T g = effective_grad(this->grad(r[1]), r[0], maximize, weight_decay);
     const T v = r[2] * alpha + one_minus_alpha * g * g;
     r[2] = v;
     T avg;
@@ -132,18 +178,27 @@ struct RmspropOp {
 //   AdamW: p <- p*(1 - lr*wd);  Adam: g <- g + wd*p
 //   m <- lerp(m, g, 1 - b1);  v <- b2*v + (1 - b2)*g*g;  [amsgrad: vmax <- max(vmax, v)]
 //   p <- p - step_size * m / (sqrt(v)/bc2_sqrt + eps),
-// with step_size = lr / (1 - b1^t) and bc2_sqrt = sqrt(1 - b2^t) computed per step on the host.
+// with step_size = lr / (1 - b1^t) and bc2_sqrt = sqrt(1 - b2^t) computed in double at bind time.
 // Registers: (p, g, m, v, [vmax if AMSGRAD]).
 template <typename T, bool AMSGRAD>
-struct AdamOp {
+struct AdamOp : GradPrescale<T> {
   static constexpr int depth = AMSGRAD ? 5 : 4;
+  double beta1_d, beta2_d, decoupled_wd;  // decoupled_wd: AdamW's lambda, 0 for Adam
   // coupled_wd: the L2 coefficient, 0 for AdamW; decay_factor: 1 - lr*wd for AdamW, else exactly 1.
   T beta2, one_minus_beta1, one_minus_beta2, eps, coupled_wd, decay_factor, step_size, bc2_sqrt;
   T maximize;  // flag
 
+  FT_HD void bind(const Bound& b) {
+    this->bind_prescale(b);
+    step_size = static_cast<T>(b.lr / (1.0 - ::pow(beta1_d, b.step)));
+    bc2_sqrt = static_cast<T>(::sqrt(1.0 - ::pow(beta2_d, b.step)));
+    decay_factor = static_cast<T>(decoupled_wd != 0.0 ? 1.0 - b.lr * decoupled_wd : 1.0);
+  }
+
   FT_HD void operator()(T* r) const {
     const T p0 = r[0];
-    T g = on(maximize) ? -r[1] : r[1];
+    const T g1 = this->grad(r[1]);
+    T g = on(maximize) ? -g1 : g1;
     g = on(coupled_wd) ? g + coupled_wd * p0 : g;
     const T p = p0 * decay_factor;
     const T m = lerp(r[2], g, one_minus_beta1);
@@ -170,6 +225,8 @@ struct EmaOp {
   static constexpr int depth = 2;
   T weight;
 
+  FT_HD void bind(const Bound&) {}
+
   FT_HD void operator()(T* r) const { r[0] = lerp(r[0], r[1], weight); }
 };
 
@@ -181,6 +238,8 @@ struct WithEma {
   static constexpr int depth = Op::depth + 1;
   Op op;
   T weight;
+
+  FT_HD void bind(const Bound& b) { op.bind(b); }
 
   FT_HD void operator()(T* r) const {
     op(r);

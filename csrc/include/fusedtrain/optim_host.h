@@ -10,11 +10,13 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/_foreach_add.h>
+#include <ATen/ops/_foreach_sub.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
 #include <cmath>
-#include <map>
+#include <optional>
 #include <type_traits>
 #include <string>
 #include <utility>
@@ -59,13 +61,16 @@ inline void check_lists(const char* op, const std::vector<std::pair<const char*,
 }
 
 // lists: the element lists in functor register order (0 = params, 1 = grads, then states); all but
-// the grads are updated in place. Only the tuples named by `index` are taken; empty ones are skipped.
-inline Work prepare(const std::vector<at::TensorList>& lists, const std::vector<int64_t>& index) {
+// the grads are updated in place. Empty tuples are skipped. steps[i]: the step of tuple i (Note
+// [per-tensor binding]); empty when the rule counts no steps.
+inline Work prepare(const std::vector<at::TensorList>& lists, const std::vector<Scalar>& steps) {
   Work work;
   const size_t depth = lists.size();
-  work.ptr.reserve(index.size());
-  work.numel.reserve(index.size());
-  for (int64_t i : index) {
+  const size_t n = lists[0].size();
+  work.ptr.reserve(n);
+  work.numel.reserve(n);
+  work.step.reserve(n);
+  for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = lists[0][i];
     const int64_t numel = p.numel();
     if (numel == 0) continue;
@@ -93,36 +98,61 @@ inline Work prepare(const std::vector<at::TensorList>& lists, const std::vector<
     }
     work.ptr.push_back(ptr);
     work.numel.push_back(numel);
+    work.step.push_back(steps.empty() ? Scalar{} : steps[i]);
   }
   return work;
 }
 
-inline std::vector<int64_t> all_indices(size_t n) {
-  std::vector<int64_t> index(n);
-  for (size_t i = 0; i < n; ++i) index[i] = static_cast<int64_t>(i);
-  return index;
-}
-
 // Note [step counters]:
-// Like torch.optim with capturable=False and fused=False, `step` is a float scalar tensor on the CPU,
-// one per parameter. The op adds one to each (after every check has passed, so a refused call changes
-// nothing) and groups the tensors by their new step value: one launch per distinct value, which is one
-// launch in the usual case where every parameter was updated equally often.
-inline void check_steps(const char* op, at::TensorList steps, size_t n) {
-  TORCH_CHECK(steps.size() == n, "fusedtrain.", op, ": state_steps has ", steps.size(),
-              " tensors but params has ", n);
-  for (size_t i = 0; i < n; ++i) {
+// Like torch.optim, `step` is a one-element float tensor per parameter, advanced by the op after every
+// check has passed (a refused call changes nothing). Two homes:
+// - on the CPU (torch's default, capturable=False and fused=False): the host adds one and hands each
+//   tensor's new value to its kernel (per tensor, so one launch serves parameters at different counts);
+// - on the parameters' GPU (capturable=True or fused=True, as torch keeps them): one _foreach_add_
+//   launch, and the kernels read the counters from device memory, so the host never waits on the GPU
+//   and the step can be captured in a CUDA graph. With GradScaler's found_inf the counters are moved
+//   back by found_inf afterwards, on the device, as torch's fused optimizers do.
+struct StepPlan {
+  bool on_device = false;
+  std::vector<Scalar> steps;  // per tensor, after the increment
+};
+
+// counted: whether the op's rule counts steps (SGD and EMA take no state_steps).
+inline StepPlan check_steps(const char* op, at::TensorList steps, at::TensorList params, bool counted) {
+  StepPlan plan;
+  if (!counted) return plan;
+  TORCH_CHECK(steps.size() == params.size(), "fusedtrain.", op, ": state_steps has ", steps.size(),
+              " tensors but params has ", params.size());
+  if (steps.empty()) return plan;
+  const c10::Device device = params[0].device();
+  plan.on_device = !device.is_cpu() && steps[0].device() == device;
+  for (size_t i = 0; i < steps.size(); ++i) {
     const at::Tensor& s = steps[i];
-    TORCH_CHECK(s.device().is_cpu() && s.numel() == 1 && at::isFloatingType(s.scalar_type()), "fusedtrain.", op,
-                ": state_steps[", i, "] must be a one-element floating tensor on the CPU (got ", s.scalar_type(), " ",
-                s.sizes(), " on ", s.device(), ")");
+    if (plan.on_device) {
+      TORCH_CHECK(s.device() == device && s.numel() == 1 && s.scalar_type() == at::kFloat && s.is_contiguous(),
+                  "fusedtrain.", op, ": state_steps[", i, "] must be a one-element float32 tensor on ", device,
+                  " like state_steps[0] (got ", s.scalar_type(), " ", s.sizes(), " on ", s.device(),
+                  "); keep every step counter on the CPU, or every one on the parameters' device");
+    } else {
+      TORCH_CHECK(s.device().is_cpu() && s.numel() == 1 && at::isFloatingType(s.scalar_type()), "fusedtrain.", op,
+                  ": state_steps[", i, "] must be a one-element floating tensor on the CPU, or (capturable) a "
+                  "float32 one on the parameters' device (got ", s.scalar_type(), " ", s.sizes(), " on ",
+                  s.device(), ")");
+    }
   }
+  return plan;
 }
 
-inline std::map<double, std::vector<int64_t>> advance_steps(at::TensorList steps) {
-  std::map<double, std::vector<int64_t>> by_step;
-  std::vector<int64_t>* last = nullptr;
-  double last_value = -1.0;
+// Adds one to every counter (Note [step counters]) and records where the kernels find the new values.
+inline void advance_steps(at::TensorList steps, StepPlan& plan) {
+  plan.steps.resize(steps.size());
+  if (plan.on_device) {
+    at::_foreach_add_(steps, 1.0);
+    for (size_t i = 0; i < steps.size(); ++i) {
+      plan.steps[i].ptr = static_cast<const float*>(steps[i].data_ptr());
+    }
+    return;
+  }
   for (size_t i = 0; i < steps.size(); ++i) {
     const at::Tensor& s = steps[i];
     double value = 0.0;
@@ -137,23 +167,76 @@ inline std::map<double, std::vector<int64_t>> advance_steps(at::TensorList steps
         value = static_cast<double>(*ptr);
       });
     }
-    if (last == nullptr || value != last_value) {
-      last = &by_step[value];
-      last_value = value;
-    }
-    last->push_back(static_cast<int64_t>(i));
+    plan.steps[i].value = value;
   }
-  return by_step;
 }
 
-// Runs the functor `make` builds on the tuples named by `index`. With a non-empty `ema` list the
-// functor is wrapped in math::WithEma: the same pass also moves each average toward its new parameter.
+// The optional scalars every optimizer op takes (Note [per-tensor binding]). A CPU tensor is read on
+// the host; one on the parameters' GPU is read by the kernels (converted to a float32 copy if needed).
+struct OptionalScalars {
+  const std::optional<at::Tensor>& lr_tensor;
+  const std::optional<at::Tensor>& grad_scale;
+  const std::optional<at::Tensor>& found_inf;
+  const std::optional<at::Tensor>& clip_coef;
+};
+
+inline Scalar scalar_arg(const char* op, const char* name, const std::optional<at::Tensor>& t, c10::Device device,
+                         double fallback, std::vector<at::Tensor>& keep) {
+  if (!t.has_value() || !t->defined()) return Scalar{nullptr, fallback};
+  TORCH_CHECK(t->numel() == 1 && at::isFloatingType(t->scalar_type()), "fusedtrain.", op, ": ", name,
+              " must be a one-element floating tensor (got ", t->scalar_type(), " ", t->sizes(), ")");
+  if (t->device().is_cpu() || device.is_cpu()) return Scalar{nullptr, t->item<double>()};
+  TORCH_CHECK(t->device() == device, "fusedtrain.", op, ": ", name, " is on ", t->device(),
+              " but the parameters are on ", device, "; pass it on the CPU or on the parameters' device");
+  at::Tensor f = t->to(at::kFloat).contiguous();
+  keep.push_back(f);
+  return Scalar{static_cast<const float*>(f.data_ptr()), 0.0};
+}
+
+// Everything a call needs besides its lists; `skip` when GradScaler found an inf on the host path.
+struct CallPlan {
+  Scalars scalars;
+  StepPlan steps;
+  std::vector<at::Tensor> keep_alive;
+  at::Tensor device_found_inf;  // device-side found_inf, to move device step counters back
+  bool skip = false;
+};
+
+inline CallPlan plan_call(const char* op, at::TensorList params, std::optional<at::TensorList> state_steps,
+                          double lr, const OptionalScalars& opt) {
+  CallPlan plan;
+  const c10::Device device = params.empty() ? c10::Device(c10::kCPU) : params[0].device();
+  const at::TensorList steps = state_steps.value_or(at::TensorList());
+  plan.steps = check_steps(op, steps, params, state_steps.has_value());
+  plan.scalars.lr = scalar_arg(op, "lr_tensor", opt.lr_tensor, device, lr, plan.keep_alive);
+  plan.scalars.grad_scale = scalar_arg(op, "grad_scale", opt.grad_scale, device, 1.0, plan.keep_alive);
+  plan.scalars.clip_coef = scalar_arg(op, "clip_coef", opt.clip_coef, device, 1.0, plan.keep_alive);
+  if (opt.found_inf.has_value() && opt.found_inf->defined()) {
+    const at::Tensor& f = *opt.found_inf;
+    TORCH_CHECK(f.numel() == 1 && at::isFloatingType(f.scalar_type()), "fusedtrain.", op,
+                ": found_inf must be a one-element floating tensor (got ", f.scalar_type(), " ", f.sizes(), ")");
+    if (plan.steps.on_device || (!state_steps.has_value() && !device.is_cpu() && f.device() == device)) {
+      plan.device_found_inf = f.to(device, at::kFloat).contiguous();
+      plan.scalars.found_inf = static_cast<const float*>(plan.device_found_inf.data_ptr());
+    } else {
+      // CPU step counters: whether they advance depends on found_inf, so the host reads it (for CUDA
+      // parameters this waits for the GPU; keep the counters on the device to avoid that).
+      plan.skip = f.item<double>() != 0.0;
+    }
+  }
+  if (!plan.skip) advance_steps(steps, plan.steps);
+  return plan;
+}
+
+// Runs the functor `make` builds over all tuples. With a non-empty `ema` list the functor is wrapped in
+// math::WithEma: the same pass also moves each average toward its new parameter.
 template <class Backend, typename Make>
-void run(std::vector<at::TensorList> lists, const std::vector<int64_t>& index, at::TensorList ema,
-         double ema_weight, Make&& make) {
+void run(std::vector<at::TensorList> lists, const CallPlan& plan, at::TensorList ema, double ema_weight,
+         Make&& make) {
   const bool with_ema = !ema.empty();
   if (with_ema) lists.push_back(ema);
-  Work work = prepare(lists, index);
+  Work work = prepare(lists, plan.steps.steps);
+  work.scalars = plan.scalars;
   if (work.size() == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, lists[0][0].scalar_type(), "fusedtrain", [&] {
     using T = at::opmath_type<scalar_t>;
@@ -169,6 +252,13 @@ void run(std::vector<at::TensorList> lists, const std::vector<int64_t>& index, a
   for (auto& [original, temp] : work.copy_back) original.copy_(temp);
 }
 
+// After the update: device step counters of a skipped step (found_inf = 1) go back by one.
+inline void finish_call(at::TensorList state_steps, const CallPlan& plan) {
+  if (plan.steps.on_device && plan.device_found_inf.defined() && !state_steps.empty()) {
+    at::_foreach_sub_(state_steps, std::vector<at::Tensor>(state_steps.size(), plan.device_found_inf));
+  }
+}
+
 using Named = std::vector<std::pair<const char*, at::TensorList>>;
 
 // Checks the named lists (plus the EMA averages, when given) and returns them as driver lists.
@@ -180,57 +270,75 @@ inline std::vector<at::TensorList> checked(const char* op, Named named, at::Tens
   return lists;
 }
 
+using OptT = std::optional<at::Tensor>;
+
 template <class Backend>
 void sgd_impl(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, double lr,
               double momentum, double dampening, double weight_decay, bool nesterov, bool maximize,
-              bool first_step, at::TensorList ema_params, double ema_weight) {
+              bool first_step, at::TensorList ema_params, double ema_weight, const OptT& lr_tensor,
+              const OptT& grad_scale, const OptT& found_inf, const OptT& clip_coef) {
   const bool has_momentum = momentum != 0.0;
   Named named{{"params", params}, {"grads", grads}};
   if (has_momentum) named.emplace_back("momentum_buffers", momentum_buffers);
   const auto lists = checked("sgd_", named, ema_params);
-  run<Backend>(lists, all_indices(params.size()), ema_params, ema_weight, [&](auto zero, auto&& launch) {
+  const CallPlan plan = plan_call("sgd_", params, std::nullopt, lr, {lr_tensor, grad_scale, found_inf, clip_coef});
+  if (plan.skip) return;
+  run<Backend>(lists, plan, ema_params, ema_weight, [&](auto zero, auto&& launch) {
     using T = decltype(zero);
-    if (has_momentum) {
-      launch(math::SgdOp<T, true>{T(lr), T(momentum), T(1.0 - dampening), T(weight_decay), T(nesterov), T(maximize),
-                                  T(first_step)});
-    } else {
-      launch(math::SgdOp<T, false>{T(lr), T(0), T(1), T(weight_decay), T(0), T(maximize), T(0)});
-    }
+    auto go = [&](auto op) {
+      op.momentum = T(momentum);
+      op.one_minus_dampening = T(1.0 - dampening);
+      op.weight_decay = T(weight_decay);
+      op.nesterov = T(nesterov);
+      op.maximize = T(maximize);
+      op.first_step = T(first_step);
+      launch(op);
+    };
+    if (has_momentum) go(math::SgdOp<T, true>{});
+    else go(math::SgdOp<T, false>{});
   });
 }
 
 template <class Backend>
 void adagrad_impl(at::TensorList params, at::TensorList grads, at::TensorList state_sums, at::TensorList state_steps,
                   double lr, double lr_decay, double weight_decay, double eps, bool maximize, at::TensorList ema_params,
-                  double ema_weight) {
+                  double ema_weight, const OptT& lr_tensor, const OptT& grad_scale, const OptT& found_inf,
+                  const OptT& clip_coef) {
   const auto lists =
       checked("adagrad_", {{"params", params}, {"grads", grads}, {"state_sums", state_sums}}, ema_params);
-  check_steps("adagrad_", state_steps, params.size());
-  for (auto& [step, index] : advance_steps(state_steps)) {
-    const double clr = lr / (1.0 + (step - 1.0) * lr_decay);
-    run<Backend>(lists, index, ema_params, ema_weight, [&](auto zero, auto&& launch) {
-      using T = decltype(zero);
-      launch(math::AdagradOp<T>{T(clr), T(weight_decay), T(eps), T(maximize)});
-    });
-  }
+  const CallPlan plan =
+      plan_call("adagrad_", params, state_steps, lr, {lr_tensor, grad_scale, found_inf, clip_coef});
+  if (plan.skip) return;
+  run<Backend>(lists, plan, ema_params, ema_weight, [&](auto zero, auto&& launch) {
+    using T = decltype(zero);
+    math::AdagradOp<T> op{};
+    op.lr_decay = lr_decay;
+    op.weight_decay = T(weight_decay);
+    op.eps = T(eps);
+    op.maximize = T(maximize);
+    launch(op);
+  });
+  finish_call(state_steps, plan);
 }
 
 template <class Backend>
 void rmsprop_impl(at::TensorList params, at::TensorList grads, at::TensorList square_avgs, at::TensorList grad_avgs,
                   at::TensorList momentum_buffers, at::TensorList state_steps, double lr, double alpha, double eps,
                   double weight_decay, double momentum, bool centered, bool maximize, at::TensorList ema_params,
-                  double ema_weight) {
+                  double ema_weight, const OptT& lr_tensor, const OptT& grad_scale, const OptT& found_inf,
+                  const OptT& clip_coef) {
   const bool has_momentum = momentum > 0.0;
   Named named{{"params", params}, {"grads", grads}, {"square_avgs", square_avgs}};
   if (centered) named.emplace_back("grad_avgs", grad_avgs);
   if (has_momentum) named.emplace_back("momentum_buffers", momentum_buffers);
   const auto lists = checked("rmsprop_", named, ema_params);
-  check_steps("rmsprop_", state_steps, params.size());
-  advance_steps(state_steps);  // RMSprop keeps the count for torch compatibility; the rule does not use it
-  run<Backend>(lists, all_indices(params.size()), ema_params, ema_weight, [&](auto zero, auto&& launch) {
+  // RMSprop keeps the count for torch compatibility; the rule does not use it.
+  const CallPlan plan =
+      plan_call("rmsprop_", params, state_steps, lr, {lr_tensor, grad_scale, found_inf, clip_coef});
+  if (plan.skip) return;
+  run<Backend>(lists, plan, ema_params, ema_weight, [&](auto zero, auto&& launch) {
     using T = decltype(zero);
     auto go = [&](auto op) {
-      op.lr = T(lr);
       op.alpha = T(alpha);
       op.one_minus_alpha = T(1.0 - alpha);
       op.eps = T(eps);
@@ -244,45 +352,47 @@ void rmsprop_impl(at::TensorList params, at::TensorList grads, at::TensorList sq
     else if (has_momentum) go(math::RmspropOp<T, false, true>{});
     else go(math::RmspropOp<T, false, false>{});
   });
+  finish_call(state_steps, plan);
 }
 
 template <class Backend>
 void adam_impl(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                at::TensorList max_exp_avg_sqs, at::TensorList state_steps, double lr, double beta1, double beta2,
                double eps, double weight_decay, bool amsgrad, bool maximize, bool decoupled_weight_decay,
-               at::TensorList ema_params, double ema_weight) {
+               at::TensorList ema_params, double ema_weight, const OptT& lr_tensor, const OptT& grad_scale,
+               const OptT& found_inf, const OptT& clip_coef) {
   Named named{{"params", params}, {"grads", grads}, {"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}};
   if (amsgrad) named.emplace_back("max_exp_avg_sqs", max_exp_avg_sqs);
   const auto lists = checked("adam_", named, ema_params);
-  check_steps("adam_", state_steps, params.size());
-  for (auto& [step, index] : advance_steps(state_steps)) {
-    const double step_size = lr / (1.0 - std::pow(beta1, step));
-    const double bc2_sqrt = std::sqrt(1.0 - std::pow(beta2, step));
-    run<Backend>(lists, index, ema_params, ema_weight, [&](auto zero, auto&& launch) {
-      using T = decltype(zero);
-      auto go = [&](auto op) {
-        op.beta2 = T(beta2);
-        op.one_minus_beta1 = T(1.0 - beta1);
-        op.one_minus_beta2 = T(1.0 - beta2);
-        op.eps = T(eps);
-        op.coupled_wd = T(decoupled_weight_decay ? 0.0 : weight_decay);
-        op.decay_factor = T(decoupled_weight_decay && weight_decay != 0.0 ? 1.0 - lr * weight_decay : 1.0);
-        op.step_size = T(step_size);
-        op.bc2_sqrt = T(bc2_sqrt);
-        op.maximize = T(maximize);
-        launch(op);
-      };
-      if (amsgrad) go(math::AdamOp<T, true>{});
-      else go(math::AdamOp<T, false>{});
-    });
-  }
+  const CallPlan plan = plan_call("adam_", params, state_steps, lr, {lr_tensor, grad_scale, found_inf, clip_coef});
+  if (plan.skip) return;
+  run<Backend>(lists, plan, ema_params, ema_weight, [&](auto zero, auto&& launch) {
+    using T = decltype(zero);
+    auto go = [&](auto op) {
+      op.beta1_d = beta1;
+      op.beta2_d = beta2;
+      op.decoupled_wd = decoupled_weight_decay ? weight_decay : 0.0;
+      op.beta2 = T(beta2);
+      op.one_minus_beta1 = T(1.0 - beta1);
+      op.one_minus_beta2 = T(1.0 - beta2);
+      op.eps = T(eps);
+      op.coupled_wd = T(decoupled_weight_decay ? 0.0 : weight_decay);
+      op.maximize = T(maximize);
+      launch(op);
+    };
+    if (amsgrad) go(math::AdamOp<T, true>{});
+    else go(math::AdamOp<T, false>{});
+  });
+  finish_call(state_steps, plan);
 }
 
 // EMA / SWA averaging: averages <- lerp(averages, params, weight).
 template <class Backend>
 void ema_impl(at::TensorList averages, at::TensorList params, double weight) {
   const auto lists = checked("ema_", {{"averages", averages}, {"params", params}}, {});
-  run<Backend>(lists, all_indices(averages.size()), {}, 0.0, [&](auto zero, auto&& launch) {
+  const OptT none;
+  const CallPlan plan = plan_call("ema_", averages, std::nullopt, 0.0, {none, none, none, none});
+  run<Backend>(lists, plan, {}, 0.0, [&](auto zero, auto&& launch) {
     using T = decltype(zero);
     launch(math::EmaOp<T>{T(weight)});
   });

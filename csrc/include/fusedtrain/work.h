@@ -9,14 +9,40 @@
 #include <utility>
 #include <vector>
 
+#include "fusedtrain/math.h"
+
 namespace fusedtrain {
 
 constexpr int kMaxDepth = 6;  // param, grad, up to three states and an EMA average per element
+
+// A scalar the kernels read either as a host value or from device memory (capturable mode, a tensor
+// lr, GradScaler's scale on the GPU, a clip coefficient computed on the GPU). `ptr` wins when set.
+struct Scalar {
+  const float* ptr = nullptr;
+  double value = 0.0;
+};
+
+// Per-launch scalars of Note [per-tensor binding] (math.h); the step is per tuple (Work::step).
+struct Scalars {
+  Scalar lr{nullptr, 0.0};
+  Scalar grad_scale{nullptr, 1.0};  // GradScaler's scale: gradients are multiplied by 1 / scale
+  Scalar clip_coef{nullptr, 1.0};   // max_grad_norm's clip coefficient
+  const float* found_inf = nullptr; // device flag: a non-zero value skips the whole update (CUDA only)
+};
+
+FT_HD double read(const Scalar& s) { return s.ptr != nullptr ? static_cast<double>(*s.ptr) : s.value; }
+
+// The values one tensor's bind() gets; runs on the host (CPU driver) or the device (per CUDA chunk).
+FT_HD math::Bound bound_for(const Scalars& s, const Scalar& step) {
+  return math::Bound{read(step), read(s.lr), 1.0 / read(s.grad_scale), read(s.clip_coef)};
+}
 
 struct Work {
   c10::Device device{c10::kCPU};
   std::vector<std::array<void*, kMaxDepth>> ptr;  // ptr[i][k]: list k of tuple i
   std::vector<int64_t> numel;                     // elements of tuple i (> 0)
+  std::vector<Scalar> step;                       // step count of tuple i (host value or device counter)
+  Scalars scalars;
   std::vector<at::Tensor> keep_alive;             // contiguous temporaries (Note [dense tuples])
   std::vector<std::pair<at::Tensor, at::Tensor>> copy_back;  // (original, temporary)
 

@@ -9,9 +9,10 @@ import torch
 from torch import Tensor
 
 from .._build import has_cuda_kernels
+from ..clip import clip_coefficient, get_total_norm
 from ._groups import Split, splits_for
 
-__all__ = ["FusedOptimizerMixin", "to_scalar", "new_step", "cpu_step", "check_param"]
+__all__ = ["FusedOptimizerMixin", "to_scalar", "lr_arg", "new_step", "cpu_step", "check_param"]
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.complex64,
                      torch.complex128)
@@ -20,6 +21,12 @@ _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16
 def to_scalar(x: float | Tensor) -> float:
     """A hyperparameter as a Python float (a one-element tensor is read once per step)."""
     return float(x.item()) if isinstance(x, Tensor) else float(x)
+
+
+def lr_arg(lr: float | Tensor) -> float | Tensor:
+    """The learning rate as the kernels take it: a float, or a one-element tensor the op reads itself (on
+    the CPU by the host, on the GPU by the kernels, so a GPU lr costs no host synchronisation)."""
+    return lr if isinstance(lr, Tensor) else float(lr)
 
 
 def check_param(opt_name: str, p: Tensor) -> None:
@@ -47,22 +54,29 @@ def check_param(opt_name: str, p: Tensor) -> None:
             f"must match the parameter ({p.dtype} {tuple(p.shape)} on {p.device})")
 
 
-def cpu_step(state: dict[str, Any]) -> Tensor:
-    """The state's ``step`` as the CPU scalar tensor the kernels advance (see Note [step counters]).
+def cpu_step(state: dict[str, Any], device: torch.device | None = None) -> Tensor:
+    """The state's ``step`` where the kernels advance it (see Note [step counters] in optim_host.h): a CPU
+    scalar tensor, or with ``device`` (capturable) a float32 scalar on the parameter's device.
 
-    A step restored from a capturable/fused torch optimizer (on the GPU) or an old float checkpoint
-    is moved once; its value is unchanged.
+    A step restored from another home (a capturable/fused torch optimizer, an old float checkpoint) is
+    moved once; its value is unchanged.
     """
     step = state["step"]
     if not isinstance(step, Tensor):
-        step = state["step"] = new_step().fill_(float(step))
+        step = state["step"] = new_step(device).fill_(float(step))
+    elif device is not None and device.type != "cpu":
+        if step.device != device or step.dtype != torch.float32:
+            step = state["step"] = step.to(device=device, dtype=torch.float32)
     elif step.device.type != "cpu":
         step = state["step"] = step.to("cpu")
     return step
 
 
-def new_step() -> Tensor:
-    """A fresh step counter, as torch.optim makes one with capturable=False and fused=False."""
+def new_step(device: torch.device | None = None) -> Tensor:
+    """A fresh step counter, as torch.optim makes one: a CPU scalar (capturable=False, fused=False; float64
+    when that is the default dtype), or with ``device`` (capturable) a float32 scalar on that device."""
+    if device is not None and device.type != "cpu":
+        return torch.zeros((), dtype=torch.float32, device=device)
     dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
     return torch.tensor(0.0, dtype=dtype)
 
@@ -78,6 +92,26 @@ class FusedOptimizerMixin:
     _opt_name: str
     param_groups: list[dict[str, Any]]
     state: Any
+    # torch.amp.GradScaler hands optimizers that declare this its scale and found_inf (as attributes
+    # grad_scale / found_inf during step) instead of unscaling the gradients itself; the kernels divide
+    # the gradients by the scale in registers and skip the update when found_inf is set.
+    _step_supports_amp_scaling = True
+    #: Clip the joint 2-norm of all gradients of this optimizer to this value inside the step (None: off).
+    max_grad_norm: float | None = None
+    #: The gradients' joint 2-norm (unscaled) of the last step, when ``max_grad_norm`` is set.
+    last_grad_norm: Tensor | None = None
+
+    def _init_extras(self, ema: Any, max_grad_norm: float | None) -> None:
+        if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0):
+            raise ValueError(f"Invalid max_grad_norm: {max_grad_norm!r}; pass a positive number, or None to turn "
+                             "clipping off")
+        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        self.ema = ema
+
+    @staticmethod
+    def _step_device(group: dict[str, Any], p: Tensor) -> torch.device | None:
+        """Where a parameter's step counter lives: its device when the group is capturable, else the CPU."""
+        return p.device if group.get("capturable", False) else None
 
     @staticmethod
     def _check_compat_flags(foreach: bool | None, fused: bool | None, differentiable: bool) -> None:
@@ -87,8 +121,8 @@ class FusedOptimizerMixin:
             raise RuntimeError("`fused` does not support `differentiable`")
 
     def _use_torch_step(self) -> bool:
-        """capturable / differentiable groups run torch's own implementation (same state keys)."""
-        return any(g.get("capturable", False) or g.get("differentiable", False) for g in self.param_groups)
+        """differentiable groups run torch's own implementation (same state keys)."""
+        return any(g.get("differentiable", False) for g in self.param_groups)
 
     def _torch_step(self, closure: Callable[[], Any] | None) -> Any:
         fn = self._torch_cls.step
@@ -124,21 +158,29 @@ class FusedOptimizerMixin:
         return work
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """torch.optim's load_state_dict; ``step`` counters restored from a capturable/fused torch
-        optimizer (on the GPU) are moved to the CPU once, where the fused kernels advance them."""
+        """torch.optim's load_state_dict; ``step`` counters are moved once to where the fused kernels
+        advance them (the CPU, or the parameter's device for a capturable group)."""
         super().load_state_dict(state_dict)  # type: ignore[misc]
         if not self._use_torch_step():
-            for entry in self.state.values():
-                if "step" in entry:
-                    cpu_step(entry)
+            for group in self.param_groups:
+                for p in group["params"]:
+                    entry = self.state.get(p)
+                    if entry and "step" in entry:
+                        cpu_step(entry, self._step_device(group, p))
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Performs one optimization step: one fused kernel per (device, dtype) of each group.
+        r"""Performs one optimization step: one fused kernel per (device, dtype) of each group.
 
         With an EMA attached (``ema=``), the same kernels also update the averages of the parameters
         they change; the EMA's other parameters and its buffers follow in one more pass. The result
         equals ``step()`` followed by ``ema.update()``.
+
+        With ``max_grad_norm`` set, one fused reduction computes the joint 2-norm of all gradients
+        (unscaled when a GradScaler hands its scale) and the kernels multiply each gradient by
+        :math:`\min(1, \text{max\_norm}/(\lVert g\rVert + 10^{-6}))` in registers: the same update as
+        ``clip_grad_norm_`` before the step, without its pass over the gradients and without a host
+        synchronisation. The norm is kept in ``last_grad_norm``.
 
         Args:
             closure: a callable that re-evaluates the model and returns the loss (optional).
@@ -157,16 +199,36 @@ class FusedOptimizerMixin:
             with torch.enable_grad():
                 loss = closure()
         work = self._groups_to_update()
+        scalars = self._step_scalars(work)
         weight = ema.next_weight() if ema is not None else 0.0
         fused: list[Tensor] = []
         for group, params, grads, splits in work:
             averages = ema.averages_for(params) if ema is not None else None
-            self._update_group(group, params, grads, splits, averages or [], weight)
+            self._update_group(group, params, grads, splits, averages or [], weight, scalars)
             if averages:
                 fused += params
         if ema is not None:
             ema.finish_fused_update(fused)
         return loss
+
+    def _step_scalars(self, work: list[tuple[dict[str, Any], list[Tensor], list[Tensor], list[Split]]]
+                      ) -> dict[str, Tensor]:
+        """GradScaler's grad_scale / found_inf (set on the optimizer during ``scaler.step``) and the clip
+        coefficient of ``max_grad_norm``, as op keywords."""
+        scalars: dict[str, Tensor] = {}
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        if grad_scale is not None:
+            scalars["grad_scale"] = grad_scale
+        if found_inf is not None:
+            scalars["found_inf"] = found_inf
+        if self.max_grad_norm is not None and work:
+            norm = get_total_norm([g for _, _, grads, _ in work for g in grads])
+            if grad_scale is not None:
+                norm = norm / grad_scale.to(norm.device)
+            self.last_grad_norm = norm
+            scalars["clip_coef"] = clip_coefficient(norm, self.max_grad_norm)
+        return scalars
 
     @property
     def ema(self) -> Any:
@@ -181,7 +243,8 @@ class FusedOptimizerMixin:
         self.__dict__["_ft_ema"] = value
 
     def _update_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], splits: list[Split],
-                      ema_params: list[Tensor], ema_weight: float) -> None:
+                      ema_params: list[Tensor], ema_weight: float, scalars: dict[str, Tensor]) -> None:
         """Creates missing state and runs the optimizer's fused op on one param group (moving
-        ``ema_params``, when given, toward the updated parameters in the same pass)."""
+        ``ema_params``, when given, toward the updated parameters in the same pass; ``scalars``: the op's
+        grad_scale / found_inf / clip_coef keywords)."""
         raise NotImplementedError

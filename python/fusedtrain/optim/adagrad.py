@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from . import functional as F
-from ._base import FusedOptimizerMixin, new_step, to_scalar
+from ._base import FusedOptimizerMixin, lr_arg, new_step, to_scalar
 from ._groups import Split
 
 __all__ = ["Adagrad"]
@@ -39,23 +39,23 @@ class Adagrad(FusedOptimizerMixin, torch.optim.Adagrad):
     def __init__(self, params: Any, lr: float | Tensor = 1e-2, lr_decay: float = 0, weight_decay: float = 0,
                  initial_accumulator_value: float = 0, eps: float = 1e-10, foreach: bool | None = None, *,
                  maximize: bool = False, differentiable: bool = False, fused: bool | None = None,
-                 ema: Any = None) -> None:
+                 ema: Any = None, max_grad_norm: float | None = None) -> None:
         self._check_compat_flags(foreach, fused, differentiable)
         super().__init__(params, lr, lr_decay, weight_decay, initial_accumulator_value, eps, maximize=maximize,
                          differentiable=differentiable)
-        self.ema = ema
+        self._init_extras(ema, max_grad_norm)
 
     def _update_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], splits: list[Split],
-                      ema_params: list[Tensor], ema_weight: float) -> None:
+                      ema_params: list[Tensor], ema_weight: float, scalars: dict[str, Tensor]) -> None:
         states = [self.state[p] for p in params]
         if not all(states):  # parameters added with add_param_group after construction
             init = group["initial_accumulator_value"]
             for p, state in zip(params, states):
                 if not state:
-                    state["step"] = new_step()
+                    state["step"] = new_step(self._step_device(group, p))
                     state["sum"] = torch.full_like(p, complex(init, init) if p.is_complex() else init,
                                                    memory_format=torch.preserve_format)
         F.adagrad(params, grads, [s["sum"] for s in states], [s["step"] for s in states],
-                  lr=to_scalar(group["lr"]), lr_decay=group["lr_decay"], weight_decay=group["weight_decay"],
+                  lr=lr_arg(group["lr"]), lr_decay=group["lr_decay"], weight_decay=group["weight_decay"],
                   eps=group["eps"], maximize=group["maximize"], splits=splits, ema_params=ema_params,
-                  ema_weight=ema_weight)
+                  ema_weight=ema_weight, **scalars)

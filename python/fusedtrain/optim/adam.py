@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from . import functional as F
-from ._base import FusedOptimizerMixin, new_step, to_scalar
+from ._base import FusedOptimizerMixin, lr_arg, new_step, to_scalar
 from ._groups import Split
 
 __all__ = ["Adam", "AdamW"]
@@ -53,7 +53,7 @@ class Adam(FusedOptimizerMixin, torch.optim.Adam):
                  betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0, amsgrad: bool = False, *, foreach: bool | None = None,
                  maximize: bool = False, capturable: bool = False, differentiable: bool = False,
-                 fused: bool | None = None, decoupled_weight_decay: bool = False, ema: Any = None) -> None:
+                 fused: bool | None = None, decoupled_weight_decay: bool = False, ema: Any = None, max_grad_norm: float | None = None) -> None:
         self._check_compat_flags(foreach, fused, differentiable)
         kwargs: dict[str, Any] = dict(maximize=maximize, capturable=capturable, differentiable=differentiable)
         if _TORCH_ADAM_HAS_DECOUPLED:
@@ -63,7 +63,7 @@ class Adam(FusedOptimizerMixin, torch.optim.Adam):
             self.defaults["decoupled_weight_decay"] = decoupled_weight_decay
             for group in self.param_groups:
                 group.setdefault("decoupled_weight_decay", decoupled_weight_decay)
-        self.ema = ema
+        self._init_extras(ema, max_grad_norm)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -71,13 +71,13 @@ class Adam(FusedOptimizerMixin, torch.optim.Adam):
             group.setdefault("decoupled_weight_decay", self._decoupled_default)
 
     def _update_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], splits: list[Split],
-                      ema_params: list[Tensor], ema_weight: float) -> None:
+                      ema_params: list[Tensor], ema_weight: float, scalars: dict[str, Tensor]) -> None:
         amsgrad = group["amsgrad"]
         states = [self.state[p] for p in params]
         if not all(states):
             for p, state in zip(params, states):
                 if not state:
-                    state["step"] = new_step()
+                    state["step"] = new_step(self._step_device(group, p))
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     if amsgrad:
@@ -85,10 +85,10 @@ class Adam(FusedOptimizerMixin, torch.optim.Adam):
         beta1, beta2 = group["betas"]
         F.adam(params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
                [s["max_exp_avg_sq"] for s in states] if amsgrad else [], [s["step"] for s in states],
-               lr=to_scalar(group["lr"]), beta1=to_scalar(beta1), beta2=to_scalar(beta2), eps=group["eps"],
+               lr=lr_arg(group["lr"]), beta1=to_scalar(beta1), beta2=to_scalar(beta2), eps=group["eps"],
                weight_decay=to_scalar(group["weight_decay"]), amsgrad=amsgrad, maximize=group["maximize"],
                decoupled_weight_decay=group.get("decoupled_weight_decay", self._decoupled_default),
-               splits=splits, ema_params=ema_params, ema_weight=ema_weight)
+               splits=splits, ema_params=ema_params, ema_weight=ema_weight, **scalars)
 
 
 class AdamW(Adam, torch.optim.AdamW):
@@ -109,11 +109,11 @@ class AdamW(Adam, torch.optim.AdamW):
                  betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *,
                  maximize: bool = False, foreach: bool | None = None, capturable: bool = False,
-                 differentiable: bool = False, fused: bool | None = None, ema: Any = None) -> None:
+                 differentiable: bool = False, fused: bool | None = None, ema: Any = None, max_grad_norm: float | None = None) -> None:
         self._check_compat_flags(foreach, fused, differentiable)
         torch.optim.AdamW.__init__(self, params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
                                    capturable=capturable, differentiable=differentiable)
         self.defaults["decoupled_weight_decay"] = True
         for group in self.param_groups:
             group["decoupled_weight_decay"] = True
-        self.ema = ema
+        self._init_extras(ema, max_grad_norm)

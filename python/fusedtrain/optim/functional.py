@@ -7,6 +7,16 @@ torch.optim. ``splits=`` takes the groups precomputed by :func:`splits_for` (the
 cache them) to skip the regrouping. ``ema_params`` (one average per parameter) are moved toward the
 updated parameters in the same pass: ``a <- a + ema_weight * (p_new - a)``. The optimizer classes
 call these.
+
+Every function also takes (Note [per-tensor binding] in ``csrc/include/fusedtrain/math.h``):
+
+- ``lr`` as a float or a one-element tensor: on the parameters' GPU the kernels read it there (capturable);
+- ``grad_scale`` / ``found_inf``: what :class:`torch.amp.GradScaler` hands a fused optimizer. Gradients are
+  divided by the scale in registers (they are not written back) and a non-zero ``found_inf`` skips the whole
+  update, step counters included. With step counters on the GPU this is decided on the GPU; with CPU
+  counters the host reads ``found_inf`` (a synchronisation for CUDA tensors);
+- ``clip_coef``: a gradient-norm clipping coefficient (see :func:`fusedtrain.clip_grad_norm_`), applied
+  after the unscaling.
 """
 
 from __future__ import annotations
@@ -30,6 +40,31 @@ def _take(tensors: Sequence[Tensor], idx: list[int], cplx: bool) -> list[Tensor]
     return [real_view(t) for t in out] if cplx else out
 
 
+_SCALARS = ("lr_tensor", "grad_scale", "found_inf", "clip_coef")
+
+
+def _scalars(lr: float | Tensor, grad_scale: Tensor | None, found_inf: Tensor | None,
+             clip_coef: Tensor | None) -> dict[str, Any]:
+    """The op keywords for the learning rate and the optional per-call scalar tensors."""
+    out: dict[str, Any] = {"lr": 0.0, "lr_tensor": lr} if isinstance(lr, Tensor) else {"lr": float(lr)}
+    for name, value in (("grad_scale", grad_scale), ("found_inf", found_inf), ("clip_coef", clip_coef)):
+        if value is not None:
+            if not isinstance(value, Tensor):
+                raise TypeError(f"{name} must be a one-element tensor or None, got {type(value).__name__}")
+            out[name] = value
+    return out
+
+
+def _on(device: torch.device, hyper: dict[str, Any]) -> dict[str, Any]:
+    """``hyper`` with its scalar tensors on ``device`` (CPU ones stay: the host reads them for free)."""
+    moved = dict(hyper)
+    for name in _SCALARS:
+        t = moved.get(name)
+        if t is not None and t.device.type != "cpu" and t.device != device:
+            moved[name] = t.to(device, non_blocking=True)
+    return moved
+
+
 def _run(op: Callable[..., None], splits: list[Split], lists: Sequence[Sequence[Tensor]],
          steps: Sequence[Tensor] | None, ema_params: Sequence[Tensor] = (), ema_weight: float = 0.0,
          **hyper: Any) -> None:
@@ -41,6 +76,8 @@ def _run(op: Callable[..., None], splits: list[Split], lists: Sequence[Sequence[
     if len(splits) == 1 and not splits[0][1]:  # the usual case: one device, one real dtype
         if len(ema_params):
             hyper["ema_params"] = ema_params
+        if lists[0]:
+            hyper = _on(lists[0][0].device, hyper)
         op(*lists, *(() if steps is None else (steps,)), **hyper)
         return
     for idx, cplx in splits:
@@ -49,13 +86,14 @@ def _run(op: Callable[..., None], splits: list[Split], lists: Sequence[Sequence[
             args.append([steps[i] for i in idx])
         if len(ema_params):
             hyper["ema_params"] = _take(ema_params, idx, cplx)
-        op(*args, **hyper)
+        op(*args, **_on(lists[0][idx[0]].device, hyper))
 
 
-def sgd(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers: Sequence[Tensor], *, lr: float,
+def sgd(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers: Sequence[Tensor], *, lr: float | Tensor,
         momentum: float = 0.0, dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False,
         maximize: bool = False, first_step: bool = False, splits: list[Split] | None = None,
-        ema_params: Sequence[Tensor] = (), ema_weight: float = 0.0) -> None:
+        ema_params: Sequence[Tensor] = (), ema_weight: float = 0.0, grad_scale: Tensor | None = None,
+        found_inf: Tensor | None = None, clip_coef: Tensor | None = None) -> None:
     r"""SGD with optional heavy-ball or Nesterov momentum, in place.
 
     .. math::
@@ -64,26 +102,30 @@ def sgd(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers: Seq
 
     ``first_step=True`` initializes the buffers to the gradient (their old contents are ignored).
     """
-    _run(_ops.sgd_, splits or splits_for(params), (params, grads, momentum_buffers), None, lr=lr, momentum=momentum,
+    _run(_ops.sgd_, splits or splits_for(params), (params, grads, momentum_buffers), None, momentum=momentum,
          dampening=dampening, weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
-         first_step=first_step, ema_params=ema_params, ema_weight=ema_weight)
+         first_step=first_step, ema_params=ema_params, ema_weight=ema_weight,
+         **_scalars(lr, grad_scale, found_inf, clip_coef))
 
 
 def adagrad(params: Sequence[Tensor], grads: Sequence[Tensor], state_sums: Sequence[Tensor],
-            state_steps: Sequence[Tensor], *, lr: float = 1e-2, lr_decay: float = 0.0, weight_decay: float = 0.0,
-            eps: float = 1e-10, maximize: bool = False, splits: list[Split] | None = None,
-            ema_params: Sequence[Tensor] = (), ema_weight: float = 0.0) -> None:
+            state_steps: Sequence[Tensor], *, lr: float | Tensor = 1e-2, lr_decay: float = 0.0,
+            weight_decay: float = 0.0, eps: float = 1e-10, maximize: bool = False, splits: list[Split] | None = None,
+            ema_params: Sequence[Tensor] = (), ema_weight: float = 0.0, grad_scale: Tensor | None = None,
+            found_inf: Tensor | None = None, clip_coef: Tensor | None = None) -> None:
     r"""Adagrad in place: :math:`r \leftarrow r + g\odot g,\ \theta \leftarrow \theta - \eta_t\, g/(\sqrt r+\delta)`."""
-    _run(_ops.adagrad_, splits or splits_for(params), (params, grads, state_sums), state_steps, lr=lr,
+    _run(_ops.adagrad_, splits or splits_for(params), (params, grads, state_sums), state_steps,
          lr_decay=lr_decay, weight_decay=weight_decay, eps=eps, maximize=maximize, ema_params=ema_params,
-         ema_weight=ema_weight)
+         ema_weight=ema_weight, **_scalars(lr, grad_scale, found_inf, clip_coef))
 
 
 def rmsprop(params: Sequence[Tensor], grads: Sequence[Tensor], square_avgs: Sequence[Tensor],
             grad_avgs: Sequence[Tensor], momentum_buffers: Sequence[Tensor], state_steps: Sequence[Tensor], *,
-            lr: float = 1e-2, alpha: float = 0.99, eps: float = 1e-8, weight_decay: float = 0.0,
+            lr: float | Tensor = 1e-2, alpha: float = 0.99, eps: float = 1e-8, weight_decay: float = 0.0,
             momentum: float = 0.0, centered: bool = False, maximize: bool = False,
-            splits: list[Split] | None = None, ema_params: Sequence[Tensor] = (), ema_weight: float = 0.0) -> None:
+            splits: list[Split] | None = None, ema_params: Sequence[Tensor] = (), ema_weight: float = 0.0,
+            grad_scale: Tensor | None = None, found_inf: Tensor | None = None,
+            clip_coef: Tensor | None = None) -> None:
     r"""RMSprop in place.
 
     .. math:: v \leftarrow \alpha v + (1-\alpha) g^2,\quad \theta \leftarrow \theta - \eta\, g/(\sqrt v+\epsilon)
@@ -91,16 +133,18 @@ def rmsprop(params: Sequence[Tensor], grads: Sequence[Tensor], square_avgs: Sequ
     ``grad_avgs`` (centered) and ``momentum_buffers`` (momentum > 0) are empty lists when unused.
     """
     _run(_ops.rmsprop_, splits or splits_for(params), (params, grads, square_avgs, grad_avgs, momentum_buffers),
-         state_steps,
-         lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum, centered=centered,
-         maximize=maximize, ema_params=ema_params, ema_weight=ema_weight)
+         state_steps, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum, centered=centered,
+         maximize=maximize, ema_params=ema_params, ema_weight=ema_weight,
+         **_scalars(lr, grad_scale, found_inf, clip_coef))
 
 
 def adam(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
          exp_avg_sqs: Sequence[Tensor], max_exp_avg_sqs: Sequence[Tensor], state_steps: Sequence[Tensor], *,
-         lr: float = 1e-3, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0,
-         amsgrad: bool = False, maximize: bool = False, decoupled_weight_decay: bool = False,
-         splits: list[Split] | None = None, ema_params: Sequence[Tensor] = (), ema_weight: float = 0.0) -> None:
+         lr: float | Tensor = 1e-3, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
+         weight_decay: float = 0.0, amsgrad: bool = False, maximize: bool = False,
+         decoupled_weight_decay: bool = False, splits: list[Split] | None = None, ema_params: Sequence[Tensor] = (),
+         ema_weight: float = 0.0, grad_scale: Tensor | None = None, found_inf: Tensor | None = None,
+         clip_coef: Tensor | None = None) -> None:
     r"""Adam (AdamW with ``decoupled_weight_decay=True``) in place, with bias correction.
 
     .. math::
@@ -108,19 +152,22 @@ def adam(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[T
         \theta \leftarrow \theta - \frac{\eta}{1-\beta_1^t}\,\frac{m}{\sqrt{v}/\sqrt{1-\beta_2^t} + \epsilon}
     """
     _run(_ops.adam_, splits or splits_for(params), (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs), state_steps,
-         lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
-         decoupled_weight_decay=decoupled_weight_decay, ema_params=ema_params, ema_weight=ema_weight)
+         beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
+         decoupled_weight_decay=decoupled_weight_decay, ema_params=ema_params, ema_weight=ema_weight,
+         **_scalars(lr, grad_scale, found_inf, clip_coef))
 
 
 def adamw(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
           exp_avg_sqs: Sequence[Tensor], max_exp_avg_sqs: Sequence[Tensor], state_steps: Sequence[Tensor], *,
-          lr: float = 1e-3, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 1e-2,
-          amsgrad: bool = False, maximize: bool = False, splits: list[Split] | None = None,
-          ema_params: Sequence[Tensor] = (), ema_weight: float = 0.0) -> None:
+          lr: float | Tensor = 1e-3, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
+          weight_decay: float = 1e-2, amsgrad: bool = False, maximize: bool = False,
+          splits: list[Split] | None = None, ema_params: Sequence[Tensor] = (), ema_weight: float = 0.0,
+          grad_scale: Tensor | None = None, found_inf: Tensor | None = None, clip_coef: Tensor | None = None) -> None:
     r"""AdamW in place: Adam with decoupled weight decay :math:`\theta \leftarrow \theta(1-\eta\lambda)`."""
     adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr=lr, beta1=beta1, beta2=beta2,
          eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize, decoupled_weight_decay=True,
-         splits=splits, ema_params=ema_params, ema_weight=ema_weight)
+         splits=splits, ema_params=ema_params, ema_weight=ema_weight, grad_scale=grad_scale, found_inf=found_inf,
+         clip_coef=clip_coef)
 
 
 def ema(averages: Sequence[Tensor], params: Sequence[Tensor], *, weight: float,

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from . import functional as F
-from ._base import FusedOptimizerMixin, new_step, to_scalar
+from ._base import FusedOptimizerMixin, lr_arg, new_step
 from ._groups import Split
 
 __all__ = ["RMSprop"]
@@ -42,20 +42,20 @@ class RMSprop(FusedOptimizerMixin, torch.optim.RMSprop):
     def __init__(self, params: Any, lr: float | Tensor = 1e-2, alpha: float = 0.99, eps: float = 1e-8,
                  weight_decay: float = 0, momentum: float = 0, centered: bool = False, capturable: bool = False,
                  foreach: bool | None = None, maximize: bool = False, differentiable: bool = False, *,
-                 ema: Any = None) -> None:
+                 ema: Any = None, max_grad_norm: float | None = None) -> None:
         self._check_compat_flags(foreach, None, differentiable)
         super().__init__(params, lr, alpha, eps, weight_decay, momentum, centered, capturable=capturable,
                          maximize=maximize, differentiable=differentiable)
-        self.ema = ema
+        self._init_extras(ema, max_grad_norm)
 
     def _update_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], splits: list[Split],
-                      ema_params: list[Tensor], ema_weight: float) -> None:
+                      ema_params: list[Tensor], ema_weight: float, scalars: dict[str, Tensor]) -> None:
         momentum, centered = group["momentum"], group["centered"]
         states = [self.state[p] for p in params]
         if not all(states):
             for p, state in zip(params, states):
                 if not state:
-                    state["step"] = new_step()
+                    state["step"] = new_step(self._step_device(group, p))
                     state["square_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     if momentum > 0:
                         state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
@@ -64,6 +64,6 @@ class RMSprop(FusedOptimizerMixin, torch.optim.RMSprop):
         F.rmsprop(params, grads, [s["square_avg"] for s in states],
                   [s["grad_avg"] for s in states] if centered else [],
                   [s["momentum_buffer"] for s in states] if momentum > 0 else [], [s["step"] for s in states],
-                  lr=to_scalar(group["lr"]), alpha=group["alpha"], eps=group["eps"],
+                  lr=lr_arg(group["lr"]), alpha=group["alpha"], eps=group["eps"],
                   weight_decay=group["weight_decay"], momentum=momentum, centered=centered,
-                  maximize=group["maximize"], splits=splits, ema_params=ema_params, ema_weight=ema_weight)
+                  maximize=group["maximize"], splits=splits, ema_params=ema_params, ema_weight=ema_weight, **scalars)

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from . import functional as F
-from ._base import FusedOptimizerMixin, to_scalar
+from ._base import FusedOptimizerMixin, lr_arg, to_scalar
 from ._groups import Split
 
 __all__ = ["SGD"]
@@ -44,18 +44,18 @@ class SGD(FusedOptimizerMixin, torch.optim.SGD):
     def __init__(self, params: Any, lr: float | Tensor = 1e-3, momentum: float = 0, dampening: float = 0,
                  weight_decay: float | Tensor = 0, nesterov: bool = False, *, maximize: bool = False,
                  foreach: bool | None = None, differentiable: bool = False, fused: bool | None = None,
-                 ema: Any = None) -> None:
+                 ema: Any = None, max_grad_norm: float | None = None) -> None:
         self._check_compat_flags(foreach, fused, differentiable)
         super().__init__(params, lr, momentum, dampening, weight_decay, nesterov, maximize=maximize,
                          differentiable=differentiable)
-        self.ema = ema
+        self._init_extras(ema, max_grad_norm)
 
     def _update_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], splits: list[Split],
-                      ema_params: list[Tensor], ema_weight: float) -> None:
+                      ema_params: list[Tensor], ema_weight: float, scalars: dict[str, Tensor]) -> None:
         momentum = group["momentum"]
-        hyper = dict(lr=to_scalar(group["lr"]), momentum=momentum, dampening=group["dampening"],
+        hyper = dict(lr=lr_arg(group["lr"]), momentum=momentum, dampening=group["dampening"],
                      weight_decay=to_scalar(group["weight_decay"]), nesterov=group["nesterov"],
-                     maximize=group["maximize"])
+                     maximize=group["maximize"], **scalars)
         if momentum == 0:
             F.sgd(params, grads, [], splits=splits, ema_params=ema_params, ema_weight=ema_weight, **hyper)
             return
@@ -65,14 +65,16 @@ class SGD(FusedOptimizerMixin, torch.optim.SGD):
             F.sgd(params, grads, buffers, first_step=False, splits=splits, ema_params=ema_params,
                   ema_weight=ema_weight, **hyper)
             return
-        # Parameters without a buffer yet start it from the gradient (torch clones the gradient).
+        # Parameters without a buffer yet start it from the gradient (torch clones the gradient). The new
+        # buffers are zeros, not empty: if GradScaler's found_inf skips this first step on the device, the
+        # next step's b <- mu*0 + (1 - dampening)*g is the gradient itself (dampening = 0), not garbage.
         for first in (False, True):
             idx = [i for i, b in enumerate(buffers) if (b is None) == first]
             if not idx:
                 continue
             if first:
                 for i in idx:
-                    buffers[i] = states[i]["momentum_buffer"] = torch.empty_like(
+                    buffers[i] = states[i]["momentum_buffer"] = torch.zeros_like(
                         params[i], memory_format=torch.preserve_format)
             F.sgd([params[i] for i in idx], [grads[i] for i in idx], [buffers[i] for i in idx],
                   first_step=first, ema_params=[ema_params[i] for i in idx] if ema_params else [],

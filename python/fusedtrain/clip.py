@@ -1,0 +1,109 @@
+"""Gradient-norm clipping on one fused multi-tensor reduction (Pascanu et al., 2013).
+
+:func:`clip_grad_norm_` is a drop-in for :func:`torch.nn.utils.clip_grad_norm_`: the same arguments, result
+and errors. The norm of all gradients is computed by one kernel per (device, dtype) group instead of one
+norm per tensor; the gradients are then scaled by :math:`\\min(1, \\text{max\\_norm} / (\\lVert g\\rVert +
+10^{-6}))` as torch does, without a host synchronisation. The fusedtrain optimizers take
+``max_grad_norm=`` to fold that scale into the update itself (no pass over the gradients to scale them).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+
+from . import _ops
+
+__all__ = ["clip_grad_norm_", "get_total_norm", "clip_coefficient"]
+
+
+def _fused_norm_ok(t: Tensor, norm_type: float) -> bool:
+    return (t.device.type in ("cpu", "cuda") and t.layout == torch.strided and not t.is_sparse
+            and (t.is_floating_point() or (t.is_complex() and norm_type == 2.0)))
+
+
+@torch.no_grad()
+def get_total_norm(tensors: Tensor | Iterable[Tensor], norm_type: float = 2.0, error_if_nonfinite: bool = False,
+                   foreach: bool | None = None) -> Tensor:
+    r"""The ``norm_type``-norm of all ``tensors`` together, as :func:`torch.nn.utils.get_total_norm` computes it.
+
+    .. math:: \lVert (t_1, \dots, t_n) \rVert_p = \Big(\sum_i \sum_j |t_{ij}|^p\Big)^{1/p}
+              \quad(\max_{ij} |t_{ij}| \text{ for } p = \infty)
+
+    Args:
+        tensors: a tensor or an iterable of tensors (e.g. gradients).
+        norm_type: p > 0 or ``inf`` run on the fused kernel; other orders (0, -inf) fall back to torch.
+        error_if_nonfinite: raise when the norm is nan or inf (this reads the norm on the host).
+        foreach: accepted for compatibility with torch and ignored.
+
+    Returns:
+        A 0-dim tensor on the first tensor's device, in the tensors' dtype (as torch returns it);
+        ``tensor(0.)`` for no tensors.
+    """
+    del foreach
+    tensors = [tensors] if isinstance(tensors, Tensor) else list(tensors)
+    norm_type = float(norm_type)
+    if len(tensors) == 0:
+        return torch.tensor(0.0)
+    first_device = tensors[0].device
+    fused_ok = norm_type > 0 and not math.isnan(norm_type)
+    groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    norms: list[Tensor] = []
+    for t in tensors:
+        if fused_ok and _fused_norm_ok(t, norm_type):
+            groups.setdefault((t.device, t.dtype), []).append(torch.view_as_real(t) if t.is_complex() else t)
+        else:
+            norms.append(torch.linalg.vector_norm(t, norm_type))
+    for group in groups.values():
+        # torch's per-tensor norms carry the tensors' (real) dtype; so does the fused one.
+        norms.append(_ops.total_norm(group, norm_type).to(group[0].dtype))
+    if len(norms) == 1:
+        total = norms[0].to(first_device)
+    else:
+        total = torch.linalg.vector_norm(torch.stack([n.to(first_device) for n in norms]), norm_type)
+    if error_if_nonfinite and torch.logical_or(total.isnan(), total.isinf()):
+        raise RuntimeError(
+            f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, so it cannot "
+            "be clipped. To disable this error and scale the gradients by the non-finite norm anyway, set "
+            "`error_if_nonfinite=False`")
+    return total
+
+
+def clip_coefficient(total_norm: Tensor, max_norm: float | Tensor) -> Tensor:
+    r""":math:`\min(1, \text{max\_norm} / (\lVert g\rVert + 10^{-6}))`, computed as torch does (on the device)."""
+    return torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
+
+
+@torch.no_grad()
+def clip_grad_norm_(parameters: Tensor | Iterable[Tensor], max_norm: float | Tensor, norm_type: float = 2.0,
+                    error_if_nonfinite: bool = False, foreach: bool | None = None) -> Tensor:
+    r"""Clips the gradients of ``parameters`` in place so that their joint norm is at most ``max_norm``.
+
+    A drop-in for :func:`torch.nn.utils.clip_grad_norm_`:
+    :math:`g \leftarrow g \cdot \min(1, \text{max\_norm} / (\lVert g\rVert_p + 10^{-6}))`.
+
+    Args:
+        parameters: a tensor or an iterable of tensors whose ``.grad`` is clipped.
+        max_norm: the largest allowed norm.
+        norm_type: the order p of the norm (``inf`` for the max norm).
+        error_if_nonfinite: raise when the total norm is nan or inf.
+        foreach: accepted for compatibility and ignored (the scaling is torch's ``_foreach_mul_``).
+
+    Returns:
+        The total norm of the gradients before clipping (a 0-dim tensor).
+    """
+    parameters = [parameters] if isinstance(parameters, Tensor) else list(parameters)
+    grads = [p.grad for p in parameters if p.grad is not None]
+    total = get_total_norm(grads, norm_type, error_if_nonfinite)
+    if not grads:
+        return total
+    coef = clip_coefficient(total, max_norm)
+    by_device: dict[torch.device, list[Tensor]] = {}
+    for g in grads:
+        by_device.setdefault(g.device, []).append(g)
+    for device, device_grads in by_device.items():
+        torch._foreach_mul_(device_grads, coef.to(device))
+    return total
