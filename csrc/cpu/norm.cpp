@@ -1,6 +1,7 @@
 // CPU driver of fusedtrain::total_norm: fixed blocks of the flat element space of all tensors, one
 // partial per block in double (Note [norm accumulation]), combined in block order.
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -17,13 +18,20 @@ constexpr int64_t kBlock = 1 << 16;
 
 template <typename S, norm::Kind K>
 double partial(const S* x, int64_t n, double p) {
+  using A = at::opmath_type<S>;
   double acc = 0.0;
   if constexpr (K == norm::kInf) {
-    for (int64_t i = 0; i < n; ++i) acc = norm::combine(acc, norm::term(static_cast<double>(x[i]), K, p), K);
+    for (int64_t i = 0; i < n; ++i) acc = norm::combine(acc, static_cast<double>(norm::term(A(x[i]), K, p)), K);
   } else {
-    // A sum: reassociation is allowed here (the split is fixed, so the result is still deterministic).
-#pragma omp simd reduction(+ : acc)
-    for (int64_t i = 0; i < n; ++i) acc += norm::term(static_cast<double>(x[i]), K, p);
+    // Runs of kRun elements summed in A by SIMD lanes (reassociation is allowed here: the split is fixed,
+    // so the result is still deterministic), each run's sum added in double (Note [norm accumulation]).
+    for (int64_t r = 0; r < n; r += norm::kRun) {
+      const int64_t end = std::min(n, r + norm::kRun);
+      A run = A(0);
+#pragma omp simd reduction(+ : run)
+      for (int64_t i = r; i < end; ++i) run += norm::term(A(x[i]), K, p);
+      acc += static_cast<double>(run);
+    }
   }
   return acc;
 }

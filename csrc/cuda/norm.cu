@@ -36,9 +36,12 @@ __global__ void __launch_bounds__(kNormThreads) norm_partials(const __grid_const
     int64_t start, len;
     const int t = find_chunk(table, c, &start, &len);
     const S* x = static_cast<const S*>(table.ptr[0][t]) + start;
-    for (int64_t i = threadIdx.x; i < len; i += kNormThreads) {
-      acc = norm::combine(acc, norm::term(static_cast<double>(x[i]), K, p), K);
-    }
+    // A chunk gives each thread kChunk / kNormThreads = 32 elements: summed in the opmath type, then
+    // added in double (Note [norm accumulation]).
+    using A = at::opmath_type<S>;
+    A run = A(0);
+    for (int64_t i = threadIdx.x; i < len; i += kNormThreads) run = norm::combine(run, norm::term(A(x[i]), K, p), K);
+    acc = norm::combine(acc, static_cast<double>(run), K);
   }
   const double block = block_combine<K>(acc, shared);
   if (threadIdx.x == 0) partials[blockIdx.x] = norm::combine(partials[blockIdx.x], block, K);

@@ -88,11 +88,20 @@ __global__ void __launch_bounds__(kThreads) multi_tensor_kernel(const __grid_con
   // GradScaler found an inf/NaN: the whole update is skipped, decided on the device (no host sync).
   if (table.scalars.found_inf != nullptr && *table.scalars.found_inf != 0.0f) return;
   const int32_t total = table.chunk_end[table.count - 1];
+  // bind() costs two double pow() for Adam; a block rebinds only when its chunk's values change (in the
+  // usual case every tensor is at the same step: once per block).
+  Op op = op_in;
+  math::Bound bound{-1.0, 0.0, 0.0, 0.0};
   for (int32_t c = blockIdx.x; c < total; c += gridDim.x) {
     int64_t start, len;
     const int t = find_chunk(table, c, &start, &len);
-    Op op = op_in;
-    op.bind(bound_for(table.scalars, table.step[t]));
+    const math::Bound b = bound_for(table.scalars, table.step[t]);
+    if (b.step != bound.step || b.lr != bound.lr || b.inv_scale != bound.inv_scale ||
+        b.clip_coef != bound.clip_coef) {
+      bound = b;
+      op = op_in;
+      op.bind(b);
+    }
     S* p[D];
     bool aligned = true;
 #pragma unroll

@@ -1,10 +1,11 @@
 // The vector norm of many tensors at once (gradient clipping), shared by the CPU and CUDA drivers.
 //
 // Note [norm accumulation]:
-// Each element contributes a term (|x|, x*x, |x|^p, or |x| for the max), accumulated in double, so the
-// result does not depend on how the elements are split between threads or blocks beyond double
-// rounding; both drivers use a fixed split (blocks of the flat index space), which makes the result
-// deterministic run to run. The total is returned in float32 (float64 for float64 inputs).
+// Each element contributes a term (|x|, x*x, |x|^p, or |x| for the max). Terms are summed in the opmath
+// type A over short runs (at most kRun elements per SIMD lane or thread: float's rounding error stays
+// near 1e-6 relative) and the run sums are accumulated in double, so long inputs lose no accuracy.
+// Both drivers use a fixed split (blocks of the flat index space), which makes the result deterministic
+// run to run. The total is returned in float32 (float64 for float64 inputs).
 #pragma once
 
 #include <cmath>
@@ -23,8 +24,11 @@ inline Kind kind_of(double p) {
   return kP;
 }
 
-FT_HD double term(double x, Kind kind, double p) {
-  const double a = x < 0 ? -x : x;
+constexpr int kRun = 1024;  // elements summed in the opmath type before a double accumulation
+
+template <typename A>
+FT_HD A term(A x, Kind kind, double p) {
+  const A a = x < A(0) ? -x : x;
   switch (kind) {
     case kL1:
     case kInf:
@@ -32,12 +36,13 @@ FT_HD double term(double x, Kind kind, double p) {
     case kL2:
       return x * x;
     default:
-      return ::pow(a, p);
+      return static_cast<A>(::pow(static_cast<double>(a), p));
   }
 }
 
 // Sums for the p-norms; for the infinity norm a max that propagates NaN, as torch.linalg.vector_norm does.
-FT_HD double combine(double acc, double t, Kind kind) {
+template <typename A>
+FT_HD A combine(A acc, A t, Kind kind) {
   if (kind != kInf) return acc + t;
   return (t != t || t > acc) ? t : acc;
 }

@@ -80,6 +80,21 @@ def measure_interleaved(fns: dict[str, Callable[[], None]], device: torch.device
     return times
 
 
+def timed_rows(family: str, case: str, device: torch.device, numel: int, bandwidth: float,
+               fns: dict[str, tuple[Callable[[], Any], int]], reps: int, warmup: int) -> list[Result]:
+    """One row per implementation of ``case``, timed side by side; ``fns[impl] = (step, bytes per
+    element moved)``."""
+    times = measure_interleaved({k: f for k, (f, _) in fns.items()}, device, warmup, reps)
+    rows = []
+    for impl, ts in times.items():
+        r = Result(family, case, impl, str(device), None, bytes_moved=numel * fns[impl][1])
+        r.median_ms, r.p20_ms, r.p80_ms = summarize(ts)
+        r.gbps = r.bytes_moved / r.median_ms / 1e6
+        r.pct_bw = 100 * r.gbps / bandwidth if bandwidth else None
+        rows.append(r)
+    return rows
+
+
 def summarize(times: list[float]) -> tuple[float, float, float]:
     qs = statistics.quantiles(times, n=5) if len(times) >= 2 else [times[0]] * 4
     return statistics.median(times), qs[0], qs[3]

@@ -13,7 +13,7 @@ from torch import nn
 from .. import optim as ft_optim
 from ..ensemble import EMA
 from ..optim import functional as F
-from .common import Progress, Result, measure_interleaved, summarize
+from .common import Progress, Result, timed_rows
 from .optim import _make, _numel, param_shapes
 
 __all__ = ["run", "DEFAULT_SETS"]
@@ -32,15 +32,7 @@ def _as_module(params: list[torch.Tensor]) -> nn.Module:
 
 def _rows(case: str, device: torch.device, numel: int, bandwidth: float,
           fns: dict[str, tuple[Callable[[], Any], int]], reps: int, warmup: int) -> list[Result]:
-    times = measure_interleaved({k: f for k, (f, _) in fns.items()}, device, warmup, reps)
-    rows = []
-    for impl, ts in times.items():
-        r = Result("ema", case, impl, str(device), None, bytes_moved=numel * fns[impl][1])
-        r.median_ms, r.p20_ms, r.p80_ms = summarize(ts)
-        r.gbps = r.bytes_moved / r.median_ms / 1e6
-        r.pct_bw = 100 * r.gbps / bandwidth if bandwidth else None
-        rows.append(r)
-    return rows
+    return timed_rows("ema", case, device, numel, bandwidth, fns, reps, warmup)
 
 
 def run(device: torch.device, sets: list[str] | None, reps: int, warmup: int, bandwidth: float,

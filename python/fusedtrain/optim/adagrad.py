@@ -28,6 +28,9 @@ class Adagrad(FusedOptimizerMixin, torch.optim.Adagrad):
         foreach, fused: accepted and ignored. differentiable: runs torch.optim.Adagrad's own step.
         ema: a :class:`fusedtrain.ensemble.EMA` (or ``SWA``) whose averages the step's kernel updates in
             the same pass; equal to calling ``ema.update()`` after each step.
+        max_grad_norm: clip the joint 2-norm of all gradients of this optimizer to this value inside the
+            step (equal to ``torch.nn.utils.clip_grad_norm_`` before it; the norm is kept in
+            ``last_grad_norm``). GradScaler's scale is honoured (see the module docs).
 
     State: ``step`` (CPU float tensor) and ``sum``, created in the constructor as torch does.
     Sparse gradients are refused (torch.optim.Adagrad handles them).

@@ -36,10 +36,15 @@ class Adam(FusedOptimizerMixin, torch.optim.Adam):
             (same defaults and validation errors).
         foreach, fused: accepted for compatibility and ignored: fusedtrain always runs its fused kernels
             (the param group records ``None``).
-        capturable, differentiable: when set, ``step`` runs torch.optim.Adam's own implementation
-            (same state keys), since the fused kernels are neither graph-capturable yet nor differentiable.
+        capturable: keep the ``step`` counters on the parameters' device (float32, as torch does); the
+            kernels read them and a tensor ``lr`` there, so the step can be captured in a CUDA graph and
+            GradScaler's ``found_inf`` is honoured without a host synchronisation.
+        differentiable: runs torch.optim.Adam's own implementation (same state keys).
         ema: a :class:`fusedtrain.ensemble.EMA` (or ``SWA``) whose averages the step's kernel updates in
             the same pass; equal to calling ``ema.update()`` after each step.
+        max_grad_norm: clip the joint 2-norm of all gradients of this optimizer to this value inside the
+            step (equal to ``torch.nn.utils.clip_grad_norm_`` before it; the norm is kept in
+            ``last_grad_norm``). GradScaler's scale is honoured (see the module docs).
 
     The state keys (``step`` as a CPU float tensor, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``) are
     torch's, so ``state_dict()`` loads into torch.optim.Adam and back.
@@ -53,7 +58,8 @@ class Adam(FusedOptimizerMixin, torch.optim.Adam):
                  betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0, amsgrad: bool = False, *, foreach: bool | None = None,
                  maximize: bool = False, capturable: bool = False, differentiable: bool = False,
-                 fused: bool | None = None, decoupled_weight_decay: bool = False, ema: Any = None, max_grad_norm: float | None = None) -> None:
+                 fused: bool | None = None, decoupled_weight_decay: bool = False, ema: Any = None,
+                 max_grad_norm: float | None = None) -> None:
         self._check_compat_flags(foreach, fused, differentiable)
         kwargs: dict[str, Any] = dict(maximize=maximize, capturable=capturable, differentiable=differentiable)
         if _TORCH_ADAM_HAS_DECOUPLED:
@@ -109,7 +115,8 @@ class AdamW(Adam, torch.optim.AdamW):
                  betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *,
                  maximize: bool = False, foreach: bool | None = None, capturable: bool = False,
-                 differentiable: bool = False, fused: bool | None = None, ema: Any = None, max_grad_norm: float | None = None) -> None:
+                 differentiable: bool = False, fused: bool | None = None, ema: Any = None,
+                 max_grad_norm: float | None = None) -> None:
         self._check_compat_flags(foreach, fused, differentiable)
         torch.optim.AdamW.__init__(self, params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
                                    capturable=capturable, differentiable=differentiable)

@@ -29,9 +29,13 @@ class RMSprop(FusedOptimizerMixin, torch.optim.RMSprop):
 
     Args:
         params, lr, alpha, eps, weight_decay, momentum, centered, maximize: as in torch.optim.RMSprop.
-        foreach: accepted and ignored. capturable, differentiable: run torch.optim.RMSprop's own step.
+        foreach: accepted and ignored. differentiable: runs torch.optim.RMSprop's own step.
+        capturable: ``step`` counters on the parameters' device, read by the kernels (see Adam).
         ema: a :class:`fusedtrain.ensemble.EMA` (or ``SWA``) whose averages the step's kernel updates in
             the same pass; equal to calling ``ema.update()`` after each step.
+        max_grad_norm: clip the joint 2-norm of all gradients of this optimizer to this value inside the
+            step (equal to ``torch.nn.utils.clip_grad_norm_`` before it; the norm is kept in
+            ``last_grad_norm``). GradScaler's scale is honoured (see the module docs).
 
     State: ``step``, ``square_avg``, ``momentum_buffer`` (momentum > 0), ``grad_avg`` (centered).
     """

@@ -34,6 +34,9 @@ class SGD(FusedOptimizerMixin, torch.optim.SGD):
         differentiable: runs torch.optim.SGD's own step.
         ema: a :class:`fusedtrain.ensemble.EMA` (or ``SWA``) whose averages the step's kernel updates in
             the same pass; equal to calling ``ema.update()`` after each step.
+        max_grad_norm: clip the joint 2-norm of all gradients of this optimizer to this value inside the
+            step (equal to ``torch.nn.utils.clip_grad_norm_`` before it; the norm is kept in
+            ``last_grad_norm``). GradScaler's scale is honoured (see the module docs).
 
     State: ``momentum_buffer`` when momentum is non-zero, as in torch.
     """
