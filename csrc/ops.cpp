@@ -13,9 +13,11 @@
 //   grad_scale  GradScaler's scale: gradients are multiplied by 1/grad_scale in registers;
 //   found_inf   GradScaler's flag: non-zero skips the update (and the step counters stay);
 //   clip_coef   max_grad_norm's coefficient min(1, max_norm / (norm + 1e-6)), applied after unscaling.
+// and `l1`: the L1 coefficient, l1*sign(p) added to the gradient (after maximize and weight decay).
 #include <torch/library.h>
 
-#define OPTIM_SCALARS "Tensor? lr_tensor=None, Tensor? grad_scale=None, Tensor? found_inf=None, Tensor? clip_coef=None"
+#define OPTIM_SCALARS \
+  "Tensor? lr_tensor=None, Tensor? grad_scale=None, Tensor? found_inf=None, Tensor? clip_coef=None, float l1=0.0"
 
 TORCH_LIBRARY(fusedtrain, m) {
   m.def(

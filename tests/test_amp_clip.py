@@ -345,3 +345,46 @@ def test_cuda_graph_capture_replays_like_eager(name: str) -> None:
     torch.cuda.synchronize()
     for a, b in zip(model.parameters(), eager.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+# ------------------------------------------------------------------------------------------------- l1=
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("cfg", CONFIGS[1::3], ids=config_id)
+def test_l1_equals_sign_term_added_to_the_gradient(device: str, dtype: torch.dtype,
+                                                   cfg: tuple[str, dict[str, Any]]) -> None:
+    """``l1=`` folds l1*sign(p) into the gradient (after maximize's sign flip, like the weight decay):
+    the reference is torch.optim with that term added to .grad by hand (with the sign of maximize)."""
+    name, kw = cfg
+    l1 = 0.03
+    params = make_params(device, dtype)
+    for p in params[:2]:
+        with torch.no_grad():
+            p.zero_()  # sign(0) = 0: exactly-zero parameters get no L1 push
+    ref = clone_params(params)
+    opt = ours(name)(params, **kw, l1=l1)
+    ropt = theirs(name)(ref, **torch_kwargs(name, kw))
+    assert opt.param_groups[0]["l1"] == l1 and opt.defaults["l1"] == l1
+    sign = -1.0 if kw.get("maximize") else 1.0
+    for _ in range(6):
+        grads = make_grads(params)
+        set_grads(params, grads)
+        set_grads(ref, grads)
+        for r in ref:
+            r.grad += sign * l1 * torch.sign(r.detach())
+        opt.step()
+        ropt.step()
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-6)
+    assert_same_state(opt, params, ropt, ref, **tol)
+
+
+def test_l1_validation_and_state_dict() -> None:
+    w = [torch.randn(3, requires_grad=True)]
+    with pytest.raises(ValueError, match="l1"):
+        fusedtrain.optim.SGD(w, lr=0.1, l1=-1.0)
+    opt = fusedtrain.optim.Adam([{"params": w, "l1": 0.5}], lr=0.1)
+    assert opt.param_groups[0]["l1"] == 0.5 and opt.defaults["l1"] == 0.0
+    opt.add_param_group({"params": [torch.randn(2, requires_grad=True)]})
+    assert opt.param_groups[1]["l1"] == 0.0
+    one_group = fusedtrain.optim.Adam([{"params": w, "l1": 0.5}], lr=0.1)
+    torch.optim.Adam(w, lr=0.1).load_state_dict(one_group.state_dict())  # the extra group key is harmless

@@ -4,7 +4,8 @@ Schemas live in ``csrc/ops.cpp``; see Note [optimizer op conventions] there. Eve
 ``ema_params`` / ``ema_weight``: a non-empty list of averages is updated in the same pass, and the optional
 one-element tensors ``lr_tensor``, ``grad_scale``, ``found_inf`` and ``clip_coef`` (Note [per-tensor binding] in
 ``csrc/include/fusedtrain/math.h``): on the CPU they are read by the host, on the parameters' GPU by the kernels,
-without a host synchronisation. The fake kernels let
+without a host synchronisation; and ``l1``, the coefficient of the L1 term ``l1 * sign(p)`` added to the gradient.
+The fake kernels let
 ``torch.compile`` and ``torch.library.opcheck`` trace the ops: they check nothing and mutate nothing.
 """
 
@@ -29,41 +30,43 @@ OptTensor = Tensor | None
 def sgd_(params: TensorSeq, grads: TensorSeq, momentum_buffers: TensorSeq, *, lr: float, momentum: float,
          dampening: float, weight_decay: float, nesterov: bool, maximize: bool, first_step: bool,
          ema_params: TensorSeq = (), ema_weight: float = 0.0, lr_tensor: OptTensor = None,
-         grad_scale: OptTensor = None, found_inf: OptTensor = None, clip_coef: OptTensor = None) -> None:
+         grad_scale: OptTensor = None, found_inf: OptTensor = None, clip_coef: OptTensor = None,
+         l1: float = 0.0) -> None:
     """In-place SGD / momentum / Nesterov update of ``params`` (one device, one dtype)."""
     _ops.sgd_(params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov, maximize,
-              first_step, ema_params, ema_weight, lr_tensor, grad_scale, found_inf, clip_coef)
+              first_step, ema_params, ema_weight, lr_tensor, grad_scale, found_inf, clip_coef, l1)
 
 
 def adagrad_(params: TensorSeq, grads: TensorSeq, state_sums: TensorSeq, state_steps: TensorSeq, *, lr: float,
              lr_decay: float, weight_decay: float, eps: float, maximize: bool, ema_params: TensorSeq = (),
              ema_weight: float = 0.0, lr_tensor: OptTensor = None, grad_scale: OptTensor = None,
-             found_inf: OptTensor = None, clip_coef: OptTensor = None) -> None:
+             found_inf: OptTensor = None, clip_coef: OptTensor = None, l1: float = 0.0) -> None:
     """In-place Adagrad update; advances ``state_steps``."""
     _ops.adagrad_(params, grads, state_sums, state_steps, lr, lr_decay, weight_decay, eps, maximize, ema_params,
-                  ema_weight, lr_tensor, grad_scale, found_inf, clip_coef)
+                  ema_weight, lr_tensor, grad_scale, found_inf, clip_coef, l1)
 
 
 def rmsprop_(params: TensorSeq, grads: TensorSeq, square_avgs: TensorSeq, grad_avgs: TensorSeq,
              momentum_buffers: TensorSeq, state_steps: TensorSeq, *, lr: float, alpha: float, eps: float,
              weight_decay: float, momentum: float, centered: bool, maximize: bool, ema_params: TensorSeq = (),
              ema_weight: float = 0.0, lr_tensor: OptTensor = None, grad_scale: OptTensor = None,
-             found_inf: OptTensor = None, clip_coef: OptTensor = None) -> None:
+             found_inf: OptTensor = None, clip_coef: OptTensor = None, l1: float = 0.0) -> None:
     """In-place RMSprop update; ``grad_avgs`` / ``momentum_buffers`` empty when unused."""
     _ops.rmsprop_(params, grads, square_avgs, grad_avgs, momentum_buffers, state_steps, lr, alpha, eps,
                   weight_decay, momentum, centered, maximize, ema_params, ema_weight, lr_tensor, grad_scale,
-                  found_inf, clip_coef)
+                  found_inf, clip_coef, l1)
 
 
 def adam_(params: TensorSeq, grads: TensorSeq, exp_avgs: TensorSeq, exp_avg_sqs: TensorSeq,
           max_exp_avg_sqs: TensorSeq, state_steps: TensorSeq, *, lr: float, beta1: float, beta2: float,
           eps: float, weight_decay: float, amsgrad: bool, maximize: bool, decoupled_weight_decay: bool,
           ema_params: TensorSeq = (), ema_weight: float = 0.0, lr_tensor: OptTensor = None,
-          grad_scale: OptTensor = None, found_inf: OptTensor = None, clip_coef: OptTensor = None) -> None:
+          grad_scale: OptTensor = None, found_inf: OptTensor = None, clip_coef: OptTensor = None,
+         l1: float = 0.0) -> None:
     """In-place Adam / AdamW update; ``max_exp_avg_sqs`` empty unless ``amsgrad``."""
     _ops.adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2, eps,
                weight_decay, amsgrad, maximize, decoupled_weight_decay, ema_params, ema_weight, lr_tensor,
-               grad_scale, found_inf, clip_coef)
+               grad_scale, found_inf, clip_coef, l1)
 
 
 def ema_(averages: TensorSeq, params: TensorSeq, *, weight: float) -> None:

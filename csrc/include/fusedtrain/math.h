@@ -71,6 +71,7 @@ struct Bound {
 template <typename T>
 struct GradPrescale {
   T inv_scale = T(1), clip_coef = T(1);
+  T l1 = T(0);  // L1 coefficient (Note: set by the host, not by bind)
 
   FT_HD void bind_prescale(const Bound& b) {
     inv_scale = static_cast<T>(b.inv_scale);
@@ -79,11 +80,19 @@ struct GradPrescale {
   FT_HD T grad(T g) const { return g * inv_scale * clip_coef; }
 };
 
-// The gradient as every rule first sees it: sign flipped for maximize, L2 term added (coupled decay).
+// sign(p) as a number (0 at 0), written as selects so that it vectorizes.
 template <typename T>
-FT_HD T effective_grad(T g, T p, T maximize, T weight_decay) {
+FT_HD T sign(T p) {
+  return p > T(0) ? T(1) : (p < T(0) ? T(-1) : T(0));
+}
+
+// The gradient as every rule first sees it: sign flipped for maximize, L2 term added (coupled decay),
+// then the L1 term l1*sign(p) (the subgradient of l1*|p|, 0 at p = 0; the `l1=` option).
+template <typename T>
+FT_HD T effective_grad(T g, T p, T maximize, T weight_decay, T l1) {
   g = on(maximize) ? -g : g;
-  return on(weight_decay) ? g + weight_decay * p : g;
+  g = on(weight_decay) ? g + weight_decay * p : g;
+  return on(l1) ? g + l1 * sign(p) : g;
 }
 
 // SGD, heavy-ball momentum and Nesterov (Sutskever et al. 2013 in torch's parametrization):
@@ -102,7 +111,7 @@ struct SgdOp : GradPrescale<T> {
   }
 
   FT_HD void operator()(T* r) const {
-    T g = effective_grad(this->grad(r[1]), r[0], maximize, weight_decay);
+    T g = effective_grad(this->grad(r[1]), r[0], maximize, weight_decay, this->l1);
     if constexpr (MOMENTUM) {
       T b = on(first_step) ? g : r[2] * momentum + one_minus_dampening * g;
       r[2] = b;
@@ -127,7 +136,7 @@ struct AdagradOp : GradPrescale<T> {
   }
 
   FT_HD void operator()(T* r) const {
-    const T g = effective_grad(this->grad(r[1]), r[0], maximize, weight_decay);
+    const T g = effective_grad(this->grad(r[1]), r[0], maximize, weight_decay, this->l1);
     const T s = r[2] + g * g;
     r[2] = s;
     r[0] = r[0] + (-clr) * (g / (sqrt_(s) + eps));
@@ -152,7 +161,7 @@ struct RmspropOp : GradPrescale<T> {
   }
 
   FT_HD void operator()(T* r) const {
-    const T g = effective_grad(this->grad(r[1]), r[0], maximize, weight_decay);
+    const T g = effective_grad(this->grad(r[1]), r[0], maximize, weight_decay, this->l1);
     const T v = r[2] * alpha + one_minus_alpha * g * g;
     r[2] = v;
     T avg;
@@ -198,8 +207,7 @@ struct AdamOp : GradPrescale<T> {
   FT_HD void operator()(T* r) const {
     const T p0 = r[0];
     const T g1 = this->grad(r[1]);
-    T g = on(maximize) ? -g1 : g1;
-    g = on(coupled_wd) ? g + coupled_wd * p0 : g;
+    const T g = effective_grad(g1, p0, maximize, coupled_wd, this->l1);
     const T p = p0 * decay_factor;
     const T m = lerp(r[2], g, one_minus_beta1);
     const T v = r[3] * beta2 + one_minus_beta2 * g * g;

@@ -276,7 +276,7 @@ template <class Backend>
 void sgd_impl(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, double lr,
               double momentum, double dampening, double weight_decay, bool nesterov, bool maximize,
               bool first_step, at::TensorList ema_params, double ema_weight, const OptT& lr_tensor,
-              const OptT& grad_scale, const OptT& found_inf, const OptT& clip_coef) {
+              const OptT& grad_scale, const OptT& found_inf, const OptT& clip_coef, double l1) {
   const bool has_momentum = momentum != 0.0;
   Named named{{"params", params}, {"grads", grads}};
   if (has_momentum) named.emplace_back("momentum_buffers", momentum_buffers);
@@ -292,6 +292,7 @@ void sgd_impl(at::TensorList params, at::TensorList grads, at::TensorList moment
       op.nesterov = T(nesterov);
       op.maximize = T(maximize);
       op.first_step = T(first_step);
+      op.l1 = T(l1);
       launch(op);
     };
     if (has_momentum) go(math::SgdOp<T, true>{});
@@ -303,7 +304,7 @@ template <class Backend>
 void adagrad_impl(at::TensorList params, at::TensorList grads, at::TensorList state_sums, at::TensorList state_steps,
                   double lr, double lr_decay, double weight_decay, double eps, bool maximize, at::TensorList ema_params,
                   double ema_weight, const OptT& lr_tensor, const OptT& grad_scale, const OptT& found_inf,
-                  const OptT& clip_coef) {
+                  const OptT& clip_coef, double l1) {
   const auto lists =
       checked("adagrad_", {{"params", params}, {"grads", grads}, {"state_sums", state_sums}}, ema_params);
   const CallPlan plan =
@@ -316,6 +317,7 @@ void adagrad_impl(at::TensorList params, at::TensorList grads, at::TensorList st
     op.weight_decay = T(weight_decay);
     op.eps = T(eps);
     op.maximize = T(maximize);
+    op.l1 = T(l1);
     launch(op);
   });
   finish_call(state_steps, plan);
@@ -326,7 +328,7 @@ void rmsprop_impl(at::TensorList params, at::TensorList grads, at::TensorList sq
                   at::TensorList momentum_buffers, at::TensorList state_steps, double lr, double alpha, double eps,
                   double weight_decay, double momentum, bool centered, bool maximize, at::TensorList ema_params,
                   double ema_weight, const OptT& lr_tensor, const OptT& grad_scale, const OptT& found_inf,
-                  const OptT& clip_coef) {
+                  const OptT& clip_coef, double l1) {
   const bool has_momentum = momentum > 0.0;
   Named named{{"params", params}, {"grads", grads}, {"square_avgs", square_avgs}};
   if (centered) named.emplace_back("grad_avgs", grad_avgs);
@@ -345,6 +347,7 @@ void rmsprop_impl(at::TensorList params, at::TensorList grads, at::TensorList sq
       op.weight_decay = T(weight_decay);
       op.momentum = T(momentum);
       op.maximize = T(maximize);
+      op.l1 = T(l1);
       launch(op);
     };
     if (centered && has_momentum) go(math::RmspropOp<T, true, true>{});
@@ -360,7 +363,7 @@ void adam_impl(at::TensorList params, at::TensorList grads, at::TensorList exp_a
                at::TensorList max_exp_avg_sqs, at::TensorList state_steps, double lr, double beta1, double beta2,
                double eps, double weight_decay, bool amsgrad, bool maximize, bool decoupled_weight_decay,
                at::TensorList ema_params, double ema_weight, const OptT& lr_tensor, const OptT& grad_scale,
-               const OptT& found_inf, const OptT& clip_coef) {
+               const OptT& found_inf, const OptT& clip_coef, double l1) {
   Named named{{"params", params}, {"grads", grads}, {"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}};
   if (amsgrad) named.emplace_back("max_exp_avg_sqs", max_exp_avg_sqs);
   const auto lists = checked("adam_", named, ema_params);
@@ -378,6 +381,7 @@ void adam_impl(at::TensorList params, at::TensorList grads, at::TensorList exp_a
       op.eps = T(eps);
       op.coupled_wd = T(decoupled_weight_decay ? 0.0 : weight_decay);
       op.maximize = T(maximize);
+      op.l1 = T(l1);
       launch(op);
     };
     if (amsgrad) go(math::AdamOp<T, true>{});

@@ -101,12 +101,25 @@ class FusedOptimizerMixin:
     #: The gradients' joint 2-norm (unscaled) of the last step, when ``max_grad_norm`` is set.
     last_grad_norm: Tensor | None = None
 
-    def _init_extras(self, ema: Any, max_grad_norm: float | None) -> None:
+    def _init_extras(self, ema: Any, max_grad_norm: float | None, l1: float) -> None:
+        """The options fusedtrain adds to torch's: ``ema``, ``max_grad_norm`` (optimizer-wide) and ``l1``
+        (a param-group option like ``weight_decay``, recorded in every group and in ``defaults``)."""
         if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0):
             raise ValueError(f"Invalid max_grad_norm: {max_grad_norm!r}; pass a positive number, or None to turn "
                              "clipping off")
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         self.ema = ema
+        defaults: dict[str, Any] = self.__dict__["defaults"]
+        defaults["l1"] = l1
+        for group in self.param_groups:
+            group.setdefault("l1", l1)
+            if not (isinstance(group["l1"], (int, float)) and group["l1"] >= 0):
+                raise ValueError(f"Invalid l1 value: {group['l1']!r}; the L1 coefficient must be a number >= 0")
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)  # type: ignore[misc]
+        for group in self.param_groups:
+            group.setdefault("l1", 0.0)
 
     @staticmethod
     def _step_device(group: dict[str, Any], p: Tensor) -> torch.device | None:
@@ -204,7 +217,8 @@ class FusedOptimizerMixin:
         fused: list[Tensor] = []
         for group, params, grads, splits in work:
             averages = ema.averages_for(params) if ema is not None else None
-            self._update_group(group, params, grads, splits, averages or [], weight, scalars)
+            self._update_group(group, params, grads, splits, averages or [], weight,
+                               dict(scalars, l1=group.get("l1", 0.0)))
             if averages:
                 fused += params
         if ema is not None:
@@ -212,10 +226,10 @@ class FusedOptimizerMixin:
         return loss
 
     def _step_scalars(self, work: list[tuple[dict[str, Any], list[Tensor], list[Tensor], list[Split]]]
-                      ) -> dict[str, Tensor]:
+                      ) -> dict[str, Any]:
         """GradScaler's grad_scale / found_inf (set on the optimizer during ``scaler.step``) and the clip
         coefficient of ``max_grad_norm``, as op keywords."""
-        scalars: dict[str, Tensor] = {}
+        scalars: dict[str, Any] = {}
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         if grad_scale is not None:
@@ -243,8 +257,8 @@ class FusedOptimizerMixin:
         self.__dict__["_ft_ema"] = value
 
     def _update_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], splits: list[Split],
-                      ema_params: list[Tensor], ema_weight: float, scalars: dict[str, Tensor]) -> None:
+                      ema_params: list[Tensor], ema_weight: float, scalars: dict[str, Any]) -> None:
         """Creates missing state and runs the optimizer's fused op on one param group (moving
         ``ema_params``, when given, toward the updated parameters in the same pass; ``scalars``: the op's
-        grad_scale / found_inf / clip_coef keywords)."""
+        grad_scale / found_inf / clip_coef / l1 keywords)."""
         raise NotImplementedError

@@ -31,6 +31,8 @@ class Adagrad(FusedOptimizerMixin, torch.optim.Adagrad):
         max_grad_norm: clip the joint 2-norm of all gradients of this optimizer to this value inside the
             step (equal to ``torch.nn.utils.clip_grad_norm_`` before it; the norm is kept in
             ``last_grad_norm``). GradScaler's scale is honoured (see the module docs).
+        l1: L1 penalty folded into the gradient, :math:`g \leftarrow g + \lambda_1\operatorname{sign}(\theta)`,
+            inside the kernel (a param-group option; with ``weight_decay``, the elastic net).
 
     State: ``step`` (CPU float tensor) and ``sum``, created in the constructor as torch does.
     Sparse gradients are refused (torch.optim.Adagrad handles them).
@@ -42,14 +44,14 @@ class Adagrad(FusedOptimizerMixin, torch.optim.Adagrad):
     def __init__(self, params: Any, lr: float | Tensor = 1e-2, lr_decay: float = 0, weight_decay: float = 0,
                  initial_accumulator_value: float = 0, eps: float = 1e-10, foreach: bool | None = None, *,
                  maximize: bool = False, differentiable: bool = False, fused: bool | None = None,
-                 ema: Any = None, max_grad_norm: float | None = None) -> None:
+                 ema: Any = None, max_grad_norm: float | None = None, l1: float = 0.0) -> None:
         self._check_compat_flags(foreach, fused, differentiable)
         super().__init__(params, lr, lr_decay, weight_decay, initial_accumulator_value, eps, maximize=maximize,
                          differentiable=differentiable)
-        self._init_extras(ema, max_grad_norm)
+        self._init_extras(ema, max_grad_norm, l1)
 
     def _update_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], splits: list[Split],
-                      ema_params: list[Tensor], ema_weight: float, scalars: dict[str, Tensor]) -> None:
+                      ema_params: list[Tensor], ema_weight: float, scalars: dict[str, Any]) -> None:
         states = [self.state[p] for p in params]
         if not all(states):  # parameters added with add_param_group after construction
             init = group["initial_accumulator_value"]

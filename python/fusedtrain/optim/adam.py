@@ -45,6 +45,8 @@ class Adam(FusedOptimizerMixin, torch.optim.Adam):
         max_grad_norm: clip the joint 2-norm of all gradients of this optimizer to this value inside the
             step (equal to ``torch.nn.utils.clip_grad_norm_`` before it; the norm is kept in
             ``last_grad_norm``). GradScaler's scale is honoured (see the module docs).
+        l1: L1 penalty folded into the gradient, :math:`g \leftarrow g + \lambda_1\operatorname{sign}(\theta)`,
+            inside the kernel (a param-group option; with ``weight_decay``, the elastic net).
 
     The state keys (``step`` as a CPU float tensor, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``) are
     torch's, so ``state_dict()`` loads into torch.optim.Adam and back.
@@ -59,7 +61,7 @@ class Adam(FusedOptimizerMixin, torch.optim.Adam):
                  eps: float = 1e-8, weight_decay: float = 0, amsgrad: bool = False, *, foreach: bool | None = None,
                  maximize: bool = False, capturable: bool = False, differentiable: bool = False,
                  fused: bool | None = None, decoupled_weight_decay: bool = False, ema: Any = None,
-                 max_grad_norm: float | None = None) -> None:
+                 max_grad_norm: float | None = None, l1: float = 0.0) -> None:
         self._check_compat_flags(foreach, fused, differentiable)
         kwargs: dict[str, Any] = dict(maximize=maximize, capturable=capturable, differentiable=differentiable)
         if _TORCH_ADAM_HAS_DECOUPLED:
@@ -69,7 +71,7 @@ class Adam(FusedOptimizerMixin, torch.optim.Adam):
             self.defaults["decoupled_weight_decay"] = decoupled_weight_decay
             for group in self.param_groups:
                 group.setdefault("decoupled_weight_decay", decoupled_weight_decay)
-        self._init_extras(ema, max_grad_norm)
+        self._init_extras(ema, max_grad_norm, l1)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -77,7 +79,7 @@ class Adam(FusedOptimizerMixin, torch.optim.Adam):
             group.setdefault("decoupled_weight_decay", self._decoupled_default)
 
     def _update_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], splits: list[Split],
-                      ema_params: list[Tensor], ema_weight: float, scalars: dict[str, Tensor]) -> None:
+                      ema_params: list[Tensor], ema_weight: float, scalars: dict[str, Any]) -> None:
         amsgrad = group["amsgrad"]
         states = [self.state[p] for p in params]
         if not all(states):
@@ -116,11 +118,11 @@ class AdamW(Adam, torch.optim.AdamW):
                  eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *,
                  maximize: bool = False, foreach: bool | None = None, capturable: bool = False,
                  differentiable: bool = False, fused: bool | None = None, ema: Any = None,
-                 max_grad_norm: float | None = None) -> None:
+                 max_grad_norm: float | None = None, l1: float = 0.0) -> None:
         self._check_compat_flags(foreach, fused, differentiable)
         torch.optim.AdamW.__init__(self, params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
                                    capturable=capturable, differentiable=differentiable)
         self.defaults["decoupled_weight_decay"] = True
         for group in self.param_groups:
             group["decoupled_weight_decay"] = True
-        self._init_extras(ema, max_grad_norm)
+        self._init_extras(ema, max_grad_norm, l1)

@@ -1,4 +1,4 @@
-"""Functional forms of the fusedtrain optimizers: one fused update over lists of tensors.
+r"""Functional forms of the fusedtrain optimizers: one fused update over lists of tensors.
 
 Each function takes the same lists as the torch.optim functional of the same name (params, grads and
 state tensors, plus CPU ``state_steps`` where the rule counts steps), groups them by (device, dtype) and
@@ -16,7 +16,10 @@ Every function also takes (Note [per-tensor binding] in ``csrc/include/fusedtrai
   update, step counters included. With step counters on the GPU this is decided on the GPU; with CPU
   counters the host reads ``found_inf`` (a synchronisation for CUDA tensors);
 - ``clip_coef``: a gradient-norm clipping coefficient (see :func:`fusedtrain.clip_grad_norm_`), applied
-  after the unscaling.
+  after the unscaling;
+- ``l1``: an L1 penalty folded into the gradient, :math:`g \leftarrow g + \lambda_1 \operatorname{sign}(\theta)`
+  (after ``maximize`` and the coupled weight decay; 0 at :math:`\theta = 0`). With ``weight_decay`` this is
+  the elastic net.
 """
 
 from __future__ import annotations
@@ -44,9 +47,13 @@ _SCALARS = ("lr_tensor", "grad_scale", "found_inf", "clip_coef")
 
 
 def _scalars(lr: float | Tensor, grad_scale: Tensor | None, found_inf: Tensor | None,
-             clip_coef: Tensor | None) -> dict[str, Any]:
-    """The op keywords for the learning rate and the optional per-call scalar tensors."""
+             clip_coef: Tensor | None, l1: float) -> dict[str, Any]:
+    """The op keywords for the learning rate, the L1 coefficient and the optional per-call scalar tensors."""
     out: dict[str, Any] = {"lr": 0.0, "lr_tensor": lr} if isinstance(lr, Tensor) else {"lr": float(lr)}
+    if l1:
+        if not float(l1) >= 0.0:
+            raise ValueError(f"Invalid l1 value: {l1}; the L1 coefficient must be >= 0")
+        out["l1"] = float(l1)
     for name, value in (("grad_scale", grad_scale), ("found_inf", found_inf), ("clip_coef", clip_coef)):
         if value is not None:
             if not isinstance(value, Tensor):
@@ -93,7 +100,7 @@ def sgd(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers: Seq
         momentum: float = 0.0, dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False,
         maximize: bool = False, first_step: bool = False, splits: list[Split] | None = None,
         ema_params: Sequence[Tensor] = (), ema_weight: float = 0.0, grad_scale: Tensor | None = None,
-        found_inf: Tensor | None = None, clip_coef: Tensor | None = None) -> None:
+        found_inf: Tensor | None = None, clip_coef: Tensor | None = None, l1: float = 0.0) -> None:
     r"""SGD with optional heavy-ball or Nesterov momentum, in place.
 
     .. math::
@@ -105,18 +112,18 @@ def sgd(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers: Seq
     _run(_ops.sgd_, splits or splits_for(params), (params, grads, momentum_buffers), None, momentum=momentum,
          dampening=dampening, weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
          first_step=first_step, ema_params=ema_params, ema_weight=ema_weight,
-         **_scalars(lr, grad_scale, found_inf, clip_coef))
+         **_scalars(lr, grad_scale, found_inf, clip_coef, l1))
 
 
 def adagrad(params: Sequence[Tensor], grads: Sequence[Tensor], state_sums: Sequence[Tensor],
             state_steps: Sequence[Tensor], *, lr: float | Tensor = 1e-2, lr_decay: float = 0.0,
             weight_decay: float = 0.0, eps: float = 1e-10, maximize: bool = False, splits: list[Split] | None = None,
             ema_params: Sequence[Tensor] = (), ema_weight: float = 0.0, grad_scale: Tensor | None = None,
-            found_inf: Tensor | None = None, clip_coef: Tensor | None = None) -> None:
+            found_inf: Tensor | None = None, clip_coef: Tensor | None = None, l1: float = 0.0) -> None:
     r"""Adagrad in place: :math:`r \leftarrow r + g\odot g,\ \theta \leftarrow \theta - \eta_t\, g/(\sqrt r+\delta)`."""
     _run(_ops.adagrad_, splits or splits_for(params), (params, grads, state_sums), state_steps,
          lr_decay=lr_decay, weight_decay=weight_decay, eps=eps, maximize=maximize, ema_params=ema_params,
-         ema_weight=ema_weight, **_scalars(lr, grad_scale, found_inf, clip_coef))
+         ema_weight=ema_weight, **_scalars(lr, grad_scale, found_inf, clip_coef, l1))
 
 
 def rmsprop(params: Sequence[Tensor], grads: Sequence[Tensor], square_avgs: Sequence[Tensor],
@@ -125,7 +132,7 @@ def rmsprop(params: Sequence[Tensor], grads: Sequence[Tensor], square_avgs: Sequ
             momentum: float = 0.0, centered: bool = False, maximize: bool = False,
             splits: list[Split] | None = None, ema_params: Sequence[Tensor] = (), ema_weight: float = 0.0,
             grad_scale: Tensor | None = None, found_inf: Tensor | None = None,
-            clip_coef: Tensor | None = None) -> None:
+            clip_coef: Tensor | None = None, l1: float = 0.0) -> None:
     r"""RMSprop in place.
 
     .. math:: v \leftarrow \alpha v + (1-\alpha) g^2,\quad \theta \leftarrow \theta - \eta\, g/(\sqrt v+\epsilon)
@@ -135,7 +142,7 @@ def rmsprop(params: Sequence[Tensor], grads: Sequence[Tensor], square_avgs: Sequ
     _run(_ops.rmsprop_, splits or splits_for(params), (params, grads, square_avgs, grad_avgs, momentum_buffers),
          state_steps, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum, centered=centered,
          maximize=maximize, ema_params=ema_params, ema_weight=ema_weight,
-         **_scalars(lr, grad_scale, found_inf, clip_coef))
+         **_scalars(lr, grad_scale, found_inf, clip_coef, l1))
 
 
 def adam(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
@@ -144,7 +151,7 @@ def adam(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[T
          weight_decay: float = 0.0, amsgrad: bool = False, maximize: bool = False,
          decoupled_weight_decay: bool = False, splits: list[Split] | None = None, ema_params: Sequence[Tensor] = (),
          ema_weight: float = 0.0, grad_scale: Tensor | None = None, found_inf: Tensor | None = None,
-         clip_coef: Tensor | None = None) -> None:
+         clip_coef: Tensor | None = None, l1: float = 0.0) -> None:
     r"""Adam (AdamW with ``decoupled_weight_decay=True``) in place, with bias correction.
 
     .. math::
@@ -154,7 +161,7 @@ def adam(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[T
     _run(_ops.adam_, splits or splits_for(params), (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs), state_steps,
          beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
          decoupled_weight_decay=decoupled_weight_decay, ema_params=ema_params, ema_weight=ema_weight,
-         **_scalars(lr, grad_scale, found_inf, clip_coef))
+         **_scalars(lr, grad_scale, found_inf, clip_coef, l1))
 
 
 def adamw(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
@@ -162,12 +169,13 @@ def adamw(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[
           lr: float | Tensor = 1e-3, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
           weight_decay: float = 1e-2, amsgrad: bool = False, maximize: bool = False,
           splits: list[Split] | None = None, ema_params: Sequence[Tensor] = (), ema_weight: float = 0.0,
-          grad_scale: Tensor | None = None, found_inf: Tensor | None = None, clip_coef: Tensor | None = None) -> None:
+          grad_scale: Tensor | None = None, found_inf: Tensor | None = None, clip_coef: Tensor | None = None,
+          l1: float = 0.0) -> None:
     r"""AdamW in place: Adam with decoupled weight decay :math:`\theta \leftarrow \theta(1-\eta\lambda)`."""
     adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr=lr, beta1=beta1, beta2=beta2,
          eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize, decoupled_weight_decay=True,
          splits=splits, ema_params=ema_params, ema_weight=ema_weight, grad_scale=grad_scale, found_inf=found_inf,
-         clip_coef=clip_coef)
+         clip_coef=clip_coef, l1=l1)
 
 
 def ema(averages: Sequence[Tensor], params: Sequence[Tensor], *, weight: float,

@@ -36,6 +36,8 @@ class RMSprop(FusedOptimizerMixin, torch.optim.RMSprop):
         max_grad_norm: clip the joint 2-norm of all gradients of this optimizer to this value inside the
             step (equal to ``torch.nn.utils.clip_grad_norm_`` before it; the norm is kept in
             ``last_grad_norm``). GradScaler's scale is honoured (see the module docs).
+        l1: L1 penalty folded into the gradient, :math:`g \leftarrow g + \lambda_1\operatorname{sign}(\theta)`,
+            inside the kernel (a param-group option; with ``weight_decay``, the elastic net).
 
     State: ``step``, ``square_avg``, ``momentum_buffer`` (momentum > 0), ``grad_avg`` (centered).
     """
@@ -46,14 +48,14 @@ class RMSprop(FusedOptimizerMixin, torch.optim.RMSprop):
     def __init__(self, params: Any, lr: float | Tensor = 1e-2, alpha: float = 0.99, eps: float = 1e-8,
                  weight_decay: float = 0, momentum: float = 0, centered: bool = False, capturable: bool = False,
                  foreach: bool | None = None, maximize: bool = False, differentiable: bool = False, *,
-                 ema: Any = None, max_grad_norm: float | None = None) -> None:
+                 ema: Any = None, max_grad_norm: float | None = None, l1: float = 0.0) -> None:
         self._check_compat_flags(foreach, None, differentiable)
         super().__init__(params, lr, alpha, eps, weight_decay, momentum, centered, capturable=capturable,
                          maximize=maximize, differentiable=differentiable)
-        self._init_extras(ema, max_grad_norm)
+        self._init_extras(ema, max_grad_norm, l1)
 
     def _update_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], splits: list[Split],
-                      ema_params: list[Tensor], ema_weight: float, scalars: dict[str, Tensor]) -> None:
+                      ema_params: list[Tensor], ema_weight: float, scalars: dict[str, Any]) -> None:
         momentum, centered = group["momentum"], group["centered"]
         states = [self.state[p] for p in params]
         if not all(states):

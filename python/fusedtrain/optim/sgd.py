@@ -37,6 +37,8 @@ class SGD(FusedOptimizerMixin, torch.optim.SGD):
         max_grad_norm: clip the joint 2-norm of all gradients of this optimizer to this value inside the
             step (equal to ``torch.nn.utils.clip_grad_norm_`` before it; the norm is kept in
             ``last_grad_norm``). GradScaler's scale is honoured (see the module docs).
+        l1: L1 penalty folded into the gradient, :math:`g \leftarrow g + \lambda_1\operatorname{sign}(\theta)`,
+            inside the kernel (a param-group option; with ``weight_decay``, the elastic net).
 
     State: ``momentum_buffer`` when momentum is non-zero, as in torch.
     """
@@ -47,14 +49,14 @@ class SGD(FusedOptimizerMixin, torch.optim.SGD):
     def __init__(self, params: Any, lr: float | Tensor = 1e-3, momentum: float = 0, dampening: float = 0,
                  weight_decay: float | Tensor = 0, nesterov: bool = False, *, maximize: bool = False,
                  foreach: bool | None = None, differentiable: bool = False, fused: bool | None = None,
-                 ema: Any = None, max_grad_norm: float | None = None) -> None:
+                 ema: Any = None, max_grad_norm: float | None = None, l1: float = 0.0) -> None:
         self._check_compat_flags(foreach, fused, differentiable)
         super().__init__(params, lr, momentum, dampening, weight_decay, nesterov, maximize=maximize,
                          differentiable=differentiable)
-        self._init_extras(ema, max_grad_norm)
+        self._init_extras(ema, max_grad_norm, l1)
 
     def _update_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], splits: list[Split],
-                      ema_params: list[Tensor], ema_weight: float, scalars: dict[str, Tensor]) -> None:
+                      ema_params: list[Tensor], ema_weight: float, scalars: dict[str, Any]) -> None:
         momentum = group["momentum"]
         hyper = dict(lr=lr_arg(group["lr"]), momentum=momentum, dampening=group["dampening"],
                      weight_decay=to_scalar(group["weight_decay"]), nesterov=group["nesterov"],
