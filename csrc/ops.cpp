@@ -14,10 +14,17 @@
 //   found_inf   GradScaler's flag: non-zero skips the update (and the step counters stay);
 //   clip_coef   max_grad_norm's coefficient min(1, max_norm / (norm + 1e-6)), applied after unscaling.
 // and `l1`: the L1 coefficient, l1*sign(p) added to the gradient (after maximize and weight decay).
+// Mixed precision (Note [mixed-precision layouts] in rounding.h):
+//   param_copies         master weights: params are float32 masters, grads and param_copies float16 or
+//                        bfloat16; the copies receive the rounded new masters in the same pass;
+//   stochastic_rounding  bfloat16 params (without masters) are stored with stochastic rounding, from
+//                        random bits keyed by sr_seed (draw a fresh one each step).
+// States may be float32 or bfloat16 with float32 params, or float32 / the copies' dtype with masters.
 #include <torch/library.h>
 
-#define OPTIM_SCALARS \
-  "Tensor? lr_tensor=None, Tensor? grad_scale=None, Tensor? found_inf=None, Tensor? clip_coef=None, float l1=0.0"
+#define OPTIM_SCALARS                                                                                          \
+  "Tensor? lr_tensor=None, Tensor? grad_scale=None, Tensor? found_inf=None, Tensor? clip_coef=None, float l1=0.0, " \
+  "Tensor(y!)[]? param_copies=None, bool stochastic_rounding=False, int sr_seed=0"
 
 TORCH_LIBRARY(fusedtrain, m) {
   m.def(

@@ -125,7 +125,7 @@ def test_functional_groups_mixed_dtypes(device: str) -> None:
 def test_op_rejects_mismatched_lists_without_mutation() -> None:
     p, g = [torch.randn(4)], [torch.randn(5)]
     before = p[0].clone()
-    with pytest.raises(RuntimeError, match=r"grads\[0\].*must match params\[0\]"):
+    with pytest.raises(RuntimeError, match=r"grads\[0\].*must be Float with the shape and device of params\[0\]"):
         torch.ops.fusedtrain.sgd_(p, g, [], 0.1, 0.0, 0.0, 0.0, False, False, False, [], 0.0)
     steps = [torch.tensor(0.0)]
     with pytest.raises(RuntimeError, match="exp_avgs has 0 tensors"):

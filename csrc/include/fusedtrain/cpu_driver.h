@@ -24,23 +24,29 @@
 #include <vector>
 
 #include "fusedtrain/cpu_isa.h"
+#include "fusedtrain/rounding.h"
 #include "fusedtrain/work.h"
 
 namespace fusedtrain {
 namespace cpu {
 
-template <typename S, typename Op>
-inline __attribute__((always_inline)) void loop_body(S* const* ptr, int64_t n, const Op& op_in) {
-  using T = at::opmath_type<S>;
+// ptr: the lists of one piece in register order, then (L::kCopy) the low-precision parameter copy;
+// index0: the piece's first element index within its tensor; key: the tensor's stochastic-rounding key.
+template <class L, typename Op>
+inline __attribute__((always_inline)) void loop_body(void* const* ptr, int64_t n, const Op& op_in, int64_t index0,
+                                                     uint32_t key) {
+  using T = at::opmath_type<typename L::P>;
+  using St = typename L::St;
   constexpr int D = Op::depth;
+  static_assert(D <= 6, "loop_body handles up to six lists plus the parameter copy");
   const Op op = op_in;  // a local copy: stores through the pointers cannot alias the hyperparameters
-  S* __restrict__ p0 = ptr[0];
-  const S* __restrict__ p1 = ptr[1];
-  S* __restrict__ p2 = D > 2 ? ptr[2] : nullptr;
-  S* __restrict__ p3 = D > 3 ? ptr[3] : nullptr;
-  S* __restrict__ p4 = D > 4 ? ptr[4] : nullptr;
-  S* __restrict__ p5 = D > 5 ? ptr[5] : nullptr;
-  static_assert(D <= 6, "loop_body handles up to six lists");
+  typename L::P* __restrict__ p0 = static_cast<typename L::P*>(ptr[0]);
+  const typename L::G* __restrict__ p1 = static_cast<const typename L::G*>(ptr[1]);
+  St* __restrict__ p2 = D > 2 ? static_cast<St*>(ptr[2]) : nullptr;
+  St* __restrict__ p3 = D > 3 ? static_cast<St*>(ptr[3]) : nullptr;
+  St* __restrict__ p4 = D > 4 ? static_cast<St*>(ptr[4]) : nullptr;
+  St* __restrict__ p5 = D > 5 ? static_cast<St*>(ptr[5]) : nullptr;
+  typename L::O* __restrict__ out = L::kCopy ? static_cast<typename L::O*>(ptr[D]) : nullptr;
   // The lists of a tuple are distinct tensors and element i touches only index i, so there is no
   // loop-carried dependence. Said explicitly: GCC drops the __restrict__ of these locals when the body
   // is inlined into the target-specific copies and would otherwise version the loop with run-time alias
@@ -55,47 +61,49 @@ inline __attribute__((always_inline)) void loop_body(S* const* ptr, int64_t n, c
     if constexpr (D > 4) r[4] = static_cast<T>(p4[i]);
     if constexpr (D > 5) r[5] = static_cast<T>(p5[i]);
     op(r);
-    p0[i] = static_cast<S>(r[0]);
-    if constexpr (D > 2) p2[i] = static_cast<S>(r[2]);
-    if constexpr (D > 3) p3[i] = static_cast<S>(r[3]);
-    if constexpr (D > 4) p4[i] = static_cast<S>(r[4]);
-    if constexpr (D > 5) p5[i] = static_cast<S>(r[5]);
+    p0[i] = rounding::store_param<L>(r[0], key, index0 + i);
+    if constexpr (D > 2) p2[i] = static_cast<St>(r[2]);
+    if constexpr (D > 3) p3[i] = static_cast<St>(r[3]);
+    if constexpr (D > 4) p4[i] = static_cast<St>(r[4]);
+    if constexpr (D > 5) p5[i] = static_cast<St>(r[5]);
+    if constexpr (L::kCopy) out[i] = static_cast<typename L::O>(r[0]);
   }
 }
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define FT_HAVE_X86_DISPATCH 1
-template <typename S, typename Op>
+template <class L, typename Op>
 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c"))) void loop_avx512(
-    S* const* ptr, int64_t n, const Op& op) {
-  loop_body<S, Op>(ptr, n, op);
+    void* const* ptr, int64_t n, const Op& op, int64_t index0, uint32_t key) {
+  loop_body<L, Op>(ptr, n, op, index0, key);
 }
-template <typename S, typename Op>
-__attribute__((target("avx2,fma,f16c"))) void loop_avx2(S* const* ptr, int64_t n, const Op& op) {
-  loop_body<S, Op>(ptr, n, op);
+template <class L, typename Op>
+__attribute__((target("avx2,fma,f16c"))) void loop_avx2(void* const* ptr, int64_t n, const Op& op, int64_t index0,
+                                                        uint32_t key) {
+  loop_body<L, Op>(ptr, n, op, index0, key);
 }
 #endif
-template <typename S, typename Op>
-void loop_baseline(S* const* ptr, int64_t n, const Op& op) {
-  loop_body<S, Op>(ptr, n, op);
+template <class L, typename Op>
+void loop_baseline(void* const* ptr, int64_t n, const Op& op, int64_t index0, uint32_t key) {
+  loop_body<L, Op>(ptr, n, op, index0, key);
 }
 
-template <typename S, typename Op>
-using LoopFn = void (*)(S* const*, int64_t, const Op&);
+template <typename Op>
+using LoopFn = void (*)(void* const*, int64_t, const Op&, int64_t, uint32_t);
 
-template <typename S, typename Op>
-LoopFn<S, Op> select_loop() {
+template <class L, typename Op>
+LoopFn<Op> select_loop() {
 #ifdef FT_HAVE_X86_DISPATCH
   switch (active_isa()) {
     case Isa::kAvx512:
-      return &loop_avx512<S, Op>;
+      return &loop_avx512<L, Op>;
     case Isa::kAvx2:
-      return &loop_avx2<S, Op>;
+      return &loop_avx2<L, Op>;
     default:
       break;
   }
 #endif
-  return &loop_baseline<S, Op>;
+  return &loop_baseline<L, Op>;
 }
 
 // Elements per parallel_for grain: large enough to amortize the per-range tensor search, small enough
@@ -103,37 +111,41 @@ LoopFn<S, Op> select_loop() {
 constexpr int64_t kGrain = 16384;
 
 // Every tuple of `work` is non-overlapping-and-dense with equal strides (optim_host.h guarantees it),
-// so memory order is a valid element order for all D tensors of the tuple. Each piece's functor is
+// so memory order is a valid element order for all lists of the tuple. Each piece's functor is
 // bound to its tensor's step and the call's scalars first (Note [per-tensor binding]). found_inf is
 // resolved by the host on the CPU (optim_host.h), so work.scalars.found_inf is never set here.
-template <typename S, typename Op>
+template <class L, typename Op>
 void multi_tensor_apply(const Work& work, const Op& op) {
-  constexpr int D = Op::depth;
+  constexpr int N = Op::depth + (L::kCopy ? 1 : 0);
   const size_t n = work.size();
   std::vector<int64_t> offset(n + 1, 0);
   for (size_t i = 0; i < n; ++i) offset[i + 1] = offset[i] + work.numel[i];
   const int64_t total = offset[n];
   if (total == 0) return;
-  const LoopFn<S, Op> loop = select_loop<S, Op>();
+  const LoopFn<Op> loop = select_loop<L, Op>();
   at::parallel_for(0, total, kGrain, [&](int64_t begin, int64_t end) {
     size_t i = std::upper_bound(offset.begin(), offset.end(), begin) - offset.begin() - 1;
     for (; i < n && offset[i] < end; ++i) {
       const int64_t lo = std::max(begin, offset[i]) - offset[i];
       const int64_t hi = std::min(end, offset[i + 1]) - offset[i];
       if (hi <= lo) continue;
-      S* piece[D];
-      for (int k = 0; k < D; ++k) piece[k] = static_cast<S*>(work.ptr[i][k]) + lo;
+      void* piece[N];
+      piece[0] = static_cast<typename L::P*>(work.ptr[i][0]) + lo;
+      piece[1] = static_cast<typename L::G*>(work.ptr[i][1]) + lo;
+      for (int k = 2; k < Op::depth; ++k) piece[k] = static_cast<typename L::St*>(work.ptr[i][k]) + lo;
+      if constexpr (L::kCopy) piece[Op::depth] = static_cast<typename L::O*>(work.ptr[i][Op::depth]) + lo;
       Op bound = op;
       bound.bind(bound_for(work.scalars, work.step[i]));
-      loop(piece, hi - lo, bound);
+      const uint32_t key = L::kStochastic ? rounding::tensor_key(work.sr_seed, static_cast<uint32_t>(i)) : 0u;
+      loop(piece, hi - lo, bound, lo, key);
     }
   });
 }
 
 struct Backend {
-  template <typename S, typename Op>
+  template <class L, typename Op>
   static void apply(const Work& work, const Op& op) {
-    multi_tensor_apply<S, Op>(work, op);
+    multi_tensor_apply<L, Op>(work, op);
   }
 };
 

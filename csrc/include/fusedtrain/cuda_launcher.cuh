@@ -24,6 +24,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "fusedtrain/rounding.h"
 #include "fusedtrain/work.h"
 
 namespace fusedtrain {
@@ -39,12 +40,13 @@ constexpr int kArgBytes = 31 * 1024;  // kernel parameter budget for the tensor 
 
 template <int D>
 struct TensorTable {
-  static constexpr int kMax = (kArgBytes - 16 - static_cast<int>(sizeof(Scalars))) / (D * 8 + 8 + 16 + 4);
+  static constexpr int kMax = (kArgBytes - 24 - static_cast<int>(sizeof(Scalars))) / (D * 8 + 8 + 16 + 4);
   void* ptr[D][kMax];
   int64_t numel[kMax];
   Scalar step[kMax];        // per-tensor step: a host value, or the device counter (capturable)
   int32_t chunk_end[kMax];  // cumulative chunk count up to and including tensor t
   int32_t count;
+  int32_t first;  // ordinal of entry 0 in the whole call (several launches when the table fills up)
   Scalars scalars;
 };
 
@@ -64,27 +66,53 @@ __device__ __forceinline__ int find_chunk(const TensorTable<D>& table, int32_t c
 }
 
 template <typename S, int N>
-struct alignas(16) Pack {
+struct alignas(sizeof(S) * N) Pack {
   S v[N];
 };
 
-template <typename S, typename Op, int D>
-__device__ __forceinline__ void element(S* const* p, int64_t i, const Op& op) {
-  using T = at::opmath_type<S>;
+// The pointers of one chunk, typed by the layout (Note [mixed-precision layouts] in rounding.h).
+template <class L, int D>
+struct ChunkPtrs {
+  static constexpr int NS = D > 2 ? D - 2 : 1;
+  typename L::P* p;
+  const typename L::G* g;
+  typename L::St* s[NS];
+  typename L::O* out;
+};
+
+template <class L, typename Op>
+__device__ __forceinline__ void element(const ChunkPtrs<L, Op::depth>& c, int64_t i, const Op& op, uint32_t key,
+                                        int64_t index) {
+  using T = at::opmath_type<typename L::P>;
+  constexpr int D = Op::depth;
   T r[D];
+  r[0] = static_cast<T>(c.p[i]);
+  r[1] = static_cast<T>(c.g[i]);
 #pragma unroll
-  for (int k = 0; k < D; ++k) r[k] = static_cast<T>(p[k][i]);
+  for (int k = 2; k < D; ++k) r[k] = static_cast<T>(c.s[k - 2][i]);
   op(r);
-  p[0][i] = static_cast<S>(r[0]);
+  c.p[i] = rounding::store_param<L>(r[0], key, index);
 #pragma unroll
-  for (int k = 2; k < D; ++k) p[k][i] = static_cast<S>(r[k]);
+  for (int k = 2; k < D; ++k) c.s[k - 2][i] = static_cast<typename L::St>(r[k]);
+  if constexpr (L::kCopy) c.out[i] = static_cast<typename L::O>(r[0]);
 }
 
-template <typename S, typename Op, int D>
-__global__ void __launch_bounds__(kThreads) multi_tensor_kernel(const __grid_constant__ TensorTable<D> table,
-                                                                const Op op_in) {
-  using T = at::opmath_type<S>;
-  constexpr int VEC = 16 / sizeof(S);
+template <typename S>
+__device__ __forceinline__ bool aligned_to(const S* p, int bytes) {
+  return reinterpret_cast<uintptr_t>(p) % bytes == 0;
+}
+
+template <class L, typename Op, int N>
+__global__ void __launch_bounds__(kThreads) multi_tensor_kernel(const __grid_constant__ TensorTable<N> table,
+                                                                const Op op_in, const uint64_t sr_seed) {
+  using T = at::opmath_type<typename L::P>;
+  using P = typename L::P;
+  using G = typename L::G;
+  using St = typename L::St;
+  using O = typename L::O;
+  constexpr int D = Op::depth;
+  constexpr int VEC = 16 / L::kMaxBytes;  // elements per vector: 16 bytes of the widest list
+  constexpr int NS = ChunkPtrs<L, D>::NS;
   // GradScaler found an inf/NaN: the whole update is skipped, decided on the device (no host sync).
   if (table.scalars.found_inf != nullptr && *table.scalars.found_inf != 0.0f) return;
   const int32_t total = table.chunk_end[table.count - 1];
@@ -102,85 +130,104 @@ __global__ void __launch_bounds__(kThreads) multi_tensor_kernel(const __grid_con
       op = op_in;
       op.bind(b);
     }
-    S* p[D];
-    bool aligned = true;
+    const uint32_t key = L::kStochastic ? rounding::tensor_key(sr_seed, static_cast<uint32_t>(table.first + t)) : 0u;
+    ChunkPtrs<L, D> cp;
+    cp.p = static_cast<P*>(table.ptr[0][t]) + start;
+    cp.g = static_cast<const G*>(table.ptr[1][t]) + start;
+    bool aligned = aligned_to(cp.p, sizeof(P) * VEC) && aligned_to(cp.g, sizeof(G) * VEC);
 #pragma unroll
-    for (int k = 0; k < D; ++k) {
-      p[k] = static_cast<S*>(table.ptr[k][t]) + start;
-      aligned = aligned && (reinterpret_cast<uintptr_t>(p[k]) % 16 == 0);
+    for (int k = 2; k < D; ++k) {
+      cp.s[k - 2] = static_cast<St*>(table.ptr[k][t]) + start;
+      aligned = aligned && aligned_to(cp.s[k - 2], sizeof(St) * VEC);
+    }
+    cp.out = nullptr;
+    if constexpr (L::kCopy) {
+      cp.out = static_cast<O*>(table.ptr[D][t]) + start;
+      aligned = aligned && aligned_to(cp.out, sizeof(O) * VEC);
     }
     int64_t done = 0;
     if (aligned) {
       const int64_t nvec = len / VEC;
       // kIlp independent vectors per thread per round: all their loads are issued before the first use.
       for (int64_t v0 = threadIdx.x; v0 < nvec; v0 += kThreads * kIlp) {
-        Pack<S, VEC> x[kIlp][D];
+        Pack<P, VEC> xp[kIlp];
+        Pack<G, VEC> xg[kIlp];
+        Pack<St, VEC> xs[kIlp][NS];
 #pragma unroll
         for (int u = 0; u < kIlp; ++u) {
           const int64_t v = v0 + u * kThreads;
           if (v < nvec) {
+            xp[u] = reinterpret_cast<const Pack<P, VEC>*>(cp.p)[v];
+            xg[u] = reinterpret_cast<const Pack<G, VEC>*>(cp.g)[v];
 #pragma unroll
-            for (int k = 0; k < D; ++k) x[u][k] = reinterpret_cast<const Pack<S, VEC>*>(p[k])[v];
+            for (int k = 2; k < D; ++k) xs[u][k - 2] = reinterpret_cast<const Pack<St, VEC>*>(cp.s[k - 2])[v];
           }
         }
 #pragma unroll
         for (int u = 0; u < kIlp; ++u) {
           const int64_t v = v0 + u * kThreads;
           if (v >= nvec) break;
+          Pack<O, VEC> xo;
 #pragma unroll
           for (int e = 0; e < VEC; ++e) {
             T r[D];
+            r[0] = static_cast<T>(xp[u].v[e]);
+            r[1] = static_cast<T>(xg[u].v[e]);
 #pragma unroll
-            for (int k = 0; k < D; ++k) r[k] = static_cast<T>(x[u][k].v[e]);
+            for (int k = 2; k < D; ++k) r[k] = static_cast<T>(xs[u][k - 2].v[e]);
             op(r);
-            x[u][0].v[e] = static_cast<S>(r[0]);
+            xp[u].v[e] = rounding::store_param<L>(r[0], key, start + v * VEC + e);
 #pragma unroll
-            for (int k = 2; k < D; ++k) x[u][k].v[e] = static_cast<S>(r[k]);
+            for (int k = 2; k < D; ++k) xs[u][k - 2].v[e] = static_cast<St>(r[k]);
+            if constexpr (L::kCopy) xo.v[e] = static_cast<O>(r[0]);
           }
-          reinterpret_cast<Pack<S, VEC>*>(p[0])[v] = x[u][0];
+          reinterpret_cast<Pack<P, VEC>*>(cp.p)[v] = xp[u];
 #pragma unroll
-          for (int k = 2; k < D; ++k) reinterpret_cast<Pack<S, VEC>*>(p[k])[v] = x[u][k];
+          for (int k = 2; k < D; ++k) reinterpret_cast<Pack<St, VEC>*>(cp.s[k - 2])[v] = xs[u][k - 2];
+          if constexpr (L::kCopy) reinterpret_cast<Pack<O, VEC>*>(cp.out)[v] = xo;
         }
       }
       done = nvec * VEC;
     }
-    for (int64_t i = done + threadIdx.x; i < len; i += kThreads) element<S, Op, D>(p, i, op);
+    for (int64_t i = done + threadIdx.x; i < len; i += kThreads) element<L, Op>(cp, i, op, key, start + i);
   }
 }
 
-template <typename S, typename Op>
+template <class L, typename Op>
 int blocks_per_sm() {
   // Function-local cache per kernel instantiation: occupancy depends only on the compiled kernel.
   static const int value = [] {
     int blocks = 0;
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-        &blocks, multi_tensor_kernel<S, Op, Op::depth>, kThreads, 0));
+        &blocks, multi_tensor_kernel<L, Op, Op::depth + (L::kCopy ? 1 : 0)>, kThreads, 0));
     return blocks > 0 ? blocks : 1;
   }();
   return value;
 }
 
 // Tuples of `work` are dense with equal strides (optim_host.h) and all on work.device.
-template <typename S, typename Op>
+template <class L, typename Op>
 void multi_tensor_apply(const Work& work, const Op& op) {
-  constexpr int D = Op::depth;
+  constexpr int D = Op::depth + (L::kCopy ? 1 : 0);  // lists in the table: the rule's, then the copy
   using Table = TensorTable<D>;
   static_assert(sizeof(Table) + sizeof(Op) <= 32764, "kernel parameters exceed the 32 KB limit");
   const c10::cuda::CUDAGuard guard(work.device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   int sm_count = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, work.device.index()));
-  const int64_t max_grid = static_cast<int64_t>(sm_count) * blocks_per_sm<S, Op>();
+  const int64_t max_grid = static_cast<int64_t>(sm_count) * blocks_per_sm<L, Op>();
 
   Table table;
   table.count = 0;
+  table.first = 0;
   table.scalars = work.scalars;
   int64_t chunks = 0;
   auto flush = [&] {
     if (table.count == 0) return;
     const unsigned grid = static_cast<unsigned>(chunks < max_grid ? chunks : max_grid);
-    multi_tensor_kernel<S, Op, D><<<grid, kThreads, 0, stream>>>(table, op);
+    multi_tensor_kernel<L, Op, D><<<grid, kThreads, 0, stream>>>(table, op, work.sr_seed);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    table.first += table.count;
     table.count = 0;
     chunks = 0;
   };
@@ -199,9 +246,9 @@ void multi_tensor_apply(const Work& work, const Op& op) {
 }
 
 struct Backend {
-  template <typename S, typename Op>
+  template <class L, typename Op>
   static void apply(const Work& work, const Op& op) {
-    multi_tensor_apply<S, Op>(work, op);
+    multi_tensor_apply<L, Op>(work, op);
   }
 };
 

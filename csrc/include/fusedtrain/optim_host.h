@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "fusedtrain/math.h"
+#include "fusedtrain/rounding.h"
 #include "fusedtrain/work.h"
 
 namespace fusedtrain {
@@ -33,7 +34,9 @@ namespace host {
 // right only when all of them are non-overlapping and dense with the same strides (any contiguous or
 // channels-last tensor, a transposed parameter with a grad of the same layout). Tuples that are not
 // get contiguous temporaries, and the mutated ones are copied back after the update.
-inline void check_lists(const char* op, const std::vector<std::pair<const char*, at::TensorList>>& named) {
+// named[k] holds tensors of dtype[k] (dtype[0]: that of params[0]) and of params' shapes and device.
+inline void check_lists(const char* op, const std::vector<std::pair<const char*, at::TensorList>>& named,
+                        const std::vector<at::ScalarType>& dtype) {
   const at::TensorList params = named[0].second;
   for (size_t k = 1; k < named.size(); ++k) {
     TORCH_CHECK(named[k].second.size() == params.size(), "fusedtrain.", op, ": ", named[k].first, " has ",
@@ -50,15 +53,30 @@ inline void check_lists(const char* op, const std::vector<std::pair<const char*,
                 "; one call updates tensors of one dtype");
     for (size_t k = 1; k < named.size(); ++k) {
       const at::Tensor& t = named[k].second[i];
-      TORCH_CHECK(t.device() == p.device() && t.scalar_type() == p.scalar_type() && t.sizes() == p.sizes(),
+      TORCH_CHECK(t.device() == p.device() && t.scalar_type() == dtype[k] && t.sizes() == p.sizes(),
                   "fusedtrain.", op, ": ", named[k].first, "[", i, "] (", t.scalar_type(), " ", t.sizes(), " on ",
-                  t.device(), ") must match params[", i, "] (", p.scalar_type(), " ", p.sizes(), " on ", p.device(),
-                  ")");
+                  t.device(), ") must be ", dtype[k], " with the shape and device of params[", i, "] (",
+                  p.scalar_type(), " ", p.sizes(), " on ", p.device(), ")");
       TORCH_CHECK(t.layout() == at::kStrided && !t.is_sparse(), "fusedtrain.", op, ": ", named[k].first, "[", i,
                   "] is not a dense (strided) tensor; sparse gradients are not supported");
     }
   }
 }
+
+// Note [mixed-precision layouts] (rounding.h), as the ops take them:
+// - uniform: params, grads and states of one dtype (optionally bfloat16 params stored with stochastic
+//   rounding);
+// - master weights: `param_copies` given: params are the float32 masters, grads have the copies' dtype
+//   (float16/bfloat16), states are float32 or that dtype, and the copies receive the rounded result;
+// - float32 params and grads with bfloat16 states.
+struct Precision {
+  at::TensorList copies;  // low-precision parameters that receive the rounded masters (may be empty)
+  bool stochastic = false;
+  int64_t seed = 0;
+  // decided by checked():
+  at::ScalarType param = at::kFloat, grad = at::kFloat, state = at::kFloat;
+  bool uniform() const { return copies.empty() && state == param; }
+};
 
 // lists: the element lists in functor register order (0 = params, 1 = grads, then states); all but
 // the grads are updated in place. Empty tuples are skipped. steps[i]: the step of tuple i (Note
@@ -228,27 +246,53 @@ inline CallPlan plan_call(const char* op, at::TensorList params, std::optional<a
   return plan;
 }
 
-// Runs the functor `make` builds over all tuples. With a non-empty `ema` list the functor is wrapped in
-// math::WithEma: the same pass also moves each average toward its new parameter.
+// Runs the functor `make` builds over all tuples, with the storage layout `prec` describes (Note
+// [mixed-precision layouts]). With a non-empty `ema` list the functor is wrapped in math::WithEma: the
+// same pass also moves each average toward its new parameter (uniform layouts only; checked()).
 template <class Backend, typename Make>
 void run(std::vector<at::TensorList> lists, const CallPlan& plan, at::TensorList ema, double ema_weight,
-         Make&& make) {
+         const Precision& prec, Make&& make) {
   const bool with_ema = !ema.empty();
   if (with_ema) lists.push_back(ema);
+  if (!prec.copies.empty()) lists.push_back(prec.copies);
   Work work = prepare(lists, plan.steps.steps);
   work.scalars = plan.scalars;
+  work.sr_seed = static_cast<uint64_t>(prec.seed);
   if (work.size() == 0) return;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, lists[0][0].scalar_type(), "fusedtrain", [&] {
-    using T = at::opmath_type<scalar_t>;
-    make(T{}, [&](const auto& op) {
-      if (with_ema) {
+  if (prec.uniform()) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, prec.param, "fusedtrain", [&] {
+      using T = at::opmath_type<scalar_t>;
+      make(T{}, [&](const auto& op) {
         using Op = std::decay_t<decltype(op)>;
-        Backend::template apply<scalar_t>(work, math::WithEma<scalar_t, T, Op>{op, static_cast<T>(ema_weight)});
-      } else {
-        Backend::template apply<scalar_t>(work, op);
-      }
+        auto go = [&](auto layout) {
+          using L = decltype(layout);
+          if (with_ema) {
+            Backend::template apply<L>(work, math::WithEma<scalar_t, T, Op>{op, static_cast<T>(ema_weight)});
+          } else {
+            Backend::template apply<L>(work, op);
+          }
+        };
+        if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+          if (prec.stochastic) return go(Uniform<scalar_t, true>{});
+        }
+        go(Uniform<scalar_t, false>{});
+      });
     });
-  });
+  } else if (!prec.copies.empty()) {
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(prec.grad, "fusedtrain_master", [&] {
+      make(float{}, [&](const auto& op) {
+        if (prec.state == at::kFloat) {
+          Backend::template apply<Layout<float, scalar_t, float, scalar_t, true, false>>(work, op);
+        } else {
+          Backend::template apply<Layout<float, scalar_t, scalar_t, scalar_t, true, false>>(work, op);
+        }
+      });
+    });
+  } else {  // float32 params and grads, bfloat16 states
+    make(float{}, [&](const auto& op) {
+      Backend::template apply<Layout<float, float, at::BFloat16, float, false, false>>(work, op);
+    });
+  }
   for (auto& [original, temp] : work.copy_back) original.copy_(temp);
 }
 
@@ -261,29 +305,75 @@ inline void finish_call(at::TensorList state_steps, const CallPlan& plan) {
 
 using Named = std::vector<std::pair<const char*, at::TensorList>>;
 
-// Checks the named lists (plus the EMA averages, when given) and returns them as driver lists.
-inline std::vector<at::TensorList> checked(const char* op, Named named, at::TensorList ema) {
-  if (!ema.empty()) named.emplace_back("ema_params", ema);
-  check_lists(op, named);
+// Checks the named lists (params, grads, states; plus the EMA averages and the master weights' copies,
+// when given) against the layouts of Precision and returns the driver lists (without EMA and copies).
+inline std::vector<at::TensorList> checked(const char* op, Named named, at::TensorList ema, Precision& prec) {
+  const size_t n_rule = named.size();
+  const at::TensorList params = named[0].second;
+  std::vector<at::ScalarType> dtype(n_rule);
+  if (!params.empty()) {
+    const at::ScalarType p = params[0].scalar_type();
+    const bool master = !prec.copies.empty();
+    at::ScalarType g = p;
+    if (master) {
+      TORCH_CHECK(prec.copies.size() == params.size(), "fusedtrain.", op, ": param_copies has ", prec.copies.size(),
+                  " tensors but params has ", params.size());
+      g = prec.copies[0].scalar_type();
+      TORCH_CHECK(p == at::kFloat && (g == at::kHalf || g == at::kBFloat16), "fusedtrain.", op,
+                  ": with param_copies (master weights), params must be the float32 masters and param_copies "
+                  "float16 or bfloat16 (got ", p, " and ", g, ")");
+      TORCH_CHECK(ema.empty(), "fusedtrain.", op, ": ema_params cannot be fused with master weights; update "
+                  "the averages in a separate ema_ call");
+    }
+    at::ScalarType st = master ? at::kFloat : p;
+    if (n_rule > 2 && !named[2].second.empty()) st = named[2].second[0].scalar_type();
+    const bool st_ok = master ? (st == at::kFloat || st == g) : (st == p || (p == at::kFloat && st == at::kBFloat16));
+    TORCH_CHECK(st_ok, "fusedtrain.", op, ": optimizer states of dtype ", st, " are not supported with ", p,
+                " params", master ? " and master weights" : "", "; use ", master ? "float32 or the copies' dtype"
+                : "the params' dtype (or bfloat16 for float32 params)");
+    TORCH_CHECK(st == p || master || ema.empty(), "fusedtrain.", op,
+                ": ema_params cannot be fused with low-precision states; update the averages in a separate ema_ call");
+    TORCH_CHECK(!prec.stochastic || (p == at::kBFloat16 && !master), "fusedtrain.", op,
+                ": stochastic_rounding applies to bfloat16 params without master weights (got ", p, " params",
+                master ? " with param_copies" : "", ")");
+    dtype[0] = p;
+    if (n_rule > 1) dtype[1] = g;
+    for (size_t k = 2; k < n_rule; ++k) dtype[k] = st;
+    prec.param = p;
+    prec.grad = g;
+    prec.state = st;
+  }
+  if (!ema.empty()) {
+    named.emplace_back("ema_params", ema);
+    dtype.push_back(dtype[0]);
+  }
+  if (!prec.copies.empty()) {
+    named.emplace_back("param_copies", prec.copies);
+    dtype.push_back(prec.grad);
+  }
+  check_lists(op, named, dtype);
   std::vector<at::TensorList> lists;
-  for (size_t k = 0; k + (ema.empty() ? 0 : 1) < named.size(); ++k) lists.push_back(named[k].second);
+  for (size_t k = 0; k < n_rule; ++k) lists.push_back(named[k].second);
   return lists;
 }
 
 using OptT = std::optional<at::Tensor>;
+using OptList = std::optional<at::TensorList>;
 
 template <class Backend>
 void sgd_impl(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, double lr,
               double momentum, double dampening, double weight_decay, bool nesterov, bool maximize,
               bool first_step, at::TensorList ema_params, double ema_weight, const OptT& lr_tensor,
-              const OptT& grad_scale, const OptT& found_inf, const OptT& clip_coef, double l1) {
+              const OptT& grad_scale, const OptT& found_inf, const OptT& clip_coef, double l1,
+              const OptList& param_copies, bool stochastic_rounding, int64_t sr_seed) {
   const bool has_momentum = momentum != 0.0;
   Named named{{"params", params}, {"grads", grads}};
   if (has_momentum) named.emplace_back("momentum_buffers", momentum_buffers);
-  const auto lists = checked("sgd_", named, ema_params);
+  Precision prec{param_copies.value_or(at::TensorList()), stochastic_rounding, sr_seed};
+  const auto lists = checked("sgd_", named, ema_params, prec);
   const CallPlan plan = plan_call("sgd_", params, std::nullopt, lr, {lr_tensor, grad_scale, found_inf, clip_coef});
   if (plan.skip) return;
-  run<Backend>(lists, plan, ema_params, ema_weight, [&](auto zero, auto&& launch) {
+  run<Backend>(lists, plan, ema_params, ema_weight, prec, [&](auto zero, auto&& launch) {
     using T = decltype(zero);
     auto go = [&](auto op) {
       op.momentum = T(momentum);
@@ -304,13 +394,15 @@ template <class Backend>
 void adagrad_impl(at::TensorList params, at::TensorList grads, at::TensorList state_sums, at::TensorList state_steps,
                   double lr, double lr_decay, double weight_decay, double eps, bool maximize, at::TensorList ema_params,
                   double ema_weight, const OptT& lr_tensor, const OptT& grad_scale, const OptT& found_inf,
-                  const OptT& clip_coef, double l1) {
+                  const OptT& clip_coef, double l1, const OptList& param_copies,
+              bool stochastic_rounding, int64_t sr_seed) {
+  Precision prec{param_copies.value_or(at::TensorList()), stochastic_rounding, sr_seed};
   const auto lists =
-      checked("adagrad_", {{"params", params}, {"grads", grads}, {"state_sums", state_sums}}, ema_params);
+      checked("adagrad_", {{"params", params}, {"grads", grads}, {"state_sums", state_sums}}, ema_params, prec);
   const CallPlan plan =
       plan_call("adagrad_", params, state_steps, lr, {lr_tensor, grad_scale, found_inf, clip_coef});
   if (plan.skip) return;
-  run<Backend>(lists, plan, ema_params, ema_weight, [&](auto zero, auto&& launch) {
+  run<Backend>(lists, plan, ema_params, ema_weight, prec, [&](auto zero, auto&& launch) {
     using T = decltype(zero);
     math::AdagradOp<T> op{};
     op.lr_decay = lr_decay;
@@ -328,17 +420,19 @@ void rmsprop_impl(at::TensorList params, at::TensorList grads, at::TensorList sq
                   at::TensorList momentum_buffers, at::TensorList state_steps, double lr, double alpha, double eps,
                   double weight_decay, double momentum, bool centered, bool maximize, at::TensorList ema_params,
                   double ema_weight, const OptT& lr_tensor, const OptT& grad_scale, const OptT& found_inf,
-                  const OptT& clip_coef, double l1) {
+                  const OptT& clip_coef, double l1, const OptList& param_copies,
+              bool stochastic_rounding, int64_t sr_seed) {
   const bool has_momentum = momentum > 0.0;
   Named named{{"params", params}, {"grads", grads}, {"square_avgs", square_avgs}};
   if (centered) named.emplace_back("grad_avgs", grad_avgs);
   if (has_momentum) named.emplace_back("momentum_buffers", momentum_buffers);
-  const auto lists = checked("rmsprop_", named, ema_params);
+  Precision prec{param_copies.value_or(at::TensorList()), stochastic_rounding, sr_seed};
+  const auto lists = checked("rmsprop_", named, ema_params, prec);
   // RMSprop keeps the count for torch compatibility; the rule does not use it.
   const CallPlan plan =
       plan_call("rmsprop_", params, state_steps, lr, {lr_tensor, grad_scale, found_inf, clip_coef});
   if (plan.skip) return;
-  run<Backend>(lists, plan, ema_params, ema_weight, [&](auto zero, auto&& launch) {
+  run<Backend>(lists, plan, ema_params, ema_weight, prec, [&](auto zero, auto&& launch) {
     using T = decltype(zero);
     auto go = [&](auto op) {
       op.alpha = T(alpha);
@@ -363,13 +457,15 @@ void adam_impl(at::TensorList params, at::TensorList grads, at::TensorList exp_a
                at::TensorList max_exp_avg_sqs, at::TensorList state_steps, double lr, double beta1, double beta2,
                double eps, double weight_decay, bool amsgrad, bool maximize, bool decoupled_weight_decay,
                at::TensorList ema_params, double ema_weight, const OptT& lr_tensor, const OptT& grad_scale,
-               const OptT& found_inf, const OptT& clip_coef, double l1) {
+               const OptT& found_inf, const OptT& clip_coef, double l1, const OptList& param_copies,
+              bool stochastic_rounding, int64_t sr_seed) {
   Named named{{"params", params}, {"grads", grads}, {"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}};
   if (amsgrad) named.emplace_back("max_exp_avg_sqs", max_exp_avg_sqs);
-  const auto lists = checked("adam_", named, ema_params);
+  Precision prec{param_copies.value_or(at::TensorList()), stochastic_rounding, sr_seed};
+  const auto lists = checked("adam_", named, ema_params, prec);
   const CallPlan plan = plan_call("adam_", params, state_steps, lr, {lr_tensor, grad_scale, found_inf, clip_coef});
   if (plan.skip) return;
-  run<Backend>(lists, plan, ema_params, ema_weight, [&](auto zero, auto&& launch) {
+  run<Backend>(lists, plan, ema_params, ema_weight, prec, [&](auto zero, auto&& launch) {
     using T = decltype(zero);
     auto go = [&](auto op) {
       op.beta1_d = beta1;
@@ -393,10 +489,11 @@ void adam_impl(at::TensorList params, at::TensorList grads, at::TensorList exp_a
 // EMA / SWA averaging: averages <- lerp(averages, params, weight).
 template <class Backend>
 void ema_impl(at::TensorList averages, at::TensorList params, double weight) {
-  const auto lists = checked("ema_", {{"averages", averages}, {"params", params}}, {});
+  Precision prec;
+  const auto lists = checked("ema_", {{"averages", averages}, {"params", params}}, {}, prec);
   const OptT none;
   const CallPlan plan = plan_call("ema_", averages, std::nullopt, 0.0, {none, none, none, none});
-  run<Backend>(lists, plan, {}, 0.0, [&](auto zero, auto&& launch) {
+  run<Backend>(lists, plan, {}, 0.0, prec, [&](auto zero, auto&& launch) {
     using T = decltype(zero);
     launch(math::EmaOp<T>{T(weight)});
   });

@@ -13,7 +13,8 @@
 
 namespace fusedtrain {
 
-constexpr int kMaxDepth = 6;  // param, grad, up to three states and an EMA average per element
+// param, grad, up to three states, an EMA average, and the low-precision copy of a master weight
+constexpr int kMaxDepth = 7;
 
 // A scalar the kernels read either as a host value or from device memory (capturable mode, a tensor
 // lr, GradScaler's scale on the GPU, a clip coefficient computed on the GPU). `ptr` wins when set.
@@ -43,6 +44,7 @@ struct Work {
   std::vector<int64_t> numel;                     // elements of tuple i (> 0)
   std::vector<Scalar> step;                       // step count of tuple i (host value or device counter)
   Scalars scalars;
+  uint64_t sr_seed = 0;  // this step's seed of stochastic rounding (rounding.h)
   std::vector<at::Tensor> keep_alive;             // contiguous temporaries (Note [dense tuples])
   std::vector<std::pair<at::Tensor, at::Tensor>> copy_back;  // (original, temporary)
 
