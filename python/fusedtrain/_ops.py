@@ -27,34 +27,47 @@ TensorSeq = Sequence[Tensor]
 OptTensor = Tensor | None
 
 
+def _precision(param_copies: TensorSeq, stochastic_rounding: bool,
+               sr_seed: int) -> tuple[TensorSeq | None, bool, int]:
+    """The mixed-precision arguments every optimizer op ends with (Note [mixed-precision layouts]):
+    ``param_copies`` (master weights: params are the float32 masters, the copies receive the rounded
+    result), ``stochastic_rounding`` of bfloat16 params, keyed by ``sr_seed``."""
+    return (param_copies if param_copies else None), stochastic_rounding, sr_seed
+
+
 def sgd_(params: TensorSeq, grads: TensorSeq, momentum_buffers: TensorSeq, *, lr: float, momentum: float,
          dampening: float, weight_decay: float, nesterov: bool, maximize: bool, first_step: bool,
          ema_params: TensorSeq = (), ema_weight: float = 0.0, lr_tensor: OptTensor = None,
          grad_scale: OptTensor = None, found_inf: OptTensor = None, clip_coef: OptTensor = None,
-         l1: float = 0.0) -> None:
+         l1: float = 0.0, param_copies: TensorSeq = (), stochastic_rounding: bool = False,
+         sr_seed: int = 0) -> None:
     """In-place SGD / momentum / Nesterov update of ``params`` (one device, one dtype)."""
     _ops.sgd_(params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov, maximize,
-              first_step, ema_params, ema_weight, lr_tensor, grad_scale, found_inf, clip_coef, l1)
+              first_step, ema_params, ema_weight, lr_tensor, grad_scale, found_inf, clip_coef, l1,
+              *_precision(param_copies, stochastic_rounding, sr_seed))
 
 
 def adagrad_(params: TensorSeq, grads: TensorSeq, state_sums: TensorSeq, state_steps: TensorSeq, *, lr: float,
              lr_decay: float, weight_decay: float, eps: float, maximize: bool, ema_params: TensorSeq = (),
              ema_weight: float = 0.0, lr_tensor: OptTensor = None, grad_scale: OptTensor = None,
-             found_inf: OptTensor = None, clip_coef: OptTensor = None, l1: float = 0.0) -> None:
+             found_inf: OptTensor = None, clip_coef: OptTensor = None, l1: float = 0.0,
+             param_copies: TensorSeq = (), stochastic_rounding: bool = False, sr_seed: int = 0) -> None:
     """In-place Adagrad update; advances ``state_steps``."""
     _ops.adagrad_(params, grads, state_sums, state_steps, lr, lr_decay, weight_decay, eps, maximize, ema_params,
-                  ema_weight, lr_tensor, grad_scale, found_inf, clip_coef, l1)
+                  ema_weight, lr_tensor, grad_scale, found_inf, clip_coef, l1,
+                  *_precision(param_copies, stochastic_rounding, sr_seed))
 
 
 def rmsprop_(params: TensorSeq, grads: TensorSeq, square_avgs: TensorSeq, grad_avgs: TensorSeq,
              momentum_buffers: TensorSeq, state_steps: TensorSeq, *, lr: float, alpha: float, eps: float,
              weight_decay: float, momentum: float, centered: bool, maximize: bool, ema_params: TensorSeq = (),
              ema_weight: float = 0.0, lr_tensor: OptTensor = None, grad_scale: OptTensor = None,
-             found_inf: OptTensor = None, clip_coef: OptTensor = None, l1: float = 0.0) -> None:
+             found_inf: OptTensor = None, clip_coef: OptTensor = None, l1: float = 0.0,
+             param_copies: TensorSeq = (), stochastic_rounding: bool = False, sr_seed: int = 0) -> None:
     """In-place RMSprop update; ``grad_avgs`` / ``momentum_buffers`` empty when unused."""
     _ops.rmsprop_(params, grads, square_avgs, grad_avgs, momentum_buffers, state_steps, lr, alpha, eps,
                   weight_decay, momentum, centered, maximize, ema_params, ema_weight, lr_tensor, grad_scale,
-                  found_inf, clip_coef, l1)
+                  found_inf, clip_coef, l1, *_precision(param_copies, stochastic_rounding, sr_seed))
 
 
 def adam_(params: TensorSeq, grads: TensorSeq, exp_avgs: TensorSeq, exp_avg_sqs: TensorSeq,
@@ -62,11 +75,12 @@ def adam_(params: TensorSeq, grads: TensorSeq, exp_avgs: TensorSeq, exp_avg_sqs:
           eps: float, weight_decay: float, amsgrad: bool, maximize: bool, decoupled_weight_decay: bool,
           ema_params: TensorSeq = (), ema_weight: float = 0.0, lr_tensor: OptTensor = None,
           grad_scale: OptTensor = None, found_inf: OptTensor = None, clip_coef: OptTensor = None,
-         l1: float = 0.0) -> None:
+          l1: float = 0.0, param_copies: TensorSeq = (), stochastic_rounding: bool = False,
+          sr_seed: int = 0) -> None:
     """In-place Adam / AdamW update; ``max_exp_avg_sqs`` empty unless ``amsgrad``."""
     _ops.adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2, eps,
                weight_decay, amsgrad, maximize, decoupled_weight_decay, ema_params, ema_weight, lr_tensor,
-               grad_scale, found_inf, clip_coef, l1)
+               grad_scale, found_inf, clip_coef, l1, *_precision(param_copies, stochastic_rounding, sr_seed))
 
 
 def ema_(averages: TensorSeq, params: TensorSeq, *, weight: float) -> None:

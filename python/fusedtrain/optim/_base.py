@@ -100,10 +100,25 @@ class FusedOptimizerMixin:
     max_grad_norm: float | None = None
     #: The gradients' joint 2-norm (unscaled) of the last step, when ``max_grad_norm`` is set.
     last_grad_norm: Tensor | None = None
+    #: float16/bfloat16 parameters get float32 master weights (state ``master_param``) updated by the kernel,
+    #: which writes the rounded value back into the parameter in the same pass.
+    master_weights: bool = False
+    #: bfloat16 parameters without master weights are stored with stochastic rounding.
+    stochastic_rounding: bool = False
+    #: dtype of the optimizer states (None: torch's choice; see ``_state_dtype_for``).
+    state_dtype: torch.dtype | None = None
 
-    def _init_extras(self, ema: Any, max_grad_norm: float | None, l1: float) -> None:
-        """The options fusedtrain adds to torch's: ``ema``, ``max_grad_norm`` (optimizer-wide) and ``l1``
-        (a param-group option like ``weight_decay``, recorded in every group and in ``defaults``)."""
+    def _init_extras(self, ema: Any, max_grad_norm: float | None, l1: float, master_weights: bool = False,
+                     stochastic_rounding: bool = False, state_dtype: torch.dtype | None = None) -> None:
+        """The options fusedtrain adds to torch's: ``ema``, ``max_grad_norm``, ``master_weights``,
+        ``stochastic_rounding``, ``state_dtype`` (optimizer-wide) and ``l1`` (a param-group option like
+        ``weight_decay``, recorded in every group and in ``defaults``)."""
+        if state_dtype not in (None, torch.float32, torch.bfloat16):
+            raise ValueError(f"Invalid state_dtype: {state_dtype}; use None (torch's choice), torch.float32 or "
+                             "torch.bfloat16")
+        self.master_weights = bool(master_weights)
+        self.stochastic_rounding = bool(stochastic_rounding)
+        self.state_dtype = state_dtype
         if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0):
             raise ValueError(f"Invalid max_grad_norm: {max_grad_norm!r}; pass a positive number, or None to turn "
                              "clipping off")
@@ -174,12 +189,31 @@ class FusedOptimizerMixin:
         """torch.optim's load_state_dict; ``step`` counters are moved once to where the fused kernels
         advance them (the CPU, or the parameter's device for a capturable group)."""
         super().load_state_dict(state_dict)  # type: ignore[misc]
+        if self.master_weights or self.state_dtype is not None:
+            self._restore_state_dtypes(state_dict)
         if not self._use_torch_step():
             for group in self.param_groups:
                 for p in group["params"]:
                     entry = self.state.get(p)
                     if entry and "step" in entry:
                         cpu_step(entry, self._step_device(group, p))
+
+    def _restore_state_dtypes(self, state_dict: dict[str, Any]) -> None:
+        """torch's load_state_dict casts every floating state to its parameter's dtype; master weights and
+        ``state_dtype`` states are taken again from the saved tensors in their own dtype (no precision lost)."""
+        id_map = {pid: p for saved, group in zip(state_dict["param_groups"], self.param_groups)
+                  for pid, p in zip(saved["params"], group["params"])}
+        for pid, entry in state_dict["state"].items():
+            p = id_map.get(pid)
+            if p is None or p not in self.state:
+                continue
+            mine = self.state[p]
+            for key, value in entry.items():
+                if key == "step" or not isinstance(value, Tensor) or not value.is_floating_point():
+                    continue
+                want = torch.float32 if key == "master_param" else self._state_dtype_for(p)
+                if mine[key].dtype != want:
+                    mine[key] = value.to(device=p.device, dtype=want, copy=True)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -216,14 +250,69 @@ class FusedOptimizerMixin:
         weight = ema.next_weight() if ema is not None else 0.0
         fused: list[Tensor] = []
         for group, params, grads, splits in work:
-            averages = ema.averages_for(params) if ema is not None else None
-            self._update_group(group, params, grads, splits, averages or [], weight,
-                               dict(scalars, l1=group.get("l1", 0.0)))
-            if averages:
-                fused += params
+            for part_params, part_grads, part_splits, kind in self._precision_parts(params, grads, splits):
+                extra: dict[str, Any] = dict(scalars, l1=group.get("l1", 0.0))
+                masters = None
+                if kind == "master":
+                    masters = [self._master(p) for p in part_params]
+                elif kind == "stochastic":
+                    extra["stochastic_rounding"] = True
+                # The EMA is fused only where the stored parameter is the kernel's nearest rounding.
+                averages = ema.averages_for(part_params) if ema is not None and kind == "plain" else None
+                self._update_group(group, part_params, part_grads, part_splits, averages or [], weight, extra,
+                                   masters)
+                if averages:
+                    fused += part_params
         if ema is not None:
             ema.finish_fused_update(fused)
         return loss
+
+    def _precision_parts(self, params: list[Tensor], grads: list[Tensor], splits: list[Split]
+                         ) -> list[tuple[list[Tensor], list[Tensor], list[Split], str]]:
+        """The group's parameters by storage scheme: "plain", "master" (float16/bfloat16 with
+        ``master_weights``) and "stochastic" (bfloat16 with ``stochastic_rounding``)."""
+        if not (self.master_weights or self.stochastic_rounding):
+            return [(params, grads, splits, "plain")]
+        kinds = []
+        for p in params:
+            if self.master_weights and p.dtype in (torch.float16, torch.bfloat16):
+                kinds.append("master")
+            elif self.stochastic_rounding and p.dtype == torch.bfloat16:
+                kinds.append("stochastic")
+            else:
+                kinds.append("plain")
+        if len(set(kinds)) == 1:
+            return [(params, grads, splits, kinds[0])]
+        parts = []
+        for kind in ("plain", "master", "stochastic"):
+            idx = [i for i, k in enumerate(kinds) if k == kind]
+            if idx:
+                sub = [params[i] for i in idx]
+                parts.append((sub, [grads[i] for i in idx], splits_for(sub), kind))
+        return parts
+
+    def _master(self, p: Tensor) -> Tensor:
+        """The float32 master copy of a low-precision parameter (state key ``master_param``), made from
+        the parameter on first use."""
+        state = self.state[p]
+        master = state.get("master_param")
+        if master is None:
+            master = state["master_param"] = p.detach().to(torch.float32, memory_format=torch.preserve_format)
+        return master
+
+    def _zeros(self, p: Tensor) -> Tensor:
+        """A zero state tensor for parameter ``p`` in the state dtype (Note [mixed-precision layouts]):
+        float32 (or ``state_dtype``) under master weights, ``state_dtype`` for float32 parameters, else the
+        parameter's dtype, as torch.optim makes them."""
+        return torch.zeros_like(p, dtype=self._state_dtype_for(p), memory_format=torch.preserve_format)
+
+    def _state_dtype_for(self, p: Tensor) -> torch.dtype:
+        low = p.dtype in (torch.float16, torch.bfloat16)
+        if self.master_weights and low:
+            return self.state_dtype if self.state_dtype in (torch.float32, p.dtype) else torch.float32
+        if self.state_dtype is not None and p.dtype == torch.float32:
+            return self.state_dtype
+        return p.dtype
 
     def _step_scalars(self, work: list[tuple[dict[str, Any], list[Tensor], list[Tensor], list[Split]]]
                       ) -> dict[str, Any]:
@@ -257,8 +346,10 @@ class FusedOptimizerMixin:
         self.__dict__["_ft_ema"] = value
 
     def _update_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], splits: list[Split],
-                      ema_params: list[Tensor], ema_weight: float, scalars: dict[str, Any]) -> None:
+                      ema_params: list[Tensor], ema_weight: float, scalars: dict[str, Any],
+                      masters: list[Tensor] | None = None) -> None:
         """Creates missing state and runs the optimizer's fused op on one param group (moving
         ``ema_params``, when given, toward the updated parameters in the same pass; ``scalars``: the op's
-        grad_scale / found_inf / clip_coef / l1 keywords)."""
+        grad_scale / found_inf / clip_coef / l1 / stochastic_rounding keywords; ``masters``: float32 master
+        weights the kernel updates in place of ``params``, writing the rounded values into ``params``)."""
         raise NotImplementedError

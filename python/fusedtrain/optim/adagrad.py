@@ -33,6 +33,14 @@ class Adagrad(FusedOptimizerMixin, torch.optim.Adagrad):
             ``last_grad_norm``). GradScaler's scale is honoured (see the module docs).
         l1: L1 penalty folded into the gradient, :math:`g \leftarrow g + \lambda_1\operatorname{sign}(\theta)`,
             inside the kernel (a param-group option; with ``weight_decay``, the elastic net).
+        master_weights: float16/bfloat16 parameters get float32 master weights (state ``master_param``,
+            made from the parameter on its first step); the kernel updates the master and writes the
+            rounded value into the parameter in the same pass. States are float32 then.
+        stochastic_rounding: bfloat16 parameters (without master weights) are stored with stochastic
+            rounding, so updates smaller than half a bfloat16 ulp survive on average.
+        state_dtype: ``torch.bfloat16`` keeps the states of float32 (or master-weight) parameters in
+            bfloat16 (half the state memory and traffic); None: the parameter's dtype (float32 with
+            master weights), as torch does.
 
     State: ``step`` (CPU float tensor) and ``sum``, created in the constructor as torch does.
     Sparse gradients are refused (torch.optim.Adagrad handles them).
@@ -44,14 +52,17 @@ class Adagrad(FusedOptimizerMixin, torch.optim.Adagrad):
     def __init__(self, params: Any, lr: float | Tensor = 1e-2, lr_decay: float = 0, weight_decay: float = 0,
                  initial_accumulator_value: float = 0, eps: float = 1e-10, foreach: bool | None = None, *,
                  maximize: bool = False, differentiable: bool = False, fused: bool | None = None,
-                 ema: Any = None, max_grad_norm: float | None = None, l1: float = 0.0) -> None:
+                 ema: Any = None, max_grad_norm: float | None = None, l1: float = 0.0,
+                 master_weights: bool = False, stochastic_rounding: bool = False,
+                 state_dtype: torch.dtype | None = None) -> None:
         self._check_compat_flags(foreach, fused, differentiable)
         super().__init__(params, lr, lr_decay, weight_decay, initial_accumulator_value, eps, maximize=maximize,
                          differentiable=differentiable)
-        self._init_extras(ema, max_grad_norm, l1)
+        self._init_extras(ema, max_grad_norm, l1, master_weights, stochastic_rounding, state_dtype)
 
     def _update_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], splits: list[Split],
-                      ema_params: list[Tensor], ema_weight: float, scalars: dict[str, Any]) -> None:
+                      ema_params: list[Tensor], ema_weight: float, scalars: dict[str, Any],
+                      masters: list[Tensor] | None = None) -> None:
         states = [self.state[p] for p in params]
         if not all(states):  # parameters added with add_param_group after construction
             init = group["initial_accumulator_value"]
@@ -60,7 +71,11 @@ class Adagrad(FusedOptimizerMixin, torch.optim.Adagrad):
                     state["step"] = new_step(self._step_device(group, p))
                     state["sum"] = torch.full_like(p, complex(init, init) if p.is_complex() else init,
                                                    memory_format=torch.preserve_format)
-        F.adagrad(params, grads, [s["sum"] for s in states], [s["step"] for s in states],
+        for p, state in zip(params, states):  # the state dtype of master weights / state_dtype, once
+            if state["sum"].dtype != self._state_dtype_for(p) and not p.is_complex():
+                state["sum"] = state["sum"].to(self._state_dtype_for(p))
+        F.adagrad(params if masters is None else masters, grads, [s["sum"] for s in states],
+                  [s["step"] for s in states],
                   lr=lr_arg(group["lr"]), lr_decay=group["lr_decay"], weight_decay=group["weight_decay"],
                   eps=group["eps"], maximize=group["maximize"], splits=splits, ema_params=ema_params,
-                  ema_weight=ema_weight, **scalars)
+                  ema_weight=ema_weight, param_copies=params if masters is not None else (), **scalars)

@@ -47,6 +47,14 @@ class Adam(FusedOptimizerMixin, torch.optim.Adam):
             ``last_grad_norm``). GradScaler's scale is honoured (see the module docs).
         l1: L1 penalty folded into the gradient, :math:`g \leftarrow g + \lambda_1\operatorname{sign}(\theta)`,
             inside the kernel (a param-group option; with ``weight_decay``, the elastic net).
+        master_weights: float16/bfloat16 parameters get float32 master weights (state ``master_param``,
+            made from the parameter on its first step); the kernel updates the master and writes the
+            rounded value into the parameter in the same pass. States are float32 then.
+        stochastic_rounding: bfloat16 parameters (without master weights) are stored with stochastic
+            rounding, so updates smaller than half a bfloat16 ulp survive on average.
+        state_dtype: ``torch.bfloat16`` keeps the states of float32 (or master-weight) parameters in
+            bfloat16 (half the state memory and traffic); None: the parameter's dtype (float32 with
+            master weights), as torch does.
 
     The state keys (``step`` as a CPU float tensor, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``) are
     torch's, so ``state_dict()`` loads into torch.optim.Adam and back.
@@ -61,7 +69,9 @@ class Adam(FusedOptimizerMixin, torch.optim.Adam):
                  eps: float = 1e-8, weight_decay: float = 0, amsgrad: bool = False, *, foreach: bool | None = None,
                  maximize: bool = False, capturable: bool = False, differentiable: bool = False,
                  fused: bool | None = None, decoupled_weight_decay: bool = False, ema: Any = None,
-                 max_grad_norm: float | None = None, l1: float = 0.0) -> None:
+                 max_grad_norm: float | None = None, l1: float = 0.0,
+                 master_weights: bool = False, stochastic_rounding: bool = False,
+                 state_dtype: torch.dtype | None = None) -> None:
         self._check_compat_flags(foreach, fused, differentiable)
         kwargs: dict[str, Any] = dict(maximize=maximize, capturable=capturable, differentiable=differentiable)
         if _TORCH_ADAM_HAS_DECOUPLED:
@@ -71,7 +81,7 @@ class Adam(FusedOptimizerMixin, torch.optim.Adam):
             self.defaults["decoupled_weight_decay"] = decoupled_weight_decay
             for group in self.param_groups:
                 group.setdefault("decoupled_weight_decay", decoupled_weight_decay)
-        self._init_extras(ema, max_grad_norm, l1)
+        self._init_extras(ema, max_grad_norm, l1, master_weights, stochastic_rounding, state_dtype)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -79,24 +89,27 @@ class Adam(FusedOptimizerMixin, torch.optim.Adam):
             group.setdefault("decoupled_weight_decay", self._decoupled_default)
 
     def _update_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], splits: list[Split],
-                      ema_params: list[Tensor], ema_weight: float, scalars: dict[str, Any]) -> None:
+                      ema_params: list[Tensor], ema_weight: float, scalars: dict[str, Any],
+                      masters: list[Tensor] | None = None) -> None:
         amsgrad = group["amsgrad"]
         states = [self.state[p] for p in params]
-        if not all(states):
+        if not all("step" in s for s in states):  # new parameters (a master copy may exist already)
             for p, state in zip(params, states):
-                if not state:
+                if "step" not in state:
                     state["step"] = new_step(self._step_device(group, p))
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg"] = self._zeros(p)
+                    state["exp_avg_sq"] = self._zeros(p)
                     if amsgrad:
-                        state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                        state["max_exp_avg_sq"] = self._zeros(p)
         beta1, beta2 = group["betas"]
-        F.adam(params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+        F.adam(params if masters is None else masters, grads, [s["exp_avg"] for s in states],
+               [s["exp_avg_sq"] for s in states],
                [s["max_exp_avg_sq"] for s in states] if amsgrad else [], [s["step"] for s in states],
                lr=lr_arg(group["lr"]), beta1=to_scalar(beta1), beta2=to_scalar(beta2), eps=group["eps"],
                weight_decay=to_scalar(group["weight_decay"]), amsgrad=amsgrad, maximize=group["maximize"],
                decoupled_weight_decay=group.get("decoupled_weight_decay", self._decoupled_default),
-               splits=splits, ema_params=ema_params, ema_weight=ema_weight, **scalars)
+               splits=splits, ema_params=ema_params, ema_weight=ema_weight,
+               param_copies=params if masters is not None else (), **scalars)
 
 
 class AdamW(Adam, torch.optim.AdamW):
@@ -118,11 +131,13 @@ class AdamW(Adam, torch.optim.AdamW):
                  eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *,
                  maximize: bool = False, foreach: bool | None = None, capturable: bool = False,
                  differentiable: bool = False, fused: bool | None = None, ema: Any = None,
-                 max_grad_norm: float | None = None, l1: float = 0.0) -> None:
+                 max_grad_norm: float | None = None, l1: float = 0.0,
+                 master_weights: bool = False, stochastic_rounding: bool = False,
+                 state_dtype: torch.dtype | None = None) -> None:
         self._check_compat_flags(foreach, fused, differentiable)
         torch.optim.AdamW.__init__(self, params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
                                    capturable=capturable, differentiable=differentiable)
         self.defaults["decoupled_weight_decay"] = True
         for group in self.param_groups:
             group["decoupled_weight_decay"] = True
-        self._init_extras(ema, max_grad_norm, l1)
+        self._init_extras(ema, max_grad_norm, l1, master_weights, stochastic_rounding, state_dtype)

@@ -19,7 +19,13 @@ Every function also takes (Note [per-tensor binding] in ``csrc/include/fusedtrai
   after the unscaling;
 - ``l1``: an L1 penalty folded into the gradient, :math:`g \leftarrow g + \lambda_1 \operatorname{sign}(\theta)`
   (after ``maximize`` and the coupled weight decay; 0 at :math:`\theta = 0`). With ``weight_decay`` this is
-  the elastic net.
+  the elastic net;
+- mixed precision (Note [mixed-precision layouts] in ``csrc/include/fusedtrain/rounding.h``): with
+  ``param_copies``, ``params`` are float32 master weights and ``grads`` / ``param_copies`` float16 or
+  bfloat16; the kernel updates the masters and writes each rounded value into its copy in the same pass.
+  States may be float32 or bfloat16 (with float32 params too). ``stochastic_rounding=True`` stores bfloat16
+  params with stochastic rounding (unbiased: small updates survive on average), from random bits keyed by
+  ``sr_seed`` (drawn from torch's default generator when None).
 """
 
 from __future__ import annotations
@@ -47,9 +53,14 @@ _SCALARS = ("lr_tensor", "grad_scale", "found_inf", "clip_coef")
 
 
 def _scalars(lr: float | Tensor, grad_scale: Tensor | None, found_inf: Tensor | None,
-             clip_coef: Tensor | None, l1: float) -> dict[str, Any]:
-    """The op keywords for the learning rate, the L1 coefficient and the optional per-call scalar tensors."""
+             clip_coef: Tensor | None, l1: float, stochastic_rounding: bool = False,
+             sr_seed: int | None = None) -> dict[str, Any]:
+    """The op keywords for the learning rate, the L1 coefficient, the optional per-call scalar tensors and
+    stochastic rounding (a fresh seed from torch's default generator when none is given)."""
     out: dict[str, Any] = {"lr": 0.0, "lr_tensor": lr} if isinstance(lr, Tensor) else {"lr": float(lr)}
+    if stochastic_rounding:
+        out["stochastic_rounding"] = True
+        out["sr_seed"] = int(torch.randint(0, 2 ** 62, ())) if sr_seed is None else int(sr_seed)
     if l1:
         if not float(l1) >= 0.0:
             raise ValueError(f"Invalid l1 value: {l1}; the L1 coefficient must be >= 0")
@@ -74,15 +85,16 @@ def _on(device: torch.device, hyper: dict[str, Any]) -> dict[str, Any]:
 
 def _run(op: Callable[..., None], splits: list[Split], lists: Sequence[Sequence[Tensor]],
          steps: Sequence[Tensor] | None, ema_params: Sequence[Tensor] = (), ema_weight: float = 0.0,
-         **hyper: Any) -> None:
-    if len(ema_params) not in (0, len(lists[0])):
-        raise ValueError(f"ema_params has {len(ema_params)} tensors but params has {len(lists[0])}; pass one "
-                         "average per parameter, or none")
+         param_copies: Sequence[Tensor] = (), **hyper: Any) -> None:
+    per_param = {"ema_params": ema_params, "param_copies": param_copies}
+    for name, tensors in per_param.items():
+        if len(tensors) not in (0, len(lists[0])):
+            raise ValueError(f"{name} has {len(tensors)} tensors but params has {len(lists[0])}; pass one per "
+                             "parameter, or none")
     if len(ema_params):
         hyper["ema_weight"] = ema_weight
     if len(splits) == 1 and not splits[0][1]:  # the usual case: one device, one real dtype
-        if len(ema_params):
-            hyper["ema_params"] = ema_params
+        hyper.update({name: tensors for name, tensors in per_param.items() if len(tensors)})
         if lists[0]:
             hyper = _on(lists[0][0].device, hyper)
         op(*lists, *(() if steps is None else (steps,)), **hyper)
@@ -91,8 +103,7 @@ def _run(op: Callable[..., None], splits: list[Split], lists: Sequence[Sequence[
         args = [_take(lst, idx, cplx) for lst in lists]
         if steps is not None:
             args.append([steps[i] for i in idx])
-        if len(ema_params):
-            hyper["ema_params"] = _take(ema_params, idx, cplx)
+        hyper.update({name: _take(tensors, idx, cplx) for name, tensors in per_param.items() if len(tensors)})
         op(*args, **_on(lists[0][idx[0]].device, hyper))
 
 
@@ -100,7 +111,9 @@ def sgd(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers: Seq
         momentum: float = 0.0, dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False,
         maximize: bool = False, first_step: bool = False, splits: list[Split] | None = None,
         ema_params: Sequence[Tensor] = (), ema_weight: float = 0.0, grad_scale: Tensor | None = None,
-        found_inf: Tensor | None = None, clip_coef: Tensor | None = None, l1: float = 0.0) -> None:
+        found_inf: Tensor | None = None, clip_coef: Tensor | None = None,
+        l1: float = 0.0, param_copies: Sequence[Tensor] = (),
+        stochastic_rounding: bool = False, sr_seed: int | None = None) -> None:
     r"""SGD with optional heavy-ball or Nesterov momentum, in place.
 
     .. math::
@@ -112,18 +125,22 @@ def sgd(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers: Seq
     _run(_ops.sgd_, splits or splits_for(params), (params, grads, momentum_buffers), None, momentum=momentum,
          dampening=dampening, weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
          first_step=first_step, ema_params=ema_params, ema_weight=ema_weight,
-         **_scalars(lr, grad_scale, found_inf, clip_coef, l1))
+         param_copies=param_copies,
+         **_scalars(lr, grad_scale, found_inf, clip_coef, l1, stochastic_rounding, sr_seed))
 
 
 def adagrad(params: Sequence[Tensor], grads: Sequence[Tensor], state_sums: Sequence[Tensor],
             state_steps: Sequence[Tensor], *, lr: float | Tensor = 1e-2, lr_decay: float = 0.0,
             weight_decay: float = 0.0, eps: float = 1e-10, maximize: bool = False, splits: list[Split] | None = None,
             ema_params: Sequence[Tensor] = (), ema_weight: float = 0.0, grad_scale: Tensor | None = None,
-            found_inf: Tensor | None = None, clip_coef: Tensor | None = None, l1: float = 0.0) -> None:
+            found_inf: Tensor | None = None, clip_coef: Tensor | None = None,
+            l1: float = 0.0, param_copies: Sequence[Tensor] = (),
+            stochastic_rounding: bool = False, sr_seed: int | None = None) -> None:
     r"""Adagrad in place: :math:`r \leftarrow r + g\odot g,\ \theta \leftarrow \theta - \eta_t\, g/(\sqrt r+\delta)`."""
     _run(_ops.adagrad_, splits or splits_for(params), (params, grads, state_sums), state_steps,
          lr_decay=lr_decay, weight_decay=weight_decay, eps=eps, maximize=maximize, ema_params=ema_params,
-         ema_weight=ema_weight, **_scalars(lr, grad_scale, found_inf, clip_coef, l1))
+         ema_weight=ema_weight, param_copies=param_copies,
+         **_scalars(lr, grad_scale, found_inf, clip_coef, l1, stochastic_rounding, sr_seed))
 
 
 def rmsprop(params: Sequence[Tensor], grads: Sequence[Tensor], square_avgs: Sequence[Tensor],
@@ -132,7 +149,8 @@ def rmsprop(params: Sequence[Tensor], grads: Sequence[Tensor], square_avgs: Sequ
             momentum: float = 0.0, centered: bool = False, maximize: bool = False,
             splits: list[Split] | None = None, ema_params: Sequence[Tensor] = (), ema_weight: float = 0.0,
             grad_scale: Tensor | None = None, found_inf: Tensor | None = None,
-            clip_coef: Tensor | None = None, l1: float = 0.0) -> None:
+            clip_coef: Tensor | None = None, l1: float = 0.0, param_copies: Sequence[Tensor] = (),
+            stochastic_rounding: bool = False, sr_seed: int | None = None) -> None:
     r"""RMSprop in place.
 
     .. math:: v \leftarrow \alpha v + (1-\alpha) g^2,\quad \theta \leftarrow \theta - \eta\, g/(\sqrt v+\epsilon)
@@ -142,7 +160,8 @@ def rmsprop(params: Sequence[Tensor], grads: Sequence[Tensor], square_avgs: Sequ
     _run(_ops.rmsprop_, splits or splits_for(params), (params, grads, square_avgs, grad_avgs, momentum_buffers),
          state_steps, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum, centered=centered,
          maximize=maximize, ema_params=ema_params, ema_weight=ema_weight,
-         **_scalars(lr, grad_scale, found_inf, clip_coef, l1))
+         param_copies=param_copies,
+         **_scalars(lr, grad_scale, found_inf, clip_coef, l1, stochastic_rounding, sr_seed))
 
 
 def adam(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
@@ -151,7 +170,8 @@ def adam(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[T
          weight_decay: float = 0.0, amsgrad: bool = False, maximize: bool = False,
          decoupled_weight_decay: bool = False, splits: list[Split] | None = None, ema_params: Sequence[Tensor] = (),
          ema_weight: float = 0.0, grad_scale: Tensor | None = None, found_inf: Tensor | None = None,
-         clip_coef: Tensor | None = None, l1: float = 0.0) -> None:
+         clip_coef: Tensor | None = None, l1: float = 0.0, param_copies: Sequence[Tensor] = (),
+         stochastic_rounding: bool = False, sr_seed: int | None = None) -> None:
     r"""Adam (AdamW with ``decoupled_weight_decay=True``) in place, with bias correction.
 
     .. math::
@@ -161,7 +181,8 @@ def adam(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[T
     _run(_ops.adam_, splits or splits_for(params), (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs), state_steps,
          beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
          decoupled_weight_decay=decoupled_weight_decay, ema_params=ema_params, ema_weight=ema_weight,
-         **_scalars(lr, grad_scale, found_inf, clip_coef, l1))
+         param_copies=param_copies,
+         **_scalars(lr, grad_scale, found_inf, clip_coef, l1, stochastic_rounding, sr_seed))
 
 
 def adamw(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
@@ -170,12 +191,14 @@ def adamw(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[
           weight_decay: float = 1e-2, amsgrad: bool = False, maximize: bool = False,
           splits: list[Split] | None = None, ema_params: Sequence[Tensor] = (), ema_weight: float = 0.0,
           grad_scale: Tensor | None = None, found_inf: Tensor | None = None, clip_coef: Tensor | None = None,
-          l1: float = 0.0) -> None:
+          l1: float = 0.0, param_copies: Sequence[Tensor] = (),
+          stochastic_rounding: bool = False, sr_seed: int | None = None) -> None:
     r"""AdamW in place: Adam with decoupled weight decay :math:`\theta \leftarrow \theta(1-\eta\lambda)`."""
     adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr=lr, beta1=beta1, beta2=beta2,
          eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize, decoupled_weight_decay=True,
          splits=splits, ema_params=ema_params, ema_weight=ema_weight, grad_scale=grad_scale, found_inf=found_inf,
-         clip_coef=clip_coef, l1=l1)
+         clip_coef=clip_coef, l1=l1, param_copies=param_copies, stochastic_rounding=stochastic_rounding,
+         sr_seed=sr_seed)
 
 
 def ema(averages: Sequence[Tensor], params: Sequence[Tensor], *, weight: float,
