@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one GPU check (H100/H200 lent machine: torch 2.11 + CUDA 13.0, Python 3.12, 16 cores, no internet).
-# Builds for sm_90 with all cores, runs the whole test suite (CUDA cases included), splits the step
-# into kernel and host time (benchmarks/kernel_profile.py), and runs the CUDA benchmark. Every log goes under $OUT. Budget: well under 8 minutes.
+# Builds for sm_90 with all cores, runs the CUDA tests (CI runs the rest), splits the step
+# into kernel and host time (benchmarks/kernel_profile.py), and runs the CUDA benchmark (every family:
+# optimizers, EMA, clipping, mixed precision, ...). Every log goes under $OUT. Budget: under 10 minutes.
 #   usage: bash benchmarks/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -49,7 +50,8 @@ fi
 cat "$OUT/diag.txt" | head -3
 
 start=$(date +%s)
-timeout 200 "$PY" -m pytest -q -p no:cacheprovider tests/ > "$OUT/tests.log" 2>&1
+# CUDA-marked tests only: CI runs everything else on every push.
+timeout 240 "$PY" -m pytest -q -p no:cacheprovider -m cuda tests/ > "$OUT/tests.log" 2>&1
 echo "tests: exit $? in $(( $(date +%s) - start )) s"
 grep -E "passed|failed|error" "$OUT/tests.log" | tail -3
 grep -E "^(FAILED|ERROR)|Fatal|Segmentation" "$OUT/tests.log" | head -20
@@ -57,7 +59,7 @@ grep -E "^(FAILED|ERROR)|Fatal|Segmentation" "$OUT/tests.log" | head -20
 timeout 150 "$PY" benchmarks/kernel_profile.py --json "$OUT/kernel_profile.json" > "$OUT/kernel_profile.txt" 2>&1
 cat "$OUT/kernel_profile.txt"
 start=$(date +%s)
-timeout 150 "$PY" -m fusedtrain.bench --device cuda --no-progress --json "$OUT/bench_cuda.json" \
+timeout 200 "$PY" -m fusedtrain.bench --device cuda --no-progress --json "$OUT/bench_cuda.json" \
   > "$OUT/bench_cuda.txt" 2>&1
 echo "bench: exit $? in $(( $(date +%s) - start )) s"
 cat "$OUT/bench_cuda.txt"

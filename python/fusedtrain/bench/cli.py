@@ -14,10 +14,11 @@ import torch
 from .._build import build_info
 from . import clip as clip_bench
 from . import ema as ema_bench
+from . import mixed as mixed_bench
 from . import optim as optim_bench
 from .common import format_table, measure_bandwidth
 
-FAMILIES = ["optim", "ema", "clip"]
+FAMILIES = ["optim", "ema", "clip", "mixed"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -94,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
         elif family == "clip":
             results += clip_bench.run(device, sets, reps, warmup=3, bandwidth=bandwidth,
                                       progress=not args.no_progress)
+        elif family == "mixed":
+            results += mixed_bench.run(device, sets, reps, warmup=3, bandwidth=bandwidth,
+                                       progress=not args.no_progress)
     print(format_table(results))
     if args.json_path:
         with open(args.json_path, "w") as f:
