@@ -190,3 +190,39 @@ def test_master_weights_state_dict_round_trip(device: str) -> None:
     for p in params:
         for key, value in opt.state[p].items():
             assert opt2.state[p][key].dtype == value.dtype and torch.equal(opt2.state[p][key].cpu(), value.cpu())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", ["stochastic", "master", "bf16_states"])
+def test_cuda_layouts_equal_cpu(case: str) -> None:
+    """The same layouts give the same bits on CUDA as on the CPU (one rule, one hash)."""
+    if not torch.cuda.is_available() or not fusedtrain.has_cuda_kernels():
+        pytest.skip("needs a CUDA device and fusedtrain's CUDA kernels")
+    torch.manual_seed(0)
+    sizes = [1, 7, 4097, 70_000]
+    outs = {}
+    for device in ("cpu", "cuda"):
+        g = [torch.randn(n).to(device) for n in sizes]
+        if case == "stochastic":
+            p = [torch.randn(n).bfloat16().to(device) for n in sizes]
+            torch.manual_seed(1)
+            p = [x.clone() for x in p]
+            F.adam(p, [x.bfloat16() for x in g], [torch.zeros_like(x) for x in p], [torch.zeros_like(x) for x in p],
+                   [], [torch.tensor(0.0) for _ in p], lr=1e-3, stochastic_rounding=True, sr_seed=99)
+            outs[device] = p
+        elif case == "master":
+            copies = [torch.randn(n).half().to(device) for n in sizes]
+            masters = [c.float() for c in copies]
+            F.adam(masters, [x.half() for x in g], [torch.zeros_like(m) for m in masters],
+                   [torch.zeros_like(m) for m in masters], [], [torch.tensor(0.0) for _ in masters], lr=1e-3,
+                   param_copies=copies)
+            outs[device] = masters + copies
+        else:
+            p = [torch.randn(n).to(device) for n in sizes]
+            F.adam(p, g, [torch.zeros_like(x, dtype=torch.bfloat16) for x in p],
+                   [torch.zeros_like(x, dtype=torch.bfloat16) for x in p], [], [torch.tensor(0.0) for _ in p],
+                   lr=1e-3)
+            outs[device] = p
+        torch.manual_seed(0)
+    for a, b in zip(outs["cpu"], outs["cuda"]):
+        assert torch.equal(a, b.cpu())
