@@ -8,9 +8,10 @@ family the picture shows the effect of momentum or of the adaptive rule alone. W
 * saddle, f = x*y, started almost on the attracting diagonal x = y: the gradient leads into the saddle
   point (0, 0), and the escape direction x = -y starts with a tiny gradient component that SGD only
   multiplies by (1 + lr) per step (f < -1 after 109 steps). Momentum and Nesterov accumulate it and leave
-  three times sooner (32 and 29 steps); RMSprop's normalised steps also leave early (42); Adam's
-  bias-corrected first moment still remembers the approach and leaves later (89); Adagrad's ever-growing
-  sum of squared gradients shrinks its steps until it stalls near the saddle.
+  three times sooner (32 and 29 steps). The adaptive methods take steps of about lr per coordinate
+  whatever the gradient's size: RMSprop leaves early (42; without bias correction its first steps are
+  about 3 lr, as its average of squared gradients starts at (1 - alpha) g^2), Adam later (89), and
+  Adagrad's ever-growing sum of squared gradients shrinks its steps until it stalls near the saddle.
 * ravine, f = x^2/200 + y^2/2: curvatures 0.01 and 1 (condition number 100). The steep direction bounds
   the learning rate (SGD diverges above 2), so SGD drops to the valley floor and crawls along it (still
   at x = -0.80 after 200 steps). With the same rate momentum swings across the valley (the heavy ball
