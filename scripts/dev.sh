@@ -4,8 +4,9 @@
 #   bash scripts/dev.sh test  [args]   set up, build, run the test suite
 #   bash scripts/dev.sh setup          set up and build only
 # It creates a virtual environment (.venv, or $FUSEDTRAIN_VENV), installs torch, torchvision and timm
-# (models for the transfer-learning tests) and the build and test tools into it, and builds fusedtrain in place (CUDA kernels when torch is a CUDA build and nvcc
-# is found; FUSEDTRAIN_CPU_ONLY=1 to skip them).
+# (models for the transfer-learning tests), scikit-learn and matplotlib (the examples' data and plots,
+# run by tests/test_examples.py) and the build and test tools into it, and builds fusedtrain in place
+# (CUDA kernels when torch is a CUDA build and nvcc is found; FUSEDTRAIN_CPU_ONLY=1 to skip them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 what="${1:-test}"
@@ -17,7 +18,7 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 # shellcheck disable=SC1091
 . "$venv/bin/activate"
-python -m pip install -q "torch>=2.6" torchvision timm numpy ninja pytest "setuptools>=64" wheel
+python -m pip install -q "torch>=2.6" torchvision timm numpy scikit-learn matplotlib ninja pytest "setuptools>=64" wheel
 python -m pip install -q --no-build-isolation -e .
 python -c "import fusedtrain, json; print('fusedtrain build:', json.dumps(fusedtrain.build_info()))"
 

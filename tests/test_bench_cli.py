@@ -50,3 +50,85 @@ def test_ema_family_rows(tmp_path) -> None:
                          "fusedtrain Adam alone (no EMA)", "fusedtrain Adam(ema=)"}
     assert rows["fusedtrain Adam(ema=)"]["note"].endswith("over the step alone")
     assert all(r["median_ms"] > 0 for r in rows.values())
+
+
+def test_more_bad_arguments_fail_clearly(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--family", "nonsense"])
+    assert exc.value.code == 2
+    with pytest.raises(SystemExit, match="not supported"):
+        cli.main(["--device", "meta"])
+    with pytest.raises(SystemExit, match="unknown optimizer"):
+        cli.main(["--device", "cpu", "--optimizers", "Adam,LBFGS"])
+    # output problems are reported before a minute of measurements, not after
+    with pytest.raises(SystemExit, match="does not exist"):
+        cli.main(["--device", "cpu", "--plot", str(tmp_path / "missing" / "r.png")])
+    with pytest.raises(SystemExit, match="is a folder"):
+        cli.main(["--device", "cpu", "--json", str(tmp_path)])
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    with pytest.raises(SystemExit, match="pip install matplotlib"):
+        cli.main(["--device", "cpu", "--plot", str(tmp_path / "r.png")])
+
+
+def test_console_script_declared() -> None:
+    from importlib import metadata
+    from pathlib import Path
+
+    setup_py = (Path(__file__).resolve().parents[1] / "setup.py").read_text()
+    assert '"fusedtrain-bench=fusedtrain.bench.cli:main"' in setup_py
+    installed = [ep for ep in metadata.entry_points(group="console_scripts") if ep.name == "fusedtrain-bench"]
+    for ep in installed:  # present when installed with pip install -e . (CI); maybe not in a bare checkout
+        assert ep.value == "fusedtrain.bench.cli:main"
+    assert cli.main is __import__("fusedtrain.bench", fromlist=["main"]).main
+
+
+RESULT_FIELDS = {"family": str, "case": str, "impl": str, "device": str, "median_ms": float, "p20_ms": float,
+                 "p80_ms": float, "bytes_moved": int, "gbps": float, "pct_bw": float,
+                 "vs_best_torch": (float, type(None)), "note": str, "extra": dict}
+
+
+def test_plot_json_schema_and_progress(tmp_path, capsys: pytest.CaptureFixture[str],
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("matplotlib")
+    from fusedtrain.bench import optim as optim_bench
+
+    # a tiny parameter set: this checks the command's plumbing, the timings do not matter
+    monkeypatch.setitem(optim_bench.PARAM_SETS, "tiny", lambda: [(1000,), (37, 5), (1,)])
+    png, js = tmp_path / "ratios.png", tmp_path / "r.json"
+    assert cli.main(["--device", "cpu", "--quick", "--reps", "2", "--family", "ema", "--family", "optim",
+                     "--sizes", "tiny", "--optimizers", "Adam", "--json", str(js), "--plot", str(png)]) == 0
+    out, err = capsys.readouterr()
+    # the progress bar (stderr): one line per family that ends full
+    assert "[" + "#" * 30 + "] 1/1" in err and "[" + "#" * 30 + "] 2/2" in err, err
+    assert f"wrote {png}" in out
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5_000
+
+    doc = json.loads(js.read_text())
+    assert set(doc) == {"env", "results"}
+    assert set(doc["env"]) == {"date", "device", "torch", "cuda", "python", "threads", "fusedtrain", "bandwidth_gbps"}
+    assert doc["env"]["threads"] >= 1 and doc["env"]["bandwidth_gbps"] > 0
+    rows = doc["results"]
+    assert [r["family"] for r in rows] == ["ema"] * 5 + ["optim"] * 4  # in the order asked for
+    for r in rows:
+        assert set(r) == set(RESULT_FIELDS), r
+        for key, typ in RESULT_FIELDS.items():
+            assert isinstance(r[key], typ), (key, r)
+        assert r["device"] == "cpu" and r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
+    # exactly our rows carry the ratio, and the chart has one bar per such row
+    assert sum(r["vs_best_torch"] is not None for r in rows) == 3
+
+
+def test_plot_ratios_unit(tmp_path) -> None:
+    pytest.importorskip("matplotlib")
+    from fusedtrain.bench.common import Result
+    from fusedtrain.bench.plot import plot_ratios
+
+    rows = [Result("optim", "Adam, x", "torch fused", "cpu", 2.0),
+            Result("optim", "Adam, x", "fusedtrain", "cpu", 1.0, vs_best_torch=2.0),
+            Result("ema", "EMA, x", "fusedtrain", "cpu", 3.0, vs_best_torch=0.8),
+            Result("dropout", "p=0.1, x", "fusedtrain", "cpu", 1.0, vs_best_torch=1.3)]
+    assert plot_ratios(rows, tmp_path / "a.png", title="unit") == 3
+    assert (tmp_path / "a.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match="no row has a ratio"):
+        plot_ratios(rows[:1], tmp_path / "b.png")

@@ -1,9 +1,11 @@
-"""Command line of ``python -m fusedtrain.bench [--device cpu|cuda] [--family optim] [--quick] ...``."""
+"""Command line of ``python -m fusedtrain.bench [--device cpu|cuda] [--family optim] [--quick] [--json PATH]
+[--plot PATH] ...`` (also installed as the ``fusedtrain-bench`` console script)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 from datetime import datetime, timezone
@@ -17,6 +19,7 @@ from . import ema as ema_bench
 from . import mixed as mixed_bench
 from . import optim as optim_bench
 from .common import format_table, measure_bandwidth
+from .plot import check_matplotlib, plot_ratios
 
 FAMILIES = ["optim", "ema", "clip", "mixed"]
 
@@ -33,6 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="fewer repetitions and smaller sets")
     p.add_argument("--reps", type=int, default=None, help="timed repetitions per row")
     p.add_argument("--json", dest="json_path", default=None, help="write the results as JSON to this path")
+    p.add_argument("--plot", dest="plot_path", default=None,
+                   help="write a PNG bar chart of the speed-ups vs torch to this path (needs matplotlib)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -61,11 +66,26 @@ def _split(arg: str | None, known: dict[str, Any], what: str) -> list[str] | Non
     return items
 
 
+def _check_output(path: str | None, option: str) -> None:
+    """Fails before the benchmark runs, not after it, when an output file cannot be written."""
+    if path is None:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise SystemExit(f"fusedtrain.bench: {option} {path!r}: folder {folder!r} does not exist")
+    if os.path.isdir(path):
+        raise SystemExit(f"fusedtrain.bench: {option} {path!r} is a folder; give a file name")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     device = _device(args.device)
     sets = _split(args.sizes, optim_bench.PARAM_SETS, "parameter set")
     optimizers = _split(args.optimizers, optim_bench.OPTIMIZERS, "optimizer")
+    _check_output(args.json_path, "--json")
+    _check_output(args.plot_path, "--plot")
+    if args.plot_path:
+        check_matplotlib()
     if args.quick and sets is None:
         sets = ["resnet50", "small-2004"]
     reps = args.reps or (5 if args.quick else (20 if device.type == "cuda" else 10))
@@ -103,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json_path, "w") as f:
             json.dump({"env": env, "results": [r.as_dict() for r in results]}, f, indent=1)
         print(f"wrote {args.json_path}")
+    if args.plot_path:
+        plot_ratios(results, args.plot_path, f"fusedtrain {info['version']} vs torch {env['torch']}, {env['device']}"
+                    f" ({env['threads']} threads), {env['date']}")
+        print(f"wrote {args.plot_path}")
     return 0
 
 

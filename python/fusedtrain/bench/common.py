@@ -120,14 +120,23 @@ def measure_bandwidth(device: torch.device, quick: bool = False) -> float:
 
 
 class Progress:
-    """A one-line progress bar on stderr."""
+    """A one-line progress bar on stderr.
+
+    ``begin(label)`` shows what is being measured now without counting it; ``step(label)`` counts one
+    item as done (call it after the work, or before it when the work is short)."""
 
     def __init__(self, total: int, enabled: bool = True) -> None:
         self.total, self.done, self.enabled = max(total, 1), 0, enabled and sys.stderr is not None
         self.t0 = time.perf_counter()
 
+    def begin(self, label: str) -> None:
+        self._show(label)
+
     def step(self, label: str) -> None:
         self.done += 1
+        self._show(label)
+
+    def _show(self, label: str) -> None:
         if not self.enabled:
             return
         width = 30

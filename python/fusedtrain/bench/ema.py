@@ -45,7 +45,7 @@ def run(device: torch.device, sets: list[str] | None, reps: int, warmup: int, ba
         numel = _numel(shapes)
         label = f"{set_name} ({numel / 1e6:.1f} M, {len(shapes)} tensors)"
 
-        bar.step(f"{set_name} EMA update")
+        bar.begin(f"{set_name} EMA update")
         params = [p.detach() for p in _make(shapes, device)]
         avgs_ours = [p.clone() for p in params]
         avgs_torch = [p.clone() for p in params]
@@ -55,9 +55,10 @@ def run(device: torch.device, sets: list[str] | None, reps: int, warmup: int, ba
         }, reps, warmup)
         rows[-1].vs_best_torch = rows[0].median_ms / rows[-1].median_ms
         results += rows
+        bar.step(f"{set_name} EMA update")
         del params, avgs_ours, avgs_torch
 
-        bar.step(f"{set_name} Adam step + EMA")
+        bar.begin(f"{set_name} Adam step + EMA")
         m_alone, m_fused = _as_module(_make(shapes, device)), _as_module(_make(shapes, device))
         m_torch = _as_module(_make(shapes, device))
         ema_fused = EMA(m_fused, decay=1 - WEIGHT)
@@ -81,6 +82,7 @@ def run(device: torch.device, sets: list[str] | None, reps: int, warmup: int, ba
         rows[2].note = f"+{100 * (fused / alone - 1):.0f} % over the step alone"
         rows[2].vs_best_torch = rows[0].median_ms / fused
         results += rows
+        bar.step(f"{set_name} Adam step + EMA")
         del m_alone, m_fused, m_torch, opt_alone, opt_fused, opt_torch, ema_fused, torch_avgs, torch_params
         gc.collect()
         if device.type == "cuda":

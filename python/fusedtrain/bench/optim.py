@@ -102,17 +102,17 @@ def run(device: torch.device, sets: list[str] | None, optimizers: list[str] | No
     sets = sets or DEFAULT_SETS[device.type]
     names = optimizers or list(OPTIMIZERS)
     results: list[Result] = []
-    bar = Progress(len(sets) * len(names) * len(IMPLS), progress)
+    bar = Progress(len(sets) * len(names), progress)  # one tick per measured group
     for set_name in sets:
         shapes = param_shapes(set_name)
         numel = _numel(shapes)
         case_label = f"{set_name} ({numel / 1e6:.1f} M, {len(shapes)} tensors)"
         for name in names:
             cls_name, kwargs, bytes_per_param = OPTIMIZERS[name]
+            bar.begin(f"{set_name} {name}")
             rows: dict[str, Result] = {}
             steps: dict[str, Callable[[], Any]] = {}
             for impl, flags in IMPLS.items():
-                bar.step(f"{set_name} {name} {impl}")
                 rows[impl] = Result("optim", f"{name}, {case_label}", impl, str(device), None,
                                     bytes_moved=numel * bytes_per_param)
                 try:
@@ -123,6 +123,7 @@ def run(device: torch.device, sets: list[str] | None, optimizers: list[str] | No
                 except (RuntimeError, ValueError, TypeError) as exc:
                     rows[impl].note = f"not available: {str(exc).splitlines()[0][:60]}"
             times = measure_interleaved(steps, device, warmup, reps)
+            bar.step(f"{set_name} {name}")
             for impl, ts in times.items():
                 row = rows[impl]
                 row.median_ms, row.p20_ms, row.p80_ms = summarize(ts)
