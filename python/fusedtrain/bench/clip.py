@@ -31,7 +31,7 @@ def run(device: torch.device, sets: list[str] | None, reps: int, warmup: int, ba
         numel = _numel(shapes)
         label = f"{set_name} ({numel / 1e6:.1f} M, {len(shapes)} tensors)"
 
-        bar.step(f"{set_name} gradient norm")
+        bar.begin(f"{set_name} gradient norm")
         grads = [p.grad for p in _make(shapes, device)]
         rows = timed_rows("clip", f"gradient 2-norm, {label}", device, numel, bandwidth, {
             "torch get_total_norm (_foreach_norm)": (lambda: torch.nn.utils.get_total_norm(grads), 4)
@@ -42,8 +42,9 @@ def run(device: torch.device, sets: list[str] | None, reps: int, warmup: int, ba
         rows[-1].vs_best_torch = rows[0].median_ms / rows[-1].median_ms
         results += rows
         del grads
+        bar.step(f"{set_name} gradient norm")
 
-        bar.step(f"{set_name} clip + Adam")
+        bar.begin(f"{set_name} clip + Adam")
         steps: dict[str, tuple[Callable[[], Any], int]] = {}
         keep: list[Any] = []
         for impl, flags in (("torch clip_grad_norm_ + fused Adam", dict(fused=True)),
@@ -69,6 +70,7 @@ def run(device: torch.device, sets: list[str] | None, reps: int, warmup: int, ba
         if best:
             rows[-1].vs_best_torch = best / rows[-1].median_ms
         results += rows
+        bar.step(f"{set_name} clip + Adam")
         del steps, keep, ours
         gc.collect()
         if device.type == "cuda":

@@ -37,7 +37,7 @@ def run(device: torch.device, sets: list[str] | None, reps: int, warmup: int, ba
         shapes = param_shapes(set_name)
         numel = _numel(shapes)
         label = f"{set_name} ({numel / 1e6:.1f} M, {len(shapes)} tensors)"
-        bar.step(f"{set_name} mixed precision")
+        bar.begin(f"{set_name} mixed precision")
         # (implementation, optimizer factory, bytes per parameter moved by one fused pass)
         cases: list[tuple[str, Callable[[], torch.optim.Optimizer], int]] = [
             ("torch fused Adam, bf16 params + states", lambda: torch.optim.Adam(_params(shapes, device, bf16),
@@ -64,6 +64,7 @@ def run(device: torch.device, sets: list[str] | None, reps: int, warmup: int, ba
             if ref and not r.impl.startswith("torch"):
                 r.vs_best_torch = ref / r.median_ms
         results += rows
+        bar.step(f"{set_name} mixed precision")
         del steps
         gc.collect()
         if device.type == "cuda":
