@@ -124,8 +124,7 @@ __global__ void __launch_bounds__(kThreads) multi_tensor_kernel(const __grid_con
     int64_t start, len;
     const int t = find_chunk(table, c, &start, &len);
     const math::Bound b = bound_for(table.scalars, table.step[t]);
-    if (b.step != bound.step || b.lr != bound.lr || b.inv_scale != bound.inv_scale ||
-        b.clip_coef != bound.clip_coef) {
+    if (!math::same(b, bound)) {
       bound = b;
       op = op_in;
       op.bind(b);

@@ -65,6 +65,10 @@ struct Bound {
   double clip_coef;  // min(1, max_norm / (norm + 1e-6)) with max_grad_norm, else 1
 };
 
+FT_HD bool same(const Bound& a, const Bound& b) {
+  return a.step == b.step && a.lr == b.lr && a.inv_scale == b.inv_scale && a.clip_coef == b.clip_coef;
+}
+
 // Every rule reads its gradient through this: unscaled and clipped as two roundings, (g * inv) * coef,
 // the same values torch gets from GradScaler.unscale_ followed by clip_grad_norm_ on float32 gradients.
 // Both factors are exactly 1 when unused, which leaves every gradient (inf and NaN included) unchanged.
