@@ -623,3 +623,22 @@ def test_cpu_and_cuda_masks_agree() -> None:
                        F.bias_dropout_add(x.cuda(), bias.cuda(), r.cuda(), 0.2, seed=9).cpu())
     misaligned = torch.randn(4099, device="cuda")[3:]
     assert torch.equal(F.dropout(misaligned, 0.5, seed=1).cpu(), F.dropout(misaligned.cpu(), 0.5, seed=1))
+
+
+# ---- the benchmark family (tiny sizes: checks the rows and the memory report, not speed) --------------
+
+def test_bench_family_rows_and_saved_bytes() -> None:
+    from fusedtrain.bench import dropout as bench
+
+    x = torch.randn(4096, requires_grad=True)
+    assert bench.saved_bytes_per_element(lambda: TF.dropout(x, 0.5), 4096) == 4.0  # torch's float32 CPU mask
+    assert bench.saved_bytes_per_element(lambda: F.dropout(x, 0.5), 4096) < 0.01  # our 8-byte seed
+    rows = bench._dropout_rows(torch.device("cpu"), 4096, torch.float32, reps=2, warmup=1, bandwidth=10.0)
+    rows += bench._bias_dropout_add_rows(torch.device("cpu"), 64, 32, torch.float32, reps=2, warmup=1,
+                                         bandwidth=10.0)
+    by = {(r.case.split(",")[0], r.impl): r for r in rows}
+    ours = by[("dropout forward+backward", "fusedtrain")]
+    assert ours.extra["saved_bytes_per_element"] < 0.01 and ours.bytes_moved == 16 * 4096
+    assert by[("dropout forward+backward", "torch F.dropout")].extra["saved_bytes_per_element"] == 4.0
+    assert all(r.median_ms > 0 for r in rows)
+    assert all(r.vs_best_torch is not None and r.vs_best_torch > 0 for r in rows if r.impl.startswith("fusedtrain"))

@@ -12,11 +12,12 @@ from typing import Any
 import torch
 
 from .._build import build_info
+from . import dropout as dropout_bench
 from . import ema as ema_bench
 from . import optim as optim_bench
 from .common import format_table, measure_bandwidth
 
-FAMILIES = ["optim", "ema"]
+FAMILIES = ["optim", "ema", "dropout"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -90,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
         elif family == "ema":
             results += ema_bench.run(device, sets, reps, warmup=3, bandwidth=bandwidth,
                                      progress=not args.no_progress)
+        elif family == "dropout":
+            results += dropout_bench.run(device, reps, warmup=2, bandwidth=bandwidth, progress=not args.no_progress,
+                                         quick=args.quick)
     print(format_table(results))
     if args.json_path:
         with open(args.json_path, "w") as f:
