@@ -152,11 +152,20 @@ bool aligned16(const void* p) {
   return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 }
 
-unsigned grid_for(int64_t nvec, const at::Tensor& t) {
+// One wave of resident blocks (the occupancy the compiled kernel allows), fewer for small inputs; the
+// grid-stride loop covers the rest. Each kernel instantiation has its own signature, so the
+// function-local cache is per kernel (occupancy depends only on the compiled kernel).
+template <typename Kernel>
+unsigned grid_for(Kernel kernel, int64_t nvec, const at::Tensor& t) {
   int sm_count = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, t.device().index()));
+  static const int per_sm = [kernel] {
+    int blocks = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kDropoutThreads, 0));
+    return blocks;
+  }();
   const int64_t want = (nvec + kDropoutThreads - 1) / kDropoutThreads;
-  const int64_t cap = static_cast<int64_t>(sm_count) * 16;  // enough resident threads to cover the latency
+  const int64_t cap = static_cast<int64_t>(sm_count) * std::max(per_sm, 1);
   return static_cast<unsigned>(std::max<int64_t>(1, std::min(want, cap)));
 }
 
@@ -173,7 +182,7 @@ void run_dropout(const at::Tensor& x, const at::Tensor& y, int64_t group, const 
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* yp = y.data_ptr<scalar_t>();
     const int64_t nvec = (n + E - 1) / E;
-    dropout_kernel<scalar_t, E><<<grid_for(nvec, x), kDropoutThreads, 0, stream>>>(
+    dropout_kernel<scalar_t, E><<<grid_for(&dropout_kernel<scalar_t, E>, nvec, x), kDropoutThreads, 0, stream>>>(
         xp, yp, n, s, rule, group, aligned16(xp) && aligned16(yp));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -224,7 +233,8 @@ at::Tensor bias_dropout_add_cuda(const at::Tensor& input, const at::Tensor& bias
     const scalar_t* rp = r.const_data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     const int64_t nvec = (n + E - 1) / E;
-    bias_dropout_add_kernel<scalar_t, E><<<grid_for(nvec, x), kDropoutThreads, 0, stream>>>(
+    bias_dropout_add_kernel<scalar_t, E><<<grid_for(&bias_dropout_add_kernel<scalar_t, E>, nvec, x),
+                                           kDropoutThreads, 0, stream>>>(
         xp, b.const_data_ptr<T>(), rp, op, n, H, s, rule, aligned16(xp) && aligned16(rp) && aligned16(op));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
