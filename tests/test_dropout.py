@@ -192,9 +192,8 @@ def test_non_contiguous_equals_contiguous(device: str) -> None:
         assert not v.is_contiguous()
         out = F.dropout(v, 0.4, seed=5)
         assert torch.equal(out, F.dropout(v.contiguous(), 0.4, seed=5))
-        out2 = F.dropout2d(v.reshape(2, -1, 1) if v.dim() == 2 else v, 0.4, seed=5) if v.dim() == 4 else None
-        if out2 is not None:
-            assert torch.equal(out2, F.dropout2d(v.contiguous(), 0.4, seed=5))
+        if v.dim() == 4:  # channels-last
+            assert torch.equal(F.dropout2d(v, 0.4, seed=5), F.dropout2d(v.contiguous(), 0.4, seed=5))
         w = v.clone()  # same strides as v
         F.dropout(w, 0.4, inplace=True, seed=5)
         assert torch.equal(w, out)
@@ -512,9 +511,8 @@ def test_drop_connect(device: str) -> None:
     ref.square().sum().backward()
     assert torch.equal(out, ref)
     assert torch.allclose(g_w, lin.weight.grad) and torch.allclose(g_b, lin.bias.grad)
-    mask = (w != 0)
-    assert torch.equal(g_w == 0, ~mask | (g_w == 0))  # no gradient reaches a dropped weight
-    assert (g_w[~mask] == 0).all()
+    mask = w != 0
+    assert (g_w[~mask] == 0).all() and (g_w[mask] != 0).all()  # the gradient flows through kept weights only
     dc.eval()
     assert torch.equal(dc(x), lin(x))
     with pytest.raises(AttributeError):
@@ -582,7 +580,7 @@ def test_torch_compile_matches_eager(backend: str) -> None:
     model = nn.Sequential(nn.Linear(12, 24), fnn.Dropout(0.3), nn.ReLU(), nn.Linear(24, 24), fnn.Dropout2d(0.2),
                           nn.Linear(24, 3))
     x = torch.randn(4, 6, 5, 24)[..., :12]  # non-contiguous, 4-D for Dropout2d
-    compiled = torch.compile(model, backend=backend)
+    compiled = torch.compile(model, backend=backend, fullgraph=True)  # the seed draw traces too
     outs, grads = [], []
     for fn in (model, compiled):
         torch.manual_seed(123)

@@ -57,7 +57,8 @@ def _seed_tensor(seed: SeedLike, generator: torch.Generator | None) -> Tensor:
         if generator is not None and torch.device(generator.device).type != "cpu":
             raise ValueError("fusedtrain dropout: generator must be a CPU torch.Generator (the seed is drawn on the "
                              f"host for every device), got one on {generator.device}")
-        return torch.empty((), dtype=torch.int64).random_(generator=generator)
+        # out of place (torch.compile traces randint, not random_); 63 random bits
+        return torch.randint(0, _INT64 // 2 - 1, (), dtype=torch.int64, generator=generator)
     if isinstance(seed, Tensor):
         if seed.numel() != 1 or seed.dtype != torch.int64 or seed.device.type != "cpu":
             raise ValueError("fusedtrain dropout: a seed tensor must be a one-element int64 tensor on the CPU, "
