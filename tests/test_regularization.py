@@ -10,7 +10,6 @@ from fusedtrain import _build
 from fusedtrain.regularization import penalty
 from conftest import DEVICES
 
-DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 
 def _params(device: str, dtype: torch.dtype) -> list[torch.Tensor]:

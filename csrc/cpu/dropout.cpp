@@ -293,7 +293,8 @@ std::tuple<at::Tensor, at::Tensor> bias_dropout_add_backward_cpu(const at::Tenso
     const auto rule = dropout::make_rule<T>(p, true);
     const int64_t block = (std::max(kReduceBlock, H) + kChunk - 1) / kChunk * kChunk;
     const int64_t blocks = (n + block - 1) / block;
-    at::Tensor partial = at::zeros({std::max<int64_t>(blocks, 1), H}, g.options().dtype(c10::CppTypeToScalarType<T>::value));
+    const at::ScalarType acc = c10::CppTypeToScalarType<T>::value;
+    at::Tensor partial = at::zeros({std::max<int64_t>(blocks, 1), H}, g.options().dtype(acc));
     T* pp = partial.data_ptr<T>();
     const scalar_t* gp = g.const_data_ptr<scalar_t>();
     scalar_t* op = gx.data_ptr<scalar_t>();

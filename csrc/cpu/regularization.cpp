@@ -106,7 +106,9 @@ at::Tensor penalty_cpu(at::TensorList params, double l1, double l2) {
   for (const at::Tensor& p : params) {
     if (p.numel() == 0) continue;
     dense.push_back(p.contiguous());
-    for (int64_t s = 0; s < p.numel(); s += kPiece) pieces.push_back({dense.size() - 1, s, std::min(kPiece, p.numel() - s)});
+    for (int64_t s = 0; s < p.numel(); s += kPiece) {
+      pieces.push_back({dense.size() - 1, s, std::min(kPiece, p.numel() - s)});
+    }
   }
   at::Tensor result;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fusedtrain_penalty_cpu", [&] {

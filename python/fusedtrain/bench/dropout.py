@@ -95,7 +95,6 @@ def _dropout_rows(device: torch.device, numel: int, dtype: torch.dtype, reps: in
         r.extra["saved_bytes_per_element"] = kept
         r.note = f"keeps {kept:.2f} B/elem for backward"
     results += rows
-    del x, xg, g
     return results
 
 
