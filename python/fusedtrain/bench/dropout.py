@@ -62,7 +62,8 @@ def _rows(family_case: str, device: torch.device, fns: dict[str, tuple[Callable[
 def _dropout_rows(device: torch.device, numel: int, dtype: torch.dtype, reps: int, warmup: int,
                   bandwidth: float) -> list[Result]:
     size = torch.finfo(dtype).bits // 8
-    label = f"{numel / 2**20:.0f} Mi {str(dtype).replace('torch.', '')}"
+    count = f"2^{numel.bit_length() - 1}" if numel & (numel - 1) == 0 else str(numel)
+    label = f"{count} {str(dtype).replace('torch.', '')}"
     x = torch.randn(numel, device=device, dtype=dtype)
     xg = x.clone().requires_grad_()
     g = torch.randn(numel, device=device, dtype=dtype)
