@@ -49,4 +49,21 @@ TORCH_LIBRARY(fusedtrain, m) {
   m.def("ema_(Tensor(a!)[] averages, Tensor[] params, float weight) -> ()");
   // The vector norm of all tensors together (one device, one dtype): float32 (float64 for float64 input).
   m.def("total_norm(Tensor[] tensors, float norm_type) -> Tensor");
+
+  // ---- Regularization (issue 4): dropout family and penalty. ----
+  // Note [dropout op conventions]: `seed` is a one-element int64 CPU tensor and `offset` an int; together
+  // they name a Philox stream (Note [fusedtrain random stream], philox.h), and the element of logical
+  // row-major index i is kept iff the stream's word of index i / group passes the keep test (Note [dropout
+  // keep rule], dropout.h). group = 1: dropout; H*W: Dropout2d; numel / N: DropPath. rescale=False leaves
+  // kept elements unscaled. The backward pass of each op is the same op on the gradient with the same
+  // (seed, offset): no mask is stored.
+  m.def("dropout(Tensor input, Tensor seed, int offset, float p, int group=1, bool rescale=True) -> Tensor");
+  m.def("dropout_(Tensor(a!) input, Tensor seed, int offset, float p, int group=1, bool rescale=True) -> ()");
+  // residual + dropout(input + bias), bias of shape [input.size(-1)]; backward -> (grad_input, grad_bias).
+  m.def("bias_dropout_add(Tensor input, Tensor bias, Tensor residual, Tensor seed, int offset, float p) -> Tensor");
+  m.def("bias_dropout_add_backward(Tensor grad, Tensor seed, int offset, float p, int bias_numel) -> (Tensor, Tensor)");
+  // l1 * sum|theta| + l2 * sum theta^2 over every element of params (one device, one dtype), a 0-dim
+  // tensor in the accumulation dtype (float32, or float64 for float64 params); backward -> grad * d/dtheta.
+  m.def("penalty(Tensor[] params, float l1, float l2) -> Tensor");
+  m.def("penalty_backward(Tensor[] params, Tensor grad, float l1, float l2) -> Tensor[]");
 }

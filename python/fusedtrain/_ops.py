@@ -106,3 +106,120 @@ for _name in ("sgd_", "adagrad_", "rmsprop_", "adam_", "ema_"):
 def _total_norm_fake(tensors: TensorSeq, norm_type: float) -> Tensor:
     dtype = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
     return tensors[0].new_empty((), dtype=dtype)
+
+
+# ---- Regularization (issue 4): dropout family and penalty. See Note [dropout op conventions] in
+# csrc/ops.cpp. The fake kernels return what the real ones do: contiguous outputs of the input's shape.
+# The autograd formulas are registered here too: the backward of every dropout op is the same op on the
+# gradient with the saved (seed, offset), so autograd keeps a one-element seed tensor and no mask.
+
+__all__ += ["dropout", "dropout_", "bias_dropout_add", "bias_dropout_add_backward", "penalty", "penalty_backward"]
+
+
+def dropout(input: Tensor, seed: Tensor, offset: int, p: float, group: int = 1, rescale: bool = True) -> Tensor:
+    """``input * multiplier(i // group)`` (0 or the scale) as a new contiguous tensor; differentiable."""
+    return _ops.dropout(input, seed, offset, p, group, rescale)
+
+
+def dropout_(input: Tensor, seed: Tensor, offset: int, p: float, group: int = 1, rescale: bool = True) -> None:
+    """In-place :func:`dropout` (no autograd formula; see ``fusedtrain.nn.functional``)."""
+    _ops.dropout_(input, seed, offset, p, group, rescale)
+
+
+def bias_dropout_add(input: Tensor, bias: Tensor, residual: Tensor, seed: Tensor, offset: int, p: float) -> Tensor:
+    """``residual + dropout(input + bias)`` in one pass; differentiable."""
+    return _ops.bias_dropout_add(input, bias, residual, seed, offset, p)
+
+
+def bias_dropout_add_backward(grad: Tensor, seed: Tensor, offset: int, p: float,
+                              bias_numel: int) -> tuple[Tensor, Tensor]:
+    """``(grad * multiplier, its sum over the leading dimensions)``."""
+    return _ops.bias_dropout_add_backward(grad, seed, offset, p, bias_numel)
+
+
+def penalty(params: TensorSeq, l1: float, l2: float) -> Tensor:
+    """``l1 * sum|theta| + l2 * sum theta^2`` over one device and dtype; 0-dim, float32 or float64."""
+    return _ops.penalty(params, l1, l2)
+
+
+def penalty_backward(params: TensorSeq, grad: Tensor, l1: float, l2: float) -> list[Tensor]:
+    """``grad * (l1 * sign(theta) + 2 * l2 * theta)`` for every tensor of ``params``."""
+    return _ops.penalty_backward(params, grad, l1, l2)
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("fusedtrain::dropout")
+def _dropout_fake(input: Tensor, seed: Tensor, offset: int, p: float, group: int = 1,
+                  rescale: bool = True) -> Tensor:
+    return input.new_empty(input.shape)
+
+
+@torch.library.register_fake("fusedtrain::dropout_")
+def _dropout_inplace_fake(input: Tensor, seed: Tensor, offset: int, p: float, group: int = 1,
+                          rescale: bool = True) -> None:
+    return None
+
+
+@torch.library.register_fake("fusedtrain::bias_dropout_add")
+def _bias_dropout_add_fake(input: Tensor, bias: Tensor, residual: Tensor, seed: Tensor, offset: int,
+                           p: float) -> Tensor:
+    return input.new_empty(input.shape)
+
+
+@torch.library.register_fake("fusedtrain::bias_dropout_add_backward")
+def _bias_dropout_add_backward_fake(grad: Tensor, seed: Tensor, offset: int, p: float,
+                                    bias_numel: int) -> tuple[Tensor, Tensor]:
+    return grad.new_empty(grad.shape), grad.new_empty((bias_numel,))
+
+
+@torch.library.register_fake("fusedtrain::penalty")
+def _penalty_fake(params: list[Tensor], l1: float, l2: float) -> Tensor:
+    return params[0].new_empty((), dtype=_acc_dtype(params[0].dtype))
+
+
+@torch.library.register_fake("fusedtrain::penalty_backward")
+def _penalty_backward_fake(params: list[Tensor], grad: Tensor, l1: float, l2: float) -> list[Tensor]:
+    return [p.new_empty(p.shape) for p in params]
+
+
+def _dropout_setup(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: Tensor) -> None:
+    _, seed, offset, p, group, rescale = inputs
+    ctx.save_for_backward(seed)
+    ctx.args = (offset, p, group, rescale)
+
+
+def _dropout_backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple:
+    (seed,) = ctx.saved_tensors
+    return dropout(grad, seed, *ctx.args), None, None, None, None, None
+
+
+def _bias_dropout_add_setup(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: Tensor) -> None:
+    _, bias, _, seed, offset, p = inputs
+    ctx.save_for_backward(seed)
+    ctx.args = (offset, p, bias.shape[0])
+
+
+def _bias_dropout_add_backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple:
+    (seed,) = ctx.saved_tensors
+    offset, p, bias_numel = ctx.args
+    grad_input, grad_bias = bias_dropout_add_backward(grad, seed, offset, p, bias_numel)
+    return grad_input, grad_bias, grad, None, None, None
+
+
+def _penalty_setup(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: Tensor) -> None:
+    params, l1, l2 = inputs
+    ctx.save_for_backward(*params)  # the parameters themselves (autograd keeps them alive anyway)
+    ctx.args = (l1, l2)
+
+
+def _penalty_backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple:
+    return penalty_backward(list(ctx.saved_tensors), grad, *ctx.args), None, None
+
+
+torch.library.register_autograd("fusedtrain::dropout", _dropout_backward, setup_context=_dropout_setup)
+torch.library.register_autograd("fusedtrain::bias_dropout_add", _bias_dropout_add_backward,
+                                setup_context=_bias_dropout_add_setup)
+torch.library.register_autograd("fusedtrain::penalty", _penalty_backward, setup_context=_penalty_setup)

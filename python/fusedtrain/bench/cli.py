@@ -15,13 +15,14 @@ import torch
 
 from .._build import build_info
 from . import clip as clip_bench
+from . import dropout as dropout_bench
 from . import ema as ema_bench
 from . import mixed as mixed_bench
 from . import optim as optim_bench
 from .common import format_table, measure_bandwidth
 from .plot import check_matplotlib, plot_ratios
 
-FAMILIES = ["optim", "ema", "clip", "mixed"]
+FAMILIES = ["optim", "ema", "clip", "mixed", "dropout"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -118,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
         elif family == "mixed":
             results += mixed_bench.run(device, sets, reps, warmup=3, bandwidth=bandwidth,
                                        progress=not args.no_progress)
+        elif family == "dropout":
+            results += dropout_bench.run(device, reps, warmup=2, bandwidth=bandwidth, progress=not args.no_progress,
+                                         quick=args.quick)
     print(format_table(results))
     if args.json_path:
         with open(args.json_path, "w") as f:

@@ -1,0 +1,78 @@
+// Host-side argument checks of the dropout-family and penalty ops, shared by the CPU and CUDA
+// registrations (cpu/dropout.cpp, cuda/dropout.cu, cpu/regularization.cpp, cuda/regularization.cu).
+//
+// Note [dropout layouts]:
+// The keep decision of an element is a function of its logical row-major index (philox.h), so the
+// drivers walk contiguous memory: a non-contiguous input (a transposed or channels-last tensor, a
+// strided view) goes through .contiguous() first and gives exactly the mask of its contiguous copy.
+// Outputs are contiguous.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+
+#include "fusedtrain/dropout.h"
+#include "fusedtrain/philox.h"
+
+namespace fusedtrain {
+namespace host {
+
+inline bool is_supported_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+inline void check_float_tensor(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.layout() == at::kStrided, "fusedtrain.", op, ": ", name, " must be a dense (strided) tensor");
+  TORCH_CHECK(is_supported_float(t.scalar_type()), "fusedtrain.", op, ": ", name, " has dtype ", t.scalar_type(),
+              "; only float32, float64, float16 and bfloat16 are supported");
+}
+
+// The seed travels as a one-element int64 CPU tensor (so that torch.compile does not specialize on
+// its value); it is read on the host, which costs no device synchronization.
+inline philox::Stream read_stream(const char* op, const at::Tensor& seed, int64_t offset) {
+  TORCH_CHECK(seed.device().is_cpu() && seed.scalar_type() == at::kLong && seed.numel() == 1, "fusedtrain.", op,
+              ": seed must be a one-element int64 tensor on the CPU (got ", seed.scalar_type(), " ", seed.sizes(),
+              " on ", seed.device(), ")");
+  const int64_t value = *seed.contiguous().data_ptr<int64_t>();
+  return philox::Stream::make(static_cast<uint64_t>(value), static_cast<uint64_t>(offset));
+}
+
+inline void check_group(const char* op, const at::Tensor& input, int64_t group) {
+  TORCH_CHECK(group >= 1, "fusedtrain.", op, ": group must be >= 1 (got ", group, ")");
+  TORCH_CHECK(input.numel() % group == 0, "fusedtrain.", op, ": group (", group,
+              ") must divide the number of elements (", input.numel(), ")");
+}
+
+inline void check_bias_dropout_add(const at::Tensor& input, const at::Tensor& bias, const at::Tensor& residual) {
+  const char* op = "bias_dropout_add";
+  check_float_tensor(op, "input", input);
+  TORCH_CHECK(input.dim() >= 1, "fusedtrain.bias_dropout_add: input must have at least one dimension");
+  TORCH_CHECK(bias.dim() == 1 && bias.size(0) == input.size(-1), "fusedtrain.bias_dropout_add: bias must have shape [",
+              input.size(-1), "] (the last dimension of input), got ", bias.sizes());
+  TORCH_CHECK(residual.sizes() == input.sizes(), "fusedtrain.bias_dropout_add: residual must have the shape of input (",
+              input.sizes(), "), got ", residual.sizes());
+  TORCH_CHECK(bias.scalar_type() == input.scalar_type() && residual.scalar_type() == input.scalar_type(),
+              "fusedtrain.bias_dropout_add: input, bias and residual must have one dtype (got ", input.scalar_type(),
+              ", ", bias.scalar_type(), ", ", residual.scalar_type(), ")");
+  TORCH_CHECK(bias.device() == input.device() && residual.device() == input.device(),
+              "fusedtrain.bias_dropout_add: input, bias and residual must be on one device (got ", input.device(), ", ",
+              bias.device(), ", ", residual.device(), ")");
+}
+
+inline void check_penalty_params(const char* op, at::TensorList params) {
+  TORCH_CHECK(!params.empty(), "fusedtrain.", op, ": params is empty");
+  for (size_t i = 0; i < params.size(); ++i) {
+    const at::Tensor& p = params[i];
+    TORCH_CHECK(p.layout() == at::kStrided, "fusedtrain.", op, ": params[", i, "] is not a dense (strided) tensor");
+    TORCH_CHECK(is_supported_float(p.scalar_type()), "fusedtrain.", op, ": params[", i, "] has dtype ", p.scalar_type(),
+                "; only float32, float64, float16 and bfloat16 are supported");
+    TORCH_CHECK(p.device() == params[0].device() && p.scalar_type() == params[0].scalar_type(), "fusedtrain.", op,
+                ": params[", i, "] (", p.scalar_type(), " on ", p.device(), ") differs from params[0] (",
+                params[0].scalar_type(), " on ", params[0].device(), "); one call takes one device and one dtype");
+  }
+}
+
+}  // namespace host
+}  // namespace fusedtrain
