@@ -130,14 +130,14 @@ std::vector<at::Tensor> penalty_backward_cuda(at::TensorList params, const at::T
   std::vector<at::Tensor> outs;
   outs.reserve(params.size());
   for (const at::Tensor& p : params) outs.push_back(at::empty(p.sizes(), p.options()));
-  Work work = host::prepare({outs, params}, host::all_indices(params.size()));
+  Work work = host::prepare({outs, params}, {});
   if (work.size() > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "fusedtrain_penalty_bwd_cuda",
                                     [&] {
                                       using T = at::opmath_type<scalar_t>;
                                       const at::Tensor scale =
                                           grad.to(params[0].device(), c10::CppTypeToScalarType<T>::value).reshape({});
-                                      multi_tensor_apply<scalar_t>(
+                                      multi_tensor_apply<Uniform<scalar_t>>(
                                           work, regularization::PenaltyGradScalePtrOp<T>{
                                                     static_cast<T>(l1), static_cast<T>(2.0 * l2),
                                                     scale.const_data_ptr<T>()});

@@ -45,6 +45,7 @@ struct PenaltyGradOp {
   static constexpr int depth = 2;
   T l1, two_l2, scale;
 
+  FT_HD void bind(const math::Bound&) {}  // nothing per step (Note [per-tensor binding])
   FT_HD void operator()(T* r) const { r[0] = scale * penalty_grad(r[1], l1, two_l2); }
 };
 
@@ -54,6 +55,7 @@ struct PenaltyGradScalePtrOp {
   T l1, two_l2;
   const T* scale;
 
+  FT_HD void bind(const math::Bound&) {}
   FT_HD void operator()(T* r) const { r[0] = *scale * penalty_grad(r[1], l1, two_l2); }
 };
 
