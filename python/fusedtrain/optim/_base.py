@@ -82,10 +82,28 @@ def new_step(device: torch.device | None = None) -> Tensor:
 
 
 class FusedOptimizerMixin:
-    """Mixed into subclasses of the torch.optim class of the same name.
+    r"""Mixed into subclasses of the torch.optim class of the same name.
 
     The torch base class provides the constructor's checks, defaults, ``param_groups``, ``state``,
     ``state_dict``/``load_state_dict``, hooks and ``zero_grad``; the subclass replaces ``step``.
+
+    The options fusedtrain adds to every optimizer's constructor (keyword arguments):
+
+    - ``ema``: a :class:`fusedtrain.ensemble.EMA` (or ``SWA``) whose averages the step's kernel updates in
+      the same pass; equal to calling ``ema.update()`` after each step.
+    - ``max_grad_norm``: clip the joint 2-norm of all gradients of this optimizer to this value inside the
+      step (equal to ``torch.nn.utils.clip_grad_norm_`` before it; the norm is kept in ``last_grad_norm``).
+      GradScaler's scale is honoured.
+    - ``l1``: L1 penalty folded into the gradient, :math:`g \leftarrow g + \lambda_1\operatorname{sign}(\theta)`,
+      inside the kernel (a param-group option; with ``weight_decay``, the elastic net).
+    - ``master_weights``: float16/bfloat16 parameters get float32 master weights (state ``master_param``,
+      made from the parameter on its first step); the kernel updates the master and writes the rounded
+      value into the parameter in the same pass. States are float32 then.
+    - ``stochastic_rounding``: bfloat16 parameters (without master weights) are stored with stochastic
+      rounding, so updates smaller than half a bfloat16 ulp survive on average.
+    - ``state_dtype``: ``torch.bfloat16`` keeps the states of float32 (or master-weight) parameters in
+      bfloat16 (half the state memory and traffic); None: the parameter's dtype (float32 with master
+      weights), as torch does.
     """
 
     _torch_cls: type[torch.optim.Optimizer]
