@@ -221,28 +221,12 @@ void run_dropout(const at::Tensor& x, const at::Tensor& y, int64_t group, const 
   });
 }
 
-at::Tensor dropout_cpu(const at::Tensor& input, const at::Tensor& seed, int64_t offset, double p, int64_t group,
-                       bool rescale) {
-  host::check_float_tensor("dropout", "input", input);
-  dropout::check_p("dropout", p);
-  host::check_group("dropout", input, group);
-  const philox::Stream s = host::read_stream("dropout", seed, offset);
-  const at::Tensor x = input.contiguous();
-  at::Tensor y = at::empty(x.sizes(), x.options());
-  run_dropout(x, y, group, s, p, rescale);
-  return y;
-}
-
-void dropout_cpu_(const at::Tensor& input, const at::Tensor& seed, int64_t offset, double p, int64_t group,
+struct Run {
+  static void run(const at::Tensor& x, const at::Tensor& y, int64_t group, const philox::Stream& s, double p,
                   bool rescale) {
-  host::check_float_tensor("dropout_", "input", input);
-  dropout::check_p("dropout_", p);
-  host::check_group("dropout_", input, group);
-  const philox::Stream s = host::read_stream("dropout_", seed, offset);
-  const at::Tensor x = input.contiguous();
-  run_dropout(x, x, group, s, p, rescale);
-  if (!x.is_same(input)) input.copy_(x);
-}
+    run_dropout(x, y, group, s, p, rescale);
+  }
+};
 
 at::Tensor bias_dropout_add_cpu(const at::Tensor& input, const at::Tensor& bias, const at::Tensor& residual,
                                 const at::Tensor& seed, int64_t offset, double p) {
@@ -323,8 +307,8 @@ std::tuple<at::Tensor, at::Tensor> bias_dropout_add_backward_cpu(const at::Tenso
 }  // namespace fusedtrain
 
 TORCH_LIBRARY_IMPL(fusedtrain, CPU, m) {
-  m.impl("dropout", &fusedtrain::cpu::dropout_cpu);
-  m.impl("dropout_", &fusedtrain::cpu::dropout_cpu_);
+  m.impl("dropout", &fusedtrain::host::dropout_impl<fusedtrain::cpu::Run>);
+  m.impl("dropout_", &fusedtrain::host::dropout_inplace_impl<fusedtrain::cpu::Run>);
   m.impl("bias_dropout_add", &fusedtrain::cpu::bias_dropout_add_cpu);
   m.impl("bias_dropout_add_backward", &fusedtrain::cpu::bias_dropout_add_backward_cpu);
 }

@@ -188,28 +188,12 @@ void run_dropout(const at::Tensor& x, const at::Tensor& y, int64_t group, const 
   });
 }
 
-at::Tensor dropout_cuda(const at::Tensor& input, const at::Tensor& seed, int64_t offset, double p, int64_t group,
-                        bool rescale) {
-  host::check_float_tensor("dropout", "input", input);
-  dropout::check_p("dropout", p);
-  host::check_group("dropout", input, group);
-  const philox::Stream s = host::read_stream("dropout", seed, offset);
-  const at::Tensor x = input.contiguous();
-  at::Tensor y = at::empty(x.sizes(), x.options());
-  run_dropout(x, y, group, s, p, rescale);
-  return y;
-}
-
-void dropout_cuda_(const at::Tensor& input, const at::Tensor& seed, int64_t offset, double p, int64_t group,
-                   bool rescale) {
-  host::check_float_tensor("dropout_", "input", input);
-  dropout::check_p("dropout_", p);
-  host::check_group("dropout_", input, group);
-  const philox::Stream s = host::read_stream("dropout_", seed, offset);
-  const at::Tensor x = input.contiguous();
-  run_dropout(x, x, group, s, p, rescale);
-  if (!x.is_same(input)) input.copy_(x);
-}
+struct Run {
+  static void run(const at::Tensor& x, const at::Tensor& y, int64_t group, const philox::Stream& s, double p,
+                  bool rescale) {
+    run_dropout(x, y, group, s, p, rescale);
+  }
+};
 
 at::Tensor bias_dropout_add_cuda(const at::Tensor& input, const at::Tensor& bias, const at::Tensor& residual,
                                  const at::Tensor& seed, int64_t offset, double p) {
@@ -264,8 +248,8 @@ std::tuple<at::Tensor, at::Tensor> bias_dropout_add_backward_cuda(const at::Tens
 }  // namespace fusedtrain
 
 TORCH_LIBRARY_IMPL(fusedtrain, CUDA, m) {
-  m.impl("dropout", &fusedtrain::cuda::dropout_cuda);
-  m.impl("dropout_", &fusedtrain::cuda::dropout_cuda_);
+  m.impl("dropout", &fusedtrain::host::dropout_impl<fusedtrain::cuda::Run>);
+  m.impl("dropout_", &fusedtrain::host::dropout_inplace_impl<fusedtrain::cuda::Run>);
   m.impl("bias_dropout_add", &fusedtrain::cuda::bias_dropout_add_cuda);
   m.impl("bias_dropout_add_backward", &fusedtrain::cuda::bias_dropout_add_backward_cuda);
 }

@@ -9,6 +9,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
 #include <cstdint>
@@ -72,6 +73,33 @@ inline void check_penalty_params(const char* op, at::TensorList params) {
                 ": params[", i, "] (", p.scalar_type(), " on ", p.device(), ") differs from params[0] (",
                 params[0].scalar_type(), " on ", params[0].device(), "); one call takes one device and one dtype");
   }
+}
+
+// dropout / dropout_ for one backend: checks, the stream, a contiguous view, then Backend::run(x, y, ...)
+// (the kernel launch). Registered by cpu/dropout.cpp and cuda/dropout.cu.
+template <class Backend>
+at::Tensor dropout_impl(const at::Tensor& input, const at::Tensor& seed, int64_t offset, double p, int64_t group,
+                        bool rescale) {
+  check_float_tensor("dropout", "input", input);
+  dropout::check_p("dropout", p);
+  check_group("dropout", input, group);
+  const philox::Stream s = read_stream("dropout", seed, offset);
+  const at::Tensor x = input.contiguous();
+  at::Tensor y = at::empty(x.sizes(), x.options());
+  Backend::run(x, y, group, s, p, rescale);
+  return y;
+}
+
+template <class Backend>
+void dropout_inplace_impl(const at::Tensor& input, const at::Tensor& seed, int64_t offset, double p, int64_t group,
+                          bool rescale) {
+  check_float_tensor("dropout_", "input", input);
+  dropout::check_p("dropout_", p);
+  check_group("dropout_", input, group);
+  const philox::Stream s = read_stream("dropout_", seed, offset);
+  const at::Tensor x = input.contiguous();
+  Backend::run(x, x, group, s, p, rescale);
+  if (!x.is_same(input)) input.copy_(x);
 }
 
 }  // namespace host
