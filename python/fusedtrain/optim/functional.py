@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from .. import _ops
+from .._dtensor import local, local_list
 from ._groups import Split, real_view, splits_for
 
 __all__ = ["sgd", "adagrad", "rmsprop", "adam", "adamw", "ema", "splits_for"]
@@ -49,7 +50,8 @@ _SCALARS = ("lr_tensor", "grad_scale", "found_inf", "clip_coef")
 def _scalars(lr: float | Tensor, grad_scale: Tensor | None, found_inf: Tensor | None,
              clip_coef: Tensor | None, l1: float) -> dict[str, Any]:
     """The op keywords for the learning rate, the L1 coefficient and the optional per-call scalar tensors."""
-    out: dict[str, Any] = {"lr": 0.0, "lr_tensor": lr} if isinstance(lr, Tensor) else {"lr": float(lr)}
+    # A DTensor scalar (e.g. a clip coefficient from a replicated DTensor norm) is read as its local value.
+    out: dict[str, Any] = {"lr": 0.0, "lr_tensor": local(lr)} if isinstance(lr, Tensor) else {"lr": float(lr)}
     if l1:
         if not float(l1) >= 0.0:
             raise ValueError(f"Invalid l1 value: {l1}; the L1 coefficient must be >= 0")
@@ -58,7 +60,7 @@ def _scalars(lr: float | Tensor, grad_scale: Tensor | None, found_inf: Tensor | 
         if value is not None:
             if not isinstance(value, Tensor):
                 raise TypeError(f"{name} must be a one-element tensor or None, got {type(value).__name__}")
-            out[name] = value
+            out[name] = local(value)
     return out
 
 
@@ -80,6 +82,9 @@ def _run(op: Callable[..., None], splits: list[Split], lists: Sequence[Sequence[
                          "average per parameter, or none")
     if len(ema_params):
         hyper["ema_weight"] = ema_weight
+    # DTensors (FSDP2, tensor parallel): the kernels update the local shards (Note [DTensor parameters]).
+    lists = [local_list(lst) for lst in lists]
+    ema_params = local_list(ema_params)
     if len(splits) == 1 and not splits[0][1]:  # the usual case: one device, one real dtype
         if len(ema_params):
             hyper["ema_params"] = ema_params
