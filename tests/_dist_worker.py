@@ -284,6 +284,24 @@ def case_norm(device: str, rank: int, world: int) -> dict[str, Any]:
     return out
 
 
+def case_partial_grad_refused(device: str, rank: int, world: int) -> dict[str, Any]:
+    """A Partial gradient (pending sums across ranks) of a replicated parameter: its local tensor is not the
+    gradient, so the step must refuse it (torch.optim would redistribute) and change nothing."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial, Replicate, distribute_tensor
+    mesh = init_device_mesh(device, (world,))
+    p = nn.Parameter(distribute_tensor(torch.randn(4, 3, dtype=DTYPE, device=device), mesh, [Replicate()]))
+    p.grad = DTensor.from_local(torch.randn(4, 3, dtype=DTYPE, device=device), mesh, [Partial()], run_check=False)
+    before = p.to_local().clone()
+    opt = fusedtrain.optim.Adam([p], lr=0.1)
+    try:
+        opt.step()
+        error = ""
+    except RuntimeError as e:
+        error = str(e)
+    return {"error_text": error, "unchanged": torch.equal(p.to_local(), before), "no_state": not opt.state[p]}
+
+
 def run_cases(rank: int, world: int, device: str, out_dir: str) -> dict[str, Any]:
     results: dict[str, Any] = {}
 
@@ -314,6 +332,7 @@ def run_cases(rank: int, world: int, device: str, out_dir: str) -> dict[str, Any
     if fsdp_skip is None:
         record("fsdp_ema_update", lambda: case_fsdp_ema_update(device, rank, world))
         record("norm", lambda: case_norm(device, rank, world))
+        record("partial_grad_refused", lambda: case_partial_grad_refused(device, rank, world))
     return results
 
 

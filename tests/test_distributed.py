@@ -73,7 +73,7 @@ def dist(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
 
 def _case(dist: dict[str, Any], key: str) -> list[dict[str, Any]]:
     """A case's results on every rank (fails with the worker's traceback)."""
-    if key.startswith(("fsdp", "dcp/fsdp", "norm")) and dist["ranks"][0]["fsdp_skip"]:
+    if key.startswith(("fsdp", "dcp/fsdp", "norm", "partial")) and dist["ranks"][0]["fsdp_skip"]:
         pytest.skip(dist["ranks"][0]["fsdp_skip"])
     out = [r[key] for r in dist["ranks"]]
     errors = [f"rank {r}, case {key}:\n{res['error']}" for r, res in enumerate(out) if "error" in res]
@@ -199,6 +199,7 @@ def test_dcp_round_trip_resumes(dist: dict[str, Any], case: str) -> None:
         assert res["step_is_cpu"]
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
 def test_dcp_fsdp_checkpoint_reshards_to_one_process(dist: dict[str, Any]) -> None:
     """The FSDP2 checkpoint (DTensor state of 2 ranks) loads into an unsharded model and a fusedtrain
     optimizer in this process, and the run resumes on the single-process trajectory."""
@@ -269,3 +270,11 @@ def test_clip_grad_norm_across_shards(dist: dict[str, Any]) -> None:
         torch.testing.assert_close(res["clipped_ours"], res["clipped_torch"], rtol=1e-12, atol=1e-15)
         norm_after = torch.linalg.vector_norm(torch.cat([g.flatten() for g in res["clipped_ours"]]))
         torch.testing.assert_close(norm_after, torch.tensor(MAX_NORM, dtype=norm_after.dtype), rtol=1e-4, atol=0)
+
+
+def test_partial_gradient_refused(dist: dict[str, Any]) -> None:
+    """The kernels update local shards, so a gradient placed unlike its parameter (Partial) is refused
+    before anything changes, with the redistribution to do."""
+    for res in _case(dist, "partial_grad_refused"):
+        assert "redistribute" in res["error_text"] and "Partial" in res["error_text"], res["error_text"]
+        assert res["unchanged"] and res["no_state"]

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["DTensor", "Replicate", "is_dtensor", "local", "local_list", "shard_mesh_dims", "is_fsdp_module",
-           "refuse_partitioned_extras"]
+           "check_local_pair", "refuse_partitioned_extras"]
 
 DTensor: Any = None
 _Shard: Any = None
@@ -73,6 +73,22 @@ def shard_mesh_dims(t: Tensor) -> tuple[int, ...] | None:
 def is_fsdp_module(module: torch.nn.Module) -> bool:
     """Whether ``module`` or one of its submodules is managed by FSDP2 (``fully_shard``)."""
     return _FSDPModule is not None and any(isinstance(m, _FSDPModule) for m in module.modules())
+
+
+def check_local_pair(opt_name: str, p: Tensor, grad: Tensor) -> None:
+    """Refuse a gradient whose local tensor is not the gradient of the parameter's local shard: a plain
+    gradient of a DTensor parameter (or the reverse), or a DTensor gradient placed differently, e.g.
+    ``Partial`` (pending sums across ranks) where torch.optim would redistribute it."""
+    p_dt, g_dt = is_dtensor(p), is_dtensor(grad)
+    if not p_dt and not g_dt:
+        return
+    if p_dt != g_dt or grad.device_mesh != p.device_mesh or tuple(grad.placements) != tuple(p.placements):
+        where = (f"{type(grad).__name__} {getattr(grad, 'placements', '')}".strip() + " for a "
+                 + f"{type(p).__name__} {getattr(p, 'placements', '')}".strip())
+        raise RuntimeError(
+            f"fusedtrain.optim.{opt_name} updates DTensor parameters shard by shard, so a gradient must be a "
+            f"DTensor on the parameter's mesh with its placements; got a gradient {where} parameter. "
+            "Redistribute it first: p.grad = p.grad.redistribute(p.device_mesh, p.placements)")
 
 
 def refuse_partitioned_extras(param_groups: Sequence[Mapping[str, Any]]) -> None:

@@ -167,9 +167,10 @@ def clip_grad_norm_(parameters: Tensor | Iterable[Tensor], max_norm: float | Ten
     total = get_total_norm(grads, norm_type, error_if_nonfinite)
     if not grads:
         return total
-    coef = clip_coefficient(total, max_norm)
+    coef = clip_coefficient(local(total), max_norm)
     by_device: dict[torch.device, list[Tensor]] = {}
-    for g in grads:
+    for g in grads:  # DTensor gradients: their shards are scaled by the same (replicated) coefficient
+        g = local(g)
         by_device.setdefault(g.device, []).append(g)
     for device, device_grads in by_device.items():
         torch._foreach_mul_(device_grads, coef.to(device))

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .._build import has_cuda_kernels
-from .._dtensor import local, refuse_partitioned_extras
+from .._dtensor import check_local_pair, local, refuse_partitioned_extras
 from ..clip import clip_coefficient, get_total_norm
 from ._groups import Split, splits_for
 
@@ -53,6 +53,7 @@ def check_param(opt_name: str, p: Tensor) -> None:
         raise RuntimeError(
             f"fusedtrain.optim.{opt_name}: a parameter's .grad ({grad.dtype} {tuple(grad.shape)} on {grad.device}) "
             f"must match the parameter ({p.dtype} {tuple(p.shape)} on {p.device})")
+    check_local_pair(opt_name, p, grad)
 
 
 def cpu_step(state: dict[str, Any], device: torch.device | None = None) -> Tensor:
