@@ -5,7 +5,7 @@ One run of tests/_dist_worker.py per device does every case (CPU: 2 processes on
 NCCL, since the GPU check has one GPU and NCCL takes one GPU per rank). Each test then compares a case's
 results with the single-process run of the same model, data and optimizer, computed here: the engines
 must give the same parameters, optimizer state and gradient norms as one process with the full batch.
-Everything runs in float64, so a mismatch beyond ~1e-10 is a wrong shard, state or norm, not rounding.
+Everything runs in float64, so a mismatch beyond ~1e-11 is a wrong shard, state or norm, not rounding.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="to
 
 WORKER = Path(__file__).with_name("_dist_worker.py")
 TIMEOUT_S = 300
-RTOL, ATOL = 1e-9, 1e-11
+RTOL, ATOL = 1e-11, 1e-13  # measured: <= 6e-14 relative after 5 steps (AdamW with l1), 2 CPU ranks
 
 
 def _free_port() -> int:
