@@ -254,7 +254,7 @@ def case_dcp(engine: str, name: str, kw: dict[str, Any], device: str, rank: int,
 
 def case_norm(device: str, rank: int, world: int) -> dict[str, Any]:
     """Norms of FSDP2 gradients (Shard) and of replicated / plain tensors, against torch's DTensor norm."""
-    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
     model = shard(make_model(device))
     x, y = make_data(device)[0]
     backward(model, x, y, rank, world)
@@ -263,7 +263,11 @@ def case_norm(device: str, rank: int, world: int) -> dict[str, Any]:
     g = torch.Generator().manual_seed(5)
     extra_full = [torch.randn(6, 4, generator=g, dtype=DTYPE), torch.randn(5, generator=g, dtype=DTYPE)]
     mixed = [distribute_tensor(extra_full[0].to(device), mesh, [Replicate()]),
-             distribute_tensor(extra_full[1].to(device), mesh, [Shard(0)])]
+             distribute_tensor(extra_full[1].to(device), mesh, [Shard(0)]),
+             # pending sums: each rank holds a different addend (left to torch's DTensor norm)
+             DTensor.from_local(torch.randn(3, generator=torch.Generator().manual_seed(rank), dtype=DTYPE).to(device),
+                                mesh, [Partial()], run_check=False)]
+    extra_full.append(full(mixed[2]))
     out: dict[str, Any] = {"grads": [full(t) for t in grads], "extra": extra_full}
     for p in (2.0, 1.0, 3.0, float("inf")):
         ours = fusedtrain.get_total_norm(grads, p)

@@ -251,7 +251,8 @@ def test_fsdp2_ema_update_swap_and_state(dist: dict[str, Any]) -> None:
 @pytest.mark.parametrize("p", [2.0, 1.0, 3.0, math.inf], ids=["2", "1", "3", "inf"])
 def test_norm_across_shards(dist: dict[str, Any], p: float) -> None:
     """get_total_norm of FSDP2 gradients equals torch's DTensor norm and the norm of the unsharded
-    gradients; with replicated DTensors in the mix, those count once."""
+    gradients; in a mix with replicated DTensors (counted once) and a Partial one (summed first), the
+    norm of the full tensors."""
     for res in _case(dist, "norm"):
         unsharded = torch.linalg.vector_norm(torch.cat([g.flatten() for g in res["grads"]]), p)
         torch.testing.assert_close(res[f"ours_{p}"], unsharded, rtol=1e-12, atol=0)

@@ -111,7 +111,7 @@ def _sharded_total_norm(tensors: list[Tensor], norm_type: float) -> Tensor:
             continue
         meshes.append(t.device_mesh)
         dims = shard_mesh_dims(t)
-        if not fused_ok or dims is None:  # let DTensor reduce it: a replicated 0-dim DTensor
+        if not fused_ok or dims is None:  # DTensor's own norm; full_tensor() is then the global value
             plain.append(torch.linalg.vector_norm(t, norm_type).full_tensor())
             continue
         by_mesh.setdefault((t.device_mesh, dims), []).append(local(t))
