@@ -9,6 +9,7 @@ norm per tensor; the gradients are then scaled by :math:`\\min(1, \\text{max\\_n
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable
 
@@ -16,6 +17,7 @@ import torch
 from torch import Tensor
 
 from . import _ops
+from ._dtensor import DTensor, Replicate, is_dtensor, local, shard_mesh_dims
 
 __all__ = ["clip_grad_norm_", "get_total_norm", "clip_coefficient"]
 
@@ -48,6 +50,20 @@ def get_total_norm(tensors: Tensor | Iterable[Tensor], norm_type: float = 2.0, e
     norm_type = float(norm_type)
     if len(tensors) == 0:
         return torch.tensor(0.0)
+    if any(is_dtensor(t) for t in tensors):
+        total = _sharded_total_norm(tensors, norm_type)
+    else:
+        total = _local_total_norm(tensors, norm_type)
+    if error_if_nonfinite and torch.logical_or(local(total).isnan(), local(total).isinf()):
+        raise RuntimeError(
+            f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, so it cannot "
+            "be clipped. To disable this error and scale the gradients by the non-finite norm anyway, set "
+            "`error_if_nonfinite=False`")
+    return total
+
+
+def _local_total_norm(tensors: list[Tensor], norm_type: float) -> Tensor:
+    """The norm of non-empty list of plain tensors: one fused kernel per (device, dtype)."""
     first_device = tensors[0].device
     fused_ok = norm_type > 0 and not math.isnan(norm_type)
     groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
@@ -64,11 +80,62 @@ def get_total_norm(tensors: Tensor | Iterable[Tensor], norm_type: float = 2.0, e
         total = norms[0].to(first_device)
     else:
         total = torch.linalg.vector_norm(torch.stack([n.to(first_device) for n in norms]), norm_type)
-    if error_if_nonfinite and torch.logical_or(total.isnan(), total.isinf()):
-        raise RuntimeError(
-            f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, so it cannot "
-            "be clipped. To disable this error and scale the gradients by the non-finite norm anyway, set "
-            "`error_if_nonfinite=False`")
+    return total
+
+
+def _sharded_total_norm(tensors: list[Tensor], norm_type: float) -> Tensor:
+    r"""The norm of tensors of which some are DTensors, equal to torch's for DTensor gradients.
+
+    Note [norm across shards]: the elements of a DTensor with ``Shard`` placements are split over the
+    ranks of those mesh dimensions, so its global :math:`\lVert g\rVert_p^p` is the sum of the local
+    ones (the maximum of the local ones for :math:`p = \infty`). Per mesh, the local norms of all its
+    DTensors come from the fused kernel, their p-th powers are all-reduced (SUM, or MAX for inf) over the
+    sharded mesh dimensions only (a replicated dimension holds the same elements on each rank: summing
+    over it would count them twice), and the root is taken. The reduction runs in float32 at least
+    (float64 for float64 tensors). Every rank runs the same collectives in the same order because the
+    tensors come in the same order on every rank. Orders other than p > 0 / inf, and DTensors with a
+    ``Partial`` placement, are left to torch's DTensor implementation.
+
+    Returns a replicated DTensor on the mesh when all tensors are DTensors of one mesh (as torch does),
+    else a plain tensor (the same value on every rank).
+    """
+    fused_ok = norm_type > 0 and not math.isnan(norm_type)
+    by_mesh: dict[tuple[object, tuple[int, ...]], list[Tensor]] = {}
+    plain: list[Tensor] = []
+    meshes = []
+    all_dtensors = True
+    for t in tensors:
+        if not is_dtensor(t):
+            plain.append(t)
+            all_dtensors = False
+            continue
+        meshes.append(t.device_mesh)
+        dims = shard_mesh_dims(t)
+        if not fused_ok or dims is None:  # DTensor's own norm; full_tensor() is then the global value
+            plain.append(torch.linalg.vector_norm(t, norm_type).full_tensor())
+            continue
+        by_mesh.setdefault((t.device_mesh, dims), []).append(local(t))
+    dtype = functools.reduce(torch.promote_types, [(t.real if t.is_complex() else t).dtype for t in tensors])
+    acc = torch.promote_types(dtype, torch.float32)
+    inf = math.isinf(norm_type)
+    norms: list[Tensor] = []
+    for (mesh, dims), group in by_mesh.items():
+        value = _local_total_norm(group, norm_type).to(acc)
+        if not inf:
+            value = value.pow(norm_type)
+        op = torch.distributed.ReduceOp.MAX if inf else torch.distributed.ReduceOp.SUM
+        for d in dims:
+            torch.distributed.all_reduce(value, op=op, group=mesh.get_group(d))  # type: ignore[attr-defined]
+        norms.append(value if inf else value.pow(1.0 / norm_type))
+    if plain:
+        norms.append(_local_total_norm(plain, norm_type).to(acc))
+    device = norms[0].device
+    total = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(
+        torch.stack([n.to(device) for n in norms]), norm_type)
+    total = total.to(dtype)
+    if all_dtensors and all(m == meshes[0] for m in meshes):
+        mesh = meshes[0]
+        return DTensor.from_local(total, mesh, [Replicate()] * mesh.ndim, run_check=False)
     return total
 
 
@@ -100,9 +167,10 @@ def clip_grad_norm_(parameters: Tensor | Iterable[Tensor], max_norm: float | Ten
     total = get_total_norm(grads, norm_type, error_if_nonfinite)
     if not grads:
         return total
-    coef = clip_coefficient(total, max_norm)
+    coef = clip_coefficient(local(total), max_norm)
     by_device: dict[torch.device, list[Tensor]] = {}
-    for g in grads:
+    for g in grads:  # DTensor gradients: their shards are scaled by the same (replicated) coefficient
+        g = local(g)
         by_device.setdefault(g.device, []).append(g)
     for device, device_grads in by_device.items():
         torch._foreach_mul_(device_grads, coef.to(device))

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._dtensor import is_fsdp_module, local
 from ..optim import functional as F
 
 __all__ = ["EMA", "SWA", "update_bn"]
@@ -24,14 +25,23 @@ class _Averager:
         if buffers not in ("average", "copy"):
             raise ValueError(f"buffers must be 'average' or 'copy', got {buffers!r}")
         self.buffers = buffers
-        self.module = copy.deepcopy(model)
-        for p in self.module.parameters():
-            p.requires_grad_(False)
         self._model = model
         self._params = [p for p in model.parameters()]
-        self._averages = [a for a in self.module.parameters()]
+        # Note [sharded averages]: an FSDP2 model (fully_shard) cannot be deep-copied, and a copy could not
+        # run without its own sharding. Its averages are then clones of the parameters, DTensors sharded
+        # like them (the kernels average the local shards), with no module around them: evaluate with
+        # average_parameters(), which swaps them into the model's shards.
+        self.module: nn.Module | None = None if is_fsdp_module(model) else copy.deepcopy(model)
+        if self.module is None:
+            self._averages = [p.detach().clone() for p in self._params]
+            copies = [b.detach().clone() for b in model.buffers()]
+        else:
+            for p in self.module.parameters():
+                p.requires_grad_(False)
+            self._averages = [a for a in self.module.parameters()]
+            copies = list(self.module.buffers())
         self._index = {id(p): i for i, p in enumerate(self._params)}
-        pairs = list(zip(model.buffers(), self.module.buffers()))
+        pairs = list(zip(model.buffers(), copies))
         # (model buffer, its copy): floating ones averaged when buffers="average", the rest copied
         self._averaged_buffers = [(b, a) for b, a in pairs if buffers == "average" and b.is_floating_point()]
         self._copied_buffers = [(b, a) for b, a in pairs if not (buffers == "average" and b.is_floating_point())]
@@ -91,6 +101,7 @@ class _Averager:
     def swap(self) -> None:
         """Exchanges the model's parameters (and averaged buffers) with the averages, in place."""
         for p, a in list(zip(self._params, self._averages)) + self._averaged_buffers:
+            p, a = local(p), local(a)  # DTensors: swap the shards
             tmp = p.detach().clone()
             p.copy_(a)
             a.copy_(tmp)
@@ -105,11 +116,32 @@ class _Averager:
         finally:
             self.swap()
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"module": self.module.state_dict(), "num_updates": self.num_updates}
+    def _named_averages(self) -> dict[str, Tensor]:
+        """The averages and buffer copies of a sharded model under the model's names (Note [sharded averages])."""
+        names = [n for n, _ in self._model.named_parameters()] + [n for n, _ in self._model.named_buffers()]
+        copies = {id(b): a for b, a in self._averaged_buffers + self._copied_buffers}
+        values = self._averages + [copies[id(b)] for b in self._model.buffers()]
+        return dict(zip(names, values))
 
+    def state_dict(self) -> dict[str, Any]:
+        """``{"module": the averaged model's state dict, "num_updates": n}``. For an FSDP2 model the
+        averages are DTensors under the model's parameter and buffer names (savable with
+        ``torch.distributed.checkpoint``)."""
+        module = self.module.state_dict() if self.module is not None else self._named_averages()
+        return {"module": module, "num_updates": self.num_updates}
+
+    @torch.no_grad()
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.module.load_state_dict(state["module"])
+        """Restores what :meth:`state_dict` returned."""
+        if self.module is not None:
+            self.module.load_state_dict(state["module"])
+        else:
+            averages = self._named_averages()
+            missing = sorted(set(averages) - set(state["module"]))
+            if missing:
+                raise KeyError(f"EMA.load_state_dict: the state has no average for {missing}")
+            for name, a in averages.items():
+                a.copy_(state["module"][name])
         self.num_updates = int(state["num_updates"])
 
 
@@ -120,6 +152,12 @@ class EMA(_Averager):
 
     updated by one fused multi-tensor kernel per (device, dtype). ``ema.module`` is the averaged
     copy; ``with ema.average_parameters():`` evaluates the original model with the averaged weights.
+
+    Distributed: with DDP, pass the inner model (``EMA(ddp.module)``); every rank holds the same
+    averages. With FSDP2 (``fully_shard``) the averages are DTensors sharded like the parameters and
+    each rank averages its shards; such a model cannot be deep-copied, so ``ema.module`` is None:
+    evaluate with ``average_parameters()``. ``state_dict()`` then holds the sharded averages under the
+    model's names, for ``torch.distributed.checkpoint``.
 
     Pass it to a fusedtrain optimizer (``Adam(..., ema=ema)``) and the step's kernel updates the
     averages of the parameters it changes in the same pass; results equal ``opt.step(); ema.update()``.

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from .._build import has_cuda_kernels
+from .._dtensor import check_local_pair, local, refuse_partitioned_extras
 from ..clip import clip_coefficient, get_total_norm
 from ._groups import Split, splits_for
 
@@ -52,6 +53,7 @@ def check_param(opt_name: str, p: Tensor) -> None:
         raise RuntimeError(
             f"fusedtrain.optim.{opt_name}: a parameter's .grad ({grad.dtype} {tuple(grad.shape)} on {grad.device}) "
             f"must match the parameter ({p.dtype} {tuple(p.shape)} on {p.device})")
+    check_local_pair(opt_name, p, grad)
 
 
 def cpu_step(state: dict[str, Any], device: torch.device | None = None) -> Tensor:
@@ -141,6 +143,7 @@ class FusedOptimizerMixin:
             raise ValueError(f"Invalid max_grad_norm: {max_grad_norm!r}; pass a positive number, or None to turn "
                              "clipping off")
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        refuse_partitioned_extras(self.param_groups)
         self.ema = ema
         defaults: dict[str, Any] = self.__dict__["defaults"]
         defaults["l1"] = l1
@@ -344,7 +347,8 @@ class FusedOptimizerMixin:
         if found_inf is not None:
             scalars["found_inf"] = found_inf
         if self.max_grad_norm is not None and work:
-            norm = get_total_norm([g for _, _, grads, _ in work for g in grads])
+            # all shards of DTensor gradients (Note [norm across shards]); the value is the same on every rank
+            norm = local(get_total_norm([g for _, _, grads, _ in work for g in grads]))
             if grad_scale is not None:
                 norm = norm / grad_scale.to(norm.device)
             self.last_grad_norm = norm

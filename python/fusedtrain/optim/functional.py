@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from .. import _ops
+from .._dtensor import local, local_list
 from ._groups import Split, real_view, splits_for
 
 __all__ = ["sgd", "adagrad", "rmsprop", "adam", "adamw", "ema", "splits_for"]
@@ -57,7 +58,8 @@ def _scalars(lr: float | Tensor, grad_scale: Tensor | None, found_inf: Tensor | 
              sr_seed: int | None = None) -> dict[str, Any]:
     """The op keywords for the learning rate, the L1 coefficient, the optional per-call scalar tensors and
     stochastic rounding (a fresh seed from torch's default generator when none is given)."""
-    out: dict[str, Any] = {"lr": 0.0, "lr_tensor": lr} if isinstance(lr, Tensor) else {"lr": float(lr)}
+    # A DTensor scalar (e.g. a clip coefficient from a replicated DTensor norm) is read as its local value.
+    out: dict[str, Any] = {"lr": 0.0, "lr_tensor": local(lr)} if isinstance(lr, Tensor) else {"lr": float(lr)}
     if stochastic_rounding:
         out["stochastic_rounding"] = True
         out["sr_seed"] = int(torch.randint(0, 2 ** 62, ())) if sr_seed is None else int(sr_seed)
@@ -69,7 +71,7 @@ def _scalars(lr: float | Tensor, grad_scale: Tensor | None, found_inf: Tensor | 
         if value is not None:
             if not isinstance(value, Tensor):
                 raise TypeError(f"{name} must be a one-element tensor or None, got {type(value).__name__}")
-            out[name] = value
+            out[name] = local(value)
     return out
 
 
@@ -86,7 +88,9 @@ def _on(device: torch.device, hyper: dict[str, Any]) -> dict[str, Any]:
 def _run(op: Callable[..., None], splits: list[Split], lists: Sequence[Sequence[Tensor]],
          steps: Sequence[Tensor] | None, ema_params: Sequence[Tensor] = (), ema_weight: float = 0.0,
          param_copies: Sequence[Tensor] = (), **hyper: Any) -> None:
-    per_param = {"ema_params": ema_params, "param_copies": param_copies}
+    # DTensors (FSDP2, tensor parallel): the kernels update the local shards (Note [DTensor parameters]).
+    lists = [local_list(lst) for lst in lists]
+    per_param = {"ema_params": local_list(ema_params), "param_copies": local_list(param_copies)}
     for name, tensors in per_param.items():
         if len(tensors) not in (0, len(lists[0])):
             raise ValueError(f"{name} has {len(tensors)} tensors but params has {len(lists[0])}; pass one per "
