@@ -35,6 +35,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizers", default=None,
                    help=f"comma-separated optimizers: {', '.join(optim_bench.OPTIMIZERS)}")
     p.add_argument("--quick", action="store_true", help="fewer repetitions and smaller sets")
+    p.add_argument("--full", action="store_true",
+                   help="every parameter set of every family (on a CPU the default is one set per family, "
+                        "so that the whole run takes about a minute)")
     p.add_argument("--reps", type=int, default=None, help="timed repetitions per row")
     p.add_argument("--json", dest="json_path", default=None, help="write the results as JSON to this path")
     p.add_argument("--plot", dest="plot_path", default=None,
@@ -87,9 +90,12 @@ def main(argv: list[str] | None = None) -> int:
     _check_output(args.plot_path, "--plot")
     if args.plot_path:
         check_matplotlib()
-    if args.quick and sets is None:
-        sets = ["resnet50", "small-2004"]
-    reps = args.reps or (5 if args.quick else (20 if device.type == "cuda" else 10))
+    if args.quick and args.full:
+        raise SystemExit("fusedtrain.bench: --quick and --full exclude each other")
+    if sets is None and (args.quick or (device.type == "cpu" and not args.full)):
+        sets = ["resnet50"]  # one realistic set per family; --full (or --sizes) for the rest
+    reps = args.reps or (5 if args.quick or (device.type == "cpu" and not args.full) else
+                         (20 if device.type == "cuda" else 10))
     info = build_info()
     env = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
