@@ -102,7 +102,8 @@ def _extension():
         print(f"fusedtrain: building the CPU kernels only ({why}).", file=sys.stderr)
 
     torch_version = torch.__version__.split("+")[0]
-    sources = ["csrc/ops.cpp", "csrc/bindings.cpp", "csrc/cpu/cpu_isa.cpp", "csrc/cpu/optim.cpp"]
+    sources = ["csrc/ops.cpp", "csrc/bindings.cpp", "csrc/cpu/cpu_isa.cpp", "csrc/cpu/optim.cpp",
+               "csrc/cpu/augment.cpp"]
     define = [("FUSEDTRAIN_VERSION", f'"{VERSION}"'), ("FUSEDTRAIN_TORCH_VERSION", f'"{torch_version}"')]
     # -fno-math-errno lets the vectorizer turn sqrt into SIMD instructions (see cpu_driver.h).
     # -fopenmp: at::parallel_for is an inline OpenMP region in torch's Linux builds; without the flag it
@@ -119,7 +120,7 @@ def _extension():
     if with_cuda:
         arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST") or "8.0;9.0+PTX"
         os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
-        sources.append("csrc/cuda/optim.cu")
+        sources += ["csrc/cuda/optim.cu", "csrc/cuda/augment.cu"]
         define += [("FUSEDTRAIN_WITH_CUDA", None), ("FUSEDTRAIN_CUDA_ARCHS", f'"{arch_list}"')]
         if os.environ.get("FUSEDTRAIN_CUDA_ILP"):  # tuning knob: vectors in flight per thread
             define.append(("FUSEDTRAIN_CUDA_ILP", str(int(os.environ["FUSEDTRAIN_CUDA_ILP"]))))

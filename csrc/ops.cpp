@@ -30,4 +30,15 @@ TORCH_LIBRARY(fusedtrain, m) {
       "float ema_weight) -> ()");
   // averages <- lerp(averages, params, weight): EMA / Polyak (weight = 1 - decay), SWA (1 / (n + 1)).
   m.def("ema_(Tensor(a!)[] averages, Tensor[] params, float weight) -> ()");
+
+  // ---- augment (issue 5) ----
+  // Note [augment op]: random resized crop + horizontal flip + brightness/contrast/saturation +
+  // normalize of uint8 (C, H, W) images (any strides: NCHW or NHWC batches are passed as views) into one
+  // new (N, C, size, size) tensor of dtype out_dtype. Per-sample parameters are CPU tensors the driver
+  // reads on the host: boxes int64 (N, 4) = (top, left, height, width) inside each image, flips bool
+  // (N,), factors float32 (N, 3) = (brightness, contrast, saturation). mean/std have C values.
+  // Math: csrc/include/fusedtrain/augment.h.
+  m.def(
+      "augment(Tensor[] images, Tensor boxes, Tensor flips, Tensor factors, int size, float[] mean, float[] std, "
+      "ScalarType out_dtype) -> Tensor");
 }

@@ -2,12 +2,14 @@
 
 ``fusedtrain.optim`` holds drop-in replacements for torch.optim's SGD, Adagrad, RMSprop, Adam and AdamW
 that run one fused multi-tensor kernel per (device, dtype) group on CPU and CUDA; ``fusedtrain.ensemble``
-holds snapshot ensembles, prediction ensembles and EMA / SWA weight averaging.
+holds snapshot ensembles, prediction ensembles and EMA / SWA weight averaging; ``fusedtrain.augment``
+holds per-sample data augmentation of a whole batch in one op, cutout, mixup, cutmix and test-time
+augmentation.
 """
 
 from ._build import build_info, has_cuda_kernels
-from . import ensemble, optim, transfer
+from . import augment, ensemble, optim, transfer
 
 __version__ = "0.1.0"
 
-__all__ = ["build_info", "has_cuda_kernels", "optim", "ensemble", "transfer", "__version__"]
+__all__ = ["build_info", "has_cuda_kernels", "optim", "ensemble", "transfer", "augment", "__version__"]
