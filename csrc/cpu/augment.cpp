@@ -47,6 +47,9 @@ namespace {
 #define FT_INLINE inline __attribute__((always_inline))
 
 constexpr int kLanes = 16;  // partial sums per row of the contrast mean
+// Output values a thread's share of a parallel region must reach before the region is split (a few tens
+// of microseconds of work; below that, waking the other threads costs more than it saves).
+constexpr int64_t kMinValuesPerTask = 32768;
 
 enum class Stage : int {
   kDirect = 0,  // brightness, saturation, normalize -> output (contrast factor 1)
@@ -327,7 +330,7 @@ void run(const Plan& plan, at::Tensor& out) {
   const int64_t threads = at::get_num_threads();
   if (n >= 4 * threads) {
     // Whole samples per thread.
-    at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, n, std::max<int64_t>(1, kMinValuesPerTask / sample_elems), [&](int64_t begin, int64_t end) {
       Buffers buf;
       alloc(buf);
       ColumnTable cols;
@@ -353,7 +356,7 @@ void run(const Plan& plan, at::Tensor& out) {
     return;
   }
   // Few samples: one after the other, rows split between threads.
-  constexpr int64_t kRowGrain = 4;
+  const int64_t row_grain = std::max<int64_t>(1, kMinValuesPerTask / (C * S));
   std::vector<float> scratch;
   std::vector<double> row_sum;
   for (int64_t i = 0; i < n; ++i) {
@@ -363,7 +366,7 @@ void run(const Plan& plan, at::Tensor& out) {
       scratch.resize(sample_elems);
       row_sum.assign(S, 0.0);
     }
-    at::parallel_for(0, S, kRowGrain, [&](int64_t y0, int64_t y1) {
+    at::parallel_for(0, S, row_grain, [&](int64_t y0, int64_t y1) {
       Buffers buf;
       alloc(buf);
       ColumnTable cols;
@@ -374,7 +377,7 @@ void run(const Plan& plan, at::Tensor& out) {
     if (!contrast) continue;
     SampleDesc local = s;
     local.jitter.contrast_rest = contrast_rest(s.jitter.contrast, finish_mean(row_sum, S));
-    at::parallel_for(0, S, kRowGrain, [&](int64_t y0, int64_t y1) {
+    at::parallel_for(0, S, row_grain, [&](int64_t y0, int64_t y1) {
       Buffers buf;  // kSecond reads only the scratch
       ColumnTable cols;
       RowJob job{&plan.images[i], &local, &plan.norm, &cols, S, nullptr, nullptr, scratch.data(), nullptr,
