@@ -541,3 +541,23 @@ def test_tta_predict() -> None:
 def test_exported_api() -> None:
     assert {"BatchAugment", "cutout", "mixup", "cutmix", "tta_predict", "functional"} <= set(fusedtrain.augment.__all__)
     assert "augment" in fusedtrain.__all__
+
+
+def test_benchmark_family_rows(tmp_path) -> None:
+    """The augment benchmark family runs and reports images/s for every implementation (not a timing test)."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "aug.json"
+    proc = subprocess.run([sys.executable, "-m", "fusedtrain.bench", "--device", "cpu", "--quick", "--reps", "1",
+                           "--family", "augment", "--batch", "3", "--json", str(out), "--no-progress"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["impl"]: r for r in json.loads(out.read_text())["results"]}
+    assert {"torchvision v2 per-sample loop (antialias=False)", "torchvision v2 whole batch (one parameter set)",
+            "fusedtrain BatchAugment (per-sample)", "fusedtrain BatchAugment (per-sample), NHWC input"} <= set(rows)
+    for r in rows.values():
+        assert r["median_ms"] > 0 and r["extra"]["images_per_s"] > 0 and r["extra"]["batch"] == 3
+        assert r["bytes_moved"] == 3 * (3 * 224 * 224 * 4 + 3 * 256 * 256)
+    assert rows["fusedtrain BatchAugment (per-sample)"]["vs_best_torch"] > 0

@@ -12,11 +12,12 @@ from typing import Any
 import torch
 
 from .._build import build_info
+from . import augment as augment_bench
 from . import ema as ema_bench
 from . import optim as optim_bench
 from .common import format_table, measure_bandwidth
 
-FAMILIES = ["optim", "ema"]
+FAMILIES = ["optim", "ema", "augment"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -30,6 +31,8 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"comma-separated optimizers: {', '.join(optim_bench.OPTIMIZERS)}")
     p.add_argument("--quick", action="store_true", help="fewer repetitions and smaller sets")
     p.add_argument("--reps", type=int, default=None, help="timed repetitions per row")
+    p.add_argument("--batch", type=int, default=None,
+                   help="augment family: images per call (default 64 on CPU, 256 on CUDA)")
     p.add_argument("--json", dest="json_path", default=None, help="write the results as JSON to this path")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -90,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
         elif family == "ema":
             results += ema_bench.run(device, sets, reps, warmup=3, bandwidth=bandwidth,
                                      progress=not args.no_progress)
+        elif family == "augment":
+            results += augment_bench.run(device, reps, warmup=2, bandwidth=bandwidth, progress=not args.no_progress,
+                                         batch=args.batch, layouts=("NCHW", "NHWC"))
     print(format_table(results))
     if args.json_path:
         with open(args.json_path, "w") as f:
