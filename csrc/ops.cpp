@@ -37,8 +37,9 @@ TORCH_LIBRARY(fusedtrain, m) {
   // new (N, C, size, size) tensor of dtype out_dtype. Per-sample parameters are CPU tensors the driver
   // reads on the host: boxes int64 (N, 4) = (top, left, height, width) inside each image, flips bool
   // (N,), factors float32 (N, 3) = (brightness, contrast, saturation). mean/std have C values.
+  // antialias: torch's antialiased bilinear resize instead of the two-tap one.
   // Math: csrc/include/fusedtrain/augment.h.
   m.def(
       "augment(Tensor[] images, Tensor boxes, Tensor flips, Tensor factors, int size, float[] mean, float[] std, "
-      "ScalarType out_dtype) -> Tensor");
+      "ScalarType out_dtype, bool antialias=False) -> Tensor");
 }

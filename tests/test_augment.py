@@ -23,12 +23,12 @@ MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 # ---------------------------------------------------------------- references
 
 def _tv_chain(img: torch.Tensor, box: list[int], flip: bool, f: list[float], size: int, *, to_float_first: bool,
-              mean: list[float] | None = None, std: list[float] | None = None) -> torch.Tensor:
+              mean: list[float] | None = None, std: list[float] | None = None, antialias: bool = False) -> torch.Tensor:
     """torchvision v2 functional: resized_crop (bilinear, antialias=False), horizontal_flip, brightness,
     contrast, saturation, to float in [0, 1], normalize. ``to_float_first`` converts the uint8 image to
     float before the chain; otherwise torchvision works on uint8 and rounds after every step."""
     x = TF.to_dtype(img, torch.float32, scale=True) if to_float_first else img
-    x = TF.resized_crop(x, *box, [size, size], interpolation=T.InterpolationMode.BILINEAR, antialias=False)
+    x = TF.resized_crop(x, *box, [size, size], interpolation=T.InterpolationMode.BILINEAR, antialias=antialias)
     if flip:
         x = TF.horizontal_flip(x)
     x = TF.adjust_brightness(x, f[0])
@@ -130,6 +130,29 @@ def test_edge_boxes() -> None:
         for flip in (False, True):
             ref = _tv_chain(img, box, flip, f, size, to_float_first=True)
             torch.testing.assert_close(_ours(img, box, flip, f, size), ref, rtol=0, atol=FLOAT_TOL)
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+def test_antialias_matches_torchvision(channels: int) -> None:
+    """antialias=True: torchvision's antialiased resize on float input, from 25x downscaling (51 taps) to
+    upscaling (where it differs from the two-tap bilinear at the borders only)."""
+    gen = torch.Generator().manual_seed(30 + channels)
+    cases = [_random_case(gen, channels) for _ in range(40)]
+    big = torch.randint(0, 256, (channels, 611, 803), dtype=torch.uint8, generator=gen)
+    cases += [(big, [0, 0, 611, 803], True, [1.2, 0.8, 1.3], 24), (big, [100, 7, 500, 61], False, [1.0, 1.0, 1.0], 40),
+              (big, [3, 5, 7, 9], True, [0.9, 1.1, 1.0], 33)]
+    for img, box, flip, f, size in cases:
+        got = _ours(img, box, flip, f, size, antialias=True, mean=MEAN[:channels], std=STD[:channels])
+        ref = _tv_chain(img, box, flip, f, size, to_float_first=True, antialias=True, mean=MEAN[:channels],
+                        std=STD[:channels])
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=FLOAT_TOL / min(STD))
+    # NHWC reads the same pixels
+    img, box, flip, f, size = cases[-3]
+    nhwc = AF.augment(img.permute(1, 2, 0)[None], [box], [flip], [f[0]], [f[1]], [f[2]], size=size, antialias=True,
+                      layout="NHWC")
+    assert torch.equal(nhwc[0], _ours(img, box, flip, f, size, antialias=True))
+    plain = _ours(img, box, flip, f, size)
+    assert float((plain - nhwc[0]).abs().max()) > 0.05  # the option changes the result
 
 
 def test_one_channel_ignores_saturation() -> None:
@@ -389,6 +412,7 @@ def test_opcheck(device: str) -> None:
     torch.library.opcheck(op, (gray, boxes, flips, factors, 5, [0.5], [0.25], torch.float16))
     nhwc = [im.permute(1, 2, 0).contiguous().permute(2, 0, 1) for im in imgs]
     torch.library.opcheck(op, (nhwc, boxes, flips, factors, 11, MEAN, STD, torch.float32))
+    torch.library.opcheck(op, (imgs, boxes, flips, factors, 6, MEAN, STD, torch.float32, True))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -409,6 +433,10 @@ def test_device_matches_cpu(device: str) -> None:
     for dt in (torch.float32, torch.bfloat16):
         torch.testing.assert_close(AF.augment(gray, *args, size=23, out_dtype=dt).cpu(),
                                    AF.augment(gray.cpu(), *args, size=23, out_dtype=dt), rtol=1e-5, atol=1e-5)
+    for size in (11, 70):  # antialias: downscaling and upscaling
+        for images in (x[:20], gray):
+            torch.testing.assert_close(AF.augment(images.to(device), *args, size=size, antialias=True).cpu(),
+                                       AF.augment(images, *args, size=size, antialias=True), rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------- cutout, mixup, cutmix

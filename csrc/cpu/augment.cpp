@@ -65,6 +65,11 @@ enum class Stage : int {
 struct ColumnTable {
   std::vector<int32_t> off0, off1;  // offsets into tmp's row (column index times its column stride)
   std::vector<float> w0, w1;
+  // antialias: `taps` offsets and weights per output column (windows shorter than `taps` are padded with
+  // weight 0 at a valid offset: adding 0 * v leaves the sum's bits unchanged)
+  int32_t taps = 0;
+  std::vector<int32_t> off;
+  std::vector<float> w;
 };
 
 // Everything one row of one sample needs.
@@ -79,6 +84,9 @@ struct RowJob {
   float* scratch;   // C * size * size floats (kFirst, kSecond)
   double* row_sum;  // size doubles (kFirst)
   float* gray;      // size floats (kFirst)
+  float* acc;       // antialias: C * crop width floats
+  float* wy;        // antialias: the row window's weights
+  bool antialias;
   void* out;        // this sample's (C, size, size) output
 };
 
@@ -174,6 +182,67 @@ FT_INLINE void sample_row(const RowJob& job, int64_t y) {
   }
 }
 
+// sample_row with antialias=True: the row's window of source rows, then each column's window.
+template <int C>
+FT_INLINE void sample_row_aa(const RowJob& job, int64_t y) {
+  constexpr int L = kLanesPerColumn<C>;
+  const ImageDesc& im = *job.image;
+  const SampleDesc& s = *job.sample;
+  const int64_t S = job.size;
+  const int64_t w = s.width;
+  const int64_t sc = im.stride_c, sw = im.stride_w;
+  const AaAxis ay = aa_axis(s.height, static_cast<int32_t>(S));
+  const AaWindow win = aa_window(ay, static_cast<int32_t>(y), s.height);
+  float* __restrict__ wy = job.wy;
+  for (int32_t j = 0; j < win.count; ++j) wy[j] = aa_weight(ay, win, j);
+  // Loop 1: per channel, the weighted sum of the window's rows (taps in order, from 0).
+  float* __restrict__ acc = L == 1 ? job.tmp : job.acc;
+  for (int c = 0; c < C; ++c) {
+    float* __restrict__ a = acc + c * w;
+    for (int64_t k = 0; k < w; ++k) a[k] = 0.f;
+    for (int32_t j = 0; j < win.count; ++j) {
+      const uint8_t* __restrict__ r = im.data + (s.top + win.start + j) * im.stride_h + s.left * sw + c * sc;
+      const float wj = wy[j];
+      if (sw == 1) {
+#pragma GCC ivdep
+        for (int64_t k = 0; k < w; ++k) a[k] = a[k] + wj * static_cast<float>(r[k]);
+      } else {
+        for (int64_t k = 0; k < w; ++k) a[k] = a[k] + wj * static_cast<float>(r[k * sw]);
+      }
+    }
+  }
+  float* __restrict__ tmp = job.tmp;
+  if constexpr (L == 4) {
+#pragma GCC ivdep
+    for (int64_t k = 0; k < w; ++k) {
+      for (int c = 0; c < 3; ++c) tmp[k * 4 + c] = acc[c * w + k];
+      tmp[k * 4 + 3] = 0.f;
+    }
+  }
+  // Loop 2: per output column, the weighted sum of its window's pixels.
+  const int32_t K = job.columns->taps;
+  const int32_t* __restrict__ off = job.columns->off.data();
+  const float* __restrict__ wx = job.columns->w.data();
+  float* __restrict__ row = job.row;
+  if constexpr (L == 4) {
+    for (int64_t x = 0; x < S; ++x) {
+      Float4 r = {0.f, 0.f, 0.f, 0.f};
+      for (int32_t j = 0; j < K; ++j) {
+        Float4 t;
+        std::memcpy(&t, tmp + off[x * K + j], sizeof(Float4));
+        r = r + wx[x * K + j] * t;
+      }
+      std::memcpy(row + x * 4, &r, sizeof(Float4));
+    }
+  } else {
+    for (int64_t x = 0; x < S; ++x) {
+      float r = 0.f;
+      for (int32_t j = 0; j < K; ++j) r = r + wx[x * K + j] * tmp[off[x * K + j]];
+      row[x] = r;
+    }
+  }
+}
+
 template <typename OutT>
 FT_INLINE OutT to_out(float v) {
   return static_cast<OutT>(v);
@@ -189,7 +258,13 @@ FT_INLINE void rows_body(const RowJob& job, int64_t y_begin, int64_t y_end) {
   OutT* __restrict__ out = static_cast<OutT*>(job.out);
   for (int64_t y = y_begin; y < y_end; ++y) {
     const int64_t base = y * S;
-    if constexpr (STAGE != Stage::kSecond) sample_row<C>(job, y);
+    if constexpr (STAGE != Stage::kSecond) {
+      if (job.antialias) {
+        sample_row_aa<C>(job, y);
+      } else {
+        sample_row<C>(job, y);
+      }
+    }
     const float* __restrict__ row = job.row;
     float* __restrict__ scratch = job.scratch;
     if constexpr (STAGE == Stage::kDirect) {
@@ -282,18 +357,37 @@ RowFns row_fns(bool sat) {
           select_rows<C, OutT, Stage::kSecond, false>()};
 }
 
-void build_columns(const SampleDesc& s, int64_t size, int32_t lanes, ColumnTable& t) {
-  t.off0.resize(size);
-  t.off1.resize(size);
-  t.w0.resize(size);
-  t.w1.resize(size);
+void build_columns(const SampleDesc& s, int64_t size, int32_t lanes, bool antialias, ColumnTable& t) {
+  if (!antialias) {
+    t.off0.resize(size);
+    t.off1.resize(size);
+    t.w0.resize(size);
+    t.w1.resize(size);
+    for (int64_t x = 0; x < size; ++x) {
+      const int64_t xs = s.flip ? size - 1 - x : x;  // horizontal_flip after the resize
+      const Tap tap = linear_tap(static_cast<int32_t>(xs), static_cast<int32_t>(size), s.width);
+      t.off0[x] = tap.i0 * lanes;
+      t.off1[x] = tap.i1 * lanes;
+      t.w0[x] = tap.w0;
+      t.w1[x] = tap.w1;
+    }
+    return;
+  }
+  const AaAxis ax = aa_axis(s.width, static_cast<int32_t>(size));
+  const int32_t K = aa_max_taps(s.width, static_cast<int32_t>(size));
+  t.taps = K;
+  t.off.assign(size * K, 0);
+  t.w.assign(size * K, 0.f);
   for (int64_t x = 0; x < size; ++x) {
-    const int64_t xs = s.flip ? size - 1 - x : x;  // horizontal_flip after the resize
-    const Tap tap = linear_tap(static_cast<int32_t>(xs), static_cast<int32_t>(size), s.width);
-    t.off0[x] = tap.i0 * lanes;
-    t.off1[x] = tap.i1 * lanes;
-    t.w0[x] = tap.w0;
-    t.w1[x] = tap.w1;
+    const int64_t xs = s.flip ? size - 1 - x : x;
+    const AaWindow win = aa_window(ax, static_cast<int32_t>(xs), s.width);
+    TORCH_CHECK(win.count >= 1 && win.count <= K, "fusedtrain.augment: internal error, antialias window of ",
+                win.count, " taps (at most ", K, ")");
+    for (int32_t j = 0; j < K; ++j) {
+      const int32_t jj = j < win.count ? j : win.count - 1;
+      t.off[x * K + j] = (win.start + jj) * lanes;
+      t.w[x * K + j] = j < win.count ? aa_weight(ax, win, j) : 0.f;
+    }
   }
 }
 
@@ -305,7 +399,7 @@ double finish_mean(const std::vector<double>& row_sum, int64_t size) {
 
 // Thread-private buffers of one sample's rows.
 struct Buffers {
-  std::vector<float> tmp, row, gray;
+  std::vector<float> tmp, row, gray, acc, wy;
 };
 
 template <int C, typename OutT>
@@ -315,20 +409,27 @@ void run(const Plan& plan, at::Tensor& out) {
   const int64_t sample_elems = C * S * S;
   const RowFns fns = row_fns<C, OutT>(plan.any_saturation);
   OutT* out_base = out.data_ptr<OutT>();
-  int64_t max_tmp = 0;
-  for (const SampleDesc& s : plan.samples) max_tmp = std::max<int64_t>(max_tmp, int64_t{s.width} * kLanesPerColumn<C>);
+  int64_t max_width = 1, max_row_taps = 1;
+  for (const SampleDesc& s : plan.samples) {
+    max_width = std::max<int64_t>(max_width, s.width);
+    if (plan.antialias) max_row_taps = std::max<int64_t>(max_row_taps, aa_max_taps(s.height, static_cast<int32_t>(S)));
+  }
 
   auto make_job = [&](int64_t i, ColumnTable& cols, Buffers& buf, float* scratch, double* row_sum) {
     const ImageDesc& im = plan.images[i];
     const SampleDesc& s = plan.samples[i];
-    build_columns(s, S, kLanesPerColumn<C>, cols);
+    build_columns(s, S, kLanesPerColumn<C>, plan.antialias, cols);
     return RowJob{&im, &s, &plan.norm, &cols, S, buf.tmp.data(), buf.row.data(), scratch, row_sum,
-                  buf.gray.data(), out_base + i * sample_elems};
+                  buf.gray.data(), buf.acc.data(), buf.wy.data(), plan.antialias, out_base + i * sample_elems};
   };
   auto alloc = [&](Buffers& buf) {
-    buf.tmp.resize(std::max<int64_t>(max_tmp, 1));
+    buf.tmp.resize(max_width * kLanesPerColumn<C>);
     buf.row.resize(S * kLanesPerColumn<C>);
     buf.gray.resize(S);
+    if (plan.antialias) {
+      buf.acc.resize(max_width * C);
+      buf.wy.resize(max_row_taps);
+    }
   };
 
   const int64_t threads = at::get_num_threads();
@@ -385,7 +486,7 @@ void run(const Plan& plan, at::Tensor& out) {
       Buffers buf;  // kSecond reads only the scratch
       ColumnTable cols;
       RowJob job{&plan.images[i], &local, &plan.norm, &cols, S, nullptr, nullptr, scratch.data(), nullptr,
-                 nullptr, out_base + i * sample_elems};
+                 nullptr, nullptr, nullptr, plan.antialias, out_base + i * sample_elems};
       fns.second(job, y0, y1);
     });
   }
@@ -413,8 +514,8 @@ void advise_huge_pages(const at::Tensor& t) {
 
 at::Tensor augment_cpu(at::TensorList images, const at::Tensor& boxes, const at::Tensor& flips,
                        const at::Tensor& factors, int64_t size, at::ArrayRef<double> mean, at::ArrayRef<double> std,
-                       at::ScalarType out_dtype) {
-  const Plan plan = make_plan(images, boxes, flips, factors, size, mean, std, out_dtype);
+                       at::ScalarType out_dtype, bool antialias) {
+  const Plan plan = make_plan(images, boxes, flips, factors, size, mean, std, out_dtype, antialias);
   const int64_t n = static_cast<int64_t>(plan.samples.size());
   at::Tensor out = at::empty({n, plan.channels, size, size}, images[0].options().dtype(out_dtype));
   advise_huge_pages(out);

@@ -10,6 +10,8 @@
 // (sample, row); the second kernel's blocks add up their sample's row sums (one warp, in double) and
 // then make and store the pixels. Recomputing the pixels costs reads of the (L2-resident) source
 // crop instead of a write and a read of the float output, which is what bounds this op on a GPU.
+// With antialias each pixel averages its window of source pixels (recomputing the window's weights,
+// cheap next to the loads), in the order of the CPU driver (augment.h, Note [bilinear order]).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
@@ -45,6 +47,7 @@ struct LaunchArgs {
   LaunchImage img[kMaxImages];
   Normalize norm;
   int32_t size;
+  int32_t antialias;
   void* out;        // output of the launch's first sample
   double* row_sum;  // (samples of this launch, size)
 };
@@ -69,6 +72,42 @@ __device__ __forceinline__ void sample_pixel(const LaunchImage& im, const Tap& t
   }
 }
 
+// The same with antialias=True: the window of source rows `wy` (uniform across the block) and the
+// window of source columns of this pixel, in the order of the CPU driver: per source column the
+// weighted sum over the rows (taps in order, from 0), then the weighted sum of those over the columns.
+template <int C>
+__device__ __forceinline__ void sample_pixel_aa(const LaunchImage& im, const AaAxis& ay, const AaWindow& wy,
+                                                int32_t x, int32_t size, float* v) {
+  const int32_t xs = im.flip ? size - 1 - x : x;
+  const AaAxis ax = aa_axis(im.width, size);
+  const AaWindow wx = aa_window(ax, xs, im.width);
+  const uint8_t* __restrict__ base = im.data + (im.top + wy.start) * im.stride_h + (im.left + wx.start) * im.stride_w;
+#pragma unroll
+  for (int c = 0; c < C; ++c) v[c] = 0.f;
+  for (int32_t jx = 0; jx < wx.count; ++jx) {
+    const float wxj = aa_weight(ax, wx, jx);
+#pragma unroll
+    for (int c = 0; c < C; ++c) {
+      const uint8_t* __restrict__ p = base + c * im.stride_c + jx * im.stride_w;
+      float col = 0.f;
+      for (int32_t jy = 0; jy < wy.count; ++jy) {
+        col = col + aa_weight(ay, wy, jy) * static_cast<float>(__ldg(p + jy * im.stride_h));
+      }
+      v[c] = v[c] + wxj * col;
+    }
+  }
+}
+
+template <int C>
+__device__ __forceinline__ void make_pixel(const LaunchArgs& args, const LaunchImage& im, const Tap& ty,
+                                           const AaAxis& ay, const AaWindow& wy, int32_t x, float* v) {
+  if (args.antialias) {
+    sample_pixel_aa<C>(im, ay, wy, x, args.size, v);
+  } else {
+    sample_pixel<C>(im, ty, x, args.size, v);
+  }
+}
+
 // Kernel 1: per (row, sample) the sum over the row of gray(brightness(pixel)) (or of the value, C == 1).
 template <int C>
 __global__ void __launch_bounds__(kMaxThreads) row_sum_kernel(const __grid_constant__ LaunchArgs args) {
@@ -79,9 +118,11 @@ __global__ void __launch_bounds__(kMaxThreads) row_sum_kernel(const __grid_const
   float sum = 0.f;
   if (im.jitter.contrast != 1.f) {
     const Tap ty = linear_tap(y, size, im.height);
+    const AaAxis ay = aa_axis(im.height, size);
+    const AaWindow wy = args.antialias ? aa_window(ay, y, im.height) : AaWindow{};
     for (int32_t x = threadIdx.x; x < size; x += blockDim.x) {
       float v[C];
-      sample_pixel<C>(im, ty, x, size, v);
+      make_pixel<C>(args, im, ty, ay, wy, x, v);
 #pragma unroll
       for (int c = 0; c < C; ++c) v[c] = brightness(v[c], im.jitter.brightness);
       sum += contrast_source<C>(v);
@@ -120,12 +161,14 @@ __global__ void __launch_bounds__(kMaxThreads) augment_kernel(const __grid_const
     jit.contrast_rest = contrast_rest(jit.contrast, mean);
   }
   const Tap ty = linear_tap(y, size, im.height);
+  const AaAxis ay = aa_axis(im.height, size);
+  const AaWindow wy = args.antialias ? aa_window(ay, y, im.height) : AaWindow{};
   const int64_t plane = static_cast<int64_t>(size) * size;
   OutT* out = static_cast<OutT*>(args.out) + static_cast<int64_t>(blockIdx.y) * C * plane +
               static_cast<int64_t>(y) * size;
   for (int32_t x = threadIdx.x; x < size; x += blockDim.x) {
     float v[C];
-    sample_pixel<C>(im, ty, x, size, v);
+    make_pixel<C>(args, im, ty, ay, wy, x, v);
 #pragma unroll
     for (int c = 0; c < C; ++c) v[c] = brightness(v[c], jit.brightness);
     if (contrast) {
@@ -162,6 +205,7 @@ void launch_all(const Plan& plan, at::Tensor& out) {
     }
     args.norm = plan.norm;
     args.size = size;
+    args.antialias = plan.antialias ? 1 : 0;
     args.out = out_base + start * sample_elems;
     args.row_sum = contrast ? row_sum.data_ptr<double>() : nullptr;
     const dim3 grid(static_cast<unsigned>(size), static_cast<unsigned>(count));
@@ -180,8 +224,8 @@ void launch_all(const Plan& plan, at::Tensor& out) {
 
 at::Tensor augment_cuda(at::TensorList images, const at::Tensor& boxes, const at::Tensor& flips,
                         const at::Tensor& factors, int64_t size, at::ArrayRef<double> mean, at::ArrayRef<double> std,
-                        at::ScalarType out_dtype) {
-  const Plan plan = make_plan(images, boxes, flips, factors, size, mean, std, out_dtype);
+                        at::ScalarType out_dtype, bool antialias) {
+  const Plan plan = make_plan(images, boxes, flips, factors, size, mean, std, out_dtype, antialias);
   TORCH_CHECK(size <= 65535, "fusedtrain.augment: size must be at most 65535 on CUDA (one block row per output row)");
   const c10::cuda::CUDAGuard guard(images[0].device());
   const int64_t n = static_cast<int64_t>(plan.samples.size());

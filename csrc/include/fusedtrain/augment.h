@@ -79,6 +79,61 @@ FT_HD float lerp2(float a, float b, float w0, float w1) {
   return w0 * a + w1 * b;
 }
 
+// Antialiased bilinear (torch's interpolate(..., antialias=True), ATen/native/cpu/UpSampleKernel.cpp,
+// _compute_weights_aa with the triangle filter): output index i along an axis of in_size source
+// pixels averages the window [start, start + count) with weights max(0, 1 - |d|) normalized to sum 1,
+// where d = (j - center + 0.5) / max(scale, 1), center = scale * (i + 0.5), scale = in / out, and the
+// window reaches support = max(scale, 1) around the center. Downscaling then averages every source
+// pixel under the output pixel instead of sampling two (no aliasing); upscaling is the plain bilinear
+// inside the image and differs from it only at the borders (the weights are renormalized instead of
+// clamping the index).
+struct AaAxis {
+  float scale, support, invscale;
+};
+
+FT_HD AaAxis aa_axis(int32_t in_size, int32_t out_size) {
+  AaAxis a;
+  a.scale = static_cast<float>(in_size) / static_cast<float>(out_size);
+  a.support = a.scale >= 1.f ? a.scale : 1.f;
+  a.invscale = a.scale >= 1.f ? 1.f / a.scale : 1.f;
+  return a;
+}
+
+// Most taps a window of this axis can have (host: buffer sizes).
+inline int32_t aa_max_taps(int32_t in_size, int32_t out_size) {
+  const AaAxis a = aa_axis(in_size, out_size);
+  return static_cast<int32_t>(std::ceil(2.f * a.support)) + 2;
+}
+
+struct AaWindow {
+  int32_t start, count;
+  float center, total;  // total: sum of the unnormalized weights
+};
+
+FT_HD float aa_filter(const AaAxis& a, const AaWindow& win, int32_t j) {
+  float d = (static_cast<float>(j + win.start) - win.center + 0.5f) * a.invscale;
+  d = d < 0.f ? -d : d;
+  return d < 1.f ? 1.f - d : 0.f;
+}
+
+FT_HD AaWindow aa_window(const AaAxis& a, int32_t out_index, int32_t in_size) {
+  AaWindow w;
+  w.center = a.scale * (static_cast<float>(out_index) + 0.5f);
+  // torch truncates toward zero (static_cast<int64_t>) and clamps to the image.
+  const int32_t lo = static_cast<int32_t>(w.center - a.support + 0.5f);
+  const int32_t hi = static_cast<int32_t>(w.center + a.support + 0.5f);
+  w.start = lo > 0 ? lo : 0;
+  w.count = (hi < in_size ? hi : in_size) - w.start;
+  w.total = 0.f;
+  for (int32_t j = 0; j < w.count; ++j) w.total += aa_filter(a, w, j);
+  return w;
+}
+
+// The normalized weight of tap j of the window.
+FT_HD float aa_weight(const AaAxis& a, const AaWindow& win, int32_t j) {
+  return aa_filter(a, win, j) / win.total;
+}
+
 FT_HD float clamp_value(float v) {
   v = v < 0.f ? 0.f : v;
   return v > kMaxValue ? kMaxValue : v;

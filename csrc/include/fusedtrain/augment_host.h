@@ -39,6 +39,7 @@ struct Plan {
   Normalize norm{};
   bool any_contrast = false;    // some sample has a contrast factor != 1 (needs the mean pass)
   bool any_saturation = false;  // some sample has a saturation factor != 1 and C == 3
+  bool antialias = false;       // antialiased resize (augment.h, aa_*)
 };
 
 inline bool is_interleaved(const ImageDesc& img, int64_t channels) {
@@ -48,7 +49,7 @@ inline bool is_interleaved(const ImageDesc& img, int64_t channels) {
 // Checks every argument of fusedtrain::augment and builds the plan. Errors name the argument and the fix.
 inline Plan make_plan(at::TensorList images, const at::Tensor& boxes, const at::Tensor& flips,
                       const at::Tensor& factors, int64_t size, at::ArrayRef<double> mean, at::ArrayRef<double> std,
-                      at::ScalarType out_dtype) {
+                      at::ScalarType out_dtype, bool antialias) {
   const int64_t n = static_cast<int64_t>(images.size());
   TORCH_CHECK(n > 0, "fusedtrain.augment: images is empty; pass at least one image (an empty batch has "
               "nothing to augment: skip the call instead)");
@@ -58,6 +59,7 @@ inline Plan make_plan(at::TensorList images, const at::Tensor& boxes, const at::
               out_dtype);
   Plan plan;
   plan.size = size;
+  plan.antialias = antialias;
   const at::Tensor& first = images[0];
   TORCH_CHECK(first.dim() == 3, "fusedtrain.augment: images[0] must be a (C, H, W) image, got ", first.dim(),
               " dimensions");

@@ -14,7 +14,7 @@ __all__ = ["BatchAugment"]
 
 
 class BatchAugment(nn.Module):
-    """torchvision's ``RandomResizedCrop(size, scale, ratio, antialias=False)``, ``RandomHorizontalFlip(hflip)``,
+    """torchvision's ``RandomResizedCrop(size, scale, ratio, antialias)``, ``RandomHorizontalFlip(hflip)``,
     ``ColorJitter(brightness, contrast, saturation)``, ``ToDtype(float32, scale=True)`` and
     ``Normalize(mean, std)`` with independent parameters per sample, as one op over the whole batch.
 
@@ -45,6 +45,8 @@ class BatchAugment(nn.Module):
         out_dtype: torch.float32, torch.float16 or torch.bfloat16.
         layout: ``"NCHW"`` or ``"NHWC"``: how the input holds its channels (batches and list items).
         generator: default CPU generator for the draws (per-call ``generator=`` / ``seed=`` override it).
+        antialias: antialiased resize (torchvision's ``antialias=True``, its v2 default); the default False
+            is the two-tap bilinear (``antialias=False``), cheaper when crops are downscaled a lot.
 
     Returns (forward):
         The (N, C, size, size) batch, and with ``return_params=True`` also the :class:`AugmentParams`.
@@ -54,7 +56,7 @@ class BatchAugment(nn.Module):
                  hflip: float = 0.5, brightness: FactorArg = 0.0, contrast: FactorArg = 0.0,
                  saturation: FactorArg = 0.0, mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                  out_dtype: torch.dtype = torch.float32, layout: str = "NCHW",
-                 generator: torch.Generator | None = None) -> None:
+                 generator: torch.Generator | None = None, antialias: bool = False) -> None:
         super().__init__()
         if not isinstance(size, int) or isinstance(size, bool) or size < 1:
             raise ValueError(f"size must be a positive int (the output is size x size), got {size!r}")
@@ -85,11 +87,13 @@ class BatchAugment(nn.Module):
         self.out_dtype = out_dtype
         self.layout = layout
         self.generator = generator
+        self.antialias = bool(antialias)
 
     def extra_repr(self) -> str:
         return (f"size={self.size}, scale={self.scale}, ratio={self.ratio}, hflip={self.hflip}, "
                 f"brightness={self.brightness}, contrast={self.contrast}, saturation={self.saturation}, "
-                f"mean={self.mean}, std={self.std}, out_dtype={self.out_dtype}, layout={self.layout!r}")
+                f"mean={self.mean}, std={self.std}, out_dtype={self.out_dtype}, layout={self.layout!r}, "
+                f"antialias={self.antialias}")
 
     def _generator(self, generator: torch.Generator | None, seed: int | None) -> torch.Generator | None:
         if seed is not None:
@@ -139,5 +143,6 @@ class BatchAugment(nn.Module):
                                  contrast=self.contrast, saturation=self.saturation,
                                  generator=self._generator(generator, seed))
         out = F.augment(views, params.boxes, params.flips, params.brightness, params.contrast, params.saturation,
-                        size=self.size, mean=self.mean, std=self.std, out_dtype=self.out_dtype)
+                        size=self.size, mean=self.mean, std=self.std, out_dtype=self.out_dtype,
+                        antialias=self.antialias)
         return (out, params) if return_params else out

@@ -143,13 +143,13 @@ def augment(images: Images, boxes: Tensor | Sequence[Sequence[int]], flips: Tens
             brightness: Tensor | Sequence[float] | None = None, contrast: Tensor | Sequence[float] | None = None,
             saturation: Tensor | Sequence[float] | None = None, *, size: int, mean: Sequence[float] | None = None,
             std: Sequence[float] | None = None, out_dtype: torch.dtype = torch.float32,
-            layout: str = "NCHW") -> Tensor:
+            layout: str = "NCHW", antialias: bool = False) -> Tensor:
     """Resized crop, horizontal flip, colour jitter and normalization of a batch in one pass.
 
     For sample n with box (t, l, h, w), flip f and factors (b, c, s), every output pixel is (Note
     [augment pipeline] in csrc/include/fusedtrain/augment.h, Note [jitter order and reference] above)::
 
-        v = bilinear(img[:, t:t+h, l:l+w] -> size x size, align_corners=False, antialias=False)  # [0, 255]
+        v = bilinear(img[:, t:t+h, l:l+w] -> size x size, align_corners=False, antialias)  # in [0, 255]
         v = flip(v) if f
         v = clamp(b * v, 0, 255)
         v = clamp(c * v + (1 - c) * mean(gray(v)), 0, 255)       # mean over the sample's output
@@ -157,7 +157,7 @@ def augment(images: Images, boxes: Tensor | Sequence[Sequence[int]], flips: Tens
         out = (v / 255 - mean[k]) / std[k]
 
     with gray = 0.2989 R + 0.587 G + 0.114 B. This equals torchvision.transforms.v2.functional's
-    ``resized_crop(antialias=False)``, ``horizontal_flip``, ``adjust_brightness``, ``adjust_contrast``,
+    ``resized_crop(antialias=antialias)``, ``horizontal_flip``, ``adjust_brightness``, ``adjust_contrast``,
     ``adjust_saturation``, ``normalize`` on the image as float in [0, 1], up to float rounding.
 
     Args:
@@ -170,6 +170,9 @@ def augment(images: Images, boxes: Tensor | Sequence[Sequence[int]], flips: Tens
         mean, std: C values each, or None (0 and 1: output v / 255 in [0, 1]).
         out_dtype: torch.float32, torch.float16 or torch.bfloat16 (computed in float32 either way).
         layout: ``"NCHW"`` or ``"NHWC"``: how ``images`` hold their channels.
+        antialias: resize as torchvision's ``resized_crop(..., antialias=True)`` (a triangle filter as wide as
+            the downscaling factor, so every source pixel counts; costlier for large downscaling factors)
+            instead of the two-tap bilinear.
 
     Returns:
         A new contiguous (N, C, size, size) tensor of ``out_dtype`` on the images' device.
@@ -187,7 +190,8 @@ def augment(images: Images, boxes: Tensor | Sequence[Sequence[int]], flips: Tens
     factors = torch.stack([_per_sample(v, n, name, torch.float32, 1.0) for v, name in
                            ((brightness, "brightness"), (contrast, "contrast"), (saturation, "saturation"))], 1)
     m, s = _mean_std(mean, std, int(views[0].shape[0]))
-    return _ops.augment(views, b, f, factors.contiguous(), size=size, mean=m, std=s, out_dtype=out_dtype)
+    return _ops.augment(views, b, f, factors.contiguous(), size=size, mean=m, std=s, out_dtype=out_dtype,
+                        antialias=bool(antialias))
 
 
 def jitter_range(value: FactorArg, name: str) -> tuple[float, float]:
