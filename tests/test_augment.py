@@ -226,7 +226,9 @@ def test_threads_batch_split_and_isa_do_not_change_bits() -> None:
     original, threads = lib.cpu_isa(), torch.get_num_threads()
     try:
         torch.set_num_threads(1)
+        lib.set_cpu_isa("baseline")
         ref = AF.augment(x, *args, size=size, mean=MEAN, std=STD)
+        ref_aa = AF.augment(x, *args, size=24, antialias=True)
         for isa in usable:
             lib.set_cpu_isa(isa)
             for n in (1, 2):
@@ -234,6 +236,7 @@ def test_threads_batch_split_and_isa_do_not_change_bits() -> None:
                 assert torch.equal(AF.augment(x, *args, size=size, mean=MEAN, std=STD), ref)
                 pair = AF.augment(x[:2], *(a[:2] for a in args), size=size, mean=MEAN, std=STD)
                 assert torch.equal(pair, ref[:2])
+                assert torch.equal(AF.augment(x, *args, size=24, antialias=True), ref_aa)
     finally:
         lib.set_cpu_isa(original)
         torch.set_num_threads(threads)
