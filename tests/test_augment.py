@@ -289,7 +289,8 @@ def _torchvision_loop(heights, widths, scale, ratio, u, pos) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.int64)
 
 
-@pytest.mark.parametrize("scale,ratio", [((0.08, 1.0), (3 / 4, 4 / 3)), ((0.5, 1.5), (0.2, 5.0)), ((0.9, 1.0), (2.0, 3.0))])
+@pytest.mark.parametrize("scale,ratio", [((0.08, 1.0), (3 / 4, 4 / 3)), ((0.5, 1.5), (0.2, 5.0)),
+                                         ((0.9, 1.0), (2.0, 3.0))])
 def test_crop_boxes_are_torchvisions_loop_vectorized(scale, ratio) -> None:
     gen = torch.Generator().manual_seed(11)
     heights = torch.randint(1, 300, (400,), generator=gen).tolist()

@@ -188,7 +188,9 @@ void launch_all(const Plan& plan, at::Tensor& out) {
   const int threads = std::min<int>(kMaxThreads, static_cast<int>((size + 31) / 32 * 32));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   at::Tensor row_sum;
-  if (plan.any_contrast) row_sum = at::empty({std::min<int64_t>(n, kMaxImages), size}, out.options().dtype(at::kDouble));
+  if (plan.any_contrast) {
+    row_sum = at::empty({std::min<int64_t>(n, kMaxImages), size}, out.options().dtype(at::kDouble));
+  }
   OutT* out_base = out.data_ptr<OutT>();
   const int64_t sample_elems = static_cast<int64_t>(C) * size * size;
   static_assert(sizeof(LaunchArgs) <= 32764, "kernel parameters exceed the 32 KB limit");

@@ -109,8 +109,8 @@ def as_image_list(images: Images, layout: str = "NCHW") -> list[Tensor]:
                             "(0..255). Convert float images in [0, 1] with (x * 255).round().to(torch.uint8), "
                             "or pass the decoded uint8 data")
         if im.shape[0] not in (1, 3):
-            hint = " (is layout right? got NCHW but the data looks NHWC)" if layout == "NCHW" and im.shape[-1] in (1, 3) \
-                else ""
+            looks_nhwc = layout == "NCHW" and im.shape[-1] in (1, 3)
+            hint = " (is layout right? got NCHW but the data looks NHWC)" if looks_nhwc else ""
             raise ValueError(f"images[{i}] has {im.shape[0]} channels; only 1 or 3 are supported{hint}")
     return views
 
@@ -127,7 +127,8 @@ def _per_sample(value: Tensor | Sequence[float] | Sequence[bool] | None, n: int,
     return t.contiguous()
 
 
-def _mean_std(mean: Sequence[float] | None, std: Sequence[float] | None, channels: int) -> tuple[list[float], list[float]]:
+def _mean_std(mean: Sequence[float] | None, std: Sequence[float] | None,
+              channels: int) -> tuple[list[float], list[float]]:
     m = [0.0] * channels if mean is None else [float(v) for v in mean]
     s = [1.0] * channels if std is None else [float(v) for v in std]
     for name, v in (("mean", m), ("std", s)):
@@ -206,7 +207,8 @@ def jitter_range(value: FactorArg, name: str) -> tuple[float, float]:
     """
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if value < 0:
-            raise ValueError(f"{name} must be non-negative (factor range [max(0, 1 - {name}), 1 + {name}]), got {value}")
+            raise ValueError(f"{name} must be non-negative (factor range [max(0, 1 - {name}), 1 + {name}]), "
+                             f"got {value}")
         return max(0.0, 1.0 - float(value)), 1.0 + float(value)
     lo, hi = (float(v) for v in value)
     if not 0 <= lo <= hi:

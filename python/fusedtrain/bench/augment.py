@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -25,7 +26,8 @@ IN_SIZE, OUT_SIZE, JITTER = 256, 224, 0.4
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
-def _torchvision(antialias: bool):  # -> torchvision transform
+def _torchvision(antialias: bool) -> Any:
+    """torchvision v2's version of the pipeline (a ``Compose``)."""
     import torchvision.transforms.v2 as T
 
     return T.Compose([
@@ -71,23 +73,26 @@ def run(device: torch.device, reps: int, warmup: int, bandwidth: float, progress
     params = ours.sample_params(images, seed=1)
     keep: list[torch.Tensor] = []  # the last output of each, so allocation is part of every call
 
-    def loop(tf) -> Callable[[], None]:
+    def keeping(make: Callable[[], torch.Tensor]) -> Callable[[], None]:
         def f() -> None:
-            keep[:] = [torch.stack([tf(img) for img in images])]
+            keep[:] = [make()]
         return f
+
+    def loop(tf: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[], None]:
+        return keeping(lambda: torch.stack([tf(img) for img in images]))
 
     fns: dict[str, Callable[[], None]] = {
         "torchvision v2 per-sample loop (antialias=False)": loop(tv_plain),
         "torchvision v2 per-sample loop (antialias=True, v2 default)": loop(tv_aa),
-        "torchvision v2 whole batch (one parameter set)": lambda: keep.__setitem__(slice(None), [tv_plain(images)]),
-        "fusedtrain BatchAugment (per-sample)": lambda: keep.__setitem__(slice(None), [ours(images)]),
-        "fusedtrain functional.augment (parameters given)": lambda: keep.__setitem__(slice(None), [AF.augment(
+        "torchvision v2 whole batch (one parameter set)": keeping(lambda: tv_plain(images)),
+        "fusedtrain BatchAugment (per-sample)": keeping(lambda: ours(images)),
+        "fusedtrain functional.augment (parameters given)": keeping(lambda: AF.augment(
             images, params.boxes, params.flips, params.brightness, params.contrast, params.saturation,
-            size=OUT_SIZE, mean=MEAN, std=STD)]),
+            size=OUT_SIZE, mean=MEAN, std=STD)),
+        "fusedtrain BatchAugment (per-sample), antialias=True": keeping(lambda: ours_aa(images)),
     }
-    fns["fusedtrain BatchAugment (per-sample), antialias=True"] = lambda: keep.__setitem__(slice(None), [ours_aa(images)])
     if nhwc is not None:
-        fns["fusedtrain BatchAugment (per-sample), NHWC input"] = lambda: keep.__setitem__(slice(None), [ours_nhwc(nhwc)])
+        fns["fusedtrain BatchAugment (per-sample), NHWC input"] = keeping(lambda: ours_nhwc(nhwc))
     if device.type == "cuda":  # the loops are launch-bound there: a few calls say enough
         loop_names = [k for k in fns if "loop" in k]
         slow = {k: fns.pop(k) for k in loop_names}
