@@ -111,6 +111,40 @@ FT_INLINE Float4 lerp4(Float4 a, Float4 b, float w0, float w1) {
   return w0 * a + w1 * b;
 }
 
+// Three channel rows (R at pl, G at pl + w, B at pl + 2w) to 4-lane pixels (R, G, B, 0) in tmp, four pixels
+// per 4 x 4 transpose of vector-extension shuffles.
+FT_INLINE void planes_to_pixels(const float* __restrict__ pl, int64_t w, float* __restrict__ tmp) {
+  const Float4 zero = {0.f, 0.f, 0.f, 0.f};
+  const float* __restrict__ R = pl;
+  const float* __restrict__ G = pl + w;
+  const float* __restrict__ B = pl + 2 * w;
+  int64_t k = 0;
+  for (; k + 4 <= w; k += 4) {
+    Float4 r, g, b;
+    std::memcpy(&r, R + k, sizeof(Float4));
+    std::memcpy(&g, G + k, sizeof(Float4));
+    std::memcpy(&b, B + k, sizeof(Float4));
+    const Float4 rg_lo = FT_SHUFFLE4(r, g, 0, 4, 1, 5);     // r0 g0 r1 g1
+    const Float4 rg_hi = FT_SHUFFLE4(r, g, 2, 6, 3, 7);     // r2 g2 r3 g3
+    const Float4 b0_lo = FT_SHUFFLE4(b, zero, 0, 4, 1, 5);  // b0 0 b1 0
+    const Float4 b0_hi = FT_SHUFFLE4(b, zero, 2, 6, 3, 7);  // b2 0 b3 0
+    const Float4 p0 = FT_SHUFFLE4(rg_lo, b0_lo, 0, 1, 4, 5);
+    const Float4 p1 = FT_SHUFFLE4(rg_lo, b0_lo, 2, 3, 6, 7);
+    const Float4 p2 = FT_SHUFFLE4(rg_hi, b0_hi, 0, 1, 4, 5);
+    const Float4 p3 = FT_SHUFFLE4(rg_hi, b0_hi, 2, 3, 6, 7);
+    std::memcpy(tmp + 4 * k, &p0, sizeof(Float4));
+    std::memcpy(tmp + 4 * k + 4, &p1, sizeof(Float4));
+    std::memcpy(tmp + 4 * k + 8, &p2, sizeof(Float4));
+    std::memcpy(tmp + 4 * k + 12, &p3, sizeof(Float4));
+  }
+  for (; k < w; ++k) {
+    tmp[4 * k] = R[k];
+    tmp[4 * k + 1] = G[k];
+    tmp[4 * k + 2] = B[k];
+    tmp[4 * k + 3] = 0.f;
+  }
+}
+
 template <int C>
 FT_INLINE void sample_row(const RowJob& job, int64_t y) {
   constexpr int L = kLanesPerColumn<C>;
@@ -150,34 +184,7 @@ FT_INLINE void sample_row(const RowJob& job, int64_t y) {
 #pragma GCC ivdep
         for (int64_t k = 0; k < w; ++k) q[k] = lerp2(static_cast<float>(a[k]), static_cast<float>(b[k]), wy0, wy1);
       }
-      const float* __restrict__ R = pl;
-      const float* __restrict__ G = pl + w;
-      const float* __restrict__ B = pl + 2 * w;
-      int64_t k = 0;
-      for (; k + 4 <= w; k += 4) {
-        Float4 r, g, b;
-        std::memcpy(&r, R + k, sizeof(Float4));
-        std::memcpy(&g, G + k, sizeof(Float4));
-        std::memcpy(&b, B + k, sizeof(Float4));
-        const Float4 rg_lo = FT_SHUFFLE4(r, g, 0, 4, 1, 5);     // r0 g0 r1 g1
-        const Float4 rg_hi = FT_SHUFFLE4(r, g, 2, 6, 3, 7);     // r2 g2 r3 g3
-        const Float4 b0_lo = FT_SHUFFLE4(b, zero, 0, 4, 1, 5);  // b0 0 b1 0
-        const Float4 b0_hi = FT_SHUFFLE4(b, zero, 2, 6, 3, 7);  // b2 0 b3 0
-        const Float4 p0 = FT_SHUFFLE4(rg_lo, b0_lo, 0, 1, 4, 5);
-        const Float4 p1 = FT_SHUFFLE4(rg_lo, b0_lo, 2, 3, 6, 7);
-        const Float4 p2 = FT_SHUFFLE4(rg_hi, b0_hi, 0, 1, 4, 5);
-        const Float4 p3 = FT_SHUFFLE4(rg_hi, b0_hi, 2, 3, 6, 7);
-        std::memcpy(tmp + 4 * k, &p0, sizeof(Float4));
-        std::memcpy(tmp + 4 * k + 4, &p1, sizeof(Float4));
-        std::memcpy(tmp + 4 * k + 8, &p2, sizeof(Float4));
-        std::memcpy(tmp + 4 * k + 12, &p3, sizeof(Float4));
-      }
-      for (; k < w; ++k) {
-        tmp[4 * k] = R[k];
-        tmp[4 * k + 1] = G[k];
-        tmp[4 * k + 2] = B[k];
-        tmp[4 * k + 3] = 0.f;
-      }
+      planes_to_pixels(pl, w, tmp);
     } else {  // any other strides
       for (int64_t k = 0; k < w; ++k) {
         for (int c = 0; c < 3; ++c) {
@@ -250,13 +257,7 @@ FT_INLINE void sample_row_aa(const RowJob& job, int64_t y) {
     }
   }
   float* __restrict__ tmp = job.tmp;
-  if constexpr (L == 4) {
-#pragma GCC ivdep
-    for (int64_t k = 0; k < w; ++k) {
-      for (int c = 0; c < 3; ++c) tmp[k * 4 + c] = acc[c * w + k];
-      tmp[k * 4 + 3] = 0.f;
-    }
-  }
+  if constexpr (L == 4) planes_to_pixels(acc, w, tmp);
   // Loop 2: per output column, the weighted sum of its window's pixels.
   const int32_t K = job.columns->taps;
   const int32_t* __restrict__ off = job.columns->off.data();
@@ -412,15 +413,19 @@ void build_columns(const SampleDesc& s, int64_t size, int32_t lanes, bool antial
     return;
   }
   const AaAxis ax = aa_axis(s.width, static_cast<int32_t>(size));
-  const int32_t K = aa_max_taps(s.width, static_cast<int32_t>(size));
+  std::vector<AaWindow> wins(size);
+  int32_t K = 1;  // the widest window of this sample (2 when upscaling, about 2 * scale + 1 when downscaling)
+  for (int64_t x = 0; x < size; ++x) {
+    const int64_t xs = s.flip ? size - 1 - x : x;
+    wins[x] = aa_window(ax, static_cast<int32_t>(xs), s.width);
+    TORCH_CHECK(wins[x].count >= 1, "fusedtrain.augment: internal error, empty antialias window");
+    K = std::max(K, wins[x].count);
+  }
   t.taps = K;
   t.off.assign(size * K, 0);
   t.w.assign(size * K, 0.f);
   for (int64_t x = 0; x < size; ++x) {
-    const int64_t xs = s.flip ? size - 1 - x : x;
-    const AaWindow win = aa_window(ax, static_cast<int32_t>(xs), s.width);
-    TORCH_CHECK(win.count >= 1 && win.count <= K, "fusedtrain.augment: internal error, antialias window of ",
-                win.count, " taps (at most ", K, ")");
+    const AaWindow& win = wins[x];
     for (int32_t j = 0; j < K; ++j) {
       const int32_t jj = j < win.count ? j : win.count - 1;
       t.off[x * K + j] = (win.start + jj) * lanes;
