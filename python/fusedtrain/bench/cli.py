@@ -16,13 +16,14 @@ import torch
 from .._build import build_info
 from . import clip as clip_bench
 from . import dropout as dropout_bench
+from . import augment as augment_bench
 from . import ema as ema_bench
 from . import mixed as mixed_bench
 from . import optim as optim_bench
 from .common import format_table, measure_bandwidth
 from .plot import check_matplotlib, plot_ratios
 
-FAMILIES = ["optim", "ema", "clip", "mixed", "dropout"]
+FAMILIES = ["optim", "ema", "clip", "mixed", "dropout", "augment"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -39,6 +40,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="every parameter set of every family (on a CPU the default is one set per family, "
                         "so that the whole run takes about a minute)")
     p.add_argument("--reps", type=int, default=None, help="timed repetitions per row")
+    p.add_argument("--batch", type=int, default=None,
+                   help="augment family: images per call (default 64 on CPU, 256 on CUDA)")
     p.add_argument("--json", dest="json_path", default=None, help="write the results as JSON to this path")
     p.add_argument("--plot", dest="plot_path", default=None,
                    help="write a PNG bar chart of the speed-ups vs torch to this path (needs matplotlib)")
@@ -128,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
         elif family == "dropout":
             results += dropout_bench.run(device, reps, warmup=2, bandwidth=bandwidth, progress=not args.no_progress,
                                          quick=args.quick)
+        elif family == "augment":
+            results += augment_bench.run(device, reps, warmup=2, bandwidth=bandwidth, progress=not args.no_progress,
+                                         batch=args.batch, layouts=("NCHW", "NHWC"))
     print(format_table(results))
     if args.json_path:
         with open(args.json_path, "w") as f:
