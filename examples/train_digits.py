@@ -88,7 +88,7 @@ def train(label: str, cls: str, kw: dict[str, Any], dropout: float, augment: boo
             loss = loss_fn(model(x), ytr[idx])
             loss.backward()
             opt.step()
-            total += float(loss) * len(idx)
+            total += float(loss.detach()) * len(idx)
             count += len(idx)
         model.eval()
         with torch.no_grad():

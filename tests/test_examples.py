@@ -82,3 +82,13 @@ def test_optimizer_paths(tmp_path: Path) -> None:
     assert finals[("ravine", "Momentum")][2] < finals[("ravine", "SGD")][2] / 10  # momentum crosses the ravine
     assert finals[("local minimum", "Momentum")][0] < 0 < finals[("local minimum", "SGD")][0]  # over the barrier
     assert finals[("saddle", "Momentum")][2] < -1 < finals[("saddle", "SGD")][2]  # escapes the saddle sooner
+
+
+def test_train_digits(tmp_path: Path) -> None:
+    pytest.importorskip("sklearn")
+    out = run_example("train_digits.py", "--quick", "--out", str(tmp_path))
+    assert_png(tmp_path / "train_digits.png")
+    rows = percentages(out)
+    assert {"SGD", "Adam", "Adam + dropout", "Adam + dropout + augment"} <= set(rows), out
+    # 3 epochs: every adaptive or momentum run is far above chance (10 %)
+    assert all(v > 60.0 for k, v in rows.items() if k != "SGD"), rows
