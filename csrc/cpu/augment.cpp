@@ -553,6 +553,13 @@ void advise_huge_pages(const at::Tensor& t) {
 #endif
 }
 
+struct CpuDriver {
+  template <int C, typename OutT>
+  static void run(const Plan& plan, at::Tensor& out) {
+    augment::run<C, OutT>(plan, out);  // the driver above (qualified: not this member)
+  }
+};
+
 at::Tensor augment_cpu(at::TensorList images, const at::Tensor& boxes, const at::Tensor& flips,
                        const at::Tensor& factors, int64_t size, at::ArrayRef<double> mean, at::ArrayRef<double> std,
                        at::ScalarType out_dtype, bool antialias) {
@@ -560,25 +567,7 @@ at::Tensor augment_cpu(at::TensorList images, const at::Tensor& boxes, const at:
   const int64_t n = static_cast<int64_t>(plan.samples.size());
   at::Tensor out = at::empty({n, plan.channels, size, size}, images[0].options().dtype(out_dtype));
   advise_huge_pages(out);
-  auto go = [&](auto tag) {
-    using OutT = decltype(tag);
-    if (plan.channels == 3) {
-      run<3, OutT>(plan, out);
-    } else {
-      run<1, OutT>(plan, out);
-    }
-  };
-  switch (out_dtype) {  // make_plan admits these three
-    case at::kHalf:
-      go(c10::Half{});
-      break;
-    case at::kBFloat16:
-      go(c10::BFloat16{});
-      break;
-    default:
-      go(float{});
-      break;
-  }
+  run_plan<CpuDriver>(plan, out, out_dtype);
   return out;
 }
 

@@ -224,6 +224,13 @@ void launch_all(const Plan& plan, at::Tensor& out) {
   }
 }
 
+struct CudaDriver {
+  template <int C, typename OutT>
+  static void run(const Plan& plan, at::Tensor& out) {
+    launch_all<C, OutT>(plan, out);
+  }
+};
+
 at::Tensor augment_cuda(at::TensorList images, const at::Tensor& boxes, const at::Tensor& flips,
                         const at::Tensor& factors, int64_t size, at::ArrayRef<double> mean, at::ArrayRef<double> std,
                         at::ScalarType out_dtype, bool antialias) {
@@ -232,25 +239,7 @@ at::Tensor augment_cuda(at::TensorList images, const at::Tensor& boxes, const at
   const c10::cuda::CUDAGuard guard(images[0].device());
   const int64_t n = static_cast<int64_t>(plan.samples.size());
   at::Tensor out = at::empty({n, plan.channels, size, size}, images[0].options().dtype(out_dtype));
-  auto go = [&](auto tag) {
-    using OutT = decltype(tag);
-    if (plan.channels == 3) {
-      launch_all<3, OutT>(plan, out);
-    } else {
-      launch_all<1, OutT>(plan, out);
-    }
-  };
-  switch (out_dtype) {  // make_plan admits these three
-    case at::kHalf:
-      go(c10::Half{});
-      break;
-    case at::kBFloat16:
-      go(c10::BFloat16{});
-      break;
-    default:
-      go(float{});
-      break;
-  }
+  run_plan<CudaDriver>(plan, out, out_dtype);
   return out;
 }
 

@@ -197,15 +197,14 @@ struct Run {
 
 at::Tensor bias_dropout_add_cuda(const at::Tensor& input, const at::Tensor& bias, const at::Tensor& residual,
                                  const at::Tensor& seed, int64_t offset, double p) {
-  host::check_bias_dropout_add(input, bias, residual);
-  dropout::check_p("bias_dropout_add", p);
-  const philox::Stream s = host::read_stream("bias_dropout_add", seed, offset);
-  const at::Tensor x = input.contiguous();
-  const at::Tensor r = residual.contiguous();
-  at::Tensor out = at::empty(x.sizes(), x.options());
-  const int64_t n = x.numel();
+  const host::BiasDropoutAdd a = host::prepare_bias_dropout_add(input, bias, residual, seed, offset, p);
+  const philox::Stream& s = a.s;
+  const at::Tensor& x = a.x;
+  const at::Tensor& r = a.r;
+  at::Tensor out = a.out;
+  const int64_t n = a.n;
   if (n == 0) return out;
-  const int64_t H = x.size(-1);
+  const int64_t H = a.H;
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fusedtrain_bias_dropout_add_cuda", [&] {

@@ -4,7 +4,9 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
+#include <c10/util/Half.h>
 
 #include <cmath>
 #include <cstdint>
@@ -138,6 +140,31 @@ inline Plan make_plan(at::TensorList images, const at::Tensor& boxes, const at::
     plan.norm.shift[k] = static_cast<float>(-mean[k] / std[k]);
   }
   return plan;
+}
+
+// Runs Backend::template run<C, OutT>(plan, out) for the plan's channel count (1 or 3) and the output
+// dtype (make_plan admits float32, float16 and bfloat16): the dispatch both drivers share.
+template <class Backend>
+void run_plan(const Plan& plan, at::Tensor& out, at::ScalarType out_dtype) {
+  auto go = [&](auto tag) {
+    using OutT = decltype(tag);
+    if (plan.channels == 3) {
+      Backend::template run<3, OutT>(plan, out);
+    } else {
+      Backend::template run<1, OutT>(plan, out);
+    }
+  };
+  switch (out_dtype) {
+    case at::kHalf:
+      go(c10::Half{});
+      break;
+    case at::kBFloat16:
+      go(c10::BFloat16{});
+      break;
+    default:
+      go(float{});
+      break;
+  }
 }
 
 }  // namespace augment

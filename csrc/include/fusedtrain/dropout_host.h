@@ -75,6 +75,29 @@ inline void check_penalty_params(const char* op, at::TensorList params) {
   }
 }
 
+// The checked inputs of bias_dropout_add, shared by both backends: contiguous input and residual, the
+// stream, the (uninitialized) output, and the bias width H = input.size(-1) (0 elements: nothing to do).
+struct BiasDropoutAdd {
+  philox::Stream s;
+  at::Tensor x, r, out;
+  int64_t n = 0, H = 0;
+};
+
+inline BiasDropoutAdd prepare_bias_dropout_add(const at::Tensor& input, const at::Tensor& bias,
+                                               const at::Tensor& residual, const at::Tensor& seed, int64_t offset,
+                                               double p) {
+  check_bias_dropout_add(input, bias, residual);
+  dropout::check_p("bias_dropout_add", p);
+  BiasDropoutAdd a;
+  a.s = read_stream("bias_dropout_add", seed, offset);
+  a.x = input.contiguous();
+  a.r = residual.contiguous();
+  a.out = at::empty(a.x.sizes(), a.x.options());
+  a.n = a.x.numel();
+  a.H = a.n == 0 ? 0 : a.x.size(-1);
+  return a;
+}
+
 // dropout / dropout_ for one backend: checks, the stream, a contiguous view, then Backend::run(x, y, ...)
 // (the kernel launch). Registered by cpu/dropout.cpp and cuda/dropout.cu.
 template <class Backend>
