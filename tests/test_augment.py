@@ -77,8 +77,9 @@ def _ours(img: torch.Tensor, box: list[int], flip: bool, f: list[float], size: i
 
 # torchvision on float input, compared in [0, 1]: one hundredth of a level. The two differ by float
 # rounding only, mostly of the source coordinate scale * (x + 0.5) - 0.5, which torch's CPU kernel
-# contracts into an FMA and fusedtrain does not (so that CPU and CUDA round alike); an ulp of the
-# coordinate moves a weight by ~1e-7 * size, a value by that times the step between two pixels.
+# evidently computes with an FMA (emulating it reproduces torch's weights) and fusedtrain does not (so
+# that CPU and CUDA round alike); an ulp of the coordinate moves a weight by ~1e-7 * size, a value by
+# that times the step between two pixels.
 FLOAT_TOL = 0.01 / 255
 
 

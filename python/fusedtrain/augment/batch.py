@@ -32,7 +32,9 @@ class BatchAugment(nn.Module):
 
     Parameters are drawn on the CPU (torch's default CPU generator, which ``torch.manual_seed``
     seeds, or ``generator=`` / ``seed=`` per call), so a seed gives the same augmentation on CPU and
-    CUDA. The pixel work runs on the images' device.
+    CUDA. The pixel work runs on the images' device. Like torchvision's transforms the module is random
+    in eval mode too; for a fixed evaluation transform call :func:`fusedtrain.augment.functional.augment`
+    with fixed boxes (e.g. a central crop).
 
     Args:
         size: side of the square output.
