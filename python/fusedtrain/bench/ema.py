@@ -14,7 +14,7 @@ from .. import optim as ft_optim
 from ..ensemble import EMA
 from ..optim import functional as F
 from .common import Progress, Result, timed_rows
-from .optim import _make, _numel, param_shapes
+from .optim import _make, param_cases
 
 __all__ = ["run", "DEFAULT_SETS"]
 
@@ -40,10 +40,7 @@ def run(device: torch.device, sets: list[str] | None, reps: int, warmup: int, ba
     sets = sets or DEFAULT_SETS[device.type]
     bar = Progress(2 * len(sets), progress)
     results: list[Result] = []
-    for set_name in sets:
-        shapes = param_shapes(set_name)
-        numel = _numel(shapes)
-        label = f"{set_name} ({numel / 1e6:.1f} M, {len(shapes)} tensors)"
+    for set_name, shapes, numel, label in param_cases(sets):
 
         bar.begin(f"{set_name} EMA update")
         params = [p.detach() for p in _make(shapes, device)]

@@ -12,7 +12,7 @@ import torch
 
 from .. import optim as ft_optim
 from .common import Progress, Result, timed_rows
-from .optim import _numel, param_shapes
+from .optim import param_cases
 
 __all__ = ["run", "DEFAULT_SETS"]
 
@@ -33,10 +33,7 @@ def run(device: torch.device, sets: list[str] | None, reps: int, warmup: int, ba
     bar = Progress(len(sets), progress)
     results: list[Result] = []
     bf16 = torch.bfloat16
-    for set_name in sets:
-        shapes = param_shapes(set_name)
-        numel = _numel(shapes)
-        label = f"{set_name} ({numel / 1e6:.1f} M, {len(shapes)} tensors)"
+    for set_name, shapes, numel, label in param_cases(sets):
         bar.begin(f"{set_name} mixed precision")
         # (implementation, optimizer factory, bytes per parameter moved by one fused pass)
         cases: list[tuple[str, Callable[[], torch.optim.Optimizer], int]] = [

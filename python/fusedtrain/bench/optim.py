@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import gc
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -11,7 +11,7 @@ import torch
 from .. import optim as ft_optim
 from .common import Progress, Result, measure_interleaved, summarize
 
-__all__ = ["PARAM_SETS", "OPTIMIZERS", "param_shapes", "run"]
+__all__ = ["PARAM_SETS", "OPTIMIZERS", "param_shapes", "param_cases", "run"]
 
 
 def _gpt2_medium() -> list[tuple[int, ...]]:
@@ -89,6 +89,14 @@ def _numel(shapes: list[tuple[int, ...]]) -> int:
     return total
 
 
+def param_cases(sets: list[str]) -> Iterator[tuple[str, list[tuple[int, ...]], int, str]]:
+    """(name, shapes, parameter count, table label) of each named parameter set."""
+    for set_name in sets:
+        shapes = param_shapes(set_name)
+        numel = _numel(shapes)
+        yield set_name, shapes, numel, f"{set_name} ({numel / 1e6:.1f} M, {len(shapes)} tensors)"
+
+
 def _make(shapes: list[tuple[int, ...]], device: torch.device) -> list[torch.Tensor]:
     params = [torch.randn(s, device=device) for s in shapes]
     for p in params:
@@ -103,10 +111,7 @@ def run(device: torch.device, sets: list[str] | None, optimizers: list[str] | No
     names = optimizers or list(OPTIMIZERS)
     results: list[Result] = []
     bar = Progress(len(sets) * len(names), progress)  # one tick per measured group
-    for set_name in sets:
-        shapes = param_shapes(set_name)
-        numel = _numel(shapes)
-        case_label = f"{set_name} ({numel / 1e6:.1f} M, {len(shapes)} tensors)"
+    for set_name, shapes, numel, case_label in param_cases(sets):
         for name in names:
             cls_name, kwargs, bytes_per_param = OPTIMIZERS[name]
             bar.begin(f"{set_name} {name}")
