@@ -1,5 +1,5 @@
-// pybind11 module: build and CPU-feature information only. No math lives here; the ops are reached
-// through torch.ops.fusedtrain.* (ops.cpp).
+// pybind11 module: build and CPU-feature information, and the cached step plan (plan.cpp). No math lives
+// here; the ops are reached through torch.ops.fusedtrain.* (ops.cpp).
 #include <torch/extension.h>
 
 #include <string>
@@ -16,6 +16,12 @@
 #define FUSEDTRAIN_CUDA_ARCHS ""
 #endif
 
+namespace fusedtrain {
+namespace plan {
+void bind(pybind11::module& m);
+}  // namespace plan
+}  // namespace fusedtrain
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fusedtrain compiled library: build information (ops live in torch.ops.fusedtrain)";
   m.def("version", [] { return std::string(FUSEDTRAIN_VERSION); });
@@ -31,4 +37,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_isa_detected", [] { return fusedtrain::cpu::isa_name(fusedtrain::cpu::detected_isa()); });
   m.def("cpu_isa", [] { return fusedtrain::cpu::isa_name(fusedtrain::cpu::active_isa()); });
   m.def("set_cpu_isa", &fusedtrain::cpu::set_isa, "Select the SIMD copy of the CPU loops (tests, benchmarks)");
+  fusedtrain::plan::bind(m);
 }

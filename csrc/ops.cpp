@@ -2,51 +2,46 @@
 // (cpu/optim.cpp, cuda/optim.cu); python/fusedtrain/_ops.py registers the fake kernels.
 //
 // Note [optimizer op conventions]:
-// In-place multi-tensor updates take `Tensor(x!)[]` lists for what they mutate and return `()`.
-// Lists that an option turns off (momentum buffers without momentum, max_exp_avg_sqs without
-// amsgrad, ...) are passed empty. `state_steps` are one-element CPU float tensors, advanced by the op.
-// Every optimizer op ends with `ema_params, ema_weight`: when the list is non-empty, the same pass also
-// moves each average toward its freshly updated parameter (a <- lerp(a, p, ema_weight)).
-// Then the optional per-call scalars (Note [per-tensor binding] in math.h), each a one-element tensor on
-// the CPU (read by the host) or on the parameters' device (read by the kernels, no host sync):
-//   lr_tensor   the learning rate, overriding `lr` (torch's tensor lr; capturable steps);
-//   grad_scale  GradScaler's scale: gradients are multiplied by 1/grad_scale in registers;
-//   found_inf   GradScaler's flag: non-zero skips the update (and the step counters stay);
-//   clip_coef   max_grad_norm's coefficient min(1, max_norm / (norm + 1e-6)), applied after unscaling.
-// and `l1`: the L1 coefficient, l1*sign(p) added to the gradient (after maximize and weight decay).
-// Mixed precision (Note [mixed-precision layouts] in rounding.h):
-//   param_copies         master weights: params are float32 masters, grads and param_copies float16 or
-//                        bfloat16; the copies receive the rounded new masters in the same pass;
-//   stochastic_rounding  bfloat16 params (without masters) are stored with stochastic rounding, from
-//                        random bits keyed by sr_seed (draw a fresh one each step).
+// Every fused optimizer update is one op, step_, parametrized by the name of a rule (Note [optimizer
+// rules] in csrc/include/fusedtrain/rules.h: "sgd", "adagrad", "rmsprop", "adam", ...) and its
+// hyperparameters `hyper`, in the order the rule declares (fusedtrain._C.rules() lists them; flags as 0/1).
+// In-place lists are `Tensor(x!)[]` and the op returns `()`:
+//   params        the tensors updated (one device, one dtype); with param_copies, their float32 masters;
+//   grads         read only, one per param;
+//   states        the rule's state lists for these hyperparameters (e.g. exp_avgs then exp_avg_sqs), each
+//                 of len(params) tensors, concatenated list by list;
+//   state_steps   one-element float step counters (CPU, or capturable on the params' device), advanced by
+//                 the op after every check has passed; empty for rules that count no steps;
+//   ema_params    when non-empty, the same pass also moves each average toward its freshly updated
+//                 parameter: a <- lerp(a, p, ema_weight);
+//   param_copies  master weights (Note [mixed-precision layouts] in rounding.h): params are float32 masters,
+//                 grads and param_copies float16 or bfloat16; the copies receive the rounded new masters.
+// Then what every rule shares (Note [per-tensor binding] in math.h), each optional tensor a one-element
+// tensor on the CPU (read by the host) or on the parameters' device (read by the kernels, no host sync):
+//   lr / lr_tensor           the learning rate (a tensor overrides the float: torch's tensor lr, capturable);
+//   l1                       the L1 coefficient: l1*sign(p) added to the gradient (after maximize and decay);
+//   ema_weight(_tensor)      the weight of the fused average (a tensor: captured steps replay fresh weights);
+//   grad_scale               GradScaler's scale: gradients are multiplied by 1/grad_scale in registers;
+//   found_inf                GradScaler's flag: non-zero skips the update (and the step counters stay);
+//   clip_coef                max_grad_norm's coefficient min(1, max_norm / (norm + 1e-6)), after unscaling;
+//   stochastic_rounding      bfloat16 params (without masters) are stored with stochastic rounding, from
+//                            random bits keyed by sr_seed (int64; on the device under CUDA-graph capture);
+//   check_only               run every check (lists, layouts, scalars) and write nothing: a caller that
+//                            splits one update into several calls checks them all before the first write.
 // States may be float32 or bfloat16 with float32 params, or float32 / the copies' dtype with masters.
 #include <torch/library.h>
 
-#define OPTIM_SCALARS                                                                                          \
-  "Tensor? lr_tensor=None, Tensor? grad_scale=None, Tensor? found_inf=None, Tensor? clip_coef=None, float l1=0.0, " \
-  "Tensor(y!)[]? param_copies=None, bool stochastic_rounding=False, int sr_seed=0"
-
 TORCH_LIBRARY(fusedtrain, m) {
   m.def(
-      "sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, float lr, float momentum, "
-      "float dampening, float weight_decay, bool nesterov, bool maximize, bool first_step, Tensor(z!)[] ema_params, "
-      "float ema_weight, " OPTIM_SCALARS ") -> ()");
-  m.def(
-      "adagrad_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state_sums, Tensor(c!)[] state_steps, "
-      "float lr, float lr_decay, float weight_decay, float eps, bool maximize, Tensor(z!)[] ema_params, "
-      "float ema_weight, " OPTIM_SCALARS ") -> ()");
-  m.def(
-      "rmsprop_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] square_avgs, Tensor(c!)[] grad_avgs, "
-      "Tensor(d!)[] momentum_buffers, Tensor(e!)[] state_steps, float lr, float alpha, float eps, "
-      "float weight_decay, float momentum, bool centered, bool maximize, Tensor(z!)[] ema_params, "
-      "float ema_weight, " OPTIM_SCALARS ") -> ()");
-  m.def(
-      "adam_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
-      "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] state_steps, float lr, float beta1, float beta2, float eps, "
-      "float weight_decay, bool amsgrad, bool maximize, bool decoupled_weight_decay, Tensor(z!)[] ema_params, "
-      "float ema_weight, " OPTIM_SCALARS ") -> ()");
-  // averages <- lerp(averages, params, weight): EMA / Polyak (weight = 1 - decay), SWA (1 / (n + 1)).
-  m.def("ema_(Tensor(a!)[] averages, Tensor[] params, float weight) -> ()");
+      "step_(str rule, float[] hyper, Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] states, "
+      "Tensor(c!)[] state_steps, Tensor(d!)[] ema_params, Tensor(e!)[] param_copies, float lr, float l1=0.0, "
+      "float ema_weight=0.0, Tensor? lr_tensor=None, Tensor? grad_scale=None, Tensor? found_inf=None, "
+      "Tensor? clip_coef=None, Tensor? ema_weight_tensor=None, bool stochastic_rounding=False, "
+      "Tensor? sr_seed=None, bool check_only=False) -> ()");
+  // averages <- lerp(averages, params, weight): EMA / Polyak (weight = 1 - decay), SWA (1 / (n + 1)). A
+  // weight_tensor overrides weight; a non-zero found_inf skips the update (GradScaler's skipped step).
+  m.def("ema_(Tensor(a!)[] averages, Tensor[] params, float weight, Tensor? weight_tensor=None, "
+        "Tensor? found_inf=None) -> ()");
   // The vector norm of all tensors together (one device, one dtype): float32 (float64 for float64 input).
   m.def("total_norm(Tensor[] tensors, float norm_type) -> Tensor");
 

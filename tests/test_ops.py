@@ -20,29 +20,31 @@ def _steps(n: int) -> list[torch.Tensor]:
 
 
 def _op_cases(device: str, dtype: torch.dtype):
+    step_ = torch.ops.fusedtrain.step_.default
+    sgd = [0.9, 0.0, 0.01, 1.0, 0.0, 0.0]  # momentum, dampening, weight_decay, nesterov, maximize, first_step
     p, g, b, e = _lists(device, dtype, 2)
-    yield torch.ops.fusedtrain.sgd_.default, (p, g, b, 0.1, 0.9, 0.0, 0.01, True, False, False, e, 0.1)
+    yield step_, ("sgd", sgd, p, g, b, [], e, [], 0.1), dict(ema_weight=0.1)
     p, g = _lists(device, dtype, 0)
-    yield torch.ops.fusedtrain.sgd_.default, (p, g, [], 0.1, 0.0, 0.0, 0.0, False, True, False, [], 0.0)
+    yield step_, ("sgd", [0.0, 0.0, 0.0, 0.0, 1.0, 0.0], p, g, [], [], [], [], 0.1), {}
     p, g, s = _lists(device, dtype, 1)
     s = [x.abs() for x in s]
-    yield torch.ops.fusedtrain.adagrad_.default, (p, g, s, _steps(4), 0.1, 0.01, 0.0, 1e-10, False, [], 0.0)
+    yield step_, ("adagrad", [0.01, 0.0, 1e-10, 0.0], p, g, s, _steps(4), [], [], 0.1), dict(l1=0.01)
     p, g, v, a, m, e = _lists(device, dtype, 4)
     v = [x.abs() + 1 for x in v]
-    yield torch.ops.fusedtrain.rmsprop_.default, (p, g, v, a, m, _steps(4), 0.01, 0.99, 1e-8, 0.0, 0.9, True, False,
-                                                  e, 0.01)
+    yield step_, ("rmsprop", [0.99, 1e-8, 0.0, 0.9, 1.0, 0.0], p, g, v + a + m, _steps(4), e, [], 0.01), \
+        dict(ema_weight=0.01)
     p, g, m, v, vm, e = _lists(device, dtype, 4)
     v, vm = [x.abs() for x in v], [x.abs() for x in vm]
-    yield torch.ops.fusedtrain.adam_.default, (p, g, m, v, vm, _steps(4), 1e-3, 0.9, 0.999, 1e-8, 0.01, True, False,
-                                               True, e, 0.001)
+    yield step_, ("adam", [0.9, 0.999, 1e-8, 0.01, 1.0, 0.0, 1.0], p, g, m + v + vm, _steps(4), e, [], 1e-3), \
+        dict(ema_weight=0.001, grad_scale=torch.tensor(4.0), clip_coef=torch.tensor(0.5))
     a, p = _lists(device, dtype, 0)
-    yield torch.ops.fusedtrain.ema_.default, (a, p, 0.25)
+    yield torch.ops.fusedtrain.ema_.default, (a, p, 0.25), {}
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(device: str) -> None:
-    for op, args in _op_cases(device, torch.float32):
-        torch.library.opcheck(op, args)
+    for op, args, kwargs in _op_cases(device, torch.float32):
+        torch.library.opcheck(op, args, kwargs)
 
 
 def _run_all_optimizers(device: str = "cpu") -> list[torch.Tensor]:
@@ -125,13 +127,40 @@ def test_functional_groups_mixed_dtypes(device: str) -> None:
 def test_op_rejects_mismatched_lists_without_mutation() -> None:
     p, g = [torch.randn(4)], [torch.randn(5)]
     before = p[0].clone()
+    sgd = [0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
     with pytest.raises(RuntimeError, match=r"grads\[0\].*must be Float with the shape and device of params\[0\]"):
-        torch.ops.fusedtrain.sgd_(p, g, [], 0.1, 0.0, 0.0, 0.0, False, False, False, [], 0.0)
+        torch.ops.fusedtrain.step_("sgd", sgd, p, g, [], [], [], [], 0.1)
     steps = [torch.tensor(0.0)]
-    with pytest.raises(RuntimeError, match="exp_avgs has 0 tensors"):
-        torch.ops.fusedtrain.adam_(p, [torch.randn(4)], [], [], [], steps, 0.1, 0.9, 0.99, 1e-8, 0.0, False, False,
-                                   False, [], 0.0)
+    with pytest.raises(RuntimeError, match="keeps 2 state lists"):
+        torch.ops.fusedtrain.step_("adam", [0.9, 0.99, 1e-8, 0.0, 0.0, 0.0, 0.0], p, [torch.randn(4)], [], steps,
+                                   [], [], 0.1)
+    with pytest.raises(RuntimeError, match="takes 7 hyperparameters"):
+        torch.ops.fusedtrain.step_("adam", [0.9], p, [torch.randn(4)], [], steps, [], [], 0.1)
+    with pytest.raises(RuntimeError, match="unknown optimizer rule 'adamm'"):
+        torch.ops.fusedtrain.step_("adamm", [], p, [torch.randn(4)], [], steps, [], [], 0.1)
+    # a tensor listed twice, an expanded (overlapping) one: refused before anything is written
+    twice = torch.randn(6)
+    with pytest.raises(RuntimeError, match=r"params\[1\] and params\[0\] are the same memory"):
+        torch.ops.fusedtrain.step_("sgd", sgd, [twice, twice], [torch.randn(6), torch.randn(6)], [], [], [], [], 0.1)
+    expanded = torch.randn(1).expand(5)
+    with pytest.raises(RuntimeError, match="internally overlapping memory"):
+        torch.ops.fusedtrain.step_("sgd", sgd, [p[0], expanded], [torch.randn(4), torch.randn(5)], [], [], [], [],
+                                   0.1)
+    # check_only runs every check and writes nothing
+    torch.ops.fusedtrain.step_("adam", [0.9, 0.99, 1e-8, 0.0, 0.0, 0.0, 0.0], p, [torch.randn(4)],
+                               [torch.zeros(4), torch.zeros(4)], steps, [], [], 0.1, check_only=True)
     assert torch.equal(p[0], before) and float(steps[0]) == 0.0
+
+
+def test_rules_declare_their_hyperparameters() -> None:
+    rules = fusedtrain._ops.rules()
+    assert {"sgd", "adagrad", "rmsprop", "adam", "ema"} <= set(rules)
+    assert rules["adam"]["hyper"] == ["beta1", "beta2", "eps", "weight_decay", "amsgrad", "maximize",
+                                      "decoupled_weight_decay"]
+    assert rules["adam"]["counts_steps"] and not rules["sgd"]["counts_steps"]
+    assert fusedtrain._ops.hyper_list("adam", dict(beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0, amsgrad=True,
+                                                   maximize=False, decoupled_weight_decay=True, extra=5)) == \
+        [0.9, 0.99, 1e-8, 0.0, 1.0, 0.0, 1.0]
 
 
 def test_build_info() -> None:

@@ -1,91 +1,68 @@
 """The only module that calls ``torch.ops.fusedtrain.*``: typed wrappers and fake (meta) kernels.
 
-Schemas live in ``csrc/ops.cpp``; see Note [optimizer op conventions] there. Every optimizer op takes
-``ema_params`` / ``ema_weight``: a non-empty list of averages is updated in the same pass, and the optional
-one-element tensors ``lr_tensor``, ``grad_scale``, ``found_inf`` and ``clip_coef`` (Note [per-tensor binding] in
-``csrc/include/fusedtrain/math.h``): on the CPU they are read by the host, on the parameters' GPU by the kernels,
-without a host synchronisation; and ``l1``, the coefficient of the L1 term ``l1 * sign(p)`` added to the gradient.
-The fake kernels let
-``torch.compile`` and ``torch.library.opcheck`` trace the ops: they check nothing and mutate nothing.
+Schemas live in ``csrc/ops.cpp``; see Note [optimizer op conventions] there. Every fused optimizer update is
+the one ``step_`` op, named by its rule (``"adam"``, ``"sgd"``, ...) with the rule's hyperparameters in the
+order the C++ rule declares (:func:`hyper_list`), plus what all rules share: ``lr``, ``l1``, a fused EMA
+(``ema_params`` / ``ema_weight``), master weights (``param_copies``), stochastic rounding, and the optional
+one-element tensors ``lr_tensor``, ``grad_scale``, ``found_inf`` and ``clip_coef`` (Note [per-tensor binding]
+in ``csrc/include/fusedtrain/math.h``): on the CPU they are read by the host, on the parameters' GPU by the
+kernels, without a host synchronisation. The fake kernels let ``torch.compile`` and
+``torch.library.opcheck`` trace the ops: they check nothing and mutate nothing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from ._build import library
 
-__all__ = ["sgd_", "adagrad_", "rmsprop_", "adam_", "ema_", "total_norm"]
+__all__ = ["step_", "ema_", "total_norm", "rules", "hyper_list"]
 
-library()  # loads fusedtrain._C, which registers the ops (clear error if it is missing)
+_lib = library()  # loads fusedtrain._C, which registers the ops (clear error if it is missing)
 _ops = torch.ops.fusedtrain
 
 TensorSeq = Sequence[Tensor]
 OptTensor = Tensor | None
 
-
-def _precision(param_copies: TensorSeq, stochastic_rounding: bool,
-               sr_seed: int) -> tuple[TensorSeq | None, bool, int]:
-    """The mixed-precision arguments every optimizer op ends with (Note [mixed-precision layouts]):
-    ``param_copies`` (master weights: params are the float32 masters, the copies receive the rounded
-    result), ``stochastic_rounding`` of bfloat16 params, keyed by ``sr_seed``."""
-    return (param_copies if param_copies else None), stochastic_rounding, sr_seed
+#: The optimizer rules of this build (Note [optimizer rules] in csrc/include/fusedtrain/rules.h):
+#: ``{name: {"hyper": [names in op order], "counts_steps": bool, "mixed_precision": bool}}``.
+RULES: dict[str, dict[str, Any]] = dict(_lib.rules())
 
 
-def sgd_(params: TensorSeq, grads: TensorSeq, momentum_buffers: TensorSeq, *, lr: float, momentum: float,
-         dampening: float, weight_decay: float, nesterov: bool, maximize: bool, first_step: bool,
-         ema_params: TensorSeq = (), ema_weight: float = 0.0, lr_tensor: OptTensor = None,
-         grad_scale: OptTensor = None, found_inf: OptTensor = None, clip_coef: OptTensor = None,
-         l1: float = 0.0, param_copies: TensorSeq = (), stochastic_rounding: bool = False,
-         sr_seed: int = 0) -> None:
-    """In-place SGD / momentum / Nesterov update of ``params`` (one device, one dtype)."""
-    _ops.sgd_(params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov, maximize,
-              first_step, ema_params, ema_weight, lr_tensor, grad_scale, found_inf, clip_coef, l1,
-              *_precision(param_copies, stochastic_rounding, sr_seed))
+def rules() -> dict[str, dict[str, Any]]:
+    """The optimizer rules compiled into this build, with their hyperparameter names in op order."""
+    return RULES
 
 
-def adagrad_(params: TensorSeq, grads: TensorSeq, state_sums: TensorSeq, state_steps: TensorSeq, *, lr: float,
-             lr_decay: float, weight_decay: float, eps: float, maximize: bool, ema_params: TensorSeq = (),
-             ema_weight: float = 0.0, lr_tensor: OptTensor = None, grad_scale: OptTensor = None,
-             found_inf: OptTensor = None, clip_coef: OptTensor = None, l1: float = 0.0,
-             param_copies: TensorSeq = (), stochastic_rounding: bool = False, sr_seed: int = 0) -> None:
-    """In-place Adagrad update; advances ``state_steps``."""
-    _ops.adagrad_(params, grads, state_sums, state_steps, lr, lr_decay, weight_decay, eps, maximize, ema_params,
-                  ema_weight, lr_tensor, grad_scale, found_inf, clip_coef, l1,
-                  *_precision(param_copies, stochastic_rounding, sr_seed))
+def hyper_list(rule: str, values: Mapping[str, Any]) -> list[float]:
+    """``values`` (by name) as the ``hyper`` list of ``rule``, in the order the C++ rule declares: the one
+    source of truth for that order is the rule itself (flags become 0.0 / 1.0)."""
+    return [float(values[name]) for name in RULES[rule]["hyper"]]
 
 
-def rmsprop_(params: TensorSeq, grads: TensorSeq, square_avgs: TensorSeq, grad_avgs: TensorSeq,
-             momentum_buffers: TensorSeq, state_steps: TensorSeq, *, lr: float, alpha: float, eps: float,
-             weight_decay: float, momentum: float, centered: bool, maximize: bool, ema_params: TensorSeq = (),
-             ema_weight: float = 0.0, lr_tensor: OptTensor = None, grad_scale: OptTensor = None,
-             found_inf: OptTensor = None, clip_coef: OptTensor = None, l1: float = 0.0,
-             param_copies: TensorSeq = (), stochastic_rounding: bool = False, sr_seed: int = 0) -> None:
-    """In-place RMSprop update; ``grad_avgs`` / ``momentum_buffers`` empty when unused."""
-    _ops.rmsprop_(params, grads, square_avgs, grad_avgs, momentum_buffers, state_steps, lr, alpha, eps,
-                  weight_decay, momentum, centered, maximize, ema_params, ema_weight, lr_tensor, grad_scale,
-                  found_inf, clip_coef, l1, *_precision(param_copies, stochastic_rounding, sr_seed))
+def step_(rule: str, hyper: Sequence[float], params: TensorSeq, grads: TensorSeq, states: TensorSeq,
+          state_steps: TensorSeq = (), *, lr: float = 0.0, lr_tensor: OptTensor = None, l1: float = 0.0,
+          ema_params: TensorSeq = (), ema_weight: float = 0.0, ema_weight_tensor: OptTensor = None,
+          param_copies: TensorSeq = (), grad_scale: OptTensor = None, found_inf: OptTensor = None,
+          clip_coef: OptTensor = None, stochastic_rounding: bool = False, sr_seed: OptTensor = None,
+          check_only: bool = False) -> None:
+    """One fused update of ``rule`` over ``params`` (one device, one dtype); see Note [optimizer op
+    conventions] in csrc/ops.cpp. ``states``: the rule's state lists concatenated list by list.
+    ``check_only``: run every check and write nothing."""
+    _ops.step_(rule, list(hyper), params, grads, states, state_steps, ema_params, param_copies, lr, l1, ema_weight,
+               lr_tensor, grad_scale, found_inf, clip_coef, ema_weight_tensor, stochastic_rounding, sr_seed,
+               check_only)
 
 
-def adam_(params: TensorSeq, grads: TensorSeq, exp_avgs: TensorSeq, exp_avg_sqs: TensorSeq,
-          max_exp_avg_sqs: TensorSeq, state_steps: TensorSeq, *, lr: float, beta1: float, beta2: float,
-          eps: float, weight_decay: float, amsgrad: bool, maximize: bool, decoupled_weight_decay: bool,
-          ema_params: TensorSeq = (), ema_weight: float = 0.0, lr_tensor: OptTensor = None,
-          grad_scale: OptTensor = None, found_inf: OptTensor = None, clip_coef: OptTensor = None,
-          l1: float = 0.0, param_copies: TensorSeq = (), stochastic_rounding: bool = False,
-          sr_seed: int = 0) -> None:
-    """In-place Adam / AdamW update; ``max_exp_avg_sqs`` empty unless ``amsgrad``."""
-    _ops.adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2, eps,
-               weight_decay, amsgrad, maximize, decoupled_weight_decay, ema_params, ema_weight, lr_tensor,
-               grad_scale, found_inf, clip_coef, l1, *_precision(param_copies, stochastic_rounding, sr_seed))
-
-
-def ema_(averages: TensorSeq, params: TensorSeq, *, weight: float) -> None:
-    """In place: ``averages <- averages + weight * (params - averages)`` (one device, one dtype)."""
-    _ops.ema_(averages, params, weight)
+def ema_(averages: TensorSeq, params: TensorSeq, *, weight: float, weight_tensor: OptTensor = None,
+         found_inf: OptTensor = None) -> None:
+    """In place: ``averages <- averages + weight * (params - averages)`` (one device, one dtype); a
+    ``weight_tensor`` overrides ``weight``; a non-zero ``found_inf`` skips the update."""
+    _ops.ema_(averages, params, weight, weight_tensor, found_inf)
 
 
 def total_norm(tensors: TensorSeq, norm_type: float = 2.0) -> Tensor:
@@ -94,11 +71,16 @@ def total_norm(tensors: TensorSeq, norm_type: float = 2.0) -> Tensor:
     return _ops.total_norm(tensors, norm_type)
 
 
+#: The cached step plan of the optimizer classes (Note [step plan] in csrc/plan.cpp); not an op: it calls
+#: the same backend functions as step_ directly, and the optimizers fall back to step_ under torch.compile.
+StepPlan = _lib.StepPlan
+
+
 def _fake_inplace(*args: object, **kwargs: object) -> None:
     return None
 
 
-for _name in ("sgd_", "adagrad_", "rmsprop_", "adam_", "ema_"):
+for _name in ("step_", "ema_"):
     torch.library.register_fake(f"fusedtrain::{_name}")(_fake_inplace)
 
 

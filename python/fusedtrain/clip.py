@@ -19,12 +19,29 @@ from torch import Tensor
 from . import _ops
 from ._dtensor import DTensor, Replicate, is_dtensor, local, shard_mesh_dims
 
-__all__ = ["clip_grad_norm_", "get_total_norm", "clip_coefficient"]
+__all__ = ["clip_grad_norm_", "get_total_norm", "grads_norm", "clip_coefficient"]
 
 
 def _fused_norm_ok(t: Tensor, norm_type: float) -> bool:
     return (t.device.type in ("cpu", "cuda") and t.layout == torch.strided and not t.is_sparse
             and (t.is_floating_point() or (t.is_complex() and norm_type == 2.0)))
+
+
+def _real_dtype(t: Tensor) -> torch.dtype:
+    return t.real.dtype if t.is_complex() else t.dtype
+
+
+def _acc_dtype(tensors: list[Tensor]) -> torch.dtype:
+    """float32, or float64 when a tensor is float64: the dtype every partial norm is kept in."""
+    return torch.float64 if any(_real_dtype(t) == torch.float64 for t in tensors) else torch.float32
+
+
+def _check_norm_inputs(tensors: list[Tensor], norm_type: float) -> None:
+    if math.isinf(norm_type) and any(t.numel() == 0 for t in tensors):
+        raise RuntimeError(
+            f"fusedtrain.get_total_norm: cannot compute the {'' if norm_type > 0 else '-'}inf norm of a list with an "
+            "empty tensor (the maximum of no elements has no identity); torch raises here too. Leave the empty "
+            "tensors out.")
 
 
 @torch.no_grad()
@@ -37,23 +54,27 @@ def get_total_norm(tensors: Tensor | Iterable[Tensor], norm_type: float = 2.0, e
 
     Args:
         tensors: a tensor or an iterable of tensors (e.g. gradients).
-        norm_type: p > 0 or ``inf`` run on the fused kernel; other orders (0, -inf) fall back to torch.
+        norm_type: p > 0 or ``inf`` run on the fused kernel; other orders (0, -inf) follow torch's definition
+            (the norm of the per-tensor norms).
         error_if_nonfinite: raise when the norm is nan or inf (this reads the norm on the host).
         foreach: accepted for compatibility with torch and ignored.
 
     Returns:
-        A 0-dim tensor on the first tensor's device, in the tensors' dtype (as torch returns it);
-        ``tensor(0.)`` for no tensors.
+        A 0-dim tensor on the first tensor's device, in the tensors' (promoted) dtype, as torch returns it;
+        ``tensor(0.)`` for no tensors. The reduction itself runs in float32 (float64 for float64 tensors) and
+        is rounded to that dtype once, at the end: a float16 result that overflows is ``inf`` exactly where
+        torch's is (use :func:`grads_norm` for the float32 value).
+
+    Raises:
+        RuntimeError: the infinity norm of a list holding an empty tensor (as torch).
     """
     del foreach
     tensors = [tensors] if isinstance(tensors, Tensor) else list(tensors)
     norm_type = float(norm_type)
     if len(tensors) == 0:
         return torch.tensor(0.0)
-    if any(is_dtensor(t) for t in tensors):
-        total = _sharded_total_norm(tensors, norm_type)
-    else:
-        total = _local_total_norm(tensors, norm_type)
+    dtype = functools.reduce(torch.promote_types, [_real_dtype(t) for t in tensors])
+    total = _total_norm(tensors, norm_type).to(dtype)
     if error_if_nonfinite and torch.logical_or(local(total).isnan(), local(total).isinf()):
         raise RuntimeError(
             f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, so it cannot "
@@ -62,8 +83,25 @@ def get_total_norm(tensors: Tensor | Iterable[Tensor], norm_type: float = 2.0, e
     return total
 
 
-def _local_total_norm(tensors: list[Tensor], norm_type: float) -> Tensor:
-    """The norm of non-empty list of plain tensors: one fused kernel per (device, dtype)."""
+@torch.no_grad()
+def grads_norm(tensors: list[Tensor], norm_type: float = 2.0) -> Tensor:
+    """The joint norm of ``tensors`` (DTensors reduced across their shards) in float32, or float64 when a
+    tensor is float64: never narrowed to the tensors' dtype, so the norm of float16 gradients scaled by
+    GradScaler (up to 2^24) stays finite until it is divided by the scale. What ``max_grad_norm`` clips by."""
+    return _total_norm(list(tensors), float(norm_type))
+
+
+def _total_norm(tensors: list[Tensor], norm_type: float) -> Tensor:
+    """The norm in the accumulation dtype (float32 / float64), DTensor-aware."""
+    _check_norm_inputs(tensors, norm_type)
+    if any(is_dtensor(t) for t in tensors):
+        return _sharded_total_norm(tensors, norm_type)
+    return _local_total_norm(tensors, norm_type, _acc_dtype(tensors))
+
+
+def _local_total_norm(tensors: list[Tensor], norm_type: float, acc: torch.dtype) -> Tensor:
+    """The norm of a non-empty list of plain tensors, in ``acc``: one fused kernel per (device, dtype); torch's
+    per-tensor norms for the orders and tensors the kernel does not take, computed in ``acc`` too."""
     first_device = tensors[0].device
     fused_ok = norm_type > 0 and not math.isnan(norm_type)
     groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
@@ -71,16 +109,16 @@ def _local_total_norm(tensors: list[Tensor], norm_type: float) -> Tensor:
     for t in tensors:
         if fused_ok and _fused_norm_ok(t, norm_type):
             groups.setdefault((t.device, t.dtype), []).append(torch.view_as_real(t) if t.is_complex() else t)
+        elif t.is_complex():
+            norms.append(torch.linalg.vector_norm(t, norm_type).to(acc))
         else:
-            norms.append(torch.linalg.vector_norm(t, norm_type))
+            norms.append(torch.linalg.vector_norm(t, norm_type, dtype=acc))
     for group in groups.values():
-        # torch's per-tensor norms carry the tensors' (real) dtype; so does the fused one.
-        norms.append(_ops.total_norm(group, norm_type).to(group[0].dtype))
-    if len(norms) == 1:
-        total = norms[0].to(first_device)
-    else:
-        total = torch.linalg.vector_norm(torch.stack([n.to(first_device) for n in norms]), norm_type)
-    return total
+        norms.append(_ops.total_norm(group, norm_type).to(acc))
+    if len(norms) == 1 and fused_ok:
+        return norms[0].to(first_device)
+    # the norm of the per-tensor (per-group) norms: for p > 0 the same value; for 0 / -inf torch's definition
+    return torch.linalg.vector_norm(torch.stack([n.to(first_device) for n in norms]), norm_type)
 
 
 def _sharded_total_norm(tensors: list[Tensor], norm_type: float) -> Tensor:
@@ -96,14 +134,15 @@ def _sharded_total_norm(tensors: list[Tensor], norm_type: float) -> Tensor:
     tensors come in the same order on every rank. Orders other than p > 0 / inf, and DTensors with a
     ``Partial`` placement, are left to torch's DTensor implementation.
 
-    Returns a replicated DTensor on the mesh when all tensors are DTensors of one mesh (as torch does),
-    else a plain tensor (the same value on every rank).
+    Returns, in the accumulation dtype, a replicated DTensor on the mesh when all tensors are DTensors of one
+    mesh (as torch does), else a plain tensor (the same value on every rank).
     """
     fused_ok = norm_type > 0 and not math.isnan(norm_type)
     by_mesh: dict[tuple[object, tuple[int, ...]], list[Tensor]] = {}
     plain: list[Tensor] = []
     meshes = []
     all_dtensors = True
+    acc = _acc_dtype(tensors)
     for t in tensors:
         if not is_dtensor(t):
             plain.append(t)
@@ -115,12 +154,10 @@ def _sharded_total_norm(tensors: list[Tensor], norm_type: float) -> Tensor:
             plain.append(torch.linalg.vector_norm(t, norm_type).full_tensor())
             continue
         by_mesh.setdefault((t.device_mesh, dims), []).append(local(t))
-    dtype = functools.reduce(torch.promote_types, [(t.real if t.is_complex() else t).dtype for t in tensors])
-    acc = torch.promote_types(dtype, torch.float32)
     inf = math.isinf(norm_type)
     norms: list[Tensor] = []
     for (mesh, dims), group in by_mesh.items():
-        value = _local_total_norm(group, norm_type).to(acc)
+        value = _local_total_norm(group, norm_type, acc)
         if not inf:
             value = value.pow(norm_type)
         op = torch.distributed.ReduceOp.MAX if inf else torch.distributed.ReduceOp.SUM
@@ -128,11 +165,10 @@ def _sharded_total_norm(tensors: list[Tensor], norm_type: float) -> Tensor:
             torch.distributed.all_reduce(value, op=op, group=mesh.get_group(d))  # type: ignore[attr-defined]
         norms.append(value if inf else value.pow(1.0 / norm_type))
     if plain:
-        norms.append(_local_total_norm(plain, norm_type).to(acc))
+        norms.append(_local_total_norm(plain, norm_type, acc))
     device = norms[0].device
     total = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(
         torch.stack([n.to(device) for n in norms]), norm_type)
-    total = total.to(dtype)
     if all_dtensors and all(m == meshes[0] for m in meshes):
         mesh = meshes[0]
         return DTensor.from_local(total, mesh, [Replicate()] * mesh.ndim, run_check=False)

@@ -123,11 +123,12 @@ void multi_tensor_apply(const Work& work, const Op& op) {
   const int64_t total = offset[n];
   if (total == 0) return;
   const LoopFn<Op> loop = select_loop<L, Op>();
+  const uint64_t seed = L::kStochastic ? read_seed(work.scalars) : 0;
   at::parallel_for(0, total, kGrain, [&](int64_t begin, int64_t end) {
     // bind() costs two pow() for Adam: rebind only when a piece's values differ from the last piece's
     // (2004 small tensors at one step count: once per range, not 2004 times).
     Op bound = op;
-    math::Bound last{-1.0, 0.0, 0.0, 0.0};
+    math::Bound last{-1.0, 0.0, 0.0, 0.0, 0.0};
     size_t i = std::upper_bound(offset.begin(), offset.end(), begin) - offset.begin() - 1;
     for (; i < n && offset[i] < end; ++i) {
       const int64_t lo = std::max(begin, offset[i]) - offset[i];
@@ -144,7 +145,7 @@ void multi_tensor_apply(const Work& work, const Op& op) {
         bound = op;
         bound.bind(b);
       }
-      const uint32_t key = L::kStochastic ? rounding::tensor_key(work.sr_seed, static_cast<uint32_t>(i)) : 0u;
+      const uint32_t key = L::kStochastic ? rounding::tensor_key(seed, work.ordinal[i]) : 0u;
       loop(piece, hi - lo, bound, lo, key);
     }
   });

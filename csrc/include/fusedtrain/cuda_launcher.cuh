@@ -40,13 +40,13 @@ constexpr int kArgBytes = 31 * 1024;  // kernel parameter budget for the tensor 
 
 template <int D>
 struct TensorTable {
-  static constexpr int kMax = (kArgBytes - 24 - static_cast<int>(sizeof(Scalars))) / (D * 8 + 8 + 16 + 4);
+  static constexpr int kMax = (kArgBytes - 24 - static_cast<int>(sizeof(Scalars))) / (D * 8 + 8 + 16 + 4 + 4);
   void* ptr[D][kMax];
   int64_t numel[kMax];
   Scalar step[kMax];        // per-tensor step: a host value, or the device counter (capturable)
   int32_t chunk_end[kMax];  // cumulative chunk count up to and including tensor t
+  uint32_t ordinal[kMax];   // the tensor's position in its call (keys stochastic rounding; Work::ordinal)
   int32_t count;
-  int32_t first;  // ordinal of entry 0 in the whole call (several launches when the table fills up)
   Scalars scalars;
 };
 
@@ -104,7 +104,7 @@ __device__ __forceinline__ bool aligned_to(const S* p, int bytes) {
 
 template <class L, typename Op, int N>
 __global__ void __launch_bounds__(kThreads) multi_tensor_kernel(const __grid_constant__ TensorTable<N> table,
-                                                                const Op op_in, const uint64_t sr_seed) {
+                                                                const Op op_in) {
   using T = at::opmath_type<typename L::P>;
   using P = typename L::P;
   using G = typename L::G;
@@ -119,7 +119,8 @@ __global__ void __launch_bounds__(kThreads) multi_tensor_kernel(const __grid_con
   // bind() costs two double pow() for Adam; a block rebinds only when its chunk's values change (in the
   // usual case every tensor is at the same step: once per block).
   Op op = op_in;
-  math::Bound bound{-1.0, 0.0, 0.0, 0.0};
+  math::Bound bound{-1.0, 0.0, 0.0, 0.0, 0.0};
+  const uint64_t sr_seed = L::kStochastic ? read_seed(table.scalars) : 0;
   for (int32_t c = blockIdx.x; c < total; c += gridDim.x) {
     int64_t start, len;
     const int t = find_chunk(table, c, &start, &len);
@@ -129,7 +130,7 @@ __global__ void __launch_bounds__(kThreads) multi_tensor_kernel(const __grid_con
       op = op_in;
       op.bind(b);
     }
-    const uint32_t key = L::kStochastic ? rounding::tensor_key(sr_seed, static_cast<uint32_t>(table.first + t)) : 0u;
+    const uint32_t key = L::kStochastic ? rounding::tensor_key(sr_seed, table.ordinal[t]) : 0u;
     ChunkPtrs<L, D> cp;
     cp.p = static_cast<P*>(table.ptr[0][t]) + start;
     cp.g = static_cast<const G*>(table.ptr[1][t]) + start;
@@ -218,15 +219,13 @@ void multi_tensor_apply(const Work& work, const Op& op) {
 
   Table table;
   table.count = 0;
-  table.first = 0;
   table.scalars = work.scalars;
   int64_t chunks = 0;
   auto flush = [&] {
     if (table.count == 0) return;
     const unsigned grid = static_cast<unsigned>(chunks < max_grid ? chunks : max_grid);
-    multi_tensor_kernel<L, Op, D><<<grid, kThreads, 0, stream>>>(table, op, work.sr_seed);
+    multi_tensor_kernel<L, Op, D><<<grid, kThreads, 0, stream>>>(table, op);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    table.first += table.count;
     table.count = 0;
     chunks = 0;
   };
@@ -237,6 +236,7 @@ void multi_tensor_apply(const Work& work, const Op& op) {
     for (int k = 0; k < D; ++k) table.ptr[k][table.count] = work.ptr[i][k];
     table.numel[table.count] = numel;
     table.step[table.count] = work.step[i];
+    table.ordinal[table.count] = work.ordinal[i];
     chunks += tensor_chunks;
     table.chunk_end[table.count] = static_cast<int32_t>(chunks);
     ++table.count;

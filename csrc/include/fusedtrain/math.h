@@ -59,14 +59,17 @@ FT_HD bool on(T flag) {
 
 // The per-tensor values a driver hands to bind() (Note [per-tensor binding]).
 struct Bound {
-  double step;       // the step count after this step's increment (1 on the first step)
-  double lr;         // learning rate
-  double inv_scale;  // 1 / GradScaler's scale (1 without a scaler): 1/double(scale), rounded to T as torch does
-  double clip_coef;  // min(1, max_norm / (norm + 1e-6)) with max_grad_norm, else 1
+  double step;        // the step count after this step's increment (1 on the first step)
+  double lr;          // learning rate
+  double inv_scale;   // 1 / GradScaler's scale (1 without a scaler): 1/double(scale), rounded to T as torch does
+  double clip_coef;   // min(1, max_norm / (norm + 1e-6)) with max_grad_norm, else 1
+  double ema_weight;  // weight of the moving average (WithEma, EmaOp): read per call, so a captured step replays
+                      // the weight of each update (an EMA warm-up, SWA's 1/(n+1)) from device memory
 };
 
 FT_HD bool same(const Bound& a, const Bound& b) {
-  return a.step == b.step && a.lr == b.lr && a.inv_scale == b.inv_scale && a.clip_coef == b.clip_coef;
+  return a.step == b.step && a.lr == b.lr && a.inv_scale == b.inv_scale && a.clip_coef == b.clip_coef &&
+         a.ema_weight == b.ema_weight;
 }
 
 // Every rule reads its gradient through this: unscaled and clipped as two roundings, (g * inv) * coef,
@@ -235,9 +238,9 @@ struct AdamOp : GradPrescale<T> {
 template <typename T>
 struct EmaOp {
   static constexpr int depth = 2;
-  T weight;
+  T weight = T(0);
 
-  FT_HD void bind(const Bound&) {}
+  FT_HD void bind(const Bound& b) { weight = static_cast<T>(b.ema_weight); }
 
   FT_HD void operator()(T* r) const { r[0] = lerp(r[0], r[1], weight); }
 };
@@ -249,9 +252,12 @@ template <typename S, typename T, typename Op>
 struct WithEma {
   static constexpr int depth = Op::depth + 1;
   Op op;
-  T weight;
+  T weight = T(0);
 
-  FT_HD void bind(const Bound& b) { op.bind(b); }
+  FT_HD void bind(const Bound& b) {
+    op.bind(b);
+    weight = static_cast<T>(b.ema_weight);
+  }
 
   FT_HD void operator()(T* r) const {
     op(r);

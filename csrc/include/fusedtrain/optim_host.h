@@ -1,68 +1,41 @@
-// Host-side logic of the optimizer ops, shared by the CPU and CUDA registrations.
+// Host-side logic of the fused optimizer updates, shared by the CPU and CUDA backends, by the step_ /
+// ema_ ops (optim_op.cpp) and by the cached step plan (plan.cpp).
 //
-// Each `<op>_impl<Backend>` checks its tensor lists, advances the step counters, computes the
-// per-step scalars (bias corrections, decayed learning rates), builds the functor of math.h and hands
-// it to Backend::apply<scalar_t>(lists, functor). cpu/optim.cpp instantiates these with the CPU
-// driver, cuda/optim.cu with the CUDA launcher: the schemas (ops.cpp) and this file are the only
-// places that know the argument lists.
+// A call is: check the lists (check_lists / checked), decide the storage layout (Precision), advance the
+// step counters and read the per-call scalars (begin_call), build the work list (prepare), and hand it to
+// the rule's backend function (RuleEntry::run, registered per rule and backend: cpu/optim_*.cpp,
+// cuda/optim_*.cu), which instantiates the functor of math.h for the layout and calls the driver.
 #pragma once
 
 #include <ATen/Dispatch.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/_foreach_add.h>
 #include <ATen/ops/_foreach_sub.h>
 #include <c10/util/Exception.h>
-#include <torch/library.h>
 
+#include <array>
 #include <cmath>
+#include <map>
 #include <optional>
-#include <type_traits>
 #include <string>
+#include <type_traits>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
 #include "fusedtrain/math.h"
 #include "fusedtrain/rounding.h"
+#include "fusedtrain/rules.h"
 #include "fusedtrain/work.h"
 
 namespace fusedtrain {
 namespace host {
 
-// Note [dense tuples]:
-// The drivers walk the D tensors of one element tuple (param, grad, states) in memory order, which is
-// right only when all of them are non-overlapping and dense with the same strides (any contiguous or
-// channels-last tensor, a transposed parameter with a grad of the same layout). Tuples that are not
-// get contiguous temporaries, and the mutated ones are copied back after the update.
-// named[k] holds tensors of dtype[k] (dtype[0]: that of params[0]) and of params' shapes and device.
-inline void check_lists(const char* op, const std::vector<std::pair<const char*, at::TensorList>>& named,
-                        const std::vector<at::ScalarType>& dtype) {
-  const at::TensorList params = named[0].second;
-  for (size_t k = 1; k < named.size(); ++k) {
-    TORCH_CHECK(named[k].second.size() == params.size(), "fusedtrain.", op, ": ", named[k].first, " has ",
-                named[k].second.size(), " tensors but params has ", params.size());
-  }
-  for (size_t i = 0; i < params.size(); ++i) {
-    const at::Tensor& p = params[i];
-    TORCH_CHECK(at::isFloatingType(p.scalar_type()), "fusedtrain.", op, ": params[", i,
-                "] has dtype ", p.scalar_type(), "; only float32, float64, float16 and bfloat16 are supported");
-    TORCH_CHECK(p.device() == params[0].device(), "fusedtrain.", op, ": params[", i, "] is on ", p.device(),
-                " but params[0] is on ", params[0].device(), "; one call updates tensors of one device");
-    TORCH_CHECK(p.scalar_type() == params[0].scalar_type(), "fusedtrain.", op, ": params[", i, "] has dtype ",
-                p.scalar_type(), " but params[0] has ", params[0].scalar_type(),
-                "; one call updates tensors of one dtype");
-    for (size_t k = 1; k < named.size(); ++k) {
-      const at::Tensor& t = named[k].second[i];
-      TORCH_CHECK(t.device() == p.device() && t.scalar_type() == dtype[k] && t.sizes() == p.sizes(),
-                  "fusedtrain.", op, ": ", named[k].first, "[", i, "] (", t.scalar_type(), " ", t.sizes(), " on ",
-                  t.device(), ") must be ", dtype[k], " with the shape and device of params[", i, "] (",
-                  p.scalar_type(), " ", p.sizes(), " on ", p.device(), ")");
-      TORCH_CHECK(t.layout() == at::kStrided && !t.is_sparse(), "fusedtrain.", op, ": ", named[k].first, "[", i,
-                  "] is not a dense (strided) tensor; sparse gradients are not supported");
-    }
-  }
-}
+using OptT = std::optional<at::Tensor>;
 
+// ------------------------------------------------------------------------------------------ layouts
 // Note [mixed-precision layouts] (rounding.h), as the ops take them:
 // - uniform: params, grads and states of one dtype (optionally bfloat16 params stored with stochastic
 //   rounding);
@@ -70,38 +43,170 @@ inline void check_lists(const char* op, const std::vector<std::pair<const char*,
 //   (float16/bfloat16), states are float32 or that dtype, and the copies receive the rounded result;
 // - float32 params and grads with bfloat16 states.
 struct Precision {
-  at::TensorList copies;  // low-precision parameters that receive the rounded masters (may be empty)
+  bool copies = false;  // master weights: a low-precision copy receives the rounded new master
   bool stochastic = false;
-  int64_t seed = 0;
-  // decided by checked():
   at::ScalarType param = at::kFloat, grad = at::kFloat, state = at::kFloat;
-  bool uniform() const { return copies.empty() && state == param; }
+  bool uniform() const { return !copies && state == param; }
 };
 
-// lists: the element lists in functor register order (0 = params, 1 = grads, then states); all but
-// the grads are updated in place. Empty tuples are skipped. steps[i]: the step of tuple i (Note
-// [per-tensor binding]); empty when the rule counts no steps.
-inline Work prepare(const std::vector<at::TensorList>& lists, const std::vector<Scalar>& steps) {
+// ------------------------------------------------------------------------------------------- checks
+// Note [dense tuples]:
+// The drivers walk the D tensors of one element tuple (param, grad, states) in memory order, which is
+// right only when all of them are non-overlapping and dense with the same strides (any contiguous or
+// channels-last tensor, a transposed parameter with a grad of the same layout). Tuples that are not
+// get contiguous temporaries, and the mutated ones are copied back after the update.
+//
+// Note [refused calls]:
+// Every check that can fail runs before the first write: a refused call changes no parameter, state or
+// counter. Mutated tensors must not overlap themselves (an expanded tensor would have one location
+// written by several elements, and the copy back of its temporary would fail after the update) and a
+// call must not update one tensor twice (a parameter listed twice would race between threads, or see
+// only one of its updates land through a temporary).
+using Named = std::vector<std::pair<const char*, at::TensorList>>;
+
+inline void check_not_overlapping(const char* op, const char* name, size_t i, const at::Tensor& t) {
+  TORCH_CHECK(at::has_internal_overlap(t) != at::MemOverlap::Yes, "fusedtrain.", op, ": ", name, "[", i,
+              "] has internally overlapping memory (e.g. an expanded tensor), so an in-place update would write "
+              "one location several times; make it a real tensor first (.clone())");
+}
+
+// named[k] holds tensors of dtype[k] (dtype[0]: that of params[0]) and of params' shapes and device.
+// mutated[k]: list k is written by the update (every list but the grads).
+inline void check_lists(const char* op, const Named& named, const std::vector<at::ScalarType>& dtype,
+                        const std::vector<bool>& mutated) {
+  const at::TensorList params = named[0].second;
+  for (size_t k = 1; k < named.size(); ++k) {
+    TORCH_CHECK(named[k].second.size() == params.size(), "fusedtrain.", op, ": ", named[k].first, " has ",
+                named[k].second.size(), " tensors but params has ", params.size());
+  }
+  std::unordered_map<const void*, size_t> seen;
+  for (size_t i = 0; i < params.size(); ++i) {
+    const at::Tensor& p = params[i];
+    TORCH_CHECK(p.defined(), "fusedtrain.", op, ": params[", i, "] is an undefined tensor");
+    TORCH_CHECK(at::isFloatingType(p.scalar_type()), "fusedtrain.", op, ": params[", i,
+                "] has dtype ", p.scalar_type(), "; only float32, float64, float16 and bfloat16 are supported");
+    TORCH_CHECK(p.device() == params[0].device(), "fusedtrain.", op, ": params[", i, "] is on ", p.device(),
+                " but params[0] is on ", params[0].device(), "; one call updates tensors of one device");
+    TORCH_CHECK(p.scalar_type() == params[0].scalar_type(), "fusedtrain.", op, ": params[", i, "] has dtype ",
+                p.scalar_type(), " but params[0] has ", params[0].scalar_type(),
+                "; one call updates tensors of one dtype");
+    TORCH_CHECK(p.layout() == at::kStrided, "fusedtrain.", op, ": params[", i, "] is not a dense (strided) tensor");
+    for (size_t k = 1; k < named.size(); ++k) {
+      const at::Tensor& t = named[k].second[i];
+      TORCH_CHECK(t.defined(), "fusedtrain.", op, ": ", named[k].first, "[", i, "] is an undefined tensor");
+      TORCH_CHECK(t.layout() == at::kStrided && !t.is_sparse(), "fusedtrain.", op, ": ", named[k].first, "[", i,
+                  "] is not a dense (strided) tensor; sparse gradients are not supported by the fused kernels");
+      TORCH_CHECK(t.device() == p.device() && t.scalar_type() == dtype[k] && t.sizes() == p.sizes(),
+                  "fusedtrain.", op, ": ", named[k].first, "[", i, "] (", t.scalar_type(), " ", t.sizes(), " on ",
+                  t.device(), ") must be ", dtype[k], " with the shape and device of params[", i, "] (",
+                  p.scalar_type(), " ", p.sizes(), " on ", p.device(), ")");
+    }
+    if (p.numel() == 0) continue;
+    for (size_t k = 0; k < named.size(); ++k) {
+      if (mutated[k]) check_not_overlapping(op, named[k].first, i, named[k].second[i]);
+    }
+    const auto [it, fresh] = seen.emplace(p.data_ptr(), i);
+    TORCH_CHECK(fresh, "fusedtrain.", op, ": params[", i, "] and params[", it->second,
+                "] are the same memory (a tensor listed twice); one call updates each tensor once");
+  }
+}
+
+// Checks the named lists (params, grads, states; plus the EMA averages and the master weights' copies,
+// when given) against the layouts of Precision and decides the layout. Returns the driver lists (without
+// EMA and copies) in register order.
+inline std::vector<at::TensorList> checked(const char* op, Named named, at::TensorList ema, at::TensorList copies,
+                                           Precision& prec) {
+  const size_t n_rule = named.size();
+  const at::TensorList params = named[0].second;
+  std::vector<at::ScalarType> dtype(n_rule, at::kFloat);
+  prec.copies = !copies.empty();
+  if (!params.empty()) {
+    const at::ScalarType p = params[0].scalar_type();
+    const bool master = prec.copies;
+    at::ScalarType g = p;
+    if (master) {
+      TORCH_CHECK(copies.size() == params.size(), "fusedtrain.", op, ": param_copies has ", copies.size(),
+                  " tensors but params has ", params.size());
+      g = copies[0].scalar_type();
+      TORCH_CHECK(p == at::kFloat && (g == at::kHalf || g == at::kBFloat16), "fusedtrain.", op,
+                  ": with param_copies (master weights), params must be the float32 masters and param_copies "
+                  "float16 or bfloat16 (got ", p, " and ", g, ")");
+      TORCH_CHECK(ema.empty(), "fusedtrain.", op, ": ema_params cannot be fused with master weights; update "
+                  "the averages in a separate ema_ call");
+    }
+    at::ScalarType st = master ? at::kFloat : p;
+    if (n_rule > 2 && !named[2].second.empty()) st = named[2].second[0].scalar_type();
+    const bool st_ok = master ? (st == at::kFloat || st == g) : (st == p || (p == at::kFloat && st == at::kBFloat16));
+    TORCH_CHECK(st_ok, "fusedtrain.", op, ": optimizer states of dtype ", st, " are not supported with ", p,
+                " params", master ? " and master weights" : "", "; use ", master ? "float32 or the copies' dtype"
+                : "the params' dtype (or bfloat16 for float32 params)");
+    TORCH_CHECK(st == p || master || ema.empty(), "fusedtrain.", op,
+                ": ema_params cannot be fused with low-precision states; update the averages in a separate ema_ call");
+    TORCH_CHECK(!prec.stochastic || (p == at::kBFloat16 && !master), "fusedtrain.", op,
+                ": stochastic_rounding applies to bfloat16 params without master weights (got ", p, " params",
+                master ? " with param_copies" : "", ")");
+    dtype[0] = p;
+    if (n_rule > 1) dtype[1] = g;
+    for (size_t k = 2; k < n_rule; ++k) dtype[k] = st;
+    prec.param = p;
+    prec.grad = g;
+    prec.state = st;
+  }
+  std::vector<bool> mutated(n_rule, true);
+  if (n_rule > 1) mutated[1] = false;
+  if (!ema.empty()) {
+    named.emplace_back("ema_params", ema);
+    dtype.push_back(dtype[0]);
+    mutated.push_back(true);
+  }
+  if (prec.copies) {
+    named.emplace_back("param_copies", copies);
+    dtype.push_back(prec.grad);
+    mutated.push_back(true);
+  }
+  check_lists(op, named, dtype, mutated);
+  std::vector<at::TensorList> lists;
+  for (size_t k = 0; k < n_rule; ++k) lists.push_back(named[k].second);
+  return lists;
+}
+
+// ------------------------------------------------------------------------------------- work lists
+// Whether tuple i of `lists` can be walked in place (Note [dense tuples]).
+inline bool dense_tuple(const std::vector<at::TensorList>& lists, size_t i) {
+  const at::Tensor& p = lists[0][i];
+  if (p.is_contiguous()) {
+    for (size_t k = 1; k < lists.size(); ++k) {
+      if (!lists[k][i].is_contiguous()) return false;
+    }
+    return true;
+  }
+  for (const auto& list : lists) {
+    const at::Tensor& t = list[i];
+    if (!(t.is_non_overlapping_and_dense() && t.strides() == p.strides())) return false;
+  }
+  return true;
+}
+
+// lists: the element lists in functor register order (0 = params, 1 = grads, then states, EMA averages,
+// copies); all but the grads are updated in place. Empty tuples are skipped. steps[i]: the step of tuple i
+// (Note [per-tensor binding]); empty when the rule counts no steps. `only`: a subset of the tuples
+// (ascending), or empty for all of them.
+inline Work prepare(const std::vector<at::TensorList>& lists, const std::vector<Scalar>& steps,
+                    const std::vector<size_t>& only = {}) {
   Work work;
   const size_t depth = lists.size();
-  const size_t n = lists[0].size();
+  const size_t n = only.empty() ? lists[0].size() : only.size();
   work.ptr.reserve(n);
   work.numel.reserve(n);
   work.step.reserve(n);
-  for (size_t i = 0; i < n; ++i) {
+  work.ordinal.reserve(n);
+  for (size_t j = 0; j < n; ++j) {
+    const size_t i = only.empty() ? j : only[j];
     const at::Tensor& p = lists[0][i];
     const int64_t numel = p.numel();
     if (numel == 0) continue;
     work.device = p.device();
-    bool dense = true;
-    if (!p.is_contiguous()) {
-      for (const auto& list : lists) {
-        const at::Tensor& t = list[i];
-        dense = dense && t.is_non_overlapping_and_dense() && t.strides() == p.strides();
-      }
-    } else {
-      for (size_t k = 1; k < depth; ++k) dense = dense && lists[k][i].is_contiguous();
-    }
+    const bool dense = dense_tuple(lists, i);
     std::array<void*, kMaxDepth> ptr{};
     for (size_t k = 0; k < depth; ++k) {
       const at::Tensor& t = lists[k][i];
@@ -117,10 +222,12 @@ inline Work prepare(const std::vector<at::TensorList>& lists, const std::vector<
     work.ptr.push_back(ptr);
     work.numel.push_back(numel);
     work.step.push_back(steps.empty() ? Scalar{} : steps[i]);
+    work.ordinal.push_back(static_cast<uint32_t>(i));
   }
   return work;
 }
 
+// --------------------------------------------------------------------------------- step counters
 // Note [step counters]:
 // Like torch.optim, `step` is a one-element float tensor per parameter, advanced by the op after every
 // check has passed (a refused call changes nothing). Two homes:
@@ -138,14 +245,20 @@ struct StepPlan {
 // counted: whether the op's rule counts steps (SGD and EMA take no state_steps).
 inline StepPlan check_steps(const char* op, at::TensorList steps, at::TensorList params, bool counted) {
   StepPlan plan;
-  if (!counted) return plan;
+  if (!counted) {
+    TORCH_CHECK(steps.empty(), "fusedtrain.", op, ": this rule keeps no step counters, but state_steps has ",
+                steps.size(), " tensors");
+    return plan;
+  }
   TORCH_CHECK(steps.size() == params.size(), "fusedtrain.", op, ": state_steps has ", steps.size(),
               " tensors but params has ", params.size());
   if (steps.empty()) return plan;
   const c10::Device device = params[0].device();
   plan.on_device = !device.is_cpu() && steps[0].device() == device;
+  std::unordered_map<const void*, size_t> seen;
   for (size_t i = 0; i < steps.size(); ++i) {
     const at::Tensor& s = steps[i];
+    TORCH_CHECK(s.defined(), "fusedtrain.", op, ": state_steps[", i, "] is an undefined tensor");
     if (plan.on_device) {
       TORCH_CHECK(s.device() == device && s.numel() == 1 && s.scalar_type() == at::kFloat && s.is_contiguous(),
                   "fusedtrain.", op, ": state_steps[", i, "] must be a one-element float32 tensor on ", device,
@@ -157,6 +270,9 @@ inline StepPlan check_steps(const char* op, at::TensorList steps, at::TensorList
                   "float32 one on the parameters' device (got ", s.scalar_type(), " ", s.sizes(), " on ",
                   s.device(), ")");
     }
+    const auto [it, fresh] = seen.emplace(s.data_ptr(), i);
+    TORCH_CHECK(fresh, "fusedtrain.", op, ": state_steps[", i, "] and state_steps[", it->second,
+                "] are the same tensor; every parameter needs its own counter");
   }
   return plan;
 }
@@ -189,17 +305,19 @@ inline void advance_steps(at::TensorList steps, StepPlan& plan) {
   }
 }
 
-// The optional scalars every optimizer op takes (Note [per-tensor binding]). A CPU tensor is read on
-// the host; one on the parameters' GPU is read by the kernels (converted to a float32 copy if needed).
-struct OptionalScalars {
-  const std::optional<at::Tensor>& lr_tensor;
-  const std::optional<at::Tensor>& grad_scale;
-  const std::optional<at::Tensor>& found_inf;
-  const std::optional<at::Tensor>& clip_coef;
+// ------------------------------------------------------------------------------ per-call scalars
+// The optional scalars every update takes (Note [per-tensor binding] in math.h). A CPU tensor is read
+// on the host; one on the parameters' GPU is read by the kernels (converted to a float32 copy if needed).
+struct CallScalars {
+  double lr = 0.0;
+  OptT lr_tensor, grad_scale, found_inf, clip_coef;
+  double ema_weight = 0.0;
+  OptT ema_weight_tensor;
+  OptT sr_seed;  // one-element int64: on the CPU (host value) or the parameters' device (read by the kernels)
 };
 
-inline Scalar scalar_arg(const char* op, const char* name, const std::optional<at::Tensor>& t, c10::Device device,
-                         double fallback, std::vector<at::Tensor>& keep) {
+inline Scalar scalar_arg(const char* op, const char* name, const OptT& t, c10::Device device, double fallback,
+                         std::vector<at::Tensor>& keep) {
   if (!t.has_value() || !t->defined()) return Scalar{nullptr, fallback};
   TORCH_CHECK(t->numel() == 1 && at::isFloatingType(t->scalar_type()), "fusedtrain.", op, ": ", name,
               " must be a one-element floating tensor (got ", t->scalar_type(), " ", t->sizes(), ")");
@@ -217,83 +335,49 @@ struct CallPlan {
   StepPlan steps;
   std::vector<at::Tensor> keep_alive;
   at::Tensor device_found_inf;  // device-side found_inf, to move device step counters back
+  bool host_found_inf = false;  // found_inf is read on the host
   bool skip = false;
 };
 
-inline CallPlan plan_call(const char* op, at::TensorList params, std::optional<at::TensorList> state_steps,
-                          double lr, const OptionalScalars& opt) {
+// Reads the call's scalars (nothing is written). The host reads found_inf when the step counters live on
+// the CPU: whether they advance depends on it (for CUDA parameters this waits for the GPU; keep the
+// counters on the device to avoid that).
+inline CallPlan call_scalars(const char* op, c10::Device device, bool steps_on_device, bool counted,
+                             const CallScalars& cs) {
   CallPlan plan;
-  const c10::Device device = params.empty() ? c10::Device(c10::kCPU) : params[0].device();
-  const at::TensorList steps = state_steps.value_or(at::TensorList());
-  plan.steps = check_steps(op, steps, params, state_steps.has_value());
-  plan.scalars.lr = scalar_arg(op, "lr_tensor", opt.lr_tensor, device, lr, plan.keep_alive);
-  plan.scalars.grad_scale = scalar_arg(op, "grad_scale", opt.grad_scale, device, 1.0, plan.keep_alive);
-  plan.scalars.clip_coef = scalar_arg(op, "clip_coef", opt.clip_coef, device, 1.0, plan.keep_alive);
-  if (opt.found_inf.has_value() && opt.found_inf->defined()) {
-    const at::Tensor& f = *opt.found_inf;
+  plan.steps.on_device = steps_on_device;
+  plan.scalars.lr = scalar_arg(op, "lr_tensor", cs.lr_tensor, device, cs.lr, plan.keep_alive);
+  plan.scalars.grad_scale = scalar_arg(op, "grad_scale", cs.grad_scale, device, 1.0, plan.keep_alive);
+  plan.scalars.clip_coef = scalar_arg(op, "clip_coef", cs.clip_coef, device, 1.0, plan.keep_alive);
+  plan.scalars.ema_weight = scalar_arg(op, "ema_weight_tensor", cs.ema_weight_tensor, device, cs.ema_weight,
+                                       plan.keep_alive);
+  if (cs.sr_seed.has_value() && cs.sr_seed->defined()) {
+    const at::Tensor& s = *cs.sr_seed;
+    TORCH_CHECK(s.numel() == 1 && s.scalar_type() == at::kLong, "fusedtrain.", op,
+                ": sr_seed must be a one-element int64 tensor (got ", s.scalar_type(), " ", s.sizes(), ")");
+    if (s.device().is_cpu()) {
+      plan.scalars.sr_seed = static_cast<uint64_t>(s.item<int64_t>());
+    } else {
+      TORCH_CHECK(s.device() == device, "fusedtrain.", op, ": sr_seed is on ", s.device(),
+                  " but the parameters are on ", device, "; pass it on the CPU or on the parameters' device");
+      at::Tensor c = s.contiguous();
+      plan.keep_alive.push_back(c);
+      plan.scalars.sr_seed_ptr = static_cast<const int64_t*>(c.data_ptr());
+    }
+  }
+  if (cs.found_inf.has_value() && cs.found_inf->defined()) {
+    const at::Tensor& f = *cs.found_inf;
     TORCH_CHECK(f.numel() == 1 && at::isFloatingType(f.scalar_type()), "fusedtrain.", op,
                 ": found_inf must be a one-element floating tensor (got ", f.scalar_type(), " ", f.sizes(), ")");
-    if (plan.steps.on_device || (!state_steps.has_value() && !device.is_cpu() && f.device() == device)) {
+    if (steps_on_device || (!counted && !device.is_cpu() && f.device() == device)) {
       plan.device_found_inf = f.to(device, at::kFloat).contiguous();
       plan.scalars.found_inf = static_cast<const float*>(plan.device_found_inf.data_ptr());
     } else {
-      // CPU step counters: whether they advance depends on found_inf, so the host reads it (for CUDA
-      // parameters this waits for the GPU; keep the counters on the device to avoid that).
+      plan.host_found_inf = true;
       plan.skip = f.item<double>() != 0.0;
     }
   }
-  if (!plan.skip) advance_steps(steps, plan.steps);
   return plan;
-}
-
-// Runs the functor `make` builds over all tuples, with the storage layout `prec` describes (Note
-// [mixed-precision layouts]). With a non-empty `ema` list the functor is wrapped in math::WithEma: the
-// same pass also moves each average toward its new parameter (uniform layouts only; checked()).
-template <class Backend, typename Make>
-void run(std::vector<at::TensorList> lists, const CallPlan& plan, at::TensorList ema, double ema_weight,
-         const Precision& prec, Make&& make) {
-  const bool with_ema = !ema.empty();
-  if (with_ema) lists.push_back(ema);
-  if (!prec.copies.empty()) lists.push_back(prec.copies);
-  Work work = prepare(lists, plan.steps.steps);
-  work.scalars = plan.scalars;
-  work.sr_seed = static_cast<uint64_t>(prec.seed);
-  if (work.size() == 0) return;
-  if (prec.uniform()) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, prec.param, "fusedtrain", [&] {
-      using T = at::opmath_type<scalar_t>;
-      make(T{}, [&](const auto& op) {
-        using Op = std::decay_t<decltype(op)>;
-        auto go = [&](auto layout) {
-          using L = decltype(layout);
-          if (with_ema) {
-            Backend::template apply<L>(work, math::WithEma<scalar_t, T, Op>{op, static_cast<T>(ema_weight)});
-          } else {
-            Backend::template apply<L>(work, op);
-          }
-        };
-        if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
-          if (prec.stochastic) return go(Uniform<scalar_t, true>{});
-        }
-        go(Uniform<scalar_t, false>{});
-      });
-    });
-  } else if (!prec.copies.empty()) {
-    AT_DISPATCH_REDUCED_FLOATING_TYPES(prec.grad, "fusedtrain_master", [&] {
-      make(float{}, [&](const auto& op) {
-        if (prec.state == at::kFloat) {
-          Backend::template apply<Layout<float, scalar_t, float, scalar_t, true, false>>(work, op);
-        } else {
-          Backend::template apply<Layout<float, scalar_t, scalar_t, scalar_t, true, false>>(work, op);
-        }
-      });
-    });
-  } else {  // float32 params and grads, bfloat16 states
-    make(float{}, [&](const auto& op) {
-      Backend::template apply<Layout<float, float, at::BFloat16, float, false, false>>(work, op);
-    });
-  }
-  for (auto& [original, temp] : work.copy_back) original.copy_(temp);
 }
 
 // After the update: device step counters of a skipped step (found_inf = 1) go back by one.
@@ -303,211 +387,188 @@ inline void finish_call(at::TensorList state_steps, const CallPlan& plan) {
   }
 }
 
-using Named = std::vector<std::pair<const char*, at::TensorList>>;
+// ------------------------------------------------------------------------------- rule registry
+// What a rule's backend function gets: the work list (its scalars set), the rule's hyperparameters and
+// common values, the layout, and whether the work list carries EMA averages after the rule's lists.
+struct RunArgs {
+  const Work& work;
+  const double* hyper;
+  rules::Common common;
+  const Precision& prec;
+  bool with_ema;
+};
+using RunFn = void (*)(const RunArgs&);
 
-// Checks the named lists (params, grads, states; plus the EMA averages and the master weights' copies,
-// when given) against the layouts of Precision and returns the driver lists (without EMA and copies).
-inline std::vector<at::TensorList> checked(const char* op, Named named, at::TensorList ema, Precision& prec) {
-  const size_t n_rule = named.size();
-  const at::TensorList params = named[0].second;
-  std::vector<at::ScalarType> dtype(n_rule);
-  if (!params.empty()) {
-    const at::ScalarType p = params[0].scalar_type();
-    const bool master = !prec.copies.empty();
-    at::ScalarType g = p;
-    if (master) {
-      TORCH_CHECK(prec.copies.size() == params.size(), "fusedtrain.", op, ": param_copies has ", prec.copies.size(),
-                  " tensors but params has ", params.size());
-      g = prec.copies[0].scalar_type();
-      TORCH_CHECK(p == at::kFloat && (g == at::kHalf || g == at::kBFloat16), "fusedtrain.", op,
-                  ": with param_copies (master weights), params must be the float32 masters and param_copies "
-                  "float16 or bfloat16 (got ", p, " and ", g, ")");
-      TORCH_CHECK(ema.empty(), "fusedtrain.", op, ": ema_params cannot be fused with master weights; update "
-                  "the averages in a separate ema_ call");
+enum BackendIndex { kCpuBackend = 0, kCudaBackend = 1, kNumBackends = 2 };
+
+inline int backend_index(c10::DeviceType t) {
+  return t == c10::kCPU ? kCpuBackend : (t == c10::kCUDA ? kCudaBackend : -1);
+}
+
+struct RuleEntry {
+  std::string name;
+  std::vector<std::string> hyper;
+  bool counts_steps = false;
+  bool mixed_precision = false;
+  rules::Names (*states)(const double*) = nullptr;
+  std::array<RunFn, kNumBackends> run{};
+};
+
+// Filled by the static RegisterRule objects of the backend translation units before any op runs, read
+// only afterwards. This is a table of code, not of optimizer state.
+inline std::map<std::string, RuleEntry, std::less<>>& registry() {
+  static std::map<std::string, RuleEntry, std::less<>> table;
+  return table;
+}
+
+inline const RuleEntry& find_rule(c10::string_view name) {
+  const auto& table = registry();
+  const auto it = table.find(std::string_view(name.data(), name.size()));
+  if (it == table.end()) {
+    std::string known;
+    for (const auto& [k, v] : table) known += (known.empty() ? "" : ", ") + k;
+    TORCH_CHECK(false, "fusedtrain: unknown optimizer rule '", std::string(name.data(), name.size()),
+                "'; known rules: ", known);
+  }
+  return it->second;
+}
+
+inline RunFn backend_fn(const RuleEntry& rule, const char* op, c10::Device device) {
+  const int b = backend_index(device.type());
+  TORCH_CHECK(b >= 0, "fusedtrain.", op, ": tensors on ", device, " are not supported (CPU and CUDA only)");
+  TORCH_CHECK(rule.run[b] != nullptr, "fusedtrain.", op, ": this build of fusedtrain has no ", device.type(),
+              " kernels for '", rule.name, "'",
+              b == kCudaBackend ? "; rebuild with a CUDA build of torch and nvcc available (unset "
+                                  "FUSEDTRAIN_CPU_ONLY): pip install --no-build-isolation -e ."
+                                : "");
+  return rule.run[b];
+}
+
+// Instantiates the rule's functor for the call's storage layout (Note [mixed-precision layouts]) and
+// runs the backend's driver. With EMA averages in the work list the functor is wrapped in math::WithEma:
+// the same pass also moves each average toward its new parameter (uniform layouts only; checked()).
+template <class Backend, class Rule>
+void run_rule(const RunArgs& a) {
+  const Precision& prec = a.prec;
+  const Work& work = a.work;
+  if (prec.uniform()) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, prec.param, "fusedtrain", [&] {
+      using T = at::opmath_type<scalar_t>;
+      Rule::template make<T>(a.hyper, a.common, [&](const auto& op) {
+        using Op = std::decay_t<decltype(op)>;
+        auto go = [&](auto layout) {
+          using L = decltype(layout);
+          if constexpr (Rule::kMixedPrecision) {
+            if (a.with_ema) return Backend::template apply<L>(work, math::WithEma<scalar_t, T, Op>{op});
+          }
+          Backend::template apply<L>(work, op);
+        };
+        if constexpr (Rule::kMixedPrecision && std::is_same_v<scalar_t, at::BFloat16>) {
+          if (prec.stochastic) return go(Uniform<scalar_t, true>{});
+        }
+        go(Uniform<scalar_t, false>{});
+      });
+    });
+    return;
+  }
+  if constexpr (Rule::kMixedPrecision) {
+    if (prec.copies) {
+      AT_DISPATCH_REDUCED_FLOATING_TYPES(prec.grad, "fusedtrain_master", [&] {
+        Rule::template make<float>(a.hyper, a.common, [&](const auto& op) {
+          if (prec.state == at::kFloat) {
+            Backend::template apply<Layout<float, scalar_t, float, scalar_t, true, false>>(work, op);
+          } else {
+            Backend::template apply<Layout<float, scalar_t, scalar_t, scalar_t, true, false>>(work, op);
+          }
+        });
+      });
+    } else {  // float32 params and grads, bfloat16 states
+      Rule::template make<float>(a.hyper, a.common, [&](const auto& op) {
+        Backend::template apply<Layout<float, float, at::BFloat16, float, false, false>>(work, op);
+      });
     }
-    at::ScalarType st = master ? at::kFloat : p;
-    if (n_rule > 2 && !named[2].second.empty()) st = named[2].second[0].scalar_type();
-    const bool st_ok = master ? (st == at::kFloat || st == g) : (st == p || (p == at::kFloat && st == at::kBFloat16));
-    TORCH_CHECK(st_ok, "fusedtrain.", op, ": optimizer states of dtype ", st, " are not supported with ", p,
-                " params", master ? " and master weights" : "", "; use ", master ? "float32 or the copies' dtype"
-                : "the params' dtype (or bfloat16 for float32 params)");
-    TORCH_CHECK(st == p || master || ema.empty(), "fusedtrain.", op,
-                ": ema_params cannot be fused with low-precision states; update the averages in a separate ema_ call");
-    TORCH_CHECK(!prec.stochastic || (p == at::kBFloat16 && !master), "fusedtrain.", op,
-                ": stochastic_rounding applies to bfloat16 params without master weights (got ", p, " params",
-                master ? " with param_copies" : "", ")");
-    dtype[0] = p;
-    if (n_rule > 1) dtype[1] = g;
-    for (size_t k = 2; k < n_rule; ++k) dtype[k] = st;
-    prec.param = p;
-    prec.grad = g;
-    prec.state = st;
+    return;
   }
-  if (!ema.empty()) {
-    named.emplace_back("ema_params", ema);
-    dtype.push_back(dtype[0]);
+  TORCH_CHECK(false, "fusedtrain: the '", Rule::kName, "' rule runs on one dtype only");
+}
+
+template <class Rule>
+rules::Names rule_states(const double* h) {
+  return Rule::states(h);
+}
+
+// A static object of each backend translation unit registers one rule's backend function.
+template <class Backend, class Rule>
+struct RegisterRule {
+  explicit RegisterRule(c10::DeviceType device) {
+    RuleEntry& e = registry()[Rule::kName];
+    e.name = Rule::kName;
+    e.hyper.assign(Rule::kHyper.begin(), Rule::kHyper.end());
+    e.counts_steps = Rule::kCountsSteps;
+    e.mixed_precision = Rule::kMixedPrecision;
+    e.states = &rule_states<Rule>;
+    e.run[backend_index(device)] = &run_rule<Backend, Rule>;
   }
-  if (!prec.copies.empty()) {
-    named.emplace_back("param_copies", prec.copies);
-    dtype.push_back(prec.grad);
-  }
-  check_lists(op, named, dtype);
-  std::vector<at::TensorList> lists;
-  for (size_t k = 0; k < n_rule; ++k) lists.push_back(named[k].second);
-  return lists;
-}
+};
 
-using OptT = std::optional<at::Tensor>;
-using OptList = std::optional<at::TensorList>;
-
-template <class Backend>
-void sgd_impl(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, double lr,
-              double momentum, double dampening, double weight_decay, bool nesterov, bool maximize,
-              bool first_step, at::TensorList ema_params, double ema_weight, const OptT& lr_tensor,
-              const OptT& grad_scale, const OptT& found_inf, const OptT& clip_coef, double l1,
-              const OptList& param_copies, bool stochastic_rounding, int64_t sr_seed) {
-  const bool has_momentum = momentum != 0.0;
-  Named named{{"params", params}, {"grads", grads}};
-  if (has_momentum) named.emplace_back("momentum_buffers", momentum_buffers);
-  Precision prec{param_copies.value_or(at::TensorList()), stochastic_rounding, sr_seed};
-  const auto lists = checked("sgd_", named, ema_params, prec);
-  const CallPlan plan = plan_call("sgd_", params, std::nullopt, lr, {lr_tensor, grad_scale, found_inf, clip_coef});
-  if (plan.skip) return;
-  run<Backend>(lists, plan, ema_params, ema_weight, prec, [&](auto zero, auto&& launch) {
-    using T = decltype(zero);
-    auto go = [&](auto op) {
-      op.momentum = T(momentum);
-      op.one_minus_dampening = T(1.0 - dampening);
-      op.weight_decay = T(weight_decay);
-      op.nesterov = T(nesterov);
-      op.maximize = T(maximize);
-      op.first_step = T(first_step);
-      op.l1 = T(l1);
-      launch(op);
-    };
-    if (has_momentum) go(math::SgdOp<T, true>{});
-    else go(math::SgdOp<T, false>{});
-  });
-}
-
-template <class Backend>
-void adagrad_impl(at::TensorList params, at::TensorList grads, at::TensorList state_sums, at::TensorList state_steps,
-                  double lr, double lr_decay, double weight_decay, double eps, bool maximize, at::TensorList ema_params,
-                  double ema_weight, const OptT& lr_tensor, const OptT& grad_scale, const OptT& found_inf,
-                  const OptT& clip_coef, double l1, const OptList& param_copies,
-              bool stochastic_rounding, int64_t sr_seed) {
-  Precision prec{param_copies.value_or(at::TensorList()), stochastic_rounding, sr_seed};
-  const auto lists =
-      checked("adagrad_", {{"params", params}, {"grads", grads}, {"state_sums", state_sums}}, ema_params, prec);
-  const CallPlan plan =
-      plan_call("adagrad_", params, state_steps, lr, {lr_tensor, grad_scale, found_inf, clip_coef});
-  if (plan.skip) return;
-  run<Backend>(lists, plan, ema_params, ema_weight, prec, [&](auto zero, auto&& launch) {
-    using T = decltype(zero);
-    math::AdagradOp<T> op{};
-    op.lr_decay = lr_decay;
-    op.weight_decay = T(weight_decay);
-    op.eps = T(eps);
-    op.maximize = T(maximize);
-    op.l1 = T(l1);
-    launch(op);
-  });
-  finish_call(state_steps, plan);
-}
-
-template <class Backend>
-void rmsprop_impl(at::TensorList params, at::TensorList grads, at::TensorList square_avgs, at::TensorList grad_avgs,
-                  at::TensorList momentum_buffers, at::TensorList state_steps, double lr, double alpha, double eps,
-                  double weight_decay, double momentum, bool centered, bool maximize, at::TensorList ema_params,
-                  double ema_weight, const OptT& lr_tensor, const OptT& grad_scale, const OptT& found_inf,
-                  const OptT& clip_coef, double l1, const OptList& param_copies,
-              bool stochastic_rounding, int64_t sr_seed) {
-  const bool has_momentum = momentum > 0.0;
-  Named named{{"params", params}, {"grads", grads}, {"square_avgs", square_avgs}};
-  if (centered) named.emplace_back("grad_avgs", grad_avgs);
-  if (has_momentum) named.emplace_back("momentum_buffers", momentum_buffers);
-  Precision prec{param_copies.value_or(at::TensorList()), stochastic_rounding, sr_seed};
-  const auto lists = checked("rmsprop_", named, ema_params, prec);
-  // RMSprop keeps the count for torch compatibility; the rule does not use it.
-  const CallPlan plan =
-      plan_call("rmsprop_", params, state_steps, lr, {lr_tensor, grad_scale, found_inf, clip_coef});
-  if (plan.skip) return;
-  run<Backend>(lists, plan, ema_params, ema_weight, prec, [&](auto zero, auto&& launch) {
-    using T = decltype(zero);
-    auto go = [&](auto op) {
-      op.alpha = T(alpha);
-      op.one_minus_alpha = T(1.0 - alpha);
-      op.eps = T(eps);
-      op.weight_decay = T(weight_decay);
-      op.momentum = T(momentum);
-      op.maximize = T(maximize);
-      op.l1 = T(l1);
-      launch(op);
-    };
-    if (centered && has_momentum) go(math::RmspropOp<T, true, true>{});
-    else if (centered) go(math::RmspropOp<T, true, false>{});
-    else if (has_momentum) go(math::RmspropOp<T, false, true>{});
-    else go(math::RmspropOp<T, false, false>{});
-  });
-  finish_call(state_steps, plan);
-}
-
-template <class Backend>
-void adam_impl(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-               at::TensorList max_exp_avg_sqs, at::TensorList state_steps, double lr, double beta1, double beta2,
-               double eps, double weight_decay, bool amsgrad, bool maximize, bool decoupled_weight_decay,
-               at::TensorList ema_params, double ema_weight, const OptT& lr_tensor, const OptT& grad_scale,
-               const OptT& found_inf, const OptT& clip_coef, double l1, const OptList& param_copies,
-              bool stochastic_rounding, int64_t sr_seed) {
-  Named named{{"params", params}, {"grads", grads}, {"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}};
-  if (amsgrad) named.emplace_back("max_exp_avg_sqs", max_exp_avg_sqs);
-  Precision prec{param_copies.value_or(at::TensorList()), stochastic_rounding, sr_seed};
-  const auto lists = checked("adam_", named, ema_params, prec);
-  const CallPlan plan = plan_call("adam_", params, state_steps, lr, {lr_tensor, grad_scale, found_inf, clip_coef});
-  if (plan.skip) return;
-  run<Backend>(lists, plan, ema_params, ema_weight, prec, [&](auto zero, auto&& launch) {
-    using T = decltype(zero);
-    auto go = [&](auto op) {
-      op.beta1_d = beta1;
-      op.beta2_d = beta2;
-      op.decoupled_wd = decoupled_weight_decay ? weight_decay : 0.0;
-      op.beta2 = T(beta2);
-      op.one_minus_beta1 = T(1.0 - beta1);
-      op.one_minus_beta2 = T(1.0 - beta2);
-      op.eps = T(eps);
-      op.coupled_wd = T(decoupled_weight_decay ? 0.0 : weight_decay);
-      op.maximize = T(maximize);
-      op.l1 = T(l1);
-      launch(op);
-    };
-    if (amsgrad) go(math::AdamOp<T, true>{});
-    else go(math::AdamOp<T, false>{});
-  });
-  finish_call(state_steps, plan);
-}
-
-// EMA / SWA averaging: averages <- lerp(averages, params, weight).
-template <class Backend>
-void ema_impl(at::TensorList averages, at::TensorList params, double weight) {
+// ---------------------------------------------------------------------------------- one call
+// The lists of one call, in register order, and the layout they were checked for.
+struct CallLists {
+  std::vector<at::TensorList> lists;  // params (or masters), grads, states, then EMA averages and copies
   Precision prec;
-  const auto lists = checked("ema_", {{"averages", averages}, {"params", params}}, {}, prec);
-  const OptT none;
-  const CallPlan plan = plan_call("ema_", averages, std::nullopt, 0.0, {none, none, none, none});
-  run<Backend>(lists, plan, {}, 0.0, prec, [&](auto zero, auto&& launch) {
-    using T = decltype(zero);
-    launch(math::EmaOp<T>{T(weight)});
-  });
+  bool with_ema = false;
+};
+
+// Checks and decides the layout of one call of `rule`. states: n_states lists of params.size() tensors,
+// concatenated list by list.
+inline CallLists check_call(const RuleEntry& rule, const char* op, at::ArrayRef<double> hyper, at::TensorList params,
+                            at::TensorList grads, at::TensorList states, at::TensorList ema, at::TensorList copies,
+                            bool stochastic) {
+  TORCH_CHECK(hyper.size() == rule.hyper.size(), "fusedtrain.", op, ": rule '", rule.name, "' takes ",
+              rule.hyper.size(), " hyperparameters (", c10::Join(", ", rule.hyper), "), got ", hyper.size());
+  const rules::Names names = rule.states(hyper.data());
+  const size_t n = params.size();
+  TORCH_CHECK(states.size() == names.size() * n, "fusedtrain.", op, ": rule '", rule.name, "' with these "
+              "hyperparameters keeps ", names.size(), " state lists (", c10::Join(", ", names), ") of ", n,
+              " tensors each, concatenated: ", names.size() * n, " tensors, got ", states.size());
+  TORCH_CHECK(rule.mixed_precision || (ema.empty() && copies.empty() && !stochastic), "fusedtrain.", op, ": rule '",
+              rule.name, "' takes no ema_params, param_copies or stochastic_rounding");
+  Named named{{"params", params}, {"grads", grads}};
+  for (size_t k = 0; k < names.size(); ++k) named.emplace_back(names[k], states.slice(k * n, n));
+  CallLists call;
+  call.prec.stochastic = stochastic;
+  call.lists = checked(op, std::move(named), ema, copies, call.prec);
+  call.with_ema = !ema.empty();
+  if (call.with_ema) call.lists.push_back(ema);
+  if (call.prec.copies) call.lists.push_back(copies);
+  return call;
 }
 
-// The implementations of every op for one backend (called from TORCH_LIBRARY_IMPL in cpu/ and cuda/).
-template <class Backend>
-void register_ops(torch::Library& m) {
-  m.impl("sgd_", &sgd_impl<Backend>);
-  m.impl("adagrad_", &adagrad_impl<Backend>);
-  m.impl("rmsprop_", &rmsprop_impl<Backend>);
-  m.impl("adam_", &adam_impl<Backend>);
-  m.impl("ema_", &ema_impl<Backend>);
+// Runs a checked call: reads the scalars, advances the counters, updates, copies temporaries back.
+// check_only: stop after the checks, before the first write.
+inline void run_call(const RuleEntry& rule, const char* op, at::ArrayRef<double> hyper, double l1,
+                     const CallLists& call, at::TensorList state_steps, const CallScalars& cs,
+                     bool check_only = false) {
+  const at::TensorList params = call.lists[0];
+  if (params.empty()) return;
+  const c10::Device device = params[0].device();
+  const RunFn fn = backend_fn(rule, op, device);
+  StepPlan steps = check_steps(op, state_steps, params, rule.counts_steps);
+  CallPlan plan = call_scalars(op, device, steps.on_device, rule.counts_steps, cs);
+  if (plan.skip || check_only) return;
+  plan.steps.on_device = steps.on_device;
+  advance_steps(state_steps, plan.steps);
+  Work work = prepare(call.lists, plan.steps.steps);
+  work.scalars = plan.scalars;
+  if (work.size() > 0) fn(RunArgs{work, hyper.data(), rules::Common{l1}, call.prec, call.with_ema});
+  for (auto& [original, temp] : work.copy_back) original.copy_(temp);
+  finish_call(state_steps, plan);
 }
 
 }  // namespace host
 }  // namespace fusedtrain
+
+// Registers `Rule` (a struct of rules.h) with the Backend of namespace fusedtrain::backend_ns for device.
+#define FUSEDTRAIN_REGISTER_RULE(backend_ns, Rule, device)                                                     \
+  static const ::fusedtrain::host::RegisterRule<::fusedtrain::backend_ns::Backend, ::fusedtrain::rules::Rule> \
+      fusedtrain_register_rule_##Rule(device);

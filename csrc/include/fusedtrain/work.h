@@ -28,14 +28,23 @@ struct Scalars {
   Scalar lr{nullptr, 0.0};
   Scalar grad_scale{nullptr, 1.0};  // GradScaler's scale: gradients are multiplied by 1 / scale
   Scalar clip_coef{nullptr, 1.0};   // max_grad_norm's clip coefficient
+  Scalar ema_weight{nullptr, 0.0};  // weight of the fused moving average (WithEma) or of the ema_ rule
   const float* found_inf = nullptr; // device flag: a non-zero value skips the whole update (CUDA only)
+  // Seed of stochastic rounding (rounding.h): a host value, or (under CUDA-graph capture) a device
+  // int64 drawn by torch's CUDA generator, read by the kernels, so every replay rounds with fresh bits.
+  const int64_t* sr_seed_ptr = nullptr;
+  uint64_t sr_seed = 0;
 };
 
 FT_HD double read(const Scalar& s) { return s.ptr != nullptr ? static_cast<double>(*s.ptr) : s.value; }
 
+FT_HD uint64_t read_seed(const Scalars& s) {
+  return s.sr_seed_ptr != nullptr ? static_cast<uint64_t>(*s.sr_seed_ptr) : s.sr_seed;
+}
+
 // The values one tensor's bind() gets; runs on the host (CPU driver) or the device (per CUDA chunk).
 FT_HD math::Bound bound_for(const Scalars& s, const Scalar& step) {
-  return math::Bound{read(step), read(s.lr), 1.0 / read(s.grad_scale), read(s.clip_coef)};
+  return math::Bound{read(step), read(s.lr), 1.0 / read(s.grad_scale), read(s.clip_coef), read(s.ema_weight)};
 }
 
 struct Work {
@@ -43,8 +52,10 @@ struct Work {
   std::vector<std::array<void*, kMaxDepth>> ptr;  // ptr[i][k]: list k of tuple i
   std::vector<int64_t> numel;                     // elements of tuple i (> 0)
   std::vector<Scalar> step;                       // step count of tuple i (host value or device counter)
+  // Tuple i's position in its call (empty tuples included): keys its stochastic-rounding bits, so they
+  // do not depend on how a call's tuples are split into launches or work lists.
+  std::vector<uint32_t> ordinal;
   Scalars scalars;
-  uint64_t sr_seed = 0;  // this step's seed of stochastic rounding (rounding.h)
   std::vector<at::Tensor> keep_alive;             // contiguous temporaries (Note [dense tuples])
   std::vector<std::pair<at::Tensor, at::Tensor>> copy_back;  // (original, temporary)
 

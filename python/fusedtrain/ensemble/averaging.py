@@ -46,25 +46,83 @@ class _Averager:
         self._averaged_buffers = [(b, a) for b, a in pairs if buffers == "average" and b.is_floating_point()]
         self._copied_buffers = [(b, a) for b, a in pairs if not (buffers == "average" and b.is_floating_point())]
         self._splits = F.splits_for(self._averages)  # (device, dtype) groups, computed once
-        self.num_updates = 0
+        self._count: int | Tensor = 0
+        self._rest: tuple[Any, list[int], list[Tensor], list[Tensor]] | None = None
+
+    # Note [EMA counter on the device]: the number of updates decides the weight of the next one (an EMA
+    # warm-up, SWA's 1/(n+1)). It is a host int, except when the host cannot know it: while a CUDA graph is
+    # being captured (a replayed update must count and weigh itself), or when GradScaler's found_inf is left
+    # on the device (a skipped step must not count). Then it becomes a float64 tensor on the averages'
+    # device, advanced by the device (by 1 - found_inf), and the weights are computed there from it; reading
+    # num_updates then waits for the device.
+    @property
+    def num_updates(self) -> int:
+        """How many updates the averages have had (a skipped step is not one)."""
+        count = self._count
+        return int(count.item()) if isinstance(count, Tensor) else count
+
+    @num_updates.setter
+    def num_updates(self, value: int) -> None:
+        if isinstance(self._count, Tensor):
+            self._count.fill_(int(value))
+        else:
+            self._count = int(value)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_rest"] = None  # a cache keyed by object identity: rebuilt by the copy
+        return state
+
+    def _device_count(self, device: torch.device | None) -> Tensor:
+        """The update counter as a device tensor (Note [EMA counter on the device])."""
+        if not isinstance(self._count, Tensor):
+            dev = device if device is not None else (local(self._averages[0]).device if self._averages else None)
+            self._count = torch.tensor(float(self._count), dtype=torch.float64, device=dev)
+        return self._count
+
+    def _needs_device_count(self, device: torch.device | None, found_inf: Tensor | None) -> bool:
+        if isinstance(self._count, Tensor):
+            return True
+        if found_inf is not None:
+            return True
+        return device is not None and device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
     # -- the weight schedule -------------------------------------------------------------------
     def weight_at(self, n: int) -> float:
         """The weight w of the (n+1)-th update."""
         raise NotImplementedError
 
+    def _weight_tensor(self, count: Tensor) -> Tensor | None:
+        """The weight of the next update computed on the device from the counter, or None when it does not
+        depend on the count (a constant decay)."""
+        raise NotImplementedError
+
     def next_weight(self) -> float:
         """The weight the next update will use."""
         return self.weight_at(self.num_updates)
 
+    def weight_args(self, device: torch.device | None = None,
+                    found_inf: Tensor | None = None) -> tuple[float, Tensor | None]:
+        """The next update's weight as the kernels take it: (a host float, None), or (0.0, a float32 tensor
+        on the device) in device-counter mode (Note [EMA counter on the device])."""
+        if self._needs_device_count(device, found_inf):
+            count = self._device_count(device)
+            w = self._weight_tensor(count)
+            if w is not None:
+                return 0.0, w.to(torch.float32)
+            return self.weight_at(0), None
+        return self.next_weight(), None
+
     # -- updates ---------------------------------------------------------------------------------
     @torch.no_grad()
-    def update(self) -> None:
+    def update(self, found_inf: Tensor | None = None) -> None:
         """Moves every average toward the model's current parameters (one fused kernel per device
-        and dtype) and averages or copies the buffers."""
-        self._update_params(range(len(self._params)), self.next_weight())  # under no_grad
-        self._update_buffers()
-        self.num_updates += 1
+        and dtype) and averages or copies the buffers. A non-zero ``found_inf`` (GradScaler's, on the device)
+        makes it a no-op, decided on the device."""
+        weight = self.weight_args(self._device_of_params(), found_inf)
+        self._update_params(range(len(self._params)), weight, found_inf)
+        self._update_buffers(weight, found_inf)
+        self._advance(found_inf)
 
     def averages_for(self, params: Sequence[Tensor]) -> list[Tensor] | None:
         """The averages of ``params`` (in order), or None if one of them is not in the model."""
@@ -75,26 +133,54 @@ class _Averager:
             return None
 
     @torch.no_grad()
-    def finish_fused_update(self, updated: Sequence[Tensor]) -> None:
-        """Completes an update whose averages of ``updated`` an optimizer step already moved."""
-        done = {id(p) for p in updated}
-        rest = [i for i, p in enumerate(self._params) if id(p) not in done]
-        self._update_params(rest, self.next_weight())
-        self._update_buffers()
-        self.num_updates += 1
+    def finish_fused_update(self, updated: Sequence[Tensor], found_inf: Tensor | None = None) -> None:
+        """Completes an update whose averages of ``updated`` an optimizer step already moved (with the weight
+        of :meth:`weight_args`): the other parameters' averages and the buffers, then the count. ``found_inf``:
+        GradScaler's flag when it was left to the device (the step's kernels skipped or not on it).
 
-    def _update_params(self, index: Sequence[int], weight: float) -> None:
+        The optimizers pass the same ``updated`` list object on every step of a plan, so the rest of the
+        model is found once per plan, not per step."""
+        rest = self._rest
+        if rest is None or rest[0] is not updated:
+            done = {id(p) for p in updated}
+            index = [i for i, p in enumerate(self._params) if id(p) not in done]
+            rest = self._rest = (updated, index, [self._averages[i] for i in index], [self._params[i] for i in index])
+        weight = self.weight_args(self._device_of_params(), found_inf)
+        if rest[1]:
+            F.ema(rest[2], rest[3], weight=weight[1] if weight[1] is not None else weight[0], found_inf=found_inf)
+        self._update_buffers(weight, found_inf)
+        self._advance(found_inf)
+
+    def _device_of_params(self) -> torch.device | None:
+        return local(self._averages[0]).device if self._averages else None
+
+    def _advance(self, found_inf: Tensor | None) -> None:
+        if isinstance(self._count, Tensor):
+            if found_inf is not None:
+                self._count.add_(1.0 - found_inf.to(self._count.device, torch.float64))
+            else:
+                self._count.add_(1.0)
+        else:
+            self._count += 1
+
+    def _update_params(self, index: Sequence[int], weight: tuple[float, Tensor | None],
+                       found_inf: Tensor | None = None) -> None:
+        w = weight[1] if weight[1] is not None else weight[0]
         if len(index) == len(self._params):
-            F.ema(self._averages, self._params, weight=weight, splits=self._splits)
+            F.ema(self._averages, self._params, weight=w, splits=self._splits, found_inf=found_inf)
         elif index:
-            F.ema([self._averages[i] for i in index], [self._params[i] for i in index], weight=weight)
+            F.ema([self._averages[i] for i in index], [self._params[i] for i in index], weight=w,
+                  found_inf=found_inf)
 
-    def _update_buffers(self) -> None:
+    def _update_buffers(self, weight: tuple[float, Tensor | None], found_inf: Tensor | None = None) -> None:
         if self._averaged_buffers:
             F.ema([a for _, a in self._averaged_buffers], [b for b, _ in self._averaged_buffers],
-                  weight=self.next_weight())
+                  weight=weight[1] if weight[1] is not None else weight[0], found_inf=found_inf)
         for b, a in self._copied_buffers:
-            a.copy_(b)
+            if found_inf is None:
+                a.copy_(b)
+            else:  # decided on the device: keep the copy when the step was skipped
+                a.copy_(torch.where(found_inf.to(a.device) != 0, a, b))
 
     # -- evaluation with the averaged weights -----------------------------------------------------
     @torch.no_grad()
@@ -192,6 +278,11 @@ class EMA(_Averager):
     def weight_at(self, n: int) -> float:
         return 1.0 - self.decay_at(n)
 
+    def _weight_tensor(self, count: Tensor) -> Tensor | None:
+        if self.warmup is None:
+            return None
+        return 1.0 - torch.clamp((1.0 + count) / (self.warmup + count), max=self.decay)
+
 
 class SWA(_Averager):
     r"""Stochastic weight averaging (Izmailov et al., 2018): the equal-weight running mean of the
@@ -205,6 +296,9 @@ class SWA(_Averager):
 
     def weight_at(self, n: int) -> float:
         return 1.0 / (n + 1)
+
+    def _weight_tensor(self, count: Tensor) -> Tensor | None:
+        return 1.0 / (count + 1.0)
 
 
 @torch.no_grad()

@@ -1,59 +1,97 @@
-"""Shared plumbing of the fusedtrain optimizers: checks, state steps, grouping, torch fallback."""
+"""Shared plumbing of the fusedtrain optimizers: checks, state, the cached step plan, torch fallbacks.
+
+Note [the step]:
+A fusedtrain optimizer's ``step()`` is, in eager mode, one call into a C++ step plan (``csrc/plan.cpp``,
+Note [step plan]): the plan holds, per segment (one rule, one param group, one device and dtype, one
+storage layout), the parameters, states, EMA averages and the drivers' work list; each step it checks in
+C++ that none of that changed (reading every gradient's pointer there), computes the clip coefficient,
+and runs the kernels. Python's share is O(1) per param group. The plan is built (O(parameters) Python:
+every check, the state creation, the grouping) on the first step and whenever something it relies on
+changes: parameters added or replaced, ``.data`` or a state tensor replaced, ``load_state_dict``, a
+gradient appearing or vanishing, a gradient turning sparse. Under ``torch.compile`` the same segments
+run through the ``step_`` op (traceable, with fake kernels); ``differentiable=True`` runs torch's step.
+
+Parameters the fused kernels do not update are "external" and get torch's own implementation, as torch
+would step them: sparse gradients (SGD and Adagrad, as torch supports them) and parameters on the meta
+device (model-building flows create optimizers on meta parameters; torch's step there is a no-op on
+meta tensors).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from .. import _ops
 from .._build import has_cuda_kernels
-from .._dtensor import check_local_pair, local, refuse_partitioned_extras
-from ..clip import clip_coefficient, get_total_norm
-from ._groups import Split, splits_for
+from .._dtensor import check_local_pair, is_dtensor, local, refuse_partitioned_extras
+from ..clip import clip_coefficient, grads_norm
+from ._groups import real_view
+from .functional import draw_sr_seed
 
-__all__ = ["FusedOptimizerMixin", "to_scalar", "lr_arg", "new_step", "cpu_step", "check_param"]
+__all__ = ["FusedOptimizerMixin", "to_scalar", "new_step", "cpu_step", "check_param"]
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.complex64,
                      torch.complex128)
+_HALF = (torch.float16, torch.bfloat16)
+
+# Roles of a parameter in a plan, and kinds of a fused tuple (csrc/plan.cpp).
+_ABSENT, _FUSED, _EXTERNAL = 0, 1, 2
+_COMPLEX, _DTENSOR = 1, 2
+_STALE, _UPDATED, _SKIPPED = 0, 1, 2
+
+# fusedtrain's own options, kept by copies and pickles (Note [copies keep the options]).
+_OPTION_KEYS = ("max_grad_norm", "master_weights", "stochastic_rounding", "state_dtype", "_ft_ema")
 
 
-def to_scalar(x: float | Tensor) -> float:
-    """A hyperparameter as a Python float (a one-element tensor is read once per step)."""
-    return float(x.item()) if isinstance(x, Tensor) else float(x)
+def to_scalar(x: float | Tensor, name: str = "hyperparameter") -> float:
+    """A hyperparameter as a Python float. A one-element tensor is read on the host, which a CUDA graph
+    being captured cannot do: such values are refused there (only ``lr`` may be a device tensor)."""
+    if isinstance(x, Tensor):
+        if x.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                f"fusedtrain: {name} is a CUDA tensor, which the step would have to read on the host while a CUDA "
+                "graph is being captured; pass it as a float (only lr may be a tensor on the device: the kernels "
+                "read it there)")
+        return float(x.item())
+    return float(x)
 
 
-def lr_arg(lr: float | Tensor) -> float | Tensor:
-    """The learning rate as the kernels take it: a float, or a one-element tensor the op reads itself (on
-    the CPU by the host, on the GPU by the kernels, so a GPU lr costs no host synchronisation)."""
-    return lr if isinstance(lr, Tensor) else float(lr)
+def where(group_index: int, position: int) -> str:
+    """How errors name a parameter: ``param_groups[g]['params'][i]``."""
+    return f"param_groups[{group_index}]['params'][{position}]"
 
 
-def check_param(opt_name: str, p: Tensor) -> None:
-    """Refuse, before anything is mutated, what the fused kernels cannot update."""
+def check_param(opt_name: str, p: Tensor, name: str = "a parameter") -> None:
+    """Refuse, before anything is mutated, a parameter the fused kernels cannot update (dense gradient)."""
     grad = p.grad
     assert grad is not None
-    if grad.is_sparse:
-        raise RuntimeError(
-            f"fusedtrain.optim.{opt_name} does not support sparse gradients; use torch.optim.SparseAdam or "
-            f"torch.optim.{opt_name} for parameters with sparse gradients (e.g. nn.Embedding(sparse=True))")
     if p.device.type not in ("cpu", "cuda"):
-        raise RuntimeError(f"fusedtrain.optim.{opt_name} updates CPU and CUDA tensors; got a parameter on "
-                           f"'{p.device}'. Use torch.optim.{opt_name} for this device.")
+        raise RuntimeError(f"fusedtrain.optim.{opt_name}: {name} is on '{p.device}'; the fused kernels update CPU "
+                           f"and CUDA tensors. Use torch.optim.{opt_name} for this device.")
     if p.device.type == "cuda" and not has_cuda_kernels():
         raise RuntimeError(
-            f"fusedtrain.optim.{opt_name} got a CUDA parameter, but this fusedtrain build has no CUDA kernels. "
-            "Rebuild with a CUDA build of torch and nvcc available (unset FUSEDTRAIN_CPU_ONLY): "
+            f"fusedtrain.optim.{opt_name} got a CUDA parameter ({name}), but this fusedtrain build has no CUDA "
+            "kernels. Rebuild with a CUDA build of torch and nvcc available (unset FUSEDTRAIN_CPU_ONLY): "
             "`pip install --no-build-isolation -e .`")
     if p.dtype not in _SUPPORTED_DTYPES:
         raise RuntimeError(f"fusedtrain.optim.{opt_name} supports float32, float64, float16, bfloat16 and complex "
-                           f"parameters; got {p.dtype}")
+                           f"parameters; {name} is {p.dtype}")
     if grad.shape != p.shape or grad.dtype != p.dtype or grad.device != p.device:
         raise RuntimeError(
-            f"fusedtrain.optim.{opt_name}: a parameter's .grad ({grad.dtype} {tuple(grad.shape)} on {grad.device}) "
-            f"must match the parameter ({p.dtype} {tuple(p.shape)} on {p.device})")
+            f"fusedtrain.optim.{opt_name}: {name}: its .grad ({grad.dtype} {tuple(grad.shape)} on {grad.device}) "
+            f"must match the parameter ({p.dtype} {tuple(p.shape)} on {p.device}); nothing was updated")
     check_local_pair(opt_name, p, grad)
+    t = local(p)
+    if t.numel() > 1 and torch._debug_has_internal_overlap(t) == 1:
+        raise RuntimeError(
+            f"fusedtrain.optim.{opt_name}: {name} has internally overlapping memory (e.g. an expanded tensor), so "
+            "an in-place update would write one location several times; make it a real tensor (.clone()) before "
+            "creating the optimizer. Nothing was updated.")
 
 
 def cpu_step(state: dict[str, Any], device: torch.device | None = None) -> Tensor:
@@ -83,19 +121,43 @@ def new_step(device: torch.device | None = None) -> Tensor:
     return torch.tensor(0.0, dtype=dtype)
 
 
+@dataclass
+class _Collected:
+    """One walk over the param groups: every parameter's role, checked (nothing written yet)."""
+    roles: list[list[int]] = field(default_factory=list)
+    fused: list[list[int]] = field(default_factory=list)      # positions per group
+    external: list[tuple[int, list[int]]] = field(default_factory=list)
+
+
+@dataclass
+class _Plan:
+    """The Python side of a step plan: the C++ plan and what the Python step does around it."""
+    impl: Any
+    group_params: list[list[Tensor]]
+    external: list[tuple[int, list[int]]]
+    fused_ema: list[Tensor]      # parameters whose averages the kernels move
+    fresh: list[Tensor]          # SGD: parameters whose momentum buffers start with this update
+    sharded: bool                # DTensor parameters: the clip norm is reduced across ranks in Python
+    grads_of: list[tuple[int, int]]  # (group, position) of every fused parameter (for a sharded norm)
+    device: torch.device | None
+
+
 class FusedOptimizerMixin:
     r"""Mixed into subclasses of the torch.optim class of the same name.
 
     The torch base class provides the constructor's checks, defaults, ``param_groups``, ``state``,
-    ``state_dict``/``load_state_dict``, hooks and ``zero_grad``; the subclass replaces ``step``.
+    ``state_dict``/``load_state_dict``, hooks and ``zero_grad``; the subclass declares its rule and states
+    and the mixin provides ``step`` (Note [the step]).
 
     The options fusedtrain adds to every optimizer's constructor (keyword arguments):
 
     - ``ema``: a :class:`fusedtrain.ensemble.EMA` (or ``SWA``) whose averages the step's kernel updates in
-      the same pass; equal to calling ``ema.update()`` after each step.
+      the same pass; equal to calling ``ema.update()`` after each step. A step that GradScaler skips
+      (found_inf) leaves the EMA untouched (averages, buffers and ``num_updates``).
     - ``max_grad_norm``: clip the joint 2-norm of all gradients of this optimizer to this value inside the
       step (equal to ``torch.nn.utils.clip_grad_norm_`` before it; the norm is kept in ``last_grad_norm``).
-      GradScaler's scale is honoured.
+      GradScaler's scale is honoured: the norm of the scaled gradients is taken in float32 (or float64) and
+      divided by the scale before anything is narrowed.
     - ``l1``: L1 penalty folded into the gradient, :math:`g \leftarrow g + \lambda_1\operatorname{sign}(\theta)`,
       inside the kernel (a param-group option; with ``weight_decay``, the elastic net).
     - ``master_weights``: float16/bfloat16 parameters get float32 master weights (state ``master_param``,
@@ -106,20 +168,24 @@ class FusedOptimizerMixin:
     - ``state_dtype``: ``torch.bfloat16`` keeps the states of float32 (or master-weight) parameters in
       bfloat16 (half the state memory and traffic); None: the parameter's dtype (float32 with master
       weights), as torch does.
+
+    Copies (``copy.deepcopy``, ``pickle``, ``torch.save``) keep these options and step exactly as the
+    original (a deepcopy of ``(model, opt)`` together keeps the EMA attached to the copied model).
     """
 
     _torch_cls: type[torch.optim.Optimizer]
     _opt_name: str
+    _rule: str
+    _supports_sparse: bool = False  # torch.optim's implementation takes sparse gradients (SGD, Adagrad)
     param_groups: list[dict[str, Any]]
     state: Any
+    defaults: dict[str, Any]
     # torch.amp.GradScaler hands optimizers that declare this its scale and found_inf (as attributes
     # grad_scale / found_inf during step) instead of unscaling the gradients itself; the kernels divide
     # the gradients by the scale in registers and skip the update when found_inf is set.
     _step_supports_amp_scaling = True
     #: Clip the joint 2-norm of all gradients of this optimizer to this value inside the step (None: off).
     max_grad_norm: float | None = None
-    #: The gradients' joint 2-norm (unscaled) of the last step, when ``max_grad_norm`` is set.
-    last_grad_norm: Tensor | None = None
     #: float16/bfloat16 parameters get float32 master weights (state ``master_param``) updated by the kernel,
     #: which writes the rounded value back into the parameter in the same pass.
     master_weights: bool = False
@@ -128,6 +194,20 @@ class FusedOptimizerMixin:
     #: dtype of the optimizer states (None: torch's choice; see ``_state_dtype_for``).
     state_dtype: torch.dtype | None = None
 
+    # ------------------------------------------------------------------ what each optimizer declares
+    def _state_keys(self, group: dict[str, Any]) -> list[str]:
+        """The state keys the rule updates, in the order of its state lists (e.g. exp_avg, exp_avg_sq)."""
+        raise NotImplementedError
+
+    def _init_state(self, group: dict[str, Any], p: Tensor) -> None:
+        """Creates the missing state of ``p`` under torch's keys (called before its first fused update)."""
+        raise NotImplementedError
+
+    def _hyper(self, group: dict[str, Any]) -> dict[str, Any]:
+        """The rule's hyperparameters for ``group``, by name (``fusedtrain._ops.rules()``)."""
+        raise NotImplementedError
+
+    # -------------------------------------------------------------------------------- construction
     def _init_extras(self, ema: Any, max_grad_norm: float | None, l1: float, master_weights: bool = False,
                      stochastic_rounding: bool = False, state_dtype: torch.dtype | None = None) -> None:
         """The options fusedtrain adds to torch's: ``ema``, ``max_grad_norm``, ``master_weights``,
@@ -139,21 +219,44 @@ class FusedOptimizerMixin:
         self.master_weights = bool(master_weights)
         self.stochastic_rounding = bool(stochastic_rounding)
         self.state_dtype = state_dtype
-        if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0):
+        if max_grad_norm is not None and (isinstance(max_grad_norm, bool)
+                                          or not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0)):
             raise ValueError(f"Invalid max_grad_norm: {max_grad_norm!r}; pass a positive number, or None to turn "
                              "clipping off")
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         refuse_partitioned_extras(self.param_groups)
         self.ema = ema
-        defaults: dict[str, Any] = self.__dict__["defaults"]
-        defaults["l1"] = l1
+        self.defaults["l1"] = l1
         for group in self.param_groups:
             group.setdefault("l1", l1)
             if not (isinstance(group["l1"], (int, float)) and group["l1"] >= 0):
                 raise ValueError(f"Invalid l1 value: {group['l1']!r}; the L1 coefficient must be a number >= 0")
 
+    @staticmethod
+    def _check_compat_flags(foreach: bool | None, fused: bool | None, differentiable: bool) -> None:
+        """torch's checks of foreach / fused for classes whose torch constructor does not make them."""
+        if fused and foreach:
+            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+        if fused and differentiable:
+            raise RuntimeError("`fused` does not support `differentiable`")
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)  # type: ignore[misc]
+        self.__dict__["_ft_plan"] = None
+
+    # Note [copies keep the options]: torch.optim's __getstate__ keeps defaults / state / param_groups only;
+    # fusedtrain's options live on the object and go with it. The plan and other caches do not (rebuilt on
+    # the first step of the copy).
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()  # type: ignore[misc]
+        for key in _OPTION_KEYS:
+            if key in self.__dict__:
+                state[key] = self.__dict__[key]
+        return state
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)  # type: ignore[misc]
+        self.__dict__["_ft_plan"] = None
         for group in self.param_groups:
             group.setdefault("l1", 0.0)
 
@@ -161,13 +264,6 @@ class FusedOptimizerMixin:
     def _step_device(group: dict[str, Any], p: Tensor) -> torch.device | None:
         """Where a parameter's step counter lives: its device when the group is capturable, else the CPU."""
         return p.device if group.get("capturable", False) else None
-
-    @staticmethod
-    def _check_compat_flags(foreach: bool | None, fused: bool | None, differentiable: bool) -> None:
-        if fused and foreach:
-            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
-        if fused and differentiable:
-            raise RuntimeError("`fused` does not support `differentiable`")
 
     def _use_torch_step(self) -> bool:
         """differentiable groups run torch's own implementation (same state keys)."""
@@ -179,37 +275,12 @@ class FusedOptimizerMixin:
             fn = fn.__wrapped__  # type: ignore[attr-defined]
         return fn(self, closure)
 
-    def _groups_to_update(self) -> list[tuple[dict[str, Any], list[Tensor], list[Tensor], list[Split]]]:
-        """(group, params with a grad, their grads, device/dtype splits) of every group, all checked
-        before any update runs, so a refused step changes nothing.
-
-        Note [per-step host cost]: a step's Python work is a few list comprehensions per group. The full
-        per-parameter checks and the (device, dtype) grouping run when a group's set of parameters
-        with gradients changes; other steps only look for sparse gradients.
-        """
-        plans: dict[int, tuple[tuple[int, ...], list[Split]]] = self.__dict__.setdefault("_ft_plans", {})
-        work = []
-        for group in self.param_groups:
-            params = group["params"]
-            grads = [p.grad for p in params]
-            if any(g is None for g in grads):
-                params = [p for p, g in zip(params, grads) if g is not None]
-                grads = [g for g in grads if g is not None]
-            if not params:
-                continue
-            key = tuple(map(id, params))
-            plan = plans.get(id(group))
-            if plan is None or plan[0] != key or any(g.is_sparse for g in grads):
-                for p in params:
-                    check_param(self._opt_name, p)
-                plan = plans[id(group)] = (key, splits_for(params))
-            work.append((group, params, grads, plan[1]))
-        return work
-
+    # ------------------------------------------------------------------------------------ state_dict
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch.optim's load_state_dict; ``step`` counters are moved once to where the fused kernels
         advance them (the CPU, or the parameter's device for a capturable group)."""
         super().load_state_dict(state_dict)  # type: ignore[misc]
+        self.__dict__["_ft_plan"] = None
         if self.master_weights or self.state_dtype is not None:
             self._restore_state_dtypes(state_dict)
         if not self._use_torch_step():
@@ -236,13 +307,15 @@ class FusedOptimizerMixin:
                 if mine[key].dtype != want:
                     mine[key] = value.to(device=p.device, dtype=want, copy=True)
 
+    # ----------------------------------------------------------------------------------------- step
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        r"""Performs one optimization step: one fused kernel per (device, dtype) of each group.
+        r"""Performs one optimization step (Note [the step]): one fused kernel per (device, dtype) of each
+        group, all reached through one cached C++ plan.
 
         With an EMA attached (``ema=``), the same kernels also update the averages of the parameters
         they change; the EMA's other parameters and its buffers follow in one more pass. The result
-        equals ``step()`` followed by ``ema.update()``.
+        equals ``step()`` followed by ``ema.update()``; a step GradScaler skips updates no average.
 
         With ``max_grad_norm`` set, one fused reduction computes the joint 2-norm of all gradients
         (unscaled when a GradScaler hands its scale) and the kernels multiply each gradient by
@@ -250,68 +323,336 @@ class FusedOptimizerMixin:
         ``clip_grad_norm_`` before the step, without its pass over the gradients and without a host
         synchronisation. The norm is kept in ``last_grad_norm``.
 
+        Every check runs before the first parameter, state or counter is written: a refused step changes
+        nothing.
+
         Args:
             closure: a callable that re-evaluates the model and returns the loss (optional).
 
         Returns:
             The closure's loss, or None.
         """
-        ema = self.ema
         if self._use_torch_step():
             loss = self._torch_step(closure)
-            if ema is not None:
-                ema.update()
+            if self.ema is not None:
+                self.ema.update()
             return loss
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        work = self._groups_to_update()
-        scalars = self._step_scalars(work)
-        weight = ema.next_weight() if ema is not None else 0.0
-        fused: list[Tensor] = []
-        for group, params, grads, splits in work:
-            for part_params, part_grads, part_splits, kind in self._precision_parts(params, grads, splits):
-                extra: dict[str, Any] = dict(scalars, l1=group.get("l1", 0.0))
-                masters = None
-                if kind == "master":
-                    masters = [self._master(p) for p in part_params]
-                elif kind == "stochastic":
-                    extra["stochastic_rounding"] = True
-                # The EMA is fused only where the stored parameter is the kernel's nearest rounding.
-                averages = ema.averages_for(part_params) if ema is not None and kind == "plain" else None
-                self._update_group(group, part_params, part_grads, part_splits, averages or [], weight, extra,
-                                   masters)
-                if averages:
-                    fused += part_params
-        if ema is not None:
-            ema.finish_fused_update(fused)
+        if torch.compiler.is_compiling():
+            self._step_traced()
+        else:
+            self._step_planned()
         return loss
 
-    def _precision_parts(self, params: list[Tensor], grads: list[Tensor], splits: list[Split]
-                         ) -> list[tuple[list[Tensor], list[Tensor], list[Split], str]]:
-        """The group's parameters by storage scheme: "plain", "master" (float16/bfloat16 with
-        ``master_weights``) and "stochastic" (bfloat16 with ``stochastic_rounding``)."""
-        if not (self.master_weights or self.stochastic_rounding):
-            return [(params, grads, splits, "plain")]
-        kinds = []
-        for p in params:
-            if self.master_weights and p.dtype in (torch.float16, torch.bfloat16):
-                kinds.append("master")
-            elif self.stochastic_rounding and p.dtype == torch.bfloat16:
-                kinds.append("stochastic")
-            else:
-                kinds.append("plain")
-        if len(set(kinds)) == 1:
-            return [(params, grads, splits, kinds[0])]
-        parts = []
-        for kind in ("plain", "master", "stochastic"):
-            idx = [i for i, k in enumerate(kinds) if k == kind]
-            if idx:
-                sub = [params[i] for i in idx]
-                parts.append((sub, [grads[i] for i in idx], splits_for(sub), kind))
-        return parts
+    @property
+    def last_grad_norm(self) -> Tensor | None:
+        """The gradients' joint 2-norm (unscaled, float32 or float64) of the last step, when ``max_grad_norm``
+        is set."""
+        return self.__dict__.get("_ft_last_norm")
 
+    @last_grad_norm.setter
+    def last_grad_norm(self, value: Tensor | None) -> None:
+        self.__dict__["_ft_last_norm"] = value
+
+    def _amp(self) -> tuple[Tensor | None, Tensor | None]:
+        """GradScaler's grad_scale / found_inf (set on the optimizer during ``scaler.step``)."""
+        return getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+
+    def _step_planned(self) -> None:
+        grad_scale, found_inf = self._amp()
+        ema = self.ema
+        groups = self.param_groups
+        for _ in range(2):
+            plan: _Plan | None = self.__dict__.get("_ft_plan")
+            if plan is None:
+                plan = self.__dict__["_ft_plan"] = self._build_plan()
+            hypers = [_ops.hyper_list(self._rule, self._hyper(g)) for g in groups]
+            lrs = [local(g["lr"]) if isinstance(g["lr"], Tensor) else g["lr"] for g in groups]
+            l1s = [g.get("l1", 0.0) for g in groups]
+            clip_coef = None
+            max_norm = self.max_grad_norm
+            if max_norm is not None and plan.sharded:
+                norm = self._sharded_norm(plan, grad_scale)
+                if norm is None:
+                    continue  # a gradient vanished: rebuild
+                self.last_grad_norm = norm
+                clip_coef, max_norm = clip_coefficient(norm, max_norm), None
+            weight, weight_tensor = (0.0, None)
+            if ema is not None and plan.fused_ema:
+                weight, weight_tensor = ema.weight_args(plan.device)
+            sr_seed = draw_sr_seed(plan.device) if plan.impl.has_stochastic else None
+            status, norm, device_found_inf = plan.impl.step(
+                [g["params"] for g in groups], self.state, hypers, lrs, l1s, grad_scale, found_inf, max_norm,
+                clip_coef, weight, weight_tensor, sr_seed)
+            if status == _STALE:
+                self.__dict__["_ft_plan"] = None
+                continue
+            if max_norm is not None:
+                self.last_grad_norm = norm
+            if status == _SKIPPED:
+                return
+            if plan.external:
+                self._external_step(plan.external, grad_scale, found_inf)
+            if plan.fresh:
+                self._after_update(plan.fresh)
+                self.__dict__["_ft_plan"] = None  # their next update is not a first step
+            if ema is not None:
+                ema.finish_fused_update(plan.fused_ema, found_inf=found_inf if device_found_inf else None)
+            return
+        raise RuntimeError("fusedtrain: the step plan went stale right after it was built; please report this")
+
+    def _sharded_norm(self, plan: _Plan, grad_scale: Tensor | None) -> Tensor | None:
+        """The joint norm of DTensor gradients, reduced across ranks (Note [norm across shards])."""
+        grads = []
+        for gi, pos in plan.grads_of:
+            g = plan.group_params[gi][pos].grad
+            if g is None:
+                return None
+            grads.append(g)
+        norm = local(grads_norm(grads))
+        return norm / grad_scale.to(norm.device) if grad_scale is not None else norm
+
+    # ----------------------------------------------------------------------------------- the plan
+    def _collect(self) -> _Collected:
+        """Every parameter's role (no gradient, fused, external), with every check that can refuse the step:
+        all of it before anything is written."""
+        out = _Collected()
+        name = self._opt_name
+        has_external_options = False
+        for gi, group in enumerate(self.param_groups):
+            roles, fused, external = [], [], []
+            for pos, p in enumerate(group["params"]):
+                g = p.grad
+                if g is None:
+                    roles.append(_ABSENT)
+                    continue
+                if g.is_sparse or g.layout != torch.strided:
+                    if not self._supports_sparse:
+                        raise RuntimeError(
+                            f"fusedtrain.optim.{name}: {where(gi, pos)} has a sparse gradient, which "
+                            f"torch.optim.{name} does not support either; use torch.optim.SparseAdam for parameters "
+                            "with sparse gradients (e.g. nn.Embedding(sparse=True))")
+                    roles.append(_EXTERNAL)
+                    external.append(pos)
+                    continue
+                if p.device.type == "meta":
+                    roles.append(_EXTERNAL)
+                    external.append(pos)
+                    continue
+                check_param(name, p, where(gi, pos))
+                roles.append(_FUSED)
+                fused.append(pos)
+            if external:
+                has_external_options = True
+                self._check_external(gi, group, [group["params"][i] for i in external])
+                out.external.append((gi, external))
+            out.roles.append(roles)
+            out.fused.append(fused)
+        if has_external_options and self.max_grad_norm is not None:
+            raise RuntimeError(
+                f"fusedtrain.optim.{name}: max_grad_norm= cannot include sparse gradients or meta parameters (their "
+                "update runs torch's implementation); clip them yourself before step() and drop max_grad_norm")
+        return out
+
+    def _check_external(self, gi: int, group: dict[str, Any], params: list[Tensor]) -> None:
+        """What torch's implementation, which updates external parameters, cannot do."""
+        name = self._opt_name
+        if group.get("l1", 0.0):
+            raise RuntimeError(f"fusedtrain.optim.{name}: l1= is applied by the fused kernels and cannot reach the "
+                               f"sparse-gradient / meta parameters of param_groups[{gi}]; put them in a group with "
+                               "l1=0")
+        for p in params:
+            if self._kind(p) != "plain":
+                raise RuntimeError(f"fusedtrain.optim.{name}: master_weights / stochastic_rounding cannot apply to the "
+                                   f"sparse-gradient / meta parameters of param_groups[{gi}] (torch's implementation "
+                                   "updates them); keep them in float32")
+
+    def _kind(self, p: Tensor) -> str:
+        """The storage scheme of a parameter: "master" (float16/bfloat16 with ``master_weights``),
+        "stochastic" (bfloat16 with ``stochastic_rounding``) or "plain"."""
+        if self.master_weights and p.dtype in _HALF:
+            return "master"
+        if self.stochastic_rounding and p.dtype == torch.bfloat16:
+            return "stochastic"
+        return "plain"
+
+    def _prepare_state(self, group: dict[str, Any], p: Tensor) -> None:
+        """Creates what the kernels need of ``p``'s state (its rule's states, a master copy) in the dtypes
+        of Note [mixed-precision layouts]."""
+        self._init_state(group, p)
+        if self._kind(p) == "master":
+            self._master(p)
+        state = self.state[p]
+        if "step" in state:
+            cpu_step(state, self._step_device(group, p))
+        want = self._state_dtype_for(p)
+        if not p.is_complex():
+            for key in self._state_keys(group):
+                if state[key].dtype != want:
+                    state[key] = state[key].to(want)
+
+    def _segments(self, collected: _Collected, with_grads: bool) -> tuple[list[dict[str, Any]], list[Tensor],
+                                                                          list[Tensor]]:
+        """The plan's segments (one rule, group, device, dtype, storage layout and update pass each), the
+        parameters whose EMA averages they carry, and the SGD parameters whose first update they are."""
+        ema = self.ema
+        segments: list[dict[str, Any]] = []
+        fused_ema: list[Tensor] = []
+        fresh_all: list[Tensor] = []
+        counts_steps = _ops.RULES[self._rule]["counts_steps"]
+        for gi, group in enumerate(self.param_groups):
+            params = group["params"]
+            keys = self._state_keys(group)
+            hyper = _ops.hyper_list(self._rule, self._hyper(group))
+            fresh = self._fresh_params(group, [params[i] for i in collected.fused[gi]])
+            fresh_all += [params[i] for i in collected.fused[gi] if id(params[i]) in fresh]
+            # A parameter listed twice is updated twice, one pass after the other, as torch does (with a
+            # warning from add_param_group); its average is then left to the EMA's own pass.
+            passes: list[list[int]] = []
+            seen: dict[int, int] = {}
+            for pos in collected.fused[gi]:
+                k = seen.get(id(params[pos]), 0)
+                seen[id(params[pos])] = k + 1
+                if k == len(passes):
+                    passes.append([])
+                passes[k].append(pos)
+            repeated = {i for i, n in seen.items() if n > 1}
+            for k, positions in enumerate(passes):
+                split: dict[tuple[Any, ...], list[int]] = {}
+                for pos in positions:
+                    p = params[pos]
+                    real = p.real.dtype if p.is_complex() else p.dtype
+                    first = k == 0 and id(p) in fresh
+                    split.setdefault((self._kind(p), p.device, real, first), []).append(pos)
+                for (kind, _device, _dtype, first), idx in split.items():
+                    ps = [params[i] for i in idx]
+                    states = [self.state[p] for p in ps]
+                    averages = None
+                    if (ema is not None and kind == "plain" and not any(id(p) in repeated for p in ps)
+                            and all(self._state_dtype_for(p) == p.dtype for p in ps)):
+                        averages = ema.averages_for(ps)
+                        if averages is not None and not all(local(a).device == local(p).device
+                                                            and a.dtype == p.dtype for a, p in zip(averages, ps)):
+                            averages = None
+                    if averages is not None:
+                        fused_ema += ps
+                    seg: dict[str, Any] = {
+                        "rule": self._rule, "group": gi, "positions": idx,
+                        "kinds": [(_COMPLEX if p.is_complex() else 0) | (_DTENSOR if is_dtensor(p) else 0)
+                                  for p in ps],
+                        "pairs": [local(p) for p in ps],
+                        "targets": [local(s["master_param"]) for s in states] if kind == "master"
+                        else [real_view(local(p)) for p in ps],
+                        "states": [real_view(local(s[key])) for key in keys for s in states],
+                        "steps": [s["step"] for s in states] if counts_steps else [],
+                        "ema": [real_view(local(a)) for a in averages] if averages is not None else [],
+                        "copies": [local(p) for p in ps] if kind == "master" else [],
+                        "stochastic": kind == "stochastic",
+                        "overrides": [(_ops.RULES[self._rule]["hyper"].index("first_step"), 1.0)] if first else [],
+                        "hyper": hyper,
+                    }
+                    if with_grads:
+                        seg["grads"] = [real_view(local(p.grad)) for p in ps]
+                    segments.append(seg)
+        return segments, fused_ema, fresh_all
+
+    def _fresh_params(self, group: dict[str, Any], params: list[Tensor]) -> set[int]:
+        """ids of the parameters whose next update is their first of a kind the rule treats specially
+        (SGD's momentum buffer starts as the gradient); empty for other rules."""
+        return set()
+
+    def _after_update(self, fresh: list[Tensor]) -> None:
+        """Called after an update that was the first of ``fresh`` (see ``_fresh_params``)."""
+
+    def _build_plan(self) -> _Plan:
+        collected = self._collect()
+        # Nothing was written until here; now the missing states (torch's keys) are created.
+        for gi, group in enumerate(self.param_groups):
+            for pos in collected.fused[gi]:
+                self._prepare_state(group, group["params"][pos])
+        segments, fused_ema, fresh = self._segments(collected, with_grads=False)
+        group_params = [g["params"] for g in self.param_groups]
+        impl = _ops.StepPlan(self._opt_name, group_params, collected.roles, segments, self.state)
+        grads_of = [(gi, pos) for gi, fused in enumerate(collected.fused) for pos in fused]
+        sharded = any(is_dtensor(group_params[gi][pos]) for gi, pos in grads_of)
+        devices = impl.devices
+        return _Plan(impl=impl, group_params=group_params, external=collected.external, fused_ema=fused_ema,
+                     fresh=fresh, sharded=sharded, grads_of=grads_of, device=devices[0] if devices else None)
+
+    def _step_traced(self) -> None:
+        """The step as ``step_`` op calls (torch.compile traces these; fake kernels give their effects)."""
+        grad_scale, found_inf = self._amp()
+        collected = self._collect()
+        for gi, group in enumerate(self.param_groups):
+            for pos in collected.fused[gi]:
+                self._prepare_state(group, group["params"][pos])
+        segments, fused_ema, fresh = self._segments(collected, with_grads=True)
+        clip_coef = None
+        if self.max_grad_norm is not None and segments:
+            grads = [g for seg in segments for g in seg["grads"]]
+            norm = local(grads_norm(grads))
+            if grad_scale is not None:
+                norm = norm / grad_scale.to(norm.device)
+            self.last_grad_norm = norm
+            clip_coef = clip_coefficient(norm, self.max_grad_norm)
+        ema = self.ema
+        weight, weight_tensor = 0.0, None
+        if ema is not None and fused_ema:
+            weight, weight_tensor = ema.weight_args(segments[0]["targets"][0].device, found_inf)
+        for seg in segments:
+            group = self.param_groups[seg["group"]]
+            hyper = list(seg["hyper"])
+            for i, v in seg["overrides"]:
+                hyper[i] = v
+            lr = group["lr"]
+            device = seg["targets"][0].device
+            kw: dict[str, Any] = {"lr_tensor": local(lr)} if isinstance(lr, Tensor) else {"lr": float(lr)}
+            for name, value in (("grad_scale", grad_scale), ("found_inf", found_inf), ("clip_coef", clip_coef)):
+                if value is not None:
+                    kw[name] = value if value.device.type == "cpu" else value.to(device)
+            if seg["stochastic"]:
+                kw.update(stochastic_rounding=True, sr_seed=draw_sr_seed(device))
+            _ops.step_(self._rule, hyper, seg["targets"], seg["grads"], seg["states"], seg["steps"],
+                       ema_params=seg["ema"], ema_weight=weight, ema_weight_tensor=weight_tensor if seg["ema"] else None,
+                       param_copies=seg["copies"],
+                       l1=float(group.get("l1", 0.0)), **kw)
+        self._after_update(fresh)
+        if collected.external:
+            self._external_step(collected.external, grad_scale, found_inf)
+        if ema is not None:  # found_inf, when given, is decided by the kernels here (no host read)
+            ema.finish_fused_update(fused_ema, found_inf=found_inf)
+
+    def _external_step(self, external: list[tuple[int, list[int]]], grad_scale: Tensor | None,
+                       found_inf: Tensor | None) -> None:
+        """torch's own implementation on the external parameters (Note [the step]), with GradScaler's
+        unscaling done first as GradScaler would have done it."""
+        if found_inf is not None and float(found_inf) != 0.0:
+            return
+        saved = self.param_groups
+        groups = []
+        for gi, positions in external:
+            params = [saved[gi]["params"][i] for i in positions]
+            for p in params:
+                self._external_state(saved[gi], p)
+                if grad_scale is not None and p.grad is not None:
+                    p.grad.mul_(1.0 / float(grad_scale))
+            group = dict(saved[gi], params=params, foreach=False)
+            if "fused" in group:
+                group["fused"] = None
+            groups.append(group)
+        try:
+            self.param_groups = groups
+            self._torch_step(None)
+        finally:
+            self.param_groups = saved
+
+    def _external_state(self, group: dict[str, Any], p: Tensor) -> None:
+        """State torch's step expects to exist already for a parameter (Adagrad's, made in its constructor)."""
+
+    # --------------------------------------------------------------------------- state dtypes, masters
     def _master(self, p: Tensor) -> Tensor:
         """The float32 master copy of a low-precision parameter (state key ``master_param``), made from
         the parameter on first use."""
@@ -328,32 +669,12 @@ class FusedOptimizerMixin:
         return torch.zeros_like(p, dtype=self._state_dtype_for(p), memory_format=torch.preserve_format)
 
     def _state_dtype_for(self, p: Tensor) -> torch.dtype:
-        low = p.dtype in (torch.float16, torch.bfloat16)
+        low = p.dtype in _HALF
         if self.master_weights and low:
             return self.state_dtype if self.state_dtype in (torch.float32, p.dtype) else torch.float32
         if self.state_dtype is not None and p.dtype == torch.float32:
             return self.state_dtype
         return p.dtype
-
-    def _step_scalars(self, work: list[tuple[dict[str, Any], list[Tensor], list[Tensor], list[Split]]]
-                      ) -> dict[str, Any]:
-        """GradScaler's grad_scale / found_inf (set on the optimizer during ``scaler.step``) and the clip
-        coefficient of ``max_grad_norm``, as op keywords."""
-        scalars: dict[str, Any] = {}
-        grad_scale = getattr(self, "grad_scale", None)
-        found_inf = getattr(self, "found_inf", None)
-        if grad_scale is not None:
-            scalars["grad_scale"] = grad_scale
-        if found_inf is not None:
-            scalars["found_inf"] = found_inf
-        if self.max_grad_norm is not None and work:
-            # all shards of DTensor gradients (Note [norm across shards]); the value is the same on every rank
-            norm = local(get_total_norm([g for _, _, grads, _ in work for g in grads]))
-            if grad_scale is not None:
-                norm = norm / grad_scale.to(norm.device)
-            self.last_grad_norm = norm
-            scalars["clip_coef"] = clip_coefficient(norm, self.max_grad_norm)
-        return scalars
 
     @property
     def ema(self) -> Any:
@@ -363,15 +684,8 @@ class FusedOptimizerMixin:
     @ema.setter
     def ema(self, value: Any) -> None:
         if value is not None and not all(hasattr(value, a) for a in ("next_weight", "averages_for",
-                                                                      "finish_fused_update", "update")):
+                                                                      "finish_fused_update", "update",
+                                                                      "weight_args")):
             raise TypeError(f"ema must be a fusedtrain.ensemble.EMA (or SWA), got {type(value).__name__}")
         self.__dict__["_ft_ema"] = value
-
-    def _update_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], splits: list[Split],
-                      ema_params: list[Tensor], ema_weight: float, scalars: dict[str, Any],
-                      masters: list[Tensor] | None = None) -> None:
-        """Creates missing state and runs the optimizer's fused op on one param group (moving
-        ``ema_params``, when given, toward the updated parameters in the same pass; ``scalars``: the op's
-        grad_scale / found_inf / clip_coef / l1 / stochastic_rounding keywords; ``masters``: float32 master
-        weights the kernel updates in place of ``params``, writing the rounded values into ``params``)."""
-        raise NotImplementedError
+        self.__dict__["_ft_plan"] = None

@@ -8,9 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import functional as F
-from ._base import FusedOptimizerMixin, lr_arg, new_step, to_scalar
-from ._groups import Split
+from ._base import FusedOptimizerMixin, new_step, to_scalar
 
 __all__ = ["Adam", "AdamW"]
 
@@ -34,8 +32,8 @@ class Adam(FusedOptimizerMixin, torch.optim.Adam):
         params: parameters or parameter groups, as for any torch optimizer.
         lr, betas, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay: as in torch.optim.Adam
             (same defaults and validation errors).
-        foreach, fused: accepted for compatibility and ignored: fusedtrain always runs its fused kernels
-            (the param group records ``None``).
+        foreach, fused: validated as torch validates them and recorded in the param groups; they select
+            nothing: fusedtrain always runs its fused kernels.
         capturable: keep the ``step`` counters on the parameters' device (float32, as torch does); the
             kernels read them and a tensor ``lr`` there, so the step can be captured in a CUDA graph and
             GradScaler's ``found_inf`` is honoured without a host synchronisation.
@@ -49,6 +47,7 @@ class Adam(FusedOptimizerMixin, torch.optim.Adam):
 
     _torch_cls = torch.optim.Adam
     _opt_name = "Adam"
+    _rule = "adam"
     _decoupled_default = False
 
     def __init__(self, params: Any, lr: float | Tensor = 1e-3,
@@ -59,8 +58,8 @@ class Adam(FusedOptimizerMixin, torch.optim.Adam):
                  max_grad_norm: float | None = None, l1: float = 0.0,
                  master_weights: bool = False, stochastic_rounding: bool = False,
                  state_dtype: torch.dtype | None = None) -> None:
-        self._check_compat_flags(foreach, fused, differentiable)
-        kwargs: dict[str, Any] = dict(maximize=maximize, capturable=capturable, differentiable=differentiable)
+        kwargs: dict[str, Any] = dict(foreach=foreach, maximize=maximize, capturable=capturable,
+                                      differentiable=differentiable, fused=fused)
         if _TORCH_ADAM_HAS_DECOUPLED:
             kwargs["decoupled_weight_decay"] = decoupled_weight_decay
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, **kwargs)
@@ -75,28 +74,24 @@ class Adam(FusedOptimizerMixin, torch.optim.Adam):
         for group in self.param_groups:
             group.setdefault("decoupled_weight_decay", self._decoupled_default)
 
-    def _update_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], splits: list[Split],
-                      ema_params: list[Tensor], ema_weight: float, scalars: dict[str, Any],
-                      masters: list[Tensor] | None = None) -> None:
-        amsgrad = group["amsgrad"]
-        states = [self.state[p] for p in params]
-        if not all("step" in s for s in states):  # new parameters (a master copy may exist already)
-            for p, state in zip(params, states):
-                if "step" not in state:
-                    state["step"] = new_step(self._step_device(group, p))
-                    state["exp_avg"] = self._zeros(p)
-                    state["exp_avg_sq"] = self._zeros(p)
-                    if amsgrad:
-                        state["max_exp_avg_sq"] = self._zeros(p)
+    def _state_keys(self, group: dict[str, Any]) -> list[str]:
+        return ["exp_avg", "exp_avg_sq", "max_exp_avg_sq"] if group["amsgrad"] else ["exp_avg", "exp_avg_sq"]
+
+    def _init_state(self, group: dict[str, Any], p: Tensor) -> None:
+        state = self.state[p]
+        if "step" not in state:  # (a master copy may exist already)
+            state["step"] = new_step(self._step_device(group, p))
+            state["exp_avg"] = self._zeros(p)
+            state["exp_avg_sq"] = self._zeros(p)
+        if group["amsgrad"] and "max_exp_avg_sq" not in state:
+            state["max_exp_avg_sq"] = self._zeros(p)
+
+    def _hyper(self, group: dict[str, Any]) -> dict[str, Any]:
         beta1, beta2 = group["betas"]
-        F.adam(params if masters is None else masters, grads, [s["exp_avg"] for s in states],
-               [s["exp_avg_sq"] for s in states],
-               [s["max_exp_avg_sq"] for s in states] if amsgrad else [], [s["step"] for s in states],
-               lr=lr_arg(group["lr"]), beta1=to_scalar(beta1), beta2=to_scalar(beta2), eps=group["eps"],
-               weight_decay=to_scalar(group["weight_decay"]), amsgrad=amsgrad, maximize=group["maximize"],
-               decoupled_weight_decay=group.get("decoupled_weight_decay", self._decoupled_default),
-               splits=splits, ema_params=ema_params, ema_weight=ema_weight,
-               param_copies=params if masters is not None else (), **scalars)
+        return dict(beta1=to_scalar(beta1, "betas[0]"), beta2=to_scalar(beta2, "betas[1]"), eps=group["eps"],
+                    weight_decay=to_scalar(group["weight_decay"], "weight_decay"), amsgrad=group["amsgrad"],
+                    maximize=group["maximize"],
+                    decoupled_weight_decay=group.get("decoupled_weight_decay", self._decoupled_default))
 
 
 class AdamW(Adam, torch.optim.AdamW):
@@ -121,9 +116,9 @@ class AdamW(Adam, torch.optim.AdamW):
                  max_grad_norm: float | None = None, l1: float = 0.0,
                  master_weights: bool = False, stochastic_rounding: bool = False,
                  state_dtype: torch.dtype | None = None) -> None:
-        self._check_compat_flags(foreach, fused, differentiable)
         torch.optim.AdamW.__init__(self, params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
-                                   capturable=capturable, differentiable=differentiable)
+                                   foreach=foreach, capturable=capturable, differentiable=differentiable,
+                                   fused=fused)
         self.defaults["decoupled_weight_decay"] = True
         for group in self.param_groups:
             group["decoupled_weight_decay"] = True

@@ -2,11 +2,12 @@ r"""Functional forms of the fusedtrain optimizers: one fused update over lists o
 
 Each function takes the same lists as the torch.optim functional of the same name (params, grads and
 state tensors, plus CPU ``state_steps`` where the rule counts steps), groups them by (device, dtype) and
-runs one fused multi-tensor kernel per group. Complex tensors are updated as pairs of reals, as in
-torch.optim. ``splits=`` takes the groups precomputed by :func:`splits_for` (the optimizer classes
-cache them) to skip the regrouping. ``ema_params`` (one average per parameter) are moved toward the
-updated parameters in the same pass: ``a <- a + ema_weight * (p_new - a)``. The optimizer classes
-call these.
+runs one fused multi-tensor kernel per group (the ``step_`` op, see ``csrc/ops.cpp``). Every check of every
+group runs before the first group is updated: a refused call changes nothing. Complex tensors are updated
+as pairs of reals, as in torch.optim. ``splits=`` takes the groups precomputed by :func:`splits_for` to skip
+the regrouping. ``ema_params`` (one average per parameter) are moved toward the updated parameters in the
+same pass: ``a <- a + ema_weight * (p_new - a)``. The optimizer classes run the same kernels through a
+cached plan (``csrc/plan.cpp``) and fall back to these under ``torch.compile``.
 
 Every function also takes (Note [per-tensor binding] in ``csrc/include/fusedtrain/math.h``):
 
@@ -25,12 +26,13 @@ Every function also takes (Note [per-tensor binding] in ``csrc/include/fusedtrai
   bfloat16; the kernel updates the masters and writes each rounded value into its copy in the same pass.
   States may be float32 or bfloat16 (with float32 params too). ``stochastic_rounding=True`` stores bfloat16
   params with stochastic rounding (unbiased: small updates survive on average), from random bits keyed by
-  ``sr_seed`` (drawn from torch's default generator when None).
+  ``sr_seed`` (an int, a one-element int64 tensor, or None: drawn from torch's generator, on the
+  parameters' GPU while a CUDA graph is being captured so that every replay rounds with fresh bits).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -40,29 +42,40 @@ from .. import _ops
 from .._dtensor import local, local_list
 from ._groups import Split, real_view, splits_for
 
-__all__ = ["sgd", "adagrad", "rmsprop", "adam", "adamw", "ema", "splits_for"]
+__all__ = ["sgd", "adagrad", "rmsprop", "adam", "adamw", "ema", "splits_for", "draw_sr_seed"]
+
+_SEED_HIGH = 2 ** 62
 
 
-def _take(tensors: Sequence[Tensor], idx: list[int], cplx: bool) -> list[Tensor]:
-    if len(tensors) == 0:
-        return []
-    out = [tensors[i] for i in idx]
-    return [real_view(t) for t in out] if cplx else out
+def draw_sr_seed(device: torch.device | None = None) -> Tensor:
+    """A fresh seed for stochastic rounding: a one-element int64 tensor from torch's generator. While a CUDA
+    graph is being captured and ``device`` is a GPU, it is drawn there by torch's CUDA generator, whose
+    Philox offset advances on every replay, and the kernels read it from device memory; otherwise it is a
+    CPU tensor the host reads."""
+    if device is not None and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.randint(0, _SEED_HIGH, (), dtype=torch.int64, device=device)
+    return torch.randint(0, _SEED_HIGH, (), dtype=torch.int64)
 
 
-_SCALARS = ("lr_tensor", "grad_scale", "found_inf", "clip_coef")
+def _seed_arg(sr_seed: int | Tensor | None, device: torch.device | None) -> Tensor:
+    if sr_seed is None:
+        return draw_sr_seed(device)
+    if isinstance(sr_seed, Tensor):
+        if sr_seed.numel() != 1 or sr_seed.dtype != torch.int64:
+            raise ValueError(f"sr_seed must be an int or a one-element int64 tensor, got {sr_seed.dtype} "
+                             f"{tuple(sr_seed.shape)}")
+        return sr_seed.reshape(())
+    if isinstance(sr_seed, bool) or not isinstance(sr_seed, int):
+        raise TypeError(f"sr_seed must be an int, a one-element int64 tensor or None, got {type(sr_seed).__name__}")
+    return torch.tensor(sr_seed % (1 << 64) - ((1 << 64) if sr_seed % (1 << 64) >= (1 << 63) else 0),
+                        dtype=torch.int64)
 
 
 def _scalars(lr: float | Tensor, grad_scale: Tensor | None, found_inf: Tensor | None,
-             clip_coef: Tensor | None, l1: float, stochastic_rounding: bool = False,
-             sr_seed: int | None = None) -> dict[str, Any]:
-    """The op keywords for the learning rate, the L1 coefficient, the optional per-call scalar tensors and
-    stochastic rounding (a fresh seed from torch's default generator when none is given)."""
+             clip_coef: Tensor | None, l1: float) -> dict[str, Any]:
+    """The op keywords for the learning rate, the L1 coefficient and the optional per-call scalar tensors."""
     # A DTensor scalar (e.g. a clip coefficient from a replicated DTensor norm) is read as its local value.
     out: dict[str, Any] = {"lr": 0.0, "lr_tensor": local(lr)} if isinstance(lr, Tensor) else {"lr": float(lr)}
-    if stochastic_rounding:
-        out["stochastic_rounding"] = True
-        out["sr_seed"] = int(torch.randint(0, 2 ** 62, ())) if sr_seed is None else int(sr_seed)
     if l1:
         if not float(l1) >= 0.0:
             raise ValueError(f"Invalid l1 value: {l1}; the L1 coefficient must be >= 0")
@@ -75,40 +88,58 @@ def _scalars(lr: float | Tensor, grad_scale: Tensor | None, found_inf: Tensor | 
     return out
 
 
-def _on(device: torch.device, hyper: dict[str, Any]) -> dict[str, Any]:
-    """``hyper`` with its scalar tensors on ``device`` (CPU ones stay: the host reads them for free)."""
-    moved = dict(hyper)
-    for name in _SCALARS:
+_DEVICE_SCALARS = ("lr_tensor", "grad_scale", "found_inf", "clip_coef")
+
+
+def _on(device: torch.device, kw: dict[str, Any]) -> dict[str, Any]:
+    """``kw`` with its scalar tensors on ``device`` (CPU ones stay: the host reads them for free)."""
+    moved = dict(kw)
+    for name in _DEVICE_SCALARS:
         t = moved.get(name)
         if t is not None and t.device.type != "cpu" and t.device != device:
             moved[name] = t.to(device, non_blocking=True)
     return moved
 
 
-def _run(op: Callable[..., None], splits: list[Split], lists: Sequence[Sequence[Tensor]],
-         steps: Sequence[Tensor] | None, ema_params: Sequence[Tensor] = (), ema_weight: float = 0.0,
-         param_copies: Sequence[Tensor] = (), **hyper: Any) -> None:
+def _run(rule: str, hyper: dict[str, Any], splits: list[Split], lists: Sequence[Sequence[Tensor]],
+         steps: Sequence[Tensor] | None, *, ema_params: Sequence[Tensor] = (), ema_weight: float = 0.0,
+         param_copies: Sequence[Tensor] = (), stochastic_rounding: bool = False, sr_seed: int | Tensor | None = None,
+         **kw: Any) -> None:
+    """One ``step_`` call per (device, dtype) split; with several splits every call is checked first."""
     # DTensors (FSDP2, tensor parallel): the kernels update the local shards (Note [DTensor parameters]).
     lists = [local_list(lst) for lst in lists]
+    params = lists[0]
+    if len(params) == 0:
+        return
+    for k, lst in enumerate(lists[1:], 1):
+        if len(lst) not in (0, len(params)) or (k == 1 and len(lst) != len(params)):
+            raise ValueError(f"list {k} of the update has {len(lst)} tensors but params has {len(params)}")
     per_param = {"ema_params": local_list(ema_params), "param_copies": local_list(param_copies)}
     for name, tensors in per_param.items():
-        if len(tensors) not in (0, len(lists[0])):
-            raise ValueError(f"{name} has {len(tensors)} tensors but params has {len(lists[0])}; pass one per "
+        if len(tensors) not in (0, len(params)):
+            raise ValueError(f"{name} has {len(tensors)} tensors but params has {len(params)}; pass one per "
                              "parameter, or none")
+    if steps is not None and len(steps) != len(params):
+        raise ValueError(f"state_steps has {len(steps)} tensors but params has {len(params)}")
+    values = _ops.hyper_list(rule, hyper)
     if len(ema_params):
-        hyper["ema_weight"] = ema_weight
-    if len(splits) == 1 and not splits[0][1]:  # the usual case: one device, one real dtype
-        hyper.update({name: tensors for name, tensors in per_param.items() if len(tensors)})
-        if lists[0]:
-            hyper = _on(lists[0][0].device, hyper)
-        op(*lists, *(() if steps is None else (steps,)), **hyper)
-        return
+        kw["ema_weight"] = ema_weight
+    if stochastic_rounding:
+        kw["stochastic_rounding"] = True
+        kw["sr_seed"] = _seed_arg(sr_seed, params[0].device if len(params) else None)
+    calls = []
     for idx, cplx in splits:
-        args = [_take(lst, idx, cplx) for lst in lists]
-        if steps is not None:
-            args.append([steps[i] for i in idx])
-        hyper.update({name: _take(tensors, idx, cplx) for name, tensors in per_param.items() if len(tensors)})
-        op(*args, **_on(lists[0][idx[0]].device, hyper))
+        take = (lambda ts: [real_view(ts[i]) for i in idx]) if cplx else (lambda ts: [ts[i] for i in idx])
+        args = [take(lst) for lst in lists if len(lst)]
+        states = [t for lst in args[2:] for t in lst]
+        call_kw = {name: take(tensors) for name, tensors in per_param.items() if len(tensors)}
+        call_kw.update(_on(params[idx[0]].device, kw))
+        calls.append((args[0], args[1], states, [steps[i] for i in idx] if steps is not None else [], call_kw))
+    if len(calls) > 1:  # every group is checked before the first one is updated
+        for p, g, s, st, call_kw in calls:
+            _ops.step_(rule, values, p, g, s, st, check_only=True, **call_kw)
+    for p, g, s, st, call_kw in calls:
+        _ops.step_(rule, values, p, g, s, st, **call_kw)
 
 
 def sgd(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers: Sequence[Tensor], *, lr: float | Tensor,
@@ -117,7 +148,7 @@ def sgd(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers: Seq
         ema_params: Sequence[Tensor] = (), ema_weight: float = 0.0, grad_scale: Tensor | None = None,
         found_inf: Tensor | None = None, clip_coef: Tensor | None = None,
         l1: float = 0.0, param_copies: Sequence[Tensor] = (),
-        stochastic_rounding: bool = False, sr_seed: int | None = None) -> None:
+        stochastic_rounding: bool = False, sr_seed: int | Tensor | None = None) -> None:
     r"""SGD with optional heavy-ball or Nesterov momentum, in place.
 
     .. math::
@@ -125,12 +156,13 @@ def sgd(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers: Seq
         \theta \leftarrow \theta - \eta\,(g + \mu b \text{ (Nesterov) or } b)
 
     ``first_step=True`` initializes the buffers to the gradient (their old contents are ignored).
+    ``momentum_buffers`` is empty when ``momentum`` is 0.
     """
-    _run(_ops.sgd_, splits or splits_for(params), (params, grads, momentum_buffers), None, momentum=momentum,
-         dampening=dampening, weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
-         first_step=first_step, ema_params=ema_params, ema_weight=ema_weight,
-         param_copies=param_copies,
-         **_scalars(lr, grad_scale, found_inf, clip_coef, l1, stochastic_rounding, sr_seed))
+    hyper = dict(momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
+                 maximize=maximize, first_step=first_step)
+    _run("sgd", hyper, splits or splits_for(params), (params, grads, momentum_buffers if momentum else ()), None,
+         ema_params=ema_params, ema_weight=ema_weight, param_copies=param_copies,
+         stochastic_rounding=stochastic_rounding, sr_seed=sr_seed, **_scalars(lr, grad_scale, found_inf, clip_coef, l1))
 
 
 def adagrad(params: Sequence[Tensor], grads: Sequence[Tensor], state_sums: Sequence[Tensor],
@@ -139,12 +171,12 @@ def adagrad(params: Sequence[Tensor], grads: Sequence[Tensor], state_sums: Seque
             ema_params: Sequence[Tensor] = (), ema_weight: float = 0.0, grad_scale: Tensor | None = None,
             found_inf: Tensor | None = None, clip_coef: Tensor | None = None,
             l1: float = 0.0, param_copies: Sequence[Tensor] = (),
-            stochastic_rounding: bool = False, sr_seed: int | None = None) -> None:
+            stochastic_rounding: bool = False, sr_seed: int | Tensor | None = None) -> None:
     r"""Adagrad in place: :math:`r \leftarrow r + g\odot g,\ \theta \leftarrow \theta - \eta_t\, g/(\sqrt r+\delta)`."""
-    _run(_ops.adagrad_, splits or splits_for(params), (params, grads, state_sums), state_steps,
-         lr_decay=lr_decay, weight_decay=weight_decay, eps=eps, maximize=maximize, ema_params=ema_params,
-         ema_weight=ema_weight, param_copies=param_copies,
-         **_scalars(lr, grad_scale, found_inf, clip_coef, l1, stochastic_rounding, sr_seed))
+    hyper = dict(lr_decay=lr_decay, weight_decay=weight_decay, eps=eps, maximize=maximize)
+    _run("adagrad", hyper, splits or splits_for(params), (params, grads, state_sums), state_steps,
+         ema_params=ema_params, ema_weight=ema_weight, param_copies=param_copies,
+         stochastic_rounding=stochastic_rounding, sr_seed=sr_seed, **_scalars(lr, grad_scale, found_inf, clip_coef, l1))
 
 
 def rmsprop(params: Sequence[Tensor], grads: Sequence[Tensor], square_avgs: Sequence[Tensor],
@@ -154,18 +186,19 @@ def rmsprop(params: Sequence[Tensor], grads: Sequence[Tensor], square_avgs: Sequ
             splits: list[Split] | None = None, ema_params: Sequence[Tensor] = (), ema_weight: float = 0.0,
             grad_scale: Tensor | None = None, found_inf: Tensor | None = None,
             clip_coef: Tensor | None = None, l1: float = 0.0, param_copies: Sequence[Tensor] = (),
-            stochastic_rounding: bool = False, sr_seed: int | None = None) -> None:
+            stochastic_rounding: bool = False, sr_seed: int | Tensor | None = None) -> None:
     r"""RMSprop in place.
 
     .. math:: v \leftarrow \alpha v + (1-\alpha) g^2,\quad \theta \leftarrow \theta - \eta\, g/(\sqrt v+\epsilon)
 
     ``grad_avgs`` (centered) and ``momentum_buffers`` (momentum > 0) are empty lists when unused.
     """
-    _run(_ops.rmsprop_, splits or splits_for(params), (params, grads, square_avgs, grad_avgs, momentum_buffers),
-         state_steps, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum, centered=centered,
-         maximize=maximize, ema_params=ema_params, ema_weight=ema_weight,
-         param_copies=param_copies,
-         **_scalars(lr, grad_scale, found_inf, clip_coef, l1, stochastic_rounding, sr_seed))
+    hyper = dict(alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum, centered=centered,
+                 maximize=maximize)
+    _run("rmsprop", hyper, splits or splits_for(params),
+         (params, grads, square_avgs, grad_avgs if centered else (), momentum_buffers if momentum > 0 else ()),
+         state_steps, ema_params=ema_params, ema_weight=ema_weight, param_copies=param_copies,
+         stochastic_rounding=stochastic_rounding, sr_seed=sr_seed, **_scalars(lr, grad_scale, found_inf, clip_coef, l1))
 
 
 def adam(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
@@ -175,18 +208,19 @@ def adam(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[T
          decoupled_weight_decay: bool = False, splits: list[Split] | None = None, ema_params: Sequence[Tensor] = (),
          ema_weight: float = 0.0, grad_scale: Tensor | None = None, found_inf: Tensor | None = None,
          clip_coef: Tensor | None = None, l1: float = 0.0, param_copies: Sequence[Tensor] = (),
-         stochastic_rounding: bool = False, sr_seed: int | None = None) -> None:
+         stochastic_rounding: bool = False, sr_seed: int | Tensor | None = None) -> None:
     r"""Adam (AdamW with ``decoupled_weight_decay=True``) in place, with bias correction.
 
     .. math::
         m \leftarrow \beta_1 m + (1-\beta_1) g,\quad v \leftarrow \beta_2 v + (1-\beta_2) g^2,\quad
         \theta \leftarrow \theta - \frac{\eta}{1-\beta_1^t}\,\frac{m}{\sqrt{v}/\sqrt{1-\beta_2^t} + \epsilon}
     """
-    _run(_ops.adam_, splits or splits_for(params), (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs), state_steps,
-         beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
-         decoupled_weight_decay=decoupled_weight_decay, ema_params=ema_params, ema_weight=ema_weight,
-         param_copies=param_copies,
-         **_scalars(lr, grad_scale, found_inf, clip_coef, l1, stochastic_rounding, sr_seed))
+    hyper = dict(beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
+                 decoupled_weight_decay=decoupled_weight_decay)
+    _run("adam", hyper, splits or splits_for(params),
+         (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else ()), state_steps,
+         ema_params=ema_params, ema_weight=ema_weight, param_copies=param_copies,
+         stochastic_rounding=stochastic_rounding, sr_seed=sr_seed, **_scalars(lr, grad_scale, found_inf, clip_coef, l1))
 
 
 def adamw(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
@@ -196,7 +230,7 @@ def adamw(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[
           splits: list[Split] | None = None, ema_params: Sequence[Tensor] = (), ema_weight: float = 0.0,
           grad_scale: Tensor | None = None, found_inf: Tensor | None = None, clip_coef: Tensor | None = None,
           l1: float = 0.0, param_copies: Sequence[Tensor] = (),
-          stochastic_rounding: bool = False, sr_seed: int | None = None) -> None:
+          stochastic_rounding: bool = False, sr_seed: int | Tensor | None = None) -> None:
     r"""AdamW in place: Adam with decoupled weight decay :math:`\theta \leftarrow \theta(1-\eta\lambda)`."""
     adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr=lr, beta1=beta1, beta2=beta2,
          eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize, decoupled_weight_decay=True,
@@ -205,11 +239,25 @@ def adamw(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[
          sr_seed=sr_seed)
 
 
-def ema(averages: Sequence[Tensor], params: Sequence[Tensor], *, weight: float,
-        splits: list[Split] | None = None) -> None:
+def ema(averages: Sequence[Tensor], params: Sequence[Tensor], *, weight: float | Tensor,
+        splits: list[Split] | None = None, found_inf: Tensor | None = None) -> None:
     r"""Moving average in place: :math:`a \leftarrow a + w\,(\theta - a)` (``torch._foreach_lerp_``).
 
     ``weight`` is :math:`1-\text{decay}` for an exponential moving average (Polyak averaging) and
-    :math:`1/(n+1)` for SWA's running mean of n+1 models.
+    :math:`1/(n+1)` for SWA's running mean of n+1 models; a one-element tensor on the averages' device is
+    read by the kernels (a captured update replays the weight of each step). A non-zero ``found_inf``
+    skips the update.
     """
-    _run(_ops.ema_, splits or splits_for(averages), (averages, params), None, weight=weight)
+    averages, params = local_list(averages), local_list(params)
+    if len(averages) != len(params):
+        raise ValueError(f"averages has {len(averages)} tensors but params has {len(params)}")
+    kw: dict[str, Any] = {"weight": 0.0, "weight_tensor": local(weight)} if isinstance(weight, Tensor) else \
+        {"weight": float(weight)}
+    if found_inf is not None:
+        kw["found_inf"] = local(found_inf)
+    calls = []
+    for idx, cplx in splits or splits_for(averages):
+        take = (lambda ts: [real_view(ts[i]) for i in idx]) if cplx else (lambda ts: [ts[i] for i in idx])
+        calls.append((take(averages), take(params), _on(averages[idx[0]].device, kw)))
+    for a, p, call_kw in calls:
+        _ops.ema_(a, p, **call_kw)

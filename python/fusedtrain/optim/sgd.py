@@ -7,9 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import functional as F
-from ._base import FusedOptimizerMixin, lr_arg, to_scalar
-from ._groups import Split
+from ._base import FusedOptimizerMixin, to_scalar
 
 __all__ = ["SGD"]
 
@@ -30,16 +28,19 @@ class SGD(FusedOptimizerMixin, torch.optim.SGD):
         params: parameters or parameter groups.
         lr, momentum, dampening, weight_decay, nesterov, maximize: as in torch.optim.SGD (same defaults
             and errors).
-        foreach, fused: accepted and ignored (always fused here; the group records ``None``).
+        foreach, fused: validated as torch validates them and recorded; always fused here.
         differentiable: runs torch.optim.SGD's own step.
         ema, max_grad_norm, l1, master_weights, stochastic_rounding, state_dtype: the options fusedtrain
             adds to every optimizer; see :class:`~fusedtrain.optim._base.FusedOptimizerMixin`.
 
-    State: ``momentum_buffer`` when momentum is non-zero, as in torch.
+    State: ``momentum_buffer`` when momentum is non-zero, as in torch. Sparse gradients
+    (``nn.Embedding(sparse=True)``) are updated by torch.optim.SGD's own implementation, as torch does.
     """
 
     _torch_cls = torch.optim.SGD
     _opt_name = "SGD"
+    _rule = "sgd"
+    _supports_sparse = True
 
     def __init__(self, params: Any, lr: float | Tensor = 1e-3, momentum: float = 0, dampening: float = 0,
                  weight_decay: float | Tensor = 0, nesterov: bool = False, *, maximize: bool = False,
@@ -47,42 +48,35 @@ class SGD(FusedOptimizerMixin, torch.optim.SGD):
                  ema: Any = None, max_grad_norm: float | None = None, l1: float = 0.0,
                  master_weights: bool = False, stochastic_rounding: bool = False,
                  state_dtype: torch.dtype | None = None) -> None:
-        self._check_compat_flags(foreach, fused, differentiable)
         super().__init__(params, lr, momentum, dampening, weight_decay, nesterov, maximize=maximize,
-                         differentiable=differentiable)
+                         foreach=foreach, differentiable=differentiable, fused=fused)
         self._init_extras(ema, max_grad_norm, l1, master_weights, stochastic_rounding, state_dtype)
 
-    def _update_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], splits: list[Split],
-                      ema_params: list[Tensor], ema_weight: float, scalars: dict[str, Any],
-                      masters: list[Tensor] | None = None) -> None:
-        momentum = group["momentum"]
-        hyper = dict(lr=lr_arg(group["lr"]), momentum=momentum, dampening=group["dampening"],
-                     weight_decay=to_scalar(group["weight_decay"]), nesterov=group["nesterov"],
-                     maximize=group["maximize"], **scalars)
-        targets = params if masters is None else masters  # what the kernel updates (Note [mixed-precision layouts])
-        if masters is not None:
-            hyper["param_copies"] = params
-        if momentum == 0:
-            F.sgd(targets, grads, [], splits=splits, ema_params=ema_params, ema_weight=ema_weight, **hyper)
-            return
-        states = [self.state[p] for p in params]
-        buffers = [s.get("momentum_buffer") for s in states]
-        if all(b is not None for b in buffers):
-            F.sgd(targets, grads, buffers, first_step=False, splits=splits, ema_params=ema_params,
-                  ema_weight=ema_weight, **hyper)
-            return
-        # Parameters without a buffer yet start it from the gradient (torch clones the gradient). The new
-        # buffers are zeros, not empty: if GradScaler's found_inf skips this first step on the device, the
-        # next step's b <- mu*0 + (1 - dampening)*g is the gradient itself (dampening = 0), not garbage.
-        for first in (False, True):
-            idx = [i for i, b in enumerate(buffers) if (b is None) == first]
-            if not idx:
-                continue
-            if first:
-                for i in idx:
-                    buffers[i] = states[i]["momentum_buffer"] = self._zeros(params[i])
-            if masters is not None:
-                hyper["param_copies"] = [params[i] for i in idx]
-            F.sgd([targets[i] for i in idx], [grads[i] for i in idx], [buffers[i] for i in idx],
-                  first_step=first, ema_params=[ema_params[i] for i in idx] if ema_params else [],
-                  ema_weight=ema_weight, **hyper)
+    def _state_keys(self, group: dict[str, Any]) -> list[str]:
+        return ["momentum_buffer"] if group["momentum"] != 0 else []
+
+    def _init_state(self, group: dict[str, Any], p: Tensor) -> None:
+        # A new buffer starts from the gradient (torch clones the gradient on the first step): the kernel
+        # writes b <- g on a parameter's first update (the rule's first_step flag, Note [the step]). It is
+        # made as zeros, not empty: if GradScaler's found_inf skips that update on the device, the next
+        # b <- mu*0 + (1 - dampening)*g is still defined.
+        state = self.state[p]
+        if group["momentum"] != 0 and state.get("momentum_buffer") is None:
+            state["momentum_buffer"] = self._zeros(p)
+            self.__dict__.setdefault("_ft_fresh", set()).add(id(p))
+
+    def _fresh_params(self, group: dict[str, Any], params: list[Tensor]) -> set[int]:
+        if group["momentum"] == 0:
+            return set()
+        fresh = self.__dict__.get("_ft_fresh", set())
+        return {id(p) for p in params if id(p) in fresh}
+
+    def _after_update(self, fresh: list[Tensor]) -> None:
+        done = self.__dict__.get("_ft_fresh", set())
+        for p in fresh:
+            done.discard(id(p))
+
+    def _hyper(self, group: dict[str, Any]) -> dict[str, Any]:
+        return dict(momentum=group["momentum"], dampening=group["dampening"],
+                    weight_decay=to_scalar(group["weight_decay"], "weight_decay"), nesterov=group["nesterov"],
+                    maximize=group["maximize"], first_step=False)
