@@ -432,6 +432,31 @@ def test_boxes_beyond_int32_are_refused_not_narrowed(device: str) -> None:
         torch.testing.assert_close(out, torch.full_like(out, 200 / 255), rtol=0, atol=1e-6)
 
 
+def test_refused_during_cuda_graph_capture(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The per-sample parameters are drawn and read on the host, so a captured call would replay the same
+    crops forever: while torch reports a capture every augmentation refuses, naming the fix, before it
+    draws anything (no generator advanced) or touches the images."""
+    x = torch.randint(0, 256, (4, 3, 20, 20), dtype=torch.uint8)
+    xf = x.float() / 255
+    targets = torch.arange(4)
+    gen = torch.Generator().manual_seed(5)
+    module = BatchAugment(8, generator=gen)
+    snapshot = (x.clone(), xf.clone(), torch.get_rng_state(), gen.get_state())
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    calls = [lambda: AF.augment(x, [[0, 0, 8, 8]] * 4, size=8), lambda: module(x), lambda: module(x, seed=1),
+             lambda: cutout(xf, 4), lambda: mixup(xf, targets, num_classes=4),
+             lambda: cutmix(xf, targets, num_classes=4)]
+    for call in calls:
+        with pytest.raises(RuntimeError, match="cannot run inside a CUDA graph capture.*outside the captured region"):
+            call()
+    assert torch.equal(x, snapshot[0]) and torch.equal(xf, snapshot[1])
+    assert torch.equal(torch.get_rng_state(), snapshot[2]) and torch.equal(gen.get_state(), snapshot[3])
+    monkeypatch.undo()  # outside a capture the same calls run
+    for call in calls:
+        call()
+
+
 # ---------------------------------------------------------------- op checks
 
 @pytest.mark.parametrize("device", DEVICES)
