@@ -46,7 +46,8 @@ TORCH_LIBRARY(fusedtrain, m) {
   m.def("total_norm(Tensor[] tensors, float norm_type) -> Tensor");
 
   // ---- Regularization (issue 4): dropout family and penalty. ----
-  // Note [dropout op conventions]: `seed` is a one-element int64 CPU tensor and `offset` an int; together
+  // Note [dropout op conventions]: `seed` is a one-element int64 tensor, on the CPU (read by the host) or on
+  // the input's device (read by the kernels: Note [device seed] in philox.h), and `offset` an int; together
   // they name a Philox stream (Note [fusedtrain random stream], philox.h), and the element of logical
   // row-major index i is kept iff the stream's word of index i / group passes the keep test (Note [dropout
   // keep rule], dropout.h). group = 1: dropout; H*W: Dropout2d; numel / N: DropPath. rescale=False leaves

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -7,6 +9,16 @@ import fusedtrain
 
 CUDA_OK = torch.cuda.is_available() and fusedtrain.has_cuda_kernels()
 DEVICES = ["cpu", "cuda"]  # CUDA cases are skipped (and marked) without a GPU
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--slow", action="store_true", help="more examples in the property-based tests "
+                     "(same as FUSEDTRAIN_SLOW=1; see tests/_hypothesis.py)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if config.getoption("--slow"):
+        os.environ["FUSEDTRAIN_SLOW"] = "1"  # read by tests/_hypothesis.py when the test modules are imported
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -400,6 +400,63 @@ def test_bad_input_is_refused_clearly() -> None:
         ops(list(x[:, :2]), *ok.values(), 8, [0.0] * 2, [1.0] * 2, torch.float32)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_boxes_whose_end_overflows_are_refused(device: str) -> None:
+    """Issue 13: top + height (or left + width) past int64 used to wrap to a negative sum that passed the
+    bounds check, and the crop was read outside the image (heap-buffer-overflow under ASan). Every such
+    box is refused, by the functional and by the op, before anything is read."""
+    img = torch.randint(0, 256, (1, 3, 4, 4), dtype=torch.uint8).to(device)
+    big = 2**63 - 1
+    for box in ([1, 0, big, 1], [0, 1, 1, big], [big, 0, 1, 1], [0, big, 1, 1], [big, big, big, big],
+                [2, 0, big - 1, 1], [-1, 0, 2, 2], [0, -big - 1, 1, 1]):
+        with pytest.raises(RuntimeError, match=r"boxes\[0\].*does not lie inside image 0 \(4 x 4\)"):
+            AF.augment(img, [box], size=4)
+        with pytest.raises(RuntimeError, match="does not lie inside"):
+            torch.ops.fusedtrain.augment([img[0]], torch.tensor([box]), torch.zeros(1, dtype=torch.bool),
+                                         torch.ones(1, 3), 4, [0.0] * 3, [1.0] * 3, torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_boxes_beyond_int32_are_refused_not_narrowed(device: str) -> None:
+    """The kernels index crops in int32: a box inside a view whose logical size exceeds that (an expanded,
+    stride-0 image costs no memory) used to be narrowed to a negative height or width; now it is refused.
+    A box inside the same view that fits is still augmented (a constant image stays constant)."""
+    tall = torch.full((1, 1, 1), 200, dtype=torch.uint8).to(device).expand(1, 2**31 + 5, 1)
+    wide = torch.full((3, 1, 1), 200, dtype=torch.uint8).to(device).expand(3, 1, 2**31 + 5)
+    for images, box in [(tall, [0, 0, 2**31 + 2, 1]), (tall, [2**31, 0, 1, 1]), (tall, [2**31 - 1, 0, 1, 1]),
+                        (wide, [0, 0, 1, 2**29 + 1]), (wide, [0, 2**31 - 2, 1, 2])]:
+        with pytest.raises(RuntimeError, match=r"boxes\[0\].*too large.*int32"):
+            AF.augment([images], [box], size=3)
+    for images, box in [(tall, [2**31 - 2, 0, 1, 1]), (wide, [0, 2**31 - 3, 1, 2])]:
+        out = AF.augment([images], [box], size=3).cpu()
+        torch.testing.assert_close(out, torch.full_like(out, 200 / 255), rtol=0, atol=1e-6)
+
+
+def test_refused_during_cuda_graph_capture(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The per-sample parameters are drawn and read on the host, so a captured call would replay the same
+    crops forever: while torch reports a capture every augmentation refuses, naming the fix, before it
+    draws anything (no generator advanced) or touches the images."""
+    x = torch.randint(0, 256, (4, 3, 20, 20), dtype=torch.uint8)
+    xf = x.float() / 255
+    targets = torch.arange(4)
+    gen = torch.Generator().manual_seed(5)
+    module = BatchAugment(8, generator=gen)
+    snapshot = (x.clone(), xf.clone(), torch.get_rng_state(), gen.get_state())
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    calls = [lambda: AF.augment(x, [[0, 0, 8, 8]] * 4, size=8), lambda: module(x), lambda: module(x, seed=1),
+             lambda: cutout(xf, 4), lambda: mixup(xf, targets, num_classes=4),
+             lambda: cutmix(xf, targets, num_classes=4)]
+    for call in calls:
+        with pytest.raises(RuntimeError, match="cannot run inside a CUDA graph capture.*outside the captured region"):
+            call()
+    assert torch.equal(x, snapshot[0]) and torch.equal(xf, snapshot[1])
+    assert torch.equal(torch.get_rng_state(), snapshot[2]) and torch.equal(gen.get_state(), snapshot[3])
+    monkeypatch.undo()  # outside a capture the same calls run
+    for call in calls:
+        call()
+
+
 # ---------------------------------------------------------------- op checks
 
 @pytest.mark.parametrize("device", DEVICES)

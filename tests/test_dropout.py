@@ -13,6 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as TF
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fusedtrain
 from fusedtrain import _build
@@ -640,3 +642,290 @@ def test_bench_family_rows_and_saved_bytes() -> None:
     assert by[("dropout forward+backward", "torch F.dropout")].extra["saved_bytes_per_element"] == 4.0
     assert all(r.median_ms > 0 for r in rows)
     assert all(r.vs_best_torch is not None and r.vs_best_torch > 0 for r in rows if r.impl.startswith("fusedtrain"))
+
+
+# ---- CUDA graph capture and device seeds (issue 13) -----------------------------------------------------
+
+class _OpRecorder(TorchDispatchMode):
+    """Records every op call that reaches the dispatcher: fusedtrain's in ``calls`` (name, arguments), all
+    of them in ``ops`` (qualified name, output)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[str, tuple]] = []
+        self.ops: list[tuple[str, object]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        out = func(*args, **(kwargs or {}))
+        if func.namespace == "fusedtrain":
+            self.calls.append((func._opname, args))
+        self.ops.append((f"{func.namespace}.{func._opname}", out))
+        return out
+
+
+def _seed_of(name: str, args: tuple) -> torch.Tensor:
+    return args[3] if name == "bias_dropout_add" else args[1]
+
+
+def _fake_capture(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Makes torch report a CUDA graph capture in progress (the Python side's only source of truth)."""
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+
+
+def _family_calls(x: torch.Tensor, **kw) -> list[torch.Tensor]:
+    """One call of each member of the dropout family on x (2-D, requires grad); returns the outputs."""
+    b = torch.zeros(x.shape[-1], device=x.device)
+    x4 = x.reshape(2, 2, 2, -1)
+    return [F.dropout(x, 0.5, **kw), F.dropout2d(x4, 0.5, **kw), F.drop_path(x, 0.5, True, **kw),
+            F.bias_dropout_add(x, b, x, 0.5, **kw), F.dropout(x * 1, 0.5, inplace=True, **kw)]
+
+
+def test_capture_draws_the_seed_on_the_device_and_backward_reads_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """While a CUDA graph captures a call on a CUDA input, the seed is a device tensor (drawn by torch's CUDA
+    generator, refreshed on every replay), and autograd keeps that very tensor for the backward pass. Fake
+    CUDA tensors let the Python logic run without a GPU; test_cuda_graph_replays_draw_fresh_masks runs the
+    real thing."""
+    _fake_capture(monkeypatch)
+    cpu_state = torch.get_rng_state()
+    with FakeTensorMode():
+        x = torch.empty(8, 16, device="cuda:0", requires_grad=True)
+        with _OpRecorder() as rec:
+            outs = _family_calls(x)
+    assert [name for name, _ in rec.calls] == ["dropout", "dropout", "dropout", "bias_dropout_add", "dropout_"]
+    for (name, args), out in zip(rec.calls, outs):
+        seed = _seed_of(name, args)
+        assert seed.device == x.device and seed.dtype == torch.int64 and seed.numel() == 1, name
+        assert out.grad_fn.saved_tensors[0] is seed, name  # the backward pass reads the same seed tensor
+    assert torch.equal(torch.get_rng_state(), cpu_state)  # nothing drawn from the CPU generator
+
+
+def test_explicit_seed_and_cpu_generator_under_capture_stay_on_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fixed seed (or a CPU generator's draw) under capture is what the user asked for: a host value, one
+    mask for every replay (documented in Note [seeds]). CPU inputs are not affected by a capture either."""
+    _fake_capture(monkeypatch)
+    with FakeTensorMode():
+        x = torch.empty(8, 16, device="cuda:0", requires_grad=True)
+        with _OpRecorder() as rec:
+            _family_calls(x, seed=5)
+            _family_calls(x, generator=torch.Generator().manual_seed(1))
+    assert len(rec.calls) == 10
+    assert all(_seed_of(name, args).device.type == "cpu" for name, args in rec.calls)
+    x = torch.randn(8, 16)
+    torch.manual_seed(3)
+    captured = F.dropout(x, 0.5)
+    monkeypatch.undo()
+    torch.manual_seed(3)
+    assert torch.equal(F.dropout(x, 0.5), captured)
+
+
+def test_outside_capture_the_seed_is_the_cpu_draw(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a capture a CUDA input gets today's seed: the CPU generator's draw, a CPU tensor (so the same
+    torch.manual_seed gives the same mask on every device). Under torch.compile the same CPU draw is copied
+    to the device inside the graph (reduce-overhead captures the compiled kernels afterwards)."""
+    with FakeTensorMode():
+        x = torch.empty(8, 16, device="cuda:0", requires_grad=True)
+        with _OpRecorder() as rec:
+            _family_calls(x)
+    assert len(rec.calls) == 5 and all(_seed_of(name, args).device.type == "cpu" for name, args in rec.calls)
+    x = torch.randn(8, 16, requires_grad=True)  # the values, on real CPU tensors: the draw is unchanged
+    torch.manual_seed(9)
+    with _OpRecorder() as rec:
+        _family_calls(x)
+    torch.manual_seed(9)
+    expected = [int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64)) for _ in range(5)]  # as before issue 13
+    assert [int(_seed_of(name, args)) for name, args in rec.calls] == expected
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    with FakeTensorMode():
+        x = torch.empty(8, 16, device="cuda:0", requires_grad=True)
+        with _OpRecorder() as rec:
+            F.dropout(x, 0.5)
+    ops = [(name, out) for name, out in rec.ops if name in ("aten.randint", "aten._to_copy", "fusedtrain.dropout")]
+    assert [name for name, _ in ops] == ["aten.randint", "aten._to_copy", "fusedtrain.dropout"]
+    assert ops[0][1].device.type == "cpu"  # drawn from the CPU generator ...
+    assert ops[1][1] is _seed_of(*rec.calls[0]) and ops[1][1].device == x.device  # ... copied to the device
+
+
+def test_seed_tensor_placement_is_validated() -> None:
+    """A seed tensor lives on the CPU or on the input's device, has one int64 element; anything else is
+    refused by the Python layer and by the op, naming the fix. Where the seed lives does not change the
+    mask: a one-element view at an offset is read as its value."""
+    x = torch.randn(300)
+    bads = [torch.tensor(3, device="meta"), torch.tensor([1, 2]), torch.tensor(3.0), torch.tensor(3, dtype=torch.int32)]
+    for bad in bads:
+        with pytest.raises(ValueError, match=r"one-element int64 tensor on the CPU or on the input's device \(cpu\)"):
+            F.dropout(x, 0.5, seed=bad)
+        with pytest.raises(ValueError, match="one-element int64 tensor"):
+            F.bias_dropout_add(x.reshape(3, 100), torch.zeros(100), x.reshape(3, 100), 0.5, seed=bad)
+    for bad in (torch.tensor([1, 2]), torch.tensor(3.0)):
+        with pytest.raises(RuntimeError, match=r"seed must be a one-element int64 tensor on the CPU \(read by the "
+                                               r"host\) or on the input's device cpu"):
+            fusedtrain._ops.dropout(x, bad, 0, 0.5)
+        with pytest.raises(RuntimeError, match="seed must be a one-element int64 tensor"):
+            fusedtrain._ops.bias_dropout_add_backward(x.reshape(3, 100), bad, 0, 0.5, 100)
+    view = torch.tensor([1, 9, 3])[1]
+    assert view.storage_offset() == 1
+    assert torch.equal(F.dropout(x, 0.5, seed=view), F.dropout(x, 0.5, seed=9))
+    assert torch.equal(F.dropout(x, 0.5, seed=torch.tensor([[9]])), F.dropout(x, 0.5, seed=9))
+
+
+def test_empty_last_dimension_bias_dropout_add_backward() -> None:
+    """bias_dropout_add admits a last dimension of 0 (bias of shape [0]); its backward pass used to refuse
+    bias_numel = 0, so any training step through such a layer failed in backward."""
+    for shape in [(3, 0), (0, 0), (2, 0, 0)]:
+        x = torch.randn(shape, requires_grad=True)
+        b = torch.randn(0, requires_grad=True)
+        r = torch.randn(shape, requires_grad=True)
+        F.bias_dropout_add(x, b, r, 0.5, seed=1).sum().backward()
+        assert x.grad.shape == shape and b.grad.shape == (0,) and r.grad.shape == shape
+    gx, gb = fusedtrain._ops.bias_dropout_add_backward(torch.randn(4, 0), torch.tensor(1), 0, 0.5, 0)
+    assert gx.shape == (4, 0) and gb.shape == (0,)
+
+
+def _graph_warmup(fn, *args) -> None:
+    """torch's recipe: a few eager iterations on a side stream before capture."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn(*args)
+    torch.cuda.current_stream().wait_stream(side)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA_OK, reason="needs a CUDA device and fusedtrain's CUDA kernels")
+@pytest.mark.parametrize("member", ["dropout", "dropout2d", "drop_path", "bias_dropout_add", "inplace", "module"])
+def test_cuda_graph_replays_draw_fresh_masks(member: str) -> None:
+    """Forward + backward captured in one CUDA graph: every replay draws a new mask, with the keep rule's
+    law, and within each replay the backward pass uses the forward's mask."""
+    x = (torch.rand(64, 256, device="cuda") + 0.5).requires_grad_()
+    gout = torch.rand(64, 256, device="cuda") + 0.5
+    bias = torch.zeros(256, device="cuda")
+    drop = fnn.Dropout(0.5).cuda()
+
+    def step() -> torch.Tensor:
+        x.grad = None
+        if member == "dropout":
+            y = F.dropout(x, 0.5)
+        elif member == "dropout2d":
+            y = F.dropout2d(x.reshape(64, 256, 1, 1), 0.5).reshape(64, 256)
+        elif member == "drop_path":
+            y = F.drop_path(x, 0.5, True)
+        elif member == "bias_dropout_add":
+            y = F.bias_dropout_add(x, bias, torch.zeros_like(x), 0.5)
+        elif member == "inplace":
+            y = F.dropout(x * 1, 0.5, inplace=True)
+        else:
+            y = drop(x)
+        y.backward(gout)
+        return y
+
+    _graph_warmup(step)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = step()
+    masks = []
+    for _ in range(4):
+        graph.replay()
+        torch.cuda.synchronize()
+        fwd, bwd = (y != 0).cpu(), (x.grad != 0).cpu()
+        assert torch.equal(fwd, bwd)  # forward and backward agree within a replay
+        kept = y != 0
+        assert torch.equal(y[kept], x[kept].detach() * scale32(0.5).cuda())
+        assert 0.3 < float(fwd.float().mean()) < 0.7
+        masks.append(fwd)
+    for i in range(len(masks) - 1):
+        assert not torch.equal(masks[i], masks[i + 1])  # a fresh mask on every replay
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA_OK, reason="needs a CUDA device and fusedtrain's CUDA kernels")
+def test_cuda_graph_with_a_fixed_seed_replays_that_mask() -> None:
+    x = torch.rand(4096, device="cuda") + 0.5
+    expected = F.dropout(x, 0.5, seed=7)
+    _graph_warmup(lambda: F.dropout(x, 0.5, seed=7))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = F.dropout(x, 0.5, seed=7)
+    for _ in range(2):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(y, expected)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA_OK, reason="needs a CUDA device and fusedtrain's CUDA kernels")
+def test_device_seed_gives_the_cpu_seed_mask() -> None:
+    """The same seed value gives the same mask whether the seed tensor is on the CPU (read by the host) or
+    on the GPU (read by the kernel), and on either device's input; the backward passes agree too."""
+    for value in (0, 77, -1, 2**62 + 5):
+        dev_seed = torch.tensor(value, device="cuda")
+        for dtype in DTYPES:
+            x = (torch.rand(10_007, dtype=torch.float64) + 0.5).to(dtype)
+            ref = F.dropout(x, 0.3, seed=value)
+            assert torch.equal(F.dropout(x.cuda(), 0.3, seed=dev_seed).cpu(), ref)
+            x4 = x[:10_000].reshape(10, 50, 20)
+            assert torch.equal(F.dropout2d(x4.cuda(), 0.3, seed=dev_seed).cpu(), F.dropout2d(x4, 0.3, seed=value))
+            assert torch.equal(F.drop_path(x4.cuda(), 0.3, True, seed=dev_seed).cpu(),
+                               F.drop_path(x4, 0.3, True, seed=value))
+            inplace = x.cuda()
+            F.dropout(inplace, 0.3, inplace=True, seed=dev_seed)
+            assert torch.equal(inplace.cpu(), ref)
+        x = torch.randn(129, 96, dtype=torch.float64, requires_grad=True)
+        b = torch.randn(96, dtype=torch.float64, requires_grad=True)
+        r = torch.randn(129, 96, dtype=torch.float64)
+        g = torch.randn(129, 96, dtype=torch.float64)
+        out = F.bias_dropout_add(x, b, r, 0.2, seed=value)
+        out.backward(g)
+        xc, bc = x.detach().cuda().requires_grad_(), b.detach().cuda().requires_grad_()
+        out_c = F.bias_dropout_add(xc, bc, r.cuda(), 0.2, seed=dev_seed)
+        out_c.backward(g.cuda())
+        assert torch.equal(out_c.cpu(), out)
+        assert torch.equal(xc.grad.cpu(), x.grad)
+        torch.testing.assert_close(bc.grad.cpu(), b.grad, rtol=1e-12, atol=1e-12)
+    s = torch.tensor(5, device="cuda")
+    x = torch.randn(5, 7, device="cuda", requires_grad=True)
+    torch.library.opcheck(torch.ops.fusedtrain.dropout.default, (x, s, 0, 0.3, 1, True))
+    torch.library.opcheck(torch.ops.fusedtrain.bias_dropout_add_backward.default, (x.detach(), s, 0, 0.3, 7))
+    with pytest.raises(ValueError, match="on the CPU or on the input's device"):
+        F.dropout(torch.randn(10), 0.5, seed=s)  # a GPU seed for a CPU input
+    with pytest.raises(RuntimeError, match="on the CPU .* or on the input's device cpu"):
+        fusedtrain._ops.dropout(torch.randn(10), s, 0, 0.5)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA_OK, reason="needs a CUDA device and fusedtrain's CUDA kernels")
+def test_cuda_generator_draws_on_the_device() -> None:
+    x = torch.randn(4096, device="cuda")
+    g = torch.Generator(device="cuda").manual_seed(3)
+    a = F.dropout(x, 0.5, generator=g)
+    b = F.dropout(x, 0.5, generator=g)
+    assert not torch.equal(a, b)
+    g.manual_seed(3)
+    assert torch.equal(F.dropout(x, 0.5, generator=g), a)
+    with pytest.raises(ValueError, match="CPU torch.Generator or one on the input's device"):
+        F.dropout(torch.randn(10), 0.5, generator=g)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA_OK, reason="needs a CUDA device and fusedtrain's CUDA kernels")
+def test_compile_reduce_overhead_masks_are_fresh_and_match_eager() -> None:
+    """torch.compile(mode="reduce-overhead") captures the compiled kernels in CUDA graphs: the masks still
+    change on every call, equal eager's for the same torch.manual_seed, and backward matches forward."""
+    torch._dynamo.reset()
+    fn = torch.compile(lambda t: F.dropout(t, 0.5), mode="reduce-overhead", fullgraph=True)
+    x = (torch.rand(64, 256, device="cuda") + 0.5).requires_grad_()
+    masks = []
+    for i in range(5):
+        torch.compiler.cudagraph_mark_step_begin()
+        torch.manual_seed(100 + i)
+        x.grad = None
+        y = fn(x)
+        y.backward(torch.ones_like(y))
+        fwd, bwd = (y != 0).cpu(), (x.grad != 0).cpu()
+        torch.manual_seed(100 + i)
+        assert torch.equal(fwd, (F.dropout(x.detach(), 0.5) != 0).cpu())
+        assert torch.equal(fwd, bwd)
+        masks.append(fwd)
+    for i in range(len(masks) - 1):
+        assert not torch.equal(masks[i], masks[i + 1])

@@ -222,16 +222,16 @@ void run_dropout(const at::Tensor& x, const at::Tensor& y, int64_t group, const 
 }
 
 struct Run {
-  static void run(const at::Tensor& x, const at::Tensor& y, int64_t group, const philox::Stream& s, double p,
+  static void run(const at::Tensor& x, const at::Tensor& y, int64_t group, const philox::StreamArg& s, double p,
                   bool rescale) {
-    run_dropout(x, y, group, s, p, rescale);
+    run_dropout(x, y, group, host::host_stream(s), p, rescale);
   }
 };
 
 at::Tensor bias_dropout_add_cpu(const at::Tensor& input, const at::Tensor& bias, const at::Tensor& residual,
                                 const at::Tensor& seed, int64_t offset, double p) {
   const host::BiasDropoutAdd a = host::prepare_bias_dropout_add(input, bias, residual, seed, offset, p);
-  const philox::Stream& s = a.s;
+  const philox::Stream s = host::host_stream(a.s);
   const at::Tensor& x = a.x;
   const at::Tensor& r = a.r;
   at::Tensor out = a.out;
@@ -260,12 +260,8 @@ at::Tensor bias_dropout_add_cpu(const at::Tensor& input, const at::Tensor& bias,
 // block order at the end. The split does not depend on the thread count, so the result is reproducible.
 std::tuple<at::Tensor, at::Tensor> bias_dropout_add_backward_cpu(const at::Tensor& grad, const at::Tensor& seed,
                                                                  int64_t offset, double p, int64_t bias_numel) {
-  host::check_float_tensor("bias_dropout_add_backward", "grad", grad);
-  dropout::check_p("bias_dropout_add_backward", p);
-  TORCH_CHECK(bias_numel >= 1 && grad.dim() >= 1 && grad.size(-1) == bias_numel,
-              "fusedtrain.bias_dropout_add_backward: bias_numel (", bias_numel,
-              ") must equal the last dimension of grad (", grad.sizes(), ")");
-  const philox::Stream s = host::read_stream("bias_dropout_add_backward", seed, offset);
+  const philox::Stream s =
+      host::host_stream(host::check_bias_dropout_add_backward(grad, seed, offset, p, bias_numel));
   const at::Tensor g = grad.contiguous();
   at::Tensor gx = at::empty(g.sizes(), g.options());
   const int64_t n = g.numel();

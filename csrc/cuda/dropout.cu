@@ -84,9 +84,10 @@ __device__ __forceinline__ void multipliers(const philox::Stream& s, const dropo
 // y = x * multiplier(i / group); x may equal y (in place).
 template <typename S, int E>
 __global__ void __launch_bounds__(kDropoutThreads)
-    dropout_kernel(const S* x, S* y, int64_t n, philox::Stream s, dropout::KeepRule<at::opmath_type<S>> rule,
+    dropout_kernel(const S* x, S* y, int64_t n, philox::StreamArg stream, dropout::KeepRule<at::opmath_type<S>> rule,
                    int64_t group, bool aligned) {
   using T = at::opmath_type<S>;
+  const philox::Stream s = stream.get();  // Note [device seed]
   const int64_t nvec = (n + E - 1) / E;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t v = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; v < nvec; v += stride) {
@@ -111,8 +112,9 @@ __global__ void __launch_bounds__(kDropoutThreads)
 template <typename S, int E>
 __global__ void __launch_bounds__(kDropoutThreads)
     bias_dropout_add_kernel(const S* x, const at::opmath_type<S>* bias, const S* res, S* out, int64_t n, int64_t H,
-                            philox::Stream s, dropout::KeepRule<at::opmath_type<S>> rule, bool aligned) {
+                            philox::StreamArg stream, dropout::KeepRule<at::opmath_type<S>> rule, bool aligned) {
   using T = at::opmath_type<S>;
+  const philox::Stream s = stream.get();  // Note [device seed]
   const int64_t nvec = (n + E - 1) / E;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t v = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; v < nvec; v += stride) {
@@ -169,7 +171,7 @@ unsigned grid_for(Kernel kernel, int64_t nvec, const at::Tensor& t) {
   return static_cast<unsigned>(std::max<int64_t>(1, std::min(want, cap)));
 }
 
-void run_dropout(const at::Tensor& x, const at::Tensor& y, int64_t group, const philox::Stream& s, double p,
+void run_dropout(const at::Tensor& x, const at::Tensor& y, int64_t group, const philox::StreamArg& s, double p,
                  bool rescale) {
   const int64_t n = x.numel();
   if (n == 0) return;
@@ -189,7 +191,7 @@ void run_dropout(const at::Tensor& x, const at::Tensor& y, int64_t group, const 
 }
 
 struct Run {
-  static void run(const at::Tensor& x, const at::Tensor& y, int64_t group, const philox::Stream& s, double p,
+  static void run(const at::Tensor& x, const at::Tensor& y, int64_t group, const philox::StreamArg& s, double p,
                   bool rescale) {
     run_dropout(x, y, group, s, p, rescale);
   }
@@ -198,7 +200,7 @@ struct Run {
 at::Tensor bias_dropout_add_cuda(const at::Tensor& input, const at::Tensor& bias, const at::Tensor& residual,
                                  const at::Tensor& seed, int64_t offset, double p) {
   const host::BiasDropoutAdd a = host::prepare_bias_dropout_add(input, bias, residual, seed, offset, p);
-  const philox::Stream& s = a.s;
+  const philox::StreamArg& s = a.s;
   const at::Tensor& x = a.x;
   const at::Tensor& r = a.r;
   at::Tensor out = a.out;
@@ -228,15 +230,11 @@ at::Tensor bias_dropout_add_cuda(const at::Tensor& input, const at::Tensor& bias
 // the opmath type), unlike the CPU, which fuses it (Note [fused bias gradient] in cpu/dropout.cpp).
 std::tuple<at::Tensor, at::Tensor> bias_dropout_add_backward_cuda(const at::Tensor& grad, const at::Tensor& seed,
                                                                   int64_t offset, double p, int64_t bias_numel) {
-  host::check_float_tensor("bias_dropout_add_backward", "grad", grad);
-  dropout::check_p("bias_dropout_add_backward", p);
-  TORCH_CHECK(bias_numel >= 1 && grad.dim() >= 1 && grad.size(-1) == bias_numel,
-              "fusedtrain.bias_dropout_add_backward: bias_numel (", bias_numel,
-              ") must equal the last dimension of grad (", grad.sizes(), ")");
-  const philox::Stream s = host::read_stream("bias_dropout_add_backward", seed, offset);
+  const philox::StreamArg s = host::check_bias_dropout_add_backward(grad, seed, offset, p, bias_numel);
   const at::Tensor g = grad.contiguous();
   at::Tensor gx = at::empty(g.sizes(), g.options());
   run_dropout(g, gx, 1, s, p, true);
+  if (bias_numel == 0) return std::make_tuple(gx, at::empty({0}, g.options()));  // reshape({-1, 0}) is ambiguous
   const at::ScalarType acc = g.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor gb = at::sum(gx.reshape({-1, bias_numel}), {0}, false, acc).to(g.scalar_type());
   return std::make_tuple(gx, gb);

@@ -10,6 +10,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -43,6 +44,10 @@ struct Plan {
   bool any_saturation = false;  // some sample has a saturation factor != 1 and C == 3
   bool antialias = false;       // antialiased resize (augment.h, aa_*)
 };
+
+// Limits of a crop box (Note [overflow-free bounds] in make_plan).
+constexpr int64_t kMaxCropEnd = std::numeric_limits<int32_t>::max();
+constexpr int64_t kMaxCropSide = int64_t{1} << 29;
 
 inline bool is_interleaved(const ImageDesc& img, int64_t channels) {
   return img.stride_c == 1 && img.stride_w == channels;
@@ -104,11 +109,22 @@ inline Plan make_plan(at::TensorList images, const at::Tensor& boxes, const at::
   for (int64_t i = 0; i < n; ++i) {
     const int64_t top = bp[4 * i], left = bp[4 * i + 1], h = bp[4 * i + 2], w = bp[4 * i + 3];
     const ImageDesc& im = plan.images[i];
-    TORCH_CHECK(h >= 1 && w >= 1 && top >= 0 && left >= 0 && top + h <= im.height && left + w <= im.width,
+    // Note [overflow-free bounds]: compared by subtraction, never `top + h <= height`: the box is user input
+    // and top + h can wrap around int64 (UB) to a negative sum that passes, and the crop is then read
+    // outside the image. With top >= 0 and height >= 1, height - top cannot overflow.
+    TORCH_CHECK(h >= 1 && w >= 1 && top >= 0 && left >= 0 && h <= im.height - top && w <= im.width - left,
                 "fusedtrain.augment: boxes[", i, "] = (top ", top, ", left ", left, ", height ", h, ", width ", w,
                 ") does not lie inside image ", i, " (", im.height, " x ", im.width,
                 "); crops must have height, width >= 1 and lie inside the image (torchvision would pad; "
                 "fusedtrain does not): clip the box");
+    // SampleDesc and the kernels hold the box in int32 (row and column indices top + k < top + h), the CPU
+    // column tables hold column * 4 in int32, and the resize computes window bounds near 2 * h in float
+    // then int32: a crop side up to kMaxCropSide keeps all of these exact. Only views with huge logical
+    // sizes (an expanded, stride-0 image) get here; the box is refused instead of narrowed.
+    TORCH_CHECK(top + h <= kMaxCropEnd && left + w <= kMaxCropEnd && h <= kMaxCropSide && w <= kMaxCropSide,
+                "fusedtrain.augment: boxes[", i, "] = (top ", top, ", left ", left, ", height ", h, ", width ", w,
+                ") is too large: crops may be at most ", kMaxCropSide, " pixels on a side and end before row and "
+                "column ", kMaxCropEnd, " (the kernels index crops in int32); crop a smaller region");
     const float fb = jp[3 * i], fc = jp[3 * i + 1], fs = jp[3 * i + 2];
     TORCH_CHECK(std::isfinite(fb) && std::isfinite(fc) && std::isfinite(fs) && fb >= 0.f && fc >= 0.f && fs >= 0.f,
                 "fusedtrain.augment: factors[", i, "] = (", fb, ", ", fc, ", ", fs,

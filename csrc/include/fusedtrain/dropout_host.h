@@ -30,14 +30,28 @@ inline void check_float_tensor(const char* op, const char* name, const at::Tenso
               "; only float32, float64, float16 and bfloat16 are supported");
 }
 
-// The seed travels as a one-element int64 CPU tensor (so that torch.compile does not specialize on
-// its value); it is read on the host, which costs no device synchronization.
-inline philox::Stream read_stream(const char* op, const at::Tensor& seed, int64_t offset) {
-  TORCH_CHECK(seed.device().is_cpu() && seed.scalar_type() == at::kLong && seed.numel() == 1, "fusedtrain.", op,
-              ": seed must be a one-element int64 tensor on the CPU (got ", seed.scalar_type(), " ", seed.sizes(),
-              " on ", seed.device(), ")");
-  const int64_t value = *seed.contiguous().data_ptr<int64_t>();
-  return philox::Stream::make(static_cast<uint64_t>(value), static_cast<uint64_t>(offset));
+// The seed travels as a one-element int64 tensor (so that torch.compile does not specialize on its value),
+// on the CPU, read here on the host (no device synchronization), or on the input's device, read by the
+// kernels (Note [device seed] in philox.h: what CUDA graph capture needs). Anything else is refused.
+inline philox::StreamArg read_stream(const char* op, const at::Tensor& seed, int64_t offset,
+                                     const at::Device& device) {
+  TORCH_CHECK(seed.layout() == at::kStrided && seed.scalar_type() == at::kLong && seed.numel() == 1 &&
+                  (seed.device().is_cpu() || seed.device() == device),
+              "fusedtrain.", op, ": seed must be a one-element int64 tensor on the CPU (read by the host) or on the "
+              "input's device ", device, " (read by the kernels), got ", seed.scalar_type(), " ", seed.sizes(),
+              " on ", seed.device());
+  if (seed.device().is_cpu()) {
+    const int64_t value = *seed.const_data_ptr<int64_t>();
+    return philox::StreamArg{philox::Stream::make(static_cast<uint64_t>(value), static_cast<uint64_t>(offset)),
+                             nullptr};
+  }
+  return philox::StreamArg{philox::Stream::make(0, static_cast<uint64_t>(offset)), seed.const_data_ptr<int64_t>()};
+}
+
+// The stream of a CPU driver: a seed "on the input's device" is a CPU seed there, read by read_stream.
+inline philox::Stream host_stream(const philox::StreamArg& arg) {
+  TORCH_INTERNAL_ASSERT(arg.seed == nullptr, "fusedtrain: a CPU kernel got a device seed");
+  return arg.stream;
 }
 
 inline void check_group(const char* op, const at::Tensor& input, int64_t group) {
@@ -75,10 +89,22 @@ inline void check_penalty_params(const char* op, at::TensorList params) {
   }
 }
 
+// bias_dropout_add_backward's checks, shared by both backends. bias_numel may be 0: the forward pass admits
+// a last dimension of 0 (and a bias of shape [0]), and autograd still calls the backward pass then.
+inline philox::StreamArg check_bias_dropout_add_backward(const at::Tensor& grad, const at::Tensor& seed,
+                                                         int64_t offset, double p, int64_t bias_numel) {
+  check_float_tensor("bias_dropout_add_backward", "grad", grad);
+  dropout::check_p("bias_dropout_add_backward", p);
+  TORCH_CHECK(bias_numel >= 0 && grad.dim() >= 1 && grad.size(-1) == bias_numel,
+              "fusedtrain.bias_dropout_add_backward: bias_numel (", bias_numel,
+              ") must equal the last dimension of grad (", grad.sizes(), ")");
+  return read_stream("bias_dropout_add_backward", seed, offset, grad.device());
+}
+
 // The checked inputs of bias_dropout_add, shared by both backends: contiguous input and residual, the
 // stream, the (uninitialized) output, and the bias width H = input.size(-1) (0 elements: nothing to do).
 struct BiasDropoutAdd {
-  philox::Stream s;
+  philox::StreamArg s;
   at::Tensor x, r, out;
   int64_t n = 0, H = 0;
 };
@@ -89,7 +115,7 @@ inline BiasDropoutAdd prepare_bias_dropout_add(const at::Tensor& input, const at
   check_bias_dropout_add(input, bias, residual);
   dropout::check_p("bias_dropout_add", p);
   BiasDropoutAdd a;
-  a.s = read_stream("bias_dropout_add", seed, offset);
+  a.s = read_stream("bias_dropout_add", seed, offset, input.device());
   a.x = input.contiguous();
   a.r = residual.contiguous();
   a.out = at::empty(a.x.sizes(), a.x.options());
@@ -106,7 +132,7 @@ at::Tensor dropout_impl(const at::Tensor& input, const at::Tensor& seed, int64_t
   check_float_tensor("dropout", "input", input);
   dropout::check_p("dropout", p);
   check_group("dropout", input, group);
-  const philox::Stream s = read_stream("dropout", seed, offset);
+  const philox::StreamArg s = read_stream("dropout", seed, offset, input.device());
   const at::Tensor x = input.contiguous();
   at::Tensor y = at::empty(x.sizes(), x.options());
   Backend::run(x, y, group, s, p, rescale);
@@ -119,7 +145,7 @@ void dropout_inplace_impl(const at::Tensor& input, const at::Tensor& seed, int64
   check_float_tensor("dropout_", "input", input);
   dropout::check_p("dropout_", p);
   check_group("dropout_", input, group);
-  const philox::Stream s = read_stream("dropout_", seed, offset);
+  const philox::StreamArg s = read_stream("dropout_", seed, offset, input.device());
   const at::Tensor x = input.contiguous();
   Backend::run(x, x, group, s, p, rescale);
   if (!x.is_same(input)) input.copy_(x);

@@ -77,5 +77,26 @@ struct Stream {
   }
 };
 
+// Note [device seed]:
+// What a kernel receives for one stream: the offset, and the seed either by value (read on the host from
+// a CPU seed tensor) or as a pointer to a one-element int64 tensor in device memory that the kernel
+// reads when it starts. The pointer form is what CUDA graph capture needs: a value read on the host is
+// frozen into the captured launch, while a seed tensor drawn on the device by torch's CUDA generator
+// (whose Philox offset torch advances on every replay) is refreshed before each replay reads it. Both
+// forms give the same stream for the same seed value: the masks do not depend on where the seed lives.
+struct StreamArg {
+  Stream stream;        // the offset; the seed too when `seed` is null
+  const int64_t* seed;  // device memory holding the seed, or null
+
+  FT_HD Stream get() const {
+    if (seed == nullptr) return stream;
+    const uint64_t value = static_cast<uint64_t>(*seed);
+    Stream s = stream;
+    s.k0 = static_cast<uint32_t>(value);
+    s.k1 = static_cast<uint32_t>(value >> 32);
+    return s;
+  }
+};
+
 }  // namespace philox
 }  // namespace fusedtrain

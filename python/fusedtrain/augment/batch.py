@@ -32,9 +32,11 @@ class BatchAugment(nn.Module):
 
     Parameters are drawn on the CPU (torch's default CPU generator, which ``torch.manual_seed``
     seeds, or ``generator=`` / ``seed=`` per call), so a seed gives the same augmentation on CPU and
-    CUDA. The pixel work runs on the images' device. Like torchvision's transforms the module is random
-    in eval mode too; for a fixed evaluation transform call :func:`fusedtrain.augment.functional.augment`
-    with fixed boxes (e.g. a central crop).
+    CUDA. The pixel work runs on the images' device. For the same reason the module refuses to run
+    inside a CUDA graph capture (every replay would repeat the captured crops): augment the batch
+    outside the captured region and copy it into the graph's static input. Like torchvision's
+    transforms the module is random in eval mode too; for a fixed evaluation transform call
+    :func:`fusedtrain.augment.functional.augment` with fixed boxes (e.g. a central crop).
 
     Args:
         size: side of the square output.
@@ -134,7 +136,12 @@ class BatchAugment(nn.Module):
 
         Returns:
             The (N, C, size, size) output, or (output, params).
+
+        Raises:
+            RuntimeError: during CUDA graph capture, before anything is drawn (the parameters are drawn and
+                read on the host: every replay would repeat them); augment outside the captured region.
         """
+        F._refuse_capture("BatchAugment")
         views = F.as_image_list(images, self.layout)
         channels = int(views[0].shape[0])
         if self.mean is not None and len(self.mean) != channels:

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from .. import _ops
+from .._capture import stream_capturing
 
 __all__ = ["AugmentParams", "augment", "sample_params", "sample_crop_boxes", "sample_flips",
            "sample_jitter_factors", "jitter_range", "as_image_list"]
@@ -73,6 +74,27 @@ class AugmentParams:
 
     def __len__(self) -> int:
         return int(self.boxes.shape[0])
+
+
+def _refuse_capture(what: str, params: str = "crop boxes, flips and jitter factors") -> None:
+    """Refuses a call made during CUDA graph capture, before it draws or changes anything.
+
+    The per-sample parameters of the augmentations are drawn and read on the host by design (so a seed
+    gives the same result on every device); a captured graph would replay the values of the capture on
+    every replay, the same crops for every batch.
+
+    Args:
+        what: the refused function, for the message.
+        params: what it draws on the host, for the message.
+
+    Raises:
+        RuntimeError: while CUDA graph capture is underway on the current stream.
+    """
+    if stream_capturing():
+        raise RuntimeError(f"{what} cannot run inside a CUDA graph capture: its per-sample {params} are drawn and "
+                           "read on the host, so every replay of the graph would repeat the captured ones. Run the "
+                           "augmentation outside the captured region: augment the batch first, then copy it into "
+                           "the graph's static input")
 
 
 def _check_layout(layout: str) -> None:
@@ -182,7 +204,12 @@ def augment(images: Images, boxes: Tensor | Sequence[Sequence[int]], flips: Tens
 
     Returns:
         A new contiguous (N, C, size, size) tensor of ``out_dtype`` on the images' device.
+
+    Raises:
+        RuntimeError: during CUDA graph capture (the parameters are host data: every replay would repeat
+            them); run it outside the captured region.
     """
+    _refuse_capture("fusedtrain.augment")
     views = as_image_list(images, layout)
     n = len(views)
     if not isinstance(size, int) or isinstance(size, bool) or size < 1:

@@ -1,7 +1,9 @@
 """Cutout, mixup and cutmix on a batch, with per-sample random parameters (plain torch ops, any device).
 
 Each draw happens on the CPU (torch's default CPU generator, or ``generator=``), so a seed gives the same
-boxes, λ and partners on every device; the pixel work runs where the images are.
+boxes, λ and partners on every device; the pixel work runs where the images are. For the same reason these
+refuse to run inside a CUDA graph capture (a replay would repeat the captured draws): run them outside the
+captured region.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as nnF
 from torch import Tensor
+
+from .functional import _refuse_capture
 
 __all__ = ["MixParams", "cutout", "mixup", "cutmix"]
 
@@ -100,6 +104,7 @@ def cutout(images: Tensor, size: int, p: float = 1.0, fill: float = 0.0, *, gene
         A new tensor (the input is not modified), and with ``return_params`` the :class:`MixParams`
         (``boxes`` with zero height for samples left intact).
     """
+    _refuse_capture("fusedtrain.augment.cutout", "boxes")
     _check_batch(images)
     if not isinstance(size, int) or size < 0:
         raise ValueError(f"size must be a non-negative int (side of the square), got {size!r}")
@@ -160,6 +165,7 @@ def mixup(images: Tensor, targets: Tensor, alpha: float = 1.0, num_classes: int 
         (mixed images, soft targets (N, K) in the images' dtype) and, with ``return_params``, the
         :class:`MixParams`.
     """
+    _refuse_capture("fusedtrain.augment.mixup", "mixing weights and partners")
     if not isinstance(images, Tensor) or images.dim() < 1 or images.shape[0] == 0:
         raise ValueError("images must be a non-empty (N, ...) batch")
     if not images.dtype.is_floating_point:
@@ -199,6 +205,7 @@ def cutmix(images: Tensor, targets: Tensor, alpha: float = 1.0, num_classes: int
         (mixed images, soft targets (N, K)) and, with ``return_params``, the :class:`MixParams`. Soft targets
         are in the images' dtype when that is floating point, else float32.
     """
+    _refuse_capture("fusedtrain.augment.cutmix", "mixing weights, boxes and partners")
     _check_batch(images)
     n, _, height, width = images.shape
     y = _soft_targets(targets, n, num_classes, images.dtype if images.dtype.is_floating_point else torch.float32)

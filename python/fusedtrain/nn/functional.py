@@ -10,9 +10,24 @@ Note [seeds]:
     ``seed=None`` (the default) draws the seed from ``generator``, or from torch's default **CPU**
     generator when ``generator`` is None, for inputs on every device. So ``torch.manual_seed(s)`` makes
     runs reproducible, the same call gives the same mask on the CPU and on a GPU, and nothing waits for a
-    GPU. ``seed=<int>`` (or a one-element int64 CPU tensor) fixes the mask: the same seed gives the same
-    mask for inputs of the same shape, on any device, in any dtype. A CUDA generator is refused (drawing
-    from it would need a host-device synchronization).
+    GPU. ``seed=<int>`` (or a one-element int64 tensor, on the CPU or on the input's device) fixes the mask:
+    the same seed value gives the same mask for inputs of the same shape, on any device, in any dtype,
+    wherever the seed tensor lives. ``generator`` may also be a generator of the input's GPU: the seed is
+    then drawn on the device and read there by the kernel (no synchronization either).
+
+    CUDA graphs. A captured graph replays its kernels with the arguments they had at capture time, so a
+    seed drawn on the host would repeat one mask on every replay. While ``torch.cuda.graph`` (or
+    ``make_graphed_callables``) captures a call on a CUDA input with ``seed=None`` and no generator, the
+    seed is therefore drawn as a one-element tensor on the input's device by torch's CUDA generator, whose
+    Philox offset torch advances on every replay, and the kernels read it from device memory: each replay
+    gets a fresh mask, governed by ``torch.cuda.manual_seed``, and the backward pass reads the same saved
+    seed tensor, so forward and backward agree within each replay. Under ``torch.compile`` (which traces
+    outside any capture; ``mode="reduce-overhead"`` captures the compiled code afterwards) the CPU draw is
+    kept, so compiled and eager code give the same masks, and copied to the device inside the graph: the
+    captured kernels read a seed that the non-captured copy refreshes on every call. An explicit
+    ``seed=`` or a CPU ``generator=`` under capture is drawn once, at capture time: every replay then
+    repeats that fixed mask, which is what a fixed seed asks for (pass a CUDA ``generator=`` registered with
+    the graph, ``graph.register_generator_state(g)``, for fresh masks from your own stream).
 
 Note [keep rule]:
     element (or channel, or sample) ``d`` is dropped iff ``u_d < t`` where ``u_d`` is its uint32 Philox
@@ -36,6 +51,7 @@ import torch
 from torch import Tensor
 
 from .. import _ops
+from .._capture import stream_capturing
 
 __all__ = ["dropout", "dropout2d", "drop_path", "bias_dropout_add", "SeedLike"]
 
@@ -51,21 +67,35 @@ def _check_p(p: float, name: str = "dropout probability") -> float:
     return value
 
 
-def _seed_tensor(seed: SeedLike, generator: torch.Generator | None) -> Tensor:
-    """The one-element int64 CPU tensor the ops take (Note [seeds])."""
+_SEED_HIGH = _INT64 // 2 - 1  # randint's exclusive upper bound: 63 random bits
+
+
+def _seed_tensor(seed: SeedLike, generator: torch.Generator | None, input: Tensor) -> Tensor:
+    """The one-element int64 seed tensor the ops take for ``input`` (Note [seeds])."""
+    device = input.device
     if seed is None:
-        if generator is not None and torch.device(generator.device).type != "cpu":
-            raise ValueError("fusedtrain dropout: generator must be a CPU torch.Generator (the seed is drawn on the "
-                             f"host for every device), got one on {generator.device}")
-        # out of place (torch.compile traces randint, not random_); 63 random bits
-        return torch.randint(0, _INT64 // 2 - 1, (), dtype=torch.int64, generator=generator)
+        if generator is not None:
+            gen_device = torch.device(generator.device)
+            if gen_device.type != "cpu":
+                if gen_device != device:
+                    raise ValueError("fusedtrain dropout: generator must be a CPU torch.Generator or one on the "
+                                     f"input's device ({device}), got one on {gen_device}")
+                return torch.randint(0, _SEED_HIGH, (), dtype=torch.int64, generator=generator, device=device)
+        elif device.type == "cuda" and stream_capturing():
+            # drawn on the device: a host draw would be frozen into the graph (Note [seeds])
+            return torch.randint(0, _SEED_HIGH, (), dtype=torch.int64, device=device)
+        # out of place (torch.compile traces randint, not random_)
+        value = torch.randint(0, _SEED_HIGH, (), dtype=torch.int64, generator=generator)
+        if device.type == "cuda" and torch.compiler.is_compiling():
+            value = value.to(device, non_blocking=True)  # Note [seeds]: a copy in the graph, not a host read
+        return value
     if isinstance(seed, Tensor):
-        if seed.numel() != 1 or seed.dtype != torch.int64 or seed.device.type != "cpu":
-            raise ValueError("fusedtrain dropout: a seed tensor must be a one-element int64 tensor on the CPU, "
-                             f"got {seed.dtype} {tuple(seed.shape)} on {seed.device}")
+        if seed.numel() != 1 or seed.dtype != torch.int64 or not (seed.device.type == "cpu" or seed.device == device):
+            raise ValueError("fusedtrain dropout: a seed tensor must be a one-element int64 tensor on the CPU or on "
+                             f"the input's device ({device}), got {seed.dtype} {tuple(seed.shape)} on {seed.device}")
         return seed.reshape(())
     if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"fusedtrain dropout: seed must be an int, a one-element int64 CPU tensor or None, "
+        raise TypeError(f"fusedtrain dropout: seed must be an int, a one-element int64 tensor or None, "
                         f"got {type(seed).__name__}")
     value = seed % _INT64  # any Python int, as its 64-bit two's-complement pattern
     if value >= _INT64 // 2:
@@ -94,7 +124,7 @@ class _DropoutInplace(torch.autograd.Function):
 
 def _apply(input: Tensor, p: float, group: int, rescale: bool, inplace: bool, seed: SeedLike,
            generator: torch.Generator | None) -> Tensor:
-    s = _seed_tensor(seed, generator)
+    s = _seed_tensor(seed, generator, input)
     if inplace:
         return _DropoutInplace.apply(input, s, p, group, rescale)
     return _ops.dropout(input, s, 0, p, group, rescale)
@@ -112,7 +142,8 @@ def dropout(input: Tensor, p: float = 0.5, training: bool = True, inplace: bool 
         training: apply dropout if ``True``; otherwise return ``input`` itself.
         inplace: write the result into ``input`` (and return it).
         seed: fixes the mask (see the module's Note [seeds]); ``None`` draws a fresh one per call.
-        generator: CPU generator to draw the seed from when ``seed`` is None.
+        generator: generator to draw the seed from when ``seed`` is None: a CPU one, or one of the input's
+            GPU (module Note [seeds]).
 
     Returns:
         The dropped-out tensor (``input`` itself when ``training`` is False, ``p`` is 0 or it is empty, as
@@ -157,7 +188,8 @@ def dropout2d(input: Tensor, p: float = 0.5, training: bool = True, inplace: boo
         training: apply dropout if ``True``; otherwise return ``input`` itself.
         inplace: write the result into ``input``.
         seed: fixes the mask (module Note [seeds]).
-        generator: CPU generator to draw the seed from when ``seed`` is None.
+        generator: generator to draw the seed from when ``seed`` is None: a CPU one, or one of the input's
+            GPU (module Note [seeds]).
 
     Returns:
         The result; autograd keeps only the seed.
@@ -192,7 +224,8 @@ def drop_path(x: Tensor, drop_prob: float = 0.0, training: bool = False, scale_b
         training: apply stochastic depth if ``True``; otherwise return ``x`` itself.
         scale_by_keep: divide kept samples by the keep probability ``1 - drop_prob``.
         seed: fixes the mask (module Note [seeds]).
-        generator: CPU generator to draw the seed from when ``seed`` is None.
+        generator: generator to draw the seed from when ``seed`` is None: a CPU one, or one of the input's
+            GPU (module Note [seeds]).
 
     Returns:
         The result; autograd keeps only the seed.
@@ -227,7 +260,8 @@ def bias_dropout_add(x: Tensor, bias: Tensor, residual: Tensor, p: float, traini
         p: dropout probability in [0, 1].
         training: apply dropout if ``True``; otherwise return ``residual + x + bias`` (still one pass).
         seed: fixes the mask (module Note [seeds]).
-        generator: CPU generator to draw the seed from when ``seed`` is None.
+        generator: generator to draw the seed from when ``seed`` is None: a CPU one, or one of the input's
+            GPU (module Note [seeds]).
 
     Returns:
         A new contiguous tensor of ``x``'s shape.
@@ -235,4 +269,4 @@ def bias_dropout_add(x: Tensor, bias: Tensor, residual: Tensor, p: float, traini
     p = _check_p(p)
     if not training or p == 0.0:
         return _ops.bias_dropout_add(x, bias, residual, _NO_SEED, 0, 0.0)
-    return _ops.bias_dropout_add(x, bias, residual, _seed_tensor(seed, generator), 0, p)
+    return _ops.bias_dropout_add(x, bias, residual, _seed_tensor(seed, generator, x), 0, p)
