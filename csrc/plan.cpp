@@ -6,22 +6,29 @@
 // op's arguments (about 1 us per tensor in Python, 0.1 us per tensor and list in the op's argument
 // conversion). The plan does that walk once, when the optimizer's parameters, gradients' presence or state
 // change, and keeps the result here: per segment (one rule, one group, one device and dtype, one storage
-// layout) the tensors, the checked layout and the drivers' work list. Each step then:
+// layout, one update pass) the tuples and the drivers' work list. Each step then:
 //   1. validates cheaply, in C++, that nothing the plan relies on changed: every group's params list holds
 //      the same objects with the same tensors, data pointers, sizes and strides; the optimizer's state dict
-//      holds the same per-parameter dicts holding the same objects; every parameter that had a gradient
-//      has a dense one of its dtype, shape and device (the new data pointers are read here:
-//      zero_grad(set_to_none=True) costs nothing more), and every parameter that had none still has none.
-//      A change reports "stale" before anything is written; Python rebuilds the plan and calls again. A
-//      gradient of the wrong dtype or shape is an error naming its group and parameter;
+//      holds the same per-parameter dicts holding the same objects, whose storages are the ones the work
+//      list points into; every parameter that had a gradient has a dense one of its dtype, shape and device
+//      (its data pointer is read here: zero_grad(set_to_none=True) costs nothing more), and every parameter
+//      that had none still has none. A change reports "stale" before anything is written; Python rebuilds
+//      the plan and calls again. A gradient of the wrong dtype or shape is an error naming its group and
+//      parameter, raised before the first write;
 //   2. computes the gradients' norm for max_grad_norm (one fused reduction per device and dtype, float32
 //      or wider: the norm of float16 gradients scaled by GradScaler never narrows) and the clip
 //      coefficient, on the device;
 //   3. runs every segment: advances the step counters, binds the group's hyperparameters and learning
 //      rate, launches the rule's kernel (found_inf decided on the device, or once on the host).
-// Python's share of a step is O(1) per param group. The plan holds strong references to the objects it
-// compares by identity, so an address is never reused under it. It lives on the optimizer object (no
-// global state) and is never pickled.
+// Python's share of a step is O(1) per param group.
+//
+// References: the plan holds strong references to the Python objects it compares by identity (so an
+// address is never reused under it) and to the optimizer's own state tensors, but never an owning
+// reference to a parameter's or an EMA average's tensor: torch.utils.swap_tensors (Module.to() of tensor
+// subclasses, load_state_dict(assign=True)) refuses tensors with extra references, and a model moved off
+// a GPU must free its memory. Those tensors are reached through their Python objects each step, and their
+// identity (TensorImpl) and data pointer are compared with what the plan recorded before any is used.
+// The plan lives on the optimizer object (no global state) and is never pickled.
 #include <torch/extension.h>
 
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -121,32 +128,34 @@ struct StateSnapshot {
   }
 };
 
-// Where a cached pointer's memory comes from (Seg::memory).
-struct Memory {
-  c10::Storage storage;
-  int64_t offset = 0;
-};
-
 // One position of a group's params list.
 struct Entry {
   py::object obj;
-  c10::TensorImpl* impl = nullptr;
+  const c10::TensorImpl* impl = nullptr;  // compared, never dereferenced (detects torch.utils.swap_tensors)
   Role role = kAbsent;
 };
 
-// The tensor a parameter's kernel walks and the one its gradient must match (its local shard for a
-// DTensor), as recorded when the plan was built.
+// One fused parameter of a segment.
 struct Tuple {
-  int position = 0;
-  uint8_t kind = 0;
-  at::Tensor pair;        // the gradient's dtype, shape and device (the param, or its local shard)
-  const void* pair_ptr = nullptr;
-  // pair's sizes and strides, and the strides of the kernel's list-0 tensor (a real view), recorded at
-  // build: offsets into Seg::dims (one flat pool, read sequentially)
-  uint32_t dim = 0, ndim = 0, ref_ndim = 0;
-  bool ref_contiguous = true;
-  int work = -1;                     // index in Seg::work, -1 for an empty tuple
-  uint32_t memory = 0;               // first of its Memory records in Seg::memory (target, states, ema, copy)
+  int position = 0;  // in its group's params list
+  uint8_t kind = 0;  // kComplex | kDTensor
+  // The tensor its gradient must match and its kernel walks (the parameter, or a DTensor's local shard),
+  // as recorded: identity, data pointer, and sizes / strides at Seg::dims[dim...].
+  const c10::TensorImpl* local_impl = nullptr;
+  const void* local_ptr = nullptr;
+  uint32_t dim = 0, ndim = 0;
+  bool contiguous = true;
+  // The EMA average fused into its update (an object of the EMA's model), when there is one.
+  py::object avg_obj;
+  const c10::TensorImpl* avg_impl = nullptr;
+  const void* avg_ptr = nullptr;
+  int work = -1;  // index in Seg::work, -1 for an empty tuple
+};
+
+// The optimizer-owned tensors behind a cached pointer, and where they point (Note [step plan]).
+struct Memory {
+  c10::Storage storage;
+  int64_t offset = 0;
 };
 
 struct Seg {
@@ -156,25 +165,33 @@ struct Seg {
   int group = 0;
   std::vector<std::pair<int, double>> overrides;
   std::vector<Tuple> tuples;
-  std::vector<int64_t> dims;  // Tuple::dim: sizes (ndim), strides (ndim), list-0 strides (ref_ndim)
-  std::vector<Memory> memory;  // Tuple::memory: the storages behind the cached work list
-  std::vector<at::Tensor> targets, states, steps, ema, copies;
+  std::vector<int64_t> dims;  // Tuple::dim: sizes (ndim) then strides (ndim)
+  // optimizer-owned tensors: the masters (master weights), the states (n_states lists, concatenated), the
+  // step counters
+  std::vector<at::Tensor> masters, states, steps;
+  std::vector<Memory> memory;  // per tuple with a work index: masters (if any), then its states
   size_t n_states = 0;
   host::Precision prec;
   bool with_ema = false;
   c10::Device device{c10::kCPU};
   bool steps_on_device = false;
   bool static_general = false;  // some tuple is never dense: the work list is built every step
-  Work work;                    // the cached work list (grads filled per step)
+  Work work;                    // the cached work list (gradients filled every step)
   // per step
+  std::vector<const void*> grads, last_grads;  // this step's gradient pointers, and those of the last update
   bool general_now = false;
-  std::vector<at::Tensor> grads_now;
+  std::vector<at::Tensor> locals_now, grads_now, avgs_now;  // only for a step that builds its work list
+  std::vector<py::object> keep_now;                         // DTensor local shards read this step
 
-  std::vector<at::TensorList> lists(at::TensorList grads) const {
+  size_t memory_per_tuple() const { return (prec.copies ? 1 : 0) + n_states; }
+
+  // The lists of a call in register order: targets, grads, the states, then the averages and copies.
+  std::vector<at::TensorList> lists(at::TensorList targets, at::TensorList grads, at::TensorList avgs,
+                                    at::TensorList copies) const {
     const size_t n = targets.size();
     std::vector<at::TensorList> out{targets, grads};
     for (size_t k = 0; k < n_states; ++k) out.push_back(at::TensorList(states).slice(k * n, n));
-    if (with_ema) out.push_back(ema);
+    if (with_ema) out.push_back(avgs);
     if (prec.copies) out.push_back(copies);
     return out;
   }
@@ -184,6 +201,14 @@ std::vector<at::Tensor> tensor_list(py::handle seq, const char* what) {
   std::vector<at::Tensor> out;
   for (py::handle h : seq) out.push_back(unpack(h.ptr(), what));
   return out;
+}
+
+// The tensor of `obj` the kernels see: a DTensor's local shard (its Python object is appended to `keep`,
+// which keeps it alive), or the tensor itself.
+const at::Tensor& local_of(PyObject* obj, bool dtensor, std::vector<py::object>& keep) {
+  if (!dtensor) return THPVariable_Unpack(obj);
+  keep.push_back(py::reinterpret_borrow<py::object>(obj).attr("_local_tensor"));
+  return unpack(keep.back().ptr(), "a DTensor's local shard");
 }
 
 class StepPlanImpl {
@@ -210,11 +235,19 @@ class StepPlanImpl {
     snapshot_.take(state);
   }
 
-  bool has_stochastic() const {
+  // For a captured step (python/fusedtrain/optim/captured.py), which replays kernels whose pointers were
+  // recorded: 0 the plan is stale, 1 it is valid and every gradient sits where it sat at the last update,
+  // 2 it is valid but a gradient moved (zero_grad(set_to_none=True) gives new gradient tensors).
+  int check(py::list group_params, py::handle state) {
+    if (!validate(group_params, state)) return 0;
     for (const Seg& s : segs_) {
-      if (s.prec.stochastic) return true;
+      if (s.grads != s.last_grads) return 2;
     }
-    return false;
+    return 1;
+  }
+
+  bool has_stochastic() const {
+    return std::any_of(segs_.begin(), segs_.end(), [](const Seg& s) { return s.prec.stochastic; });
   }
 
   std::vector<c10::Device> devices() const {
@@ -292,10 +325,18 @@ class StepPlanImpl {
       py::gil_scoped_release no_gil;
       for (size_t k = 0; k < segs_.size(); ++k) run(segs_[k], hyper[segs_[k].group], l1[segs_[k].group], plans[k]);
     }
+    for (Seg& s : segs_) {  // drop this step's references (tensors a user may want to swap or free)
+      s.locals_now.clear();
+      s.grads_now.clear();
+      s.avgs_now.clear();
+      s.keep_now.clear();
+    }
     return py::make_tuple(static_cast<int>(kUpdated), norm_out, device_found_inf);
   }
 
  private:
+  // segment dict (built by python/fusedtrain/optim/_base.py): rule, group, hyper, overrides, positions,
+  // kinds, averages (EMA objects or []), masters, states, steps, stochastic.
   void add_segment(const py::dict& d) {
     Seg s;
     const std::string rule = d["rule"].cast<std::string>();
@@ -303,73 +344,82 @@ class StepPlanImpl {
     s.op = "optim." + name_ + " (" + rule + ")";
     s.group = d["group"].cast<int>();
     TORCH_CHECK(s.group >= 0 && static_cast<size_t>(s.group) < groups_.size(), "fusedtrain step plan: bad group");
-    for (py::handle o : d["overrides"]) {
-      auto pair = o.cast<std::pair<int, double>>();
-      s.overrides.push_back(pair);
-    }
+    for (py::handle o : d["overrides"]) s.overrides.push_back(o.cast<std::pair<int, double>>());
     const py::list positions = d["positions"];
     const py::list kinds = d["kinds"];
-    const py::list pairs = d["pairs"];
-    s.targets = tensor_list(d["targets"], "a target");
+    const py::list averages = d["averages"];
+    s.masters = tensor_list(d["masters"], "a master weight");
     s.states = tensor_list(d["states"], "a state");
     s.steps = tensor_list(d["steps"], "a step counter");
-    s.ema = tensor_list(d["ema"], "an EMA average");
-    s.copies = tensor_list(d["copies"], "a parameter copy");
-    const size_t n = s.targets.size();
-    TORCH_CHECK(py::len(positions) == n && py::len(kinds) == n && py::len(pairs) == n,
-                "fusedtrain step plan: one position, kind and pair per tensor");
-    const std::vector<double> hyper = d["hyper"].cast<std::vector<double>>();
-    std::vector<double> h = hyper;
+    const size_t n = py::len(positions);
+    TORCH_CHECK(py::len(kinds) == n && (averages.empty() || py::len(averages) == n) &&
+                    (s.masters.empty() || s.masters.size() == n),
+                "fusedtrain step plan: one kind, average and master per parameter");
+    std::vector<double> h = d["hyper"].cast<std::vector<double>>();
     for (const auto& [i, v] : s.overrides) h[i] = v;
-    // The lists are checked now, with the parameters standing in for the gradients (same shape and
-    // dtype, except for master weights, whose copies stand in), as the step_ op checks them.
-    const std::vector<at::Tensor>& stand_in = s.copies.empty() ? s.targets : s.copies;
-    const host::CallLists call =
-        host::check_call(*s.rule, s.op.c_str(), h, s.targets, stand_in, s.states, s.ema, s.copies,
-                         d["stochastic"].cast<bool>());
+    // The build's view of the lists (held only here): the kernels' targets, the gradients' stand-ins (the
+    // parameters: same shape and dtype), the averages and the low-precision copies.
+    std::vector<py::object> keep;
+    std::vector<at::Tensor> locals, targets, avgs, copies;
+    const auto& entries = groups_[s.group];
+    for (size_t i = 0; i < n; ++i) {
+      const int pos = positions[i].cast<int>();
+      TORCH_CHECK(pos >= 0 && static_cast<size_t>(pos) < entries.size() && entries[pos].role == kFused,
+                  "fusedtrain step plan: a segment names a parameter that is not fused");
+      const uint8_t kind = static_cast<uint8_t>(kinds[i].cast<int>());
+      const at::Tensor local = local_of(entries[pos].obj.ptr(), kind & kDTensor, keep);
+      locals.push_back(local);
+      targets.push_back(!s.masters.empty() ? s.masters[i] : ((kind & kComplex) ? at::view_as_real(local) : local));
+      if (!averages.empty()) {
+        const at::Tensor a = local_of(py::handle(averages[i]).ptr(), kind & kDTensor, keep);
+        avgs.push_back((kind & kComplex) ? at::view_as_real(a) : a);
+      }
+    }
+    if (!s.masters.empty()) copies = locals;
+    const std::vector<at::Tensor>& stand_in = copies.empty() ? targets : copies;
+    const host::CallLists call = host::check_call(*s.rule, s.op.c_str(), h, targets, stand_in, s.states, avgs,
+                                                  copies, d["stochastic"].cast<bool>());
     s.prec = call.prec;
     s.with_ema = call.with_ema;
     s.n_states = s.rule->states(h.data()).size();
-    if (n > 0) s.device = s.targets[0].device();
+    if (n > 0) s.device = targets[0].device();
     s.fn = host::backend_fn(*s.rule, s.op.c_str(), s.device);
-    const host::StepPlan steps = host::check_steps(s.op.c_str(), s.steps, s.targets, s.rule->counts_steps);
-    s.steps_on_device = steps.on_device;
-    std::vector<at::TensorList> lists = s.lists(stand_in);
+    s.steps_on_device = host::check_steps(s.op.c_str(), s.steps, targets, s.rule->counts_steps).on_device;
+    const std::vector<at::TensorList> lists = s.lists(targets, stand_in, avgs, copies);
     for (size_t i = 0; i < n; ++i) {
       Tuple t;
       t.position = positions[i].cast<int>();
       t.kind = static_cast<uint8_t>(kinds[i].cast<int>());
-      t.pair = unpack(py::handle(pairs[i]).ptr(), "a gradient pair");
-      t.pair_ptr = t.pair.numel() > 0 ? t.pair.const_data_ptr() : nullptr;
-      const at::Tensor& ref = s.targets[i];
+      const at::Tensor& local = locals[i];
+      t.local_impl = local.unsafeGetTensorImpl();
+      t.local_ptr = local.numel() > 0 ? local.const_data_ptr() : nullptr;
       t.dim = static_cast<uint32_t>(s.dims.size());
-      t.ndim = static_cast<uint32_t>(t.pair.dim());
-      t.ref_ndim = static_cast<uint32_t>(ref.dim());
-      for (int64_t v : t.pair.sizes()) s.dims.push_back(v);
-      for (int64_t v : t.pair.strides()) s.dims.push_back(v);
-      for (int64_t v : ref.strides()) s.dims.push_back(v);
-      t.ref_contiguous = ref.is_contiguous();
-      if (ref.numel() > 0) {
+      t.ndim = static_cast<uint32_t>(local.dim());
+      for (int64_t v : local.sizes()) s.dims.push_back(v);
+      for (int64_t v : local.strides()) s.dims.push_back(v);
+      t.contiguous = local.is_contiguous();
+      if (!averages.empty()) {
+        t.avg_obj = averages[i];
+        const at::Tensor& a = avgs[i];
+        t.avg_impl = local_of(t.avg_obj.ptr(), t.kind & kDTensor, keep).unsafeGetTensorImpl();
+        t.avg_ptr = a.numel() > 0 ? a.const_data_ptr() : nullptr;
+      }
+      if (local.numel() > 0) {
         if (!host::dense_tuple(lists, i)) s.static_general = true;
         t.work = static_cast<int>(s.work.size());
         std::array<void*, kMaxDepth> ptr{};
         for (size_t k = 0; k < lists.size(); ++k) ptr[k] = lists[k][i].data_ptr();
-        t.memory = static_cast<uint32_t>(s.memory.size());
-        for (size_t k = 0; k < lists.size(); ++k) {
-          if (k == 1) continue;  // the gradient is read afresh every step
-          const at::Tensor& x = lists[k][i];
-          s.memory.push_back(Memory{x.storage(), x.storage_offset()});
-        }
         s.work.ptr.push_back(ptr);
-        s.work.numel.push_back(ref.numel());
+        s.work.numel.push_back(targets[i].numel());
         s.work.step.push_back(Scalar{});
         s.work.ordinal.push_back(static_cast<uint32_t>(i));
-        s.work.device = ref.device();
+        s.work.device = s.device;
+        if (!s.masters.empty()) s.memory.push_back(Memory{s.masters[i].storage(), s.masters[i].storage_offset()});
+        for (size_t k = 0; k < s.n_states; ++k) {
+          const at::Tensor& st = s.states[k * n + i];
+          s.memory.push_back(Memory{st.storage(), st.storage_offset()});
+        }
       }
-      const auto& entries = groups_[s.group];
-      TORCH_CHECK(t.position >= 0 && static_cast<size_t>(t.position) < entries.size() &&
-                      entries[t.position].role == kFused,
-                  "fusedtrain step plan: a segment names a parameter that is not fused");
       s.tuples.push_back(std::move(t));
     }
     segs_.push_back(std::move(s));
@@ -380,48 +430,34 @@ class StepPlanImpl {
                 what);
   }
 
-  // The gradient the kernel reads for tuple t (its local shard for a DTensor), or an undefined tensor.
-  at::Tensor grad_of(const Seg& s, const Tuple& t) const {
-    const Entry& e = groups_[s.group][t.position];
-    if (t.kind & kDTensor) {
-      py::object g = e.obj.attr("grad");
-      if (g.is_none()) return at::Tensor();
-      if (!py::hasattr(g, "_local_tensor")) refuse(s, t, "a DTensor parameter has a plain-tensor gradient");
-      return unpack(g.attr("_local_tensor").ptr(), "a gradient");
-    }
-    return THPVariable_Unpack(e.obj.ptr()).grad();
-  }
-
-  // The tensors behind the cached work list still hold the memory it points to. A state tensor whose
-  // .data is replaced (a common "move the optimizer to another device" recipe does that), or set_, gets a
-  // new storage: the plan compares each tensor's StorageImpl and offset with the ones it recorded, reading
-  // only the TensorImpl (a full data_ptr() read per state tensor doubled the step's host time). The plan
-  // also keeps those storages alive, so a stale pointer can never reach freed memory; only resizing a state
-  // tensor's storage in place (no optimizer or checkpoint tool does) would go unnoticed.
-  static bool cached_pointers_valid(const Seg& s, const Tuple& t) {
+  // The optimizer-owned tensors behind the cached work list still hold the memory it points to. A state
+  // tensor whose .data is replaced (a common "move the optimizer to another device" recipe does that), or
+  // set_, gets a new storage: the plan compares each tensor's StorageImpl and offset with the ones it
+  // recorded, reading only the TensorImpl (a full data_ptr() read per state tensor doubled the step's host
+  // time). The plan keeps those storages alive, so a stale pointer can never reach freed memory; only
+  // resizing a state tensor's storage in place (no optimizer or checkpoint tool does) would go unnoticed.
+  static bool memory_unchanged(const Seg& s, const Tuple& t) {
     const size_t i = &t - s.tuples.data(), n = s.tuples.size();
-    const Memory* m = s.memory.data() + t.memory;
+    const Memory* m = s.memory.data() + static_cast<size_t>(t.work) * s.memory_per_tuple();
     auto same = [](const at::Tensor& x, const Memory& r) {
       const c10::TensorImpl* impl = x.unsafeGetTensorImpl();
       return impl->storage().unsafeGetStorageImpl() == r.storage.unsafeGetStorageImpl() &&
              impl->storage_offset() == r.offset;
     };
-    if (!same(s.targets[i], m[0])) return false;
-    size_t k = 1;
-    for (size_t j = 0; j < s.n_states; ++j, ++k) {
-      if (!same(s.states[j * n + i], m[k])) return false;
+    if (!s.masters.empty() && !same(s.masters[i], *m++)) return false;
+    for (size_t j = 0; j < s.n_states; ++j) {
+      if (!same(s.states[j * n + i], m[j])) return false;
     }
-    if (s.with_ema && !same(s.ema[i], m[k++])) return false;
-    if (s.prec.copies && !same(s.copies[i], m[k])) return false;
     return true;
   }
 
   bool validate(py::list group_params, py::handle state) {
+    for (Seg& s : segs_) s.keep_now.clear();
     if (py::len(group_params) != groups_.size()) return false;
     for (size_t g = 0; g < groups_.size(); ++g) {
-      PyObject* lst = PyList_Check(group_params[g].ptr()) ? group_params[g].ptr() : nullptr;
+      PyObject* lst = group_params[g].ptr();
       const auto& entries = groups_[g];
-      if (lst == nullptr || lst != lists_[g].ptr() ||
+      if (lst != lists_[g].ptr() || !PyList_Check(lst) ||
           PyList_GET_SIZE(lst) != static_cast<Py_ssize_t>(entries.size())) {
         return false;
       }
@@ -429,66 +465,84 @@ class StepPlanImpl {
         PyObject* obj = PyList_GET_ITEM(lst, i);
         const Entry& e = entries[i];
         if (obj != e.obj.ptr() || THPVariable_Unpack(obj).unsafeGetTensorImpl() != e.impl) return false;
-        // A parameter that had no gradient (or an external one: sparse, meta) must still have none;
-        // its presence is read without Python, from the tensor's autograd metadata.
+        // A parameter that had no gradient must still have none; its presence is read without Python, from
+        // the tensor's autograd metadata.
         if (e.role == kAbsent && THPVariable_Unpack(obj).grad().defined()) return false;
       }
     }
     if (!snapshot_.unchanged(state.ptr())) return false;
     for (Seg& s : segs_) {
       s.general_now = s.static_general;
+      s.grads.clear();
       for (const Tuple& t : s.tuples) {
-        if (t.kind & kDTensor) {
-          const Entry& e = groups_[s.group][t.position];
-          py::object local = e.obj.attr("_local_tensor");
-          if (unpack(local.ptr(), "a local shard").unsafeGetTensorImpl() != t.pair.unsafeGetTensorImpl()) {
+        PyObject* obj = groups_[s.group][t.position].obj.ptr();
+        const bool dtensor = t.kind & kDTensor;
+        const at::Tensor& local = local_of(obj, dtensor, s.keep_now);
+        // the parameter's memory and geometry as the plan recorded them (p.data = ..., resize_, set_)
+        const int64_t* dims = s.dims.data() + t.dim;
+        if (local.unsafeGetTensorImpl() != t.local_impl ||
+            (local.numel() > 0 ? local.const_data_ptr() : nullptr) != t.local_ptr ||
+            !same_dims(local.sizes(), {dims, t.ndim}) || !same_dims(local.strides(), {dims + t.ndim, t.ndim})) {
+          return false;
+        }
+        at::Tensor owned;  // a DTensor's local gradient; plain gradients are read in place
+        if (dtensor) {
+          py::object g = py::reinterpret_borrow<py::object>(obj).attr("grad");
+          if (!g.is_none()) {
+            if (!py::hasattr(g, "_local_tensor")) refuse(s, t, "a DTensor parameter has a plain-tensor gradient");
+            owned = unpack(g.attr("_local_tensor").ptr(), "a gradient");
+          }
+        }
+        const at::Tensor& g = dtensor ? owned : THPVariable_Unpack(obj).grad();
+        if (!g.defined()) return false;                                  // its gradient vanished
+        if (g.layout() != at::kStrided || g.is_sparse()) return false;   // now a sparse gradient
+        if (g.scalar_type() != local.scalar_type() || !same_dims(g.sizes(), local.sizes()) ||
+            g.device() != local.device()) {
+          refuse(s, t, "its gradient (" + std::string(c10::toString(g.scalar_type())) + " " + c10::str(g.sizes()) +
+                           " on " + g.device().str() + ") must match the parameter (" +
+                           c10::toString(local.scalar_type()) + " " + c10::str(local.sizes()) + " on " +
+                           local.device().str() + "); nothing was updated");
+        }
+        s.grads.push_back(g.numel() > 0 ? g.const_data_ptr() : nullptr);
+        if (t.avg_obj) {
+          const at::Tensor& a = local_of(t.avg_obj.ptr(), dtensor, s.keep_now);
+          if (a.unsafeGetTensorImpl() != t.avg_impl || (a.numel() > 0 ? a.const_data_ptr() : nullptr) != t.avg_ptr) {
             return false;
           }
         }
-        // the parameter's data and geometry as the plan recorded them (p.data = ..., resize_, set_)
-        const int64_t* dims = s.dims.data() + t.dim;
-        if ((t.pair.numel() > 0 ? t.pair.const_data_ptr() : nullptr) != t.pair_ptr ||
-            !same_dims(t.pair.sizes(), {dims, t.ndim}) || !same_dims(t.pair.strides(), {dims + t.ndim, t.ndim})) {
-          return false;
-        }
-        const c10::IntArrayRef ref_strides(dims + 2 * t.ndim, t.ref_ndim);
-        at::Tensor owned;  // a DTensor's local gradient; plain gradients are read in place
-        const at::Tensor& g = (t.kind & kDTensor) ? (owned = grad_of(s, t))
-                                                  : THPVariable_Unpack(groups_[s.group][t.position].obj.ptr()).grad();
-        if (!g.defined()) return false;                                  // its gradient vanished
-        if (g.layout() != at::kStrided || g.is_sparse()) return false;   // now a sparse gradient
-        if (g.scalar_type() != t.pair.scalar_type() || !same_dims(g.sizes(), t.pair.sizes()) ||
-            g.device() != t.pair.device()) {
-          refuse(s, t, "its gradient (" + std::string(c10::toString(g.scalar_type())) + " " +
-                           c10::str(g.sizes()) + " on " + g.device().str() + ") must match the parameter (" +
-                           c10::toString(t.pair.scalar_type()) + " " + c10::str(t.pair.sizes()) + " on " +
-                           t.pair.device().str() + "); nothing was updated");
-        }
         if (t.work < 0) continue;
-        if (!s.static_general && !cached_pointers_valid(s, t)) return false;
-        if (t.kind & kComplex) {
-          const at::Tensor gr = at::view_as_real(g);
-          const bool direct = t.ref_contiguous ? gr.is_contiguous()
-                                               : (gr.is_non_overlapping_and_dense() &&
-                                                  same_dims(gr.strides(), ref_strides));
-          if (!direct) s.general_now = true;
-          s.work.ptr[t.work][1] = const_cast<void*>(gr.const_data_ptr());
-          continue;
-        }
-        const bool direct = t.ref_contiguous ? g.is_contiguous()
-                                             : (g.is_non_overlapping_and_dense() && same_dims(g.strides(), ref_strides));
+        if (!s.static_general && !memory_unchanged(s, t)) return false;
+        // Walked in place when the gradient has the parameter's layout (Note [dense tuples]); a complex
+        // gradient has the layout of its real view exactly when it has the complex parameter's.
+        const bool direct = t.contiguous ? g.is_contiguous()
+                                         : (g.is_non_overlapping_and_dense() && same_dims(g.strides(), local.strides()));
         if (!direct) s.general_now = true;
         s.work.ptr[t.work][1] = const_cast<void*>(g.const_data_ptr());
       }
-      if (s.general_now) {
-        s.grads_now.clear();
-        for (const Tuple& t : s.tuples) {
-          const at::Tensor g = grad_of(s, t);
-          s.grads_now.push_back((t.kind & kComplex) ? at::view_as_real(g) : g);
-        }
-      }
+      if (s.general_now) collect_lists(s);
     }
     return true;
+  }
+
+  // For a step that builds its work list (temporaries for a tuple that is not dense): this step's tensors.
+  void collect_lists(Seg& s) {
+    s.locals_now.clear();
+    s.grads_now.clear();
+    s.avgs_now.clear();
+    for (const Tuple& t : s.tuples) {
+      PyObject* obj = groups_[s.group][t.position].obj.ptr();
+      const bool dtensor = t.kind & kDTensor, cplx = t.kind & kComplex;
+      at::Tensor local = local_of(obj, dtensor, s.keep_now);
+      at::Tensor g = dtensor ? unpack(py::reinterpret_borrow<py::object>(obj).attr("grad").attr("_local_tensor").ptr(),
+                                      "a gradient")
+                             : THPVariable_Unpack(obj).grad();
+      s.locals_now.push_back(cplx ? at::view_as_real(local) : local);
+      s.grads_now.push_back(cplx ? at::view_as_real(g) : g);
+      if (t.avg_obj) {
+        const at::Tensor& a = local_of(t.avg_obj.ptr(), dtensor, s.keep_now);
+        s.avgs_now.push_back(cplx ? at::view_as_real(a) : a);
+      }
+    }
   }
 
   // The joint 2-norm of every gradient of the plan, in float32 (float64 if any gradient is float64):
@@ -501,7 +555,7 @@ class StepPlanImpl {
     bool any_double = false;
     for (Seg& s : segs_) {
       for (const Tuple& t : s.tuples) {
-        at::Tensor g = grad_of(s, t);
+        at::Tensor g = THPVariable_Unpack(groups_[s.group][t.position].obj.ptr()).grad();
         if (t.kind & kComplex) g = at::view_as_real(g);
         any_double = any_double || g.scalar_type() == at::kDouble;
         by[{g.device().str(), static_cast<int>(g.scalar_type())}].push_back(std::move(g));
@@ -509,7 +563,7 @@ class StepPlanImpl {
     }
     const auto acc = any_double ? at::kDouble : at::kFloat;
     std::vector<at::Tensor> norms;
-    c10::Device first = segs_[0].device;
+    const c10::Device first = segs_[0].device;
     for (auto& [key, grads] : by) norms.push_back(total_norm.call(grads, 2.0).to(first, acc));
     if (norms.size() == 1) return norms[0];
     return at::linalg_vector_norm(at::stack(norms), 2.0);
@@ -520,21 +574,23 @@ class StepPlanImpl {
     for (const auto& [i, v] : s.overrides) hyper[i] = v;
     host::advance_steps(s.steps, plan.steps);
     if (s.general_now) {
-      const std::vector<at::TensorList> lists = s.lists(s.grads_now);
-      Work work = host::prepare(lists, plan.steps.steps);
+      const std::vector<at::Tensor> targets = s.masters.empty() ? s.locals_now : s.masters;
+      const std::vector<at::Tensor> copies = s.masters.empty() ? std::vector<at::Tensor>() : s.locals_now;
+      Work work = host::prepare(s.lists(targets, s.grads_now, s.avgs_now, copies), plan.steps.steps);
       work.scalars = plan.scalars;
       if (work.size() > 0) s.fn(host::RunArgs{work, hyper.data(), rules::Common{l1}, s.prec, s.with_ema});
       for (auto& [original, temp] : work.copy_back) original.copy_(temp);
     } else {
       if (!plan.steps.steps.empty()) {
-        for (const Tuple& t : s.tuples) {
-          if (t.work >= 0) s.work.step[t.work] = plan.steps.steps[&t - s.tuples.data()];
+        for (size_t i = 0; i < s.tuples.size(); ++i) {
+          if (s.tuples[i].work >= 0) s.work.step[s.tuples[i].work] = plan.steps.steps[i];
         }
       }
       s.work.scalars = plan.scalars;
       if (s.work.size() > 0) s.fn(host::RunArgs{s.work, hyper.data(), rules::Common{l1}, s.prec, s.with_ema});
     }
     host::finish_call(s.steps, plan);
+    s.last_grads = s.grads;
   }
 
   std::string name_;
@@ -553,19 +609,23 @@ void bind(py::module& m) {
       .def("step", &StepPlanImpl::step, py::arg("group_params"), py::arg("state"), py::arg("hypers"), py::arg("lrs"),
            py::arg("l1s"), py::arg("grad_scale"), py::arg("found_inf"), py::arg("max_norm"), py::arg("clip_coef"),
            py::arg("ema_weight"), py::arg("ema_weight_tensor"), py::arg("sr_seed"))
+      .def("check", &StepPlanImpl::check, py::arg("group_params"), py::arg("state"))
       .def_property_readonly("has_stochastic", &StepPlanImpl::has_stochastic)
       .def_property_readonly("devices", &StepPlanImpl::devices);
-  m.def("rules", [] {
-    py::dict out;
-    for (const auto& [name, e] : host::registry()) {
-      py::dict d;
-      d["hyper"] = e.hyper;
-      d["counts_steps"] = e.counts_steps;
-      d["mixed_precision"] = e.mixed_precision;
-      out[py::str(name)] = d;
-    }
-    return out;
-  }, "The optimizer rules of this build: {name: {hyper, counts_steps, mixed_precision}} (Note [optimizer rules])");
+  m.def(
+      "rules",
+      [] {
+        py::dict out;
+        for (const auto& [name, e] : host::registry()) {
+          py::dict d;
+          d["hyper"] = e.hyper;
+          d["counts_steps"] = e.counts_steps;
+          d["mixed_precision"] = e.mixed_precision;
+          out[py::str(name)] = d;
+        }
+        return out;
+      },
+      "The optimizer rules of this build: {name: {hyper, counts_steps, mixed_precision}} (Note [optimizer rules])");
 }
 
 }  // namespace plan

@@ -66,7 +66,6 @@ void reduce(const host::NormWork& work, double p, at::Tensor& out) {
   double* part = partials.data_ptr<double>();
   TensorTable<1> table;
   table.count = 0;
-  table.first = 0;
   int64_t chunks = 0;
   auto flush = [&] {
     if (table.count == 0) return;

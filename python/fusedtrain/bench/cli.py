@@ -18,12 +18,13 @@ from . import clip as clip_bench
 from . import dropout as dropout_bench
 from . import augment as augment_bench
 from . import ema as ema_bench
+from . import host as host_bench
 from . import mixed as mixed_bench
 from . import optim as optim_bench
 from .common import format_table, measure_bandwidth
 from .plot import check_matplotlib, plot_ratios
 
-FAMILIES = ["optim", "ema", "clip", "mixed", "dropout", "augment"]
+FAMILIES = ["optim", "host", "ema", "clip", "mixed", "dropout", "augment"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -119,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
         if family == "optim":
             results += optim_bench.run(device, sets, optimizers, reps, warmup=3, bandwidth=bandwidth,
                                        progress=not args.no_progress)
+        elif family == "host":
+            counts = host_bench.COUNTS[:2] if args.quick else host_bench.COUNTS
+            results += host_bench.run(device, reps, warmup=3, progress=not args.no_progress, counts=counts)
         elif family == "ema":
             results += ema_bench.run(device, sets, reps, warmup=3, bandwidth=bandwidth,
                                      progress=not args.no_progress)

@@ -3,7 +3,8 @@
 from . import functional
 from .adagrad import Adagrad
 from .adam import Adam, AdamW
+from .captured import CapturedStep
 from .rmsprop import RMSprop
 from .sgd import SGD
 
-__all__ = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "functional"]
+__all__ = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "CapturedStep", "functional"]

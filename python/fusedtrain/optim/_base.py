@@ -130,6 +130,17 @@ class _Collected:
 
 
 @dataclass
+class _Segment:
+    """One update call: a group's parameters of one device, dtype, storage layout and update pass."""
+    group: int
+    positions: list[int]
+    params: list[Tensor]
+    kind: str  # "plain", "master" or "stochastic" (see FusedOptimizerMixin._kind)
+    averages: list[Tensor] | None  # the EMA averages fused into the update
+    first: bool  # the parameters' first update of a kind the rule treats specially (SGD's buffers)
+
+
+@dataclass
 class _Plan:
     """The Python side of a step plan: the C++ plan and what the Python step does around it."""
     impl: Any
@@ -260,10 +271,10 @@ class FusedOptimizerMixin:
         for group in self.param_groups:
             group.setdefault("l1", 0.0)
 
-    @staticmethod
-    def _step_device(group: dict[str, Any], p: Tensor) -> torch.device | None:
-        """Where a parameter's step counter lives: its device when the group is capturable, else the CPU."""
-        return p.device if group.get("capturable", False) else None
+    def _step_device(self, group: dict[str, Any], p: Tensor) -> torch.device | None:
+        """Where a parameter's step counter lives: its device when the group is capturable (or a
+        :class:`~fusedtrain.optim.CapturedStep` drives the optimizer), else the CPU."""
+        return p.device if group.get("capturable", False) or self.__dict__.get("_ft_device_steps") else None
 
     def _use_torch_step(self) -> bool:
         """differentiable groups run torch's own implementation (same state keys)."""
@@ -369,8 +380,11 @@ class FusedOptimizerMixin:
             plan: _Plan | None = self.__dict__.get("_ft_plan")
             if plan is None:
                 plan = self.__dict__["_ft_plan"] = self._build_plan()
+            if plan.device is not None and plan.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                self._check_capturable()
             hypers = [_ops.hyper_list(self._rule, self._hyper(g)) for g in groups]
-            lrs = [local(g["lr"]) if isinstance(g["lr"], Tensor) else g["lr"] for g in groups]
+            lrs = self.__dict__.get("_ft_lrs") or [local(g["lr"]) if isinstance(g["lr"], Tensor) else g["lr"]
+                                                   for g in groups]
             l1s = [g.get("l1", 0.0) for g in groups]
             clip_coef = None
             max_norm = self.max_grad_norm
@@ -403,6 +417,16 @@ class FusedOptimizerMixin:
                 ema.finish_fused_update(plan.fused_ema, found_inf=found_inf if device_found_inf else None)
             return
         raise RuntimeError("fusedtrain: the step plan went stale right after it was built; please report this")
+
+    def _check_capturable(self) -> None:
+        """torch's rule for a step captured in a CUDA graph: step counters on the device (capturable=True),
+        or every replay would repeat the counts (and the bias corrections) baked in at capture."""
+        if _ops.RULES[self._rule]["counts_steps"] and not self.__dict__.get("_ft_device_steps"):
+            if not all(g.get("capturable", False) for g in self.param_groups):
+                raise RuntimeError(
+                    f"Attempting CUDA graph capture of step() for an instance of fusedtrain.optim.{self._opt_name} "
+                    "but param_groups' capturable is False: the step counters would be baked into the graph. "
+                    "Pass capturable=True, or use fusedtrain.optim.CapturedStep, which keeps them on the device.")
 
     def _sharded_norm(self, plan: _Plan, grad_scale: Tensor | None) -> Tensor | None:
         """The joint norm of DTensor gradients, reduced across ranks (Note [norm across shards])."""
@@ -494,19 +518,15 @@ class FusedOptimizerMixin:
                 if state[key].dtype != want:
                     state[key] = state[key].to(want)
 
-    def _segments(self, collected: _Collected, with_grads: bool) -> tuple[list[dict[str, Any]], list[Tensor],
-                                                                          list[Tensor]]:
+    def _segments(self, collected: _Collected) -> tuple[list[_Segment], list[Tensor], list[Tensor]]:
         """The plan's segments (one rule, group, device, dtype, storage layout and update pass each), the
         parameters whose EMA averages they carry, and the SGD parameters whose first update they are."""
         ema = self.ema
-        segments: list[dict[str, Any]] = []
+        segments: list[_Segment] = []
         fused_ema: list[Tensor] = []
         fresh_all: list[Tensor] = []
-        counts_steps = _ops.RULES[self._rule]["counts_steps"]
         for gi, group in enumerate(self.param_groups):
             params = group["params"]
-            keys = self._state_keys(group)
-            hyper = _ops.hyper_list(self._rule, self._hyper(group))
             fresh = self._fresh_params(group, [params[i] for i in collected.fused[gi]])
             fresh_all += [params[i] for i in collected.fused[gi] if id(params[i]) in fresh]
             # A parameter listed twice is updated twice, one pass after the other, as torch does (with a
@@ -529,7 +549,6 @@ class FusedOptimizerMixin:
                     split.setdefault((self._kind(p), p.device, real, first), []).append(pos)
                 for (kind, _device, _dtype, first), idx in split.items():
                     ps = [params[i] for i in idx]
-                    states = [self.state[p] for p in ps]
                     averages = None
                     if (ema is not None and kind == "plain" and not any(id(p) in repeated for p in ps)
                             and all(self._state_dtype_for(p) == p.dtype for p in ps)):
@@ -539,25 +558,33 @@ class FusedOptimizerMixin:
                             averages = None
                     if averages is not None:
                         fused_ema += ps
-                    seg: dict[str, Any] = {
-                        "rule": self._rule, "group": gi, "positions": idx,
-                        "kinds": [(_COMPLEX if p.is_complex() else 0) | (_DTENSOR if is_dtensor(p) else 0)
-                                  for p in ps],
-                        "pairs": [local(p) for p in ps],
-                        "targets": [local(s["master_param"]) for s in states] if kind == "master"
-                        else [real_view(local(p)) for p in ps],
-                        "states": [real_view(local(s[key])) for key in keys for s in states],
-                        "steps": [s["step"] for s in states] if counts_steps else [],
-                        "ema": [real_view(local(a)) for a in averages] if averages is not None else [],
-                        "copies": [local(p) for p in ps] if kind == "master" else [],
-                        "stochastic": kind == "stochastic",
-                        "overrides": [(_ops.RULES[self._rule]["hyper"].index("first_step"), 1.0)] if first else [],
-                        "hyper": hyper,
-                    }
-                    if with_grads:
-                        seg["grads"] = [real_view(local(p.grad)) for p in ps]
-                    segments.append(seg)
+                    segments.append(_Segment(gi, idx, ps, kind, averages, first))
         return segments, fused_ema, fresh_all
+
+    def _seg_overrides(self, seg: _Segment) -> list[tuple[int, float]]:
+        return [(_ops.RULES[self._rule]["hyper"].index("first_step"), 1.0)] if seg.first else []
+
+    def _seg_states(self, seg: _Segment, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor]]:
+        """The segment's state lists (concatenated, as the kernels see them) and step counters."""
+        states = [self.state[p] for p in seg.params]
+        flat = [real_view(local(s[key])) for key in self._state_keys(group) for s in states]
+        steps = [s["step"] for s in states] if _ops.RULES[self._rule]["counts_steps"] else []
+        return flat, steps
+
+    def _plan_segment(self, seg: _Segment) -> dict[str, Any]:
+        """A segment as the C++ plan takes it: it reaches the parameters and averages through their
+        objects every step, and holds the optimizer's own tensors (Note [step plan] in csrc/plan.cpp)."""
+        group = self.param_groups[seg.group]
+        states, steps = self._seg_states(seg, group)
+        return {
+            "rule": self._rule, "group": seg.group, "positions": seg.positions,
+            "kinds": [(_COMPLEX if p.is_complex() else 0) | (_DTENSOR if is_dtensor(p) else 0) for p in seg.params],
+            "averages": list(seg.averages) if seg.averages is not None else [],
+            "masters": [local(self.state[p]["master_param"]) for p in seg.params] if seg.kind == "master" else [],
+            "states": states, "steps": steps, "stochastic": seg.kind == "stochastic",
+            "overrides": self._seg_overrides(seg),
+            "hyper": _ops.hyper_list(self._rule, self._hyper(group)),
+        }
 
     def _fresh_params(self, group: dict[str, Any], params: list[Tensor]) -> set[int]:
         """ids of the parameters whose next update is their first of a kind the rule treats specially
@@ -573,9 +600,10 @@ class FusedOptimizerMixin:
         for gi, group in enumerate(self.param_groups):
             for pos in collected.fused[gi]:
                 self._prepare_state(group, group["params"][pos])
-        segments, fused_ema, fresh = self._segments(collected, with_grads=False)
+        segments, fused_ema, fresh = self._segments(collected)
         group_params = [g["params"] for g in self.param_groups]
-        impl = _ops.StepPlan(self._opt_name, group_params, collected.roles, segments, self.state)
+        impl = _ops.StepPlan(self._opt_name, group_params, collected.roles,
+                             [self._plan_segment(seg) for seg in segments], self.state)
         grads_of = [(gi, pos) for gi, fused in enumerate(collected.fused) for pos in fused]
         sharded = any(is_dtensor(group_params[gi][pos]) for gi, pos in grads_of)
         devices = impl.devices
@@ -589,11 +617,10 @@ class FusedOptimizerMixin:
         for gi, group in enumerate(self.param_groups):
             for pos in collected.fused[gi]:
                 self._prepare_state(group, group["params"][pos])
-        segments, fused_ema, fresh = self._segments(collected, with_grads=True)
+        segments, fused_ema, fresh = self._segments(collected)
         clip_coef = None
         if self.max_grad_norm is not None and segments:
-            grads = [g for seg in segments for g in seg["grads"]]
-            norm = local(grads_norm(grads))
+            norm = local(grads_norm([p.grad for seg in segments for p in seg.params]))
             if grad_scale is not None:
                 norm = norm / grad_scale.to(norm.device)
             self.last_grad_norm = norm
@@ -601,24 +628,30 @@ class FusedOptimizerMixin:
         ema = self.ema
         weight, weight_tensor = 0.0, None
         if ema is not None and fused_ema:
-            weight, weight_tensor = ema.weight_args(segments[0]["targets"][0].device, found_inf)
+            weight, weight_tensor = ema.weight_args(segments[0].params[0].device, found_inf)
         for seg in segments:
-            group = self.param_groups[seg["group"]]
-            hyper = list(seg["hyper"])
-            for i, v in seg["overrides"]:
+            group = self.param_groups[seg.group]
+            hyper = _ops.hyper_list(self._rule, self._hyper(group))
+            for i, v in self._seg_overrides(seg):
                 hyper[i] = v
+            states, steps = self._seg_states(seg, group)
+            targets = [local(self.state[p]["master_param"]) for p in seg.params] if seg.kind == "master" \
+                else [real_view(local(p)) for p in seg.params]
+            grads = [real_view(local(p.grad)) for p in seg.params]
             lr = group["lr"]
-            device = seg["targets"][0].device
+            device = targets[0].device
             kw: dict[str, Any] = {"lr_tensor": local(lr)} if isinstance(lr, Tensor) else {"lr": float(lr)}
             for name, value in (("grad_scale", grad_scale), ("found_inf", found_inf), ("clip_coef", clip_coef)):
                 if value is not None:
                     kw[name] = value if value.device.type == "cpu" else value.to(device)
-            if seg["stochastic"]:
+            if seg.kind == "stochastic":
                 kw.update(stochastic_rounding=True, sr_seed=draw_sr_seed(device))
-            _ops.step_(self._rule, hyper, seg["targets"], seg["grads"], seg["states"], seg["steps"],
-                       ema_params=seg["ema"], ema_weight=weight, ema_weight_tensor=weight_tensor if seg["ema"] else None,
-                       param_copies=seg["copies"],
-                       l1=float(group.get("l1", 0.0)), **kw)
+            if seg.averages is not None:
+                kw.update(ema_params=[real_view(local(a)) for a in seg.averages], ema_weight=weight,
+                          ema_weight_tensor=weight_tensor)
+            if seg.kind == "master":
+                kw["param_copies"] = [local(p) for p in seg.params]
+            _ops.step_(self._rule, hyper, targets, grads, states, steps, l1=float(group.get("l1", 0.0)), **kw)
         self._after_update(fresh)
         if collected.external:
             self._external_step(collected.external, grad_scale, found_inf)
