@@ -18,7 +18,8 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 # shellcheck disable=SC1091
 . "$venv/bin/activate"
-python -m pip install -q "torch>=2.6" torchvision timm numpy scikit-learn matplotlib ninja pytest "setuptools>=64" wheel
+python -m pip install -q "torch>=2.6" torchvision timm numpy scikit-learn matplotlib ninja pytest hypothesis expecttest \
+  "setuptools>=64" wheel
 python -m pip install -q --no-build-isolation -e .
 python -c "import fusedtrain, json; print('fusedtrain build:', json.dumps(fusedtrain.build_info()))"
 

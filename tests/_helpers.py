@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 from typing import Any
 
@@ -128,3 +129,40 @@ def assert_same_state(a: torch.optim.Optimizer, pa: list[torch.Tensor], b: torch
                 assert vx.device.type == "cpu" and vx.dtype == vy.dtype
             else:
                 assert_close_ulps(vx, vy, **tol)
+
+
+def snapshot(opt: torch.optim.Optimizer, params: list[torch.Tensor]) -> dict[str, Any]:
+    """Everything a step could touch, cloned: the parameters' values and gradients, every state entry of
+    every parameter (step counters included), the number of state entries, and the param groups'
+    hyperparameters. Compare two with :func:`assert_same_values` ("a refused call mutates nothing")."""
+    def clone(v: Any) -> Any:
+        return v.detach().clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)
+
+    return dict(
+        params=[p.detach().clone() for p in params],
+        grads=[None if p.grad is None else p.grad.detach().clone() for p in params],
+        state=[{k: clone(v) for k, v in opt.state[p].items()} if p in opt.state else None for p in params],
+        n_state=len(opt.state),
+        groups=[{k: clone(v) for k, v in g.items() if k != "params"} for g in opt.param_groups],
+    )
+
+
+def assert_same_values(a: Any, b: Any, where: str = "") -> None:
+    """Recursive equality of nested dicts/lists/tuples of tensors (bitwise, NaN equal to NaN, same dtype
+    and shape; sparse tensors by value) and plain values; the message names the path of the difference."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, where
+        if a.is_sparse or b.is_sparse:
+            assert a.is_sparse == b.is_sparse, where
+            a, b = a.to_dense(), b.to_dense()
+        torch.testing.assert_close(b, a, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{where}: {m}")
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), (where, a.keys(), getattr(b, "keys", lambda: b)())
+        for k in a:
+            assert_same_values(a[k], b[k], f"{where}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_values(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, (where, a, b)
