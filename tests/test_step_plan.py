@@ -103,7 +103,7 @@ def test_invalidations(name: str, kw: dict[str, Any]) -> None:
         t.step(2)
         t.check()
     # load_state_dict: the fusedtrain optimizer continues from torch's state
-    t.oa.load_state_dict(t.ob.state_dict())
+    t.oa.load_state_dict(copy.deepcopy(t.ob.state_dict()))  # (torch loads tensors without copying)
     t.step(2)
     t.check()
     # a state tensor's .data replaced (a common "move the optimizer state" recipe), and a dict entry replaced

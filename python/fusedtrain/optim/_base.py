@@ -484,6 +484,9 @@ class FusedOptimizerMixin:
     def _check_external(self, gi: int, group: dict[str, Any], params: list[Tensor]) -> None:
         """What torch's implementation, which updates external parameters, cannot do."""
         name = self._opt_name
+        refusal = self._sparse_refusal(group)
+        if refusal is not None and any(p.grad is not None and p.grad.is_sparse for p in params):
+            raise RuntimeError(refusal)  # torch's own message, raised before anything is written
         if group.get("l1", 0.0):
             raise RuntimeError(f"fusedtrain.optim.{name}: l1= is applied by the fused kernels and cannot reach the "
                                f"sparse-gradient / meta parameters of param_groups[{gi}]; put them in a group with "
@@ -516,7 +519,15 @@ class FusedOptimizerMixin:
         if not p.is_complex():
             for key in self._state_keys(group):
                 if state[key].dtype != want:
-                    state[key] = state[key].to(want)
+                    state[key] = self._state_in(group, p, key, want)
+
+    def _state_in(self, group: dict[str, Any], p: Tensor, key: str, dtype: torch.dtype) -> Tensor:
+        """State ``key`` of ``p`` converted to ``dtype`` (master weights, ``state_dtype``)."""
+        return self.state[p][key].to(dtype)
+
+    def _sparse_refusal(self, group: dict[str, Any]) -> str | None:
+        """torch's error for a sparse gradient with this group's options (None: torch steps it)."""
+        return None
 
     def _segments(self, collected: _Collected) -> tuple[list[_Segment], list[Tensor], list[Tensor]]:
         """The plan's segments (one rule, group, device, dtype, storage layout and update pass each), the
@@ -545,7 +556,9 @@ class FusedOptimizerMixin:
                 for pos in positions:
                     p = params[pos]
                     real = p.real.dtype if p.is_complex() else p.dtype
-                    first = k == 0 and id(p) in fresh
+                    # (torch collects every occurrence's buffer before updating: each occurrence of a new
+                    # parameter starts from its gradient, the last one's buffer is kept)
+                    first = id(p) in fresh
                     split.setdefault((self._kind(p), p.device, real, first), []).append(pos)
                 for (kind, _device, _dtype, first), idx in split.items():
                     ps = [params[i] for i in idx]

@@ -61,6 +61,18 @@ class Adagrad(FusedOptimizerMixin, torch.optim.Adagrad):
 
     _external_state = _init_state
 
+    def _state_in(self, group: dict[str, Any], p: Tensor, key: str, dtype: torch.dtype) -> Tensor:
+        # torch's constructor made the accumulator in the parameter's dtype; before the first update it is
+        # made again in the state dtype, so that it starts at exactly initial_accumulator_value
+        state = self.state[p]
+        if key == "sum" and float(state["step"]) == 0:
+            return torch.full_like(p, group["initial_accumulator_value"], dtype=dtype,
+                                   memory_format=torch.preserve_format)
+        return super()._state_in(group, p, key, dtype)
+
+    def _sparse_refusal(self, group: dict[str, Any]) -> str | None:
+        return "weight_decay option is not compatible with sparse gradients" if group["weight_decay"] else None
+
     def _hyper(self, group: dict[str, Any]) -> dict[str, Any]:
         return dict(lr_decay=group["lr_decay"], weight_decay=group["weight_decay"], eps=group["eps"],
                     maximize=group["maximize"])

@@ -76,6 +76,12 @@ class SGD(FusedOptimizerMixin, torch.optim.SGD):
         for p in fresh:
             done.discard(id(p))
 
+    def _sparse_refusal(self, group: dict[str, Any]) -> str | None:
+        # torch's single-tensor SGD adds the decay with add(sparse, dense), which ATen refuses
+        if group["weight_decay"]:
+            return "add(sparse, dense) is not supported. Use add(dense, sparse) instead."
+        return None
+
     def _hyper(self, group: dict[str, Any]) -> dict[str, Any]:
         return dict(momentum=group["momentum"], dampening=group["dampening"],
                     weight_decay=to_scalar(group["weight_decay"], "weight_decay"), nesterov=group["nesterov"],
