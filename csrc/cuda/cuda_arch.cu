@@ -1,9 +1,11 @@
 // The run-time half of the CUDA architecture check (Note [CUDA architecture check] in cuda_arch.h).
-#include <ATen/cuda/CUDAContext.h>
+// Only c10 headers (no ATen): nvcc parses the whole unit once per architecture, so it stays light.
+#include <c10/core/Device.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/macros/Macros.h>
+#include <c10/util/Exception.h>
 #include <cuda_runtime.h>
 
 #include <array>
@@ -51,10 +53,11 @@ void check_device_arch(const c10::Device& device) {
     return;
   }
   (void)cudaGetLastError();  // the failed query must not surface as the error of torch's next launch check
-  const cudaDeviceProp* prop = at::cuda::getDeviceProperties(index);
-  const int major = prop->major, minor = prop->minor;
+  cudaDeviceProp prop;
+  C10_CUDA_CHECK(cudaGetDeviceProperties(&prop, index));
+  const int major = prop.major, minor = prop.minor;
   const std::string archs = FUSEDTRAIN_CUDA_ARCHS;
-  const std::string where = std::string("fusedtrain: cuda:") + std::to_string(index) + " (" + prop->name +
+  const std::string where = std::string("fusedtrain: cuda:") + std::to_string(index) + " (" + prop.name +
                             ", compute capability " + std::to_string(major) + "." + std::to_string(minor) + ")";
   const std::string built = "this build has " + cuda_arch::describe(archs) + " (TORCH_CUDA_ARCH_LIST=\"" + archs +
                             "\", compiled with CUDA " + std::to_string(CUDART_VERSION / 1000) + "." +
