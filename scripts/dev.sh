@@ -109,7 +109,7 @@ case "$what" in
     sanitized=(env LD_PRELOAD="$preload"
       ASAN_OPTIONS="detect_leaks=0:halt_on_error=0:protect_shadow_gap=0:detect_odr_violation=0:log_path=$logs/report"
       UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=0:log_path=$logs/report")
-    "${sanitized[@]}" python -c "import fusedtrain as f, json; print('fusedtrain:', f.__file__, json.dumps(f.build_info()))"
+    "${sanitized[@]}" python -c "import fusedtrain as f; print('fusedtrain:', f.__file__, f.build_info())"
     set +e
     "${sanitized[@]}" python -m pytest -q -p no:cacheprovider -m "not cuda" "$@"
     rc=$?
