@@ -125,7 +125,7 @@ def _torch_arch_flags(cpp_extension, arch_list: str) -> list[str] | None:
     os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
     try:
         return cpp_extension._get_cuda_arch_flags()
-    except ValueError:
+    except (ValueError, IndexError):  # an unknown arch; "native" without a visible GPU
         return None
     finally:
         if saved is None:
@@ -172,7 +172,8 @@ def _cuda_arch_list(cpp_extension, cuda_home: str) -> tuple[str, tuple[int, int]
     arch_list = requested or _default_arch_list(cpp_extension, nvcc_archs)
     flags = _torch_arch_flags(cpp_extension, arch_list)
     if not flags:
-        raise SystemExit(f"fusedtrain: torch's cpp_extension does not accept TORCH_CUDA_ARCH_LIST={arch_list!r}.")
+        raise SystemExit(f"fusedtrain: torch's cpp_extension does not accept TORCH_CUDA_ARCH_LIST={arch_list!r} "
+                         "(an unknown architecture, or 'native' without a visible GPU).")
     compiled = _compiled_archs(flags)
     for arch in compiled.split(";"):
         base = re.match(r"\d+\.\d+", arch).group(0)
@@ -180,8 +181,8 @@ def _cuda_arch_list(cpp_extension, cuda_home: str) -> tuple[str, tuple[int, int]
             raise SystemExit(f"fusedtrain: TORCH_CUDA_ARCH_LIST asks for {arch}, but the kernels need compute "
                              f"capability {MIN_ARCH[0]}.{MIN_ARCH[1]} or newer (kernel parameters over 4 KB).")
         if nvcc_archs and base not in nvcc_archs:
-            raise SystemExit(f"fusedtrain: TORCH_CUDA_ARCH_LIST asks for {arch}, which nvcc %d.%d at {cuda_home} "
-                             f"cannot compile for (it knows {';'.join(nvcc_archs)})." % version)
+            raise SystemExit(f"fusedtrain: TORCH_CUDA_ARCH_LIST asks for {arch}, which nvcc {version[0]}.{version[1]} "
+                             f"at {cuda_home} cannot compile for (it knows {';'.join(nvcc_archs)}).")
     return compiled, version
 
 
@@ -228,7 +229,11 @@ def _extension():
         arch_list, nvcc_version = _cuda_arch_list(cpp_extension, cuda_home)
         os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
         print(f"fusedtrain: compiling the CUDA kernels for TORCH_CUDA_ARCH_LIST={arch_list}", file=sys.stderr)
-        sources += sorted(os.path.relpath(f, ROOT) for f in glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
+        # CUDA units first: each costs several times a C++ unit (nvcc compiles it once per architecture), and
+        # ninja starts jobs in the order given, so a CUDA unit started last would run alone at the end of a
+        # cold build while the other cores idle.
+        cuda_sources = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
+        sources = [os.path.relpath(f, ROOT) for f in cuda_sources] + sources
         define += [("FUSEDTRAIN_WITH_CUDA", None), ("FUSEDTRAIN_CUDA_ARCHS", f'"{arch_list}"'),
                    ("FUSEDTRAIN_CUDA_VERSION", '"%d.%d"' % nvcc_version)]
         if os.environ.get("FUSEDTRAIN_CUDA_ILP"):  # tuning knob: vectors in flight per thread

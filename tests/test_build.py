@@ -147,3 +147,45 @@ def test_setup_default_arch_list_follows_nvcc() -> None:
     assert setup._default_arch_list(cpp_extension, nvcc_13) == expected
     nvcc_12_4 = ["5.0", "5.2", "5.3", "6.0", "6.1", "6.2", "7.0", "7.2", "7.5", "8.0", "8.6", "8.7", "8.9", "9.0"]
     assert setup._default_arch_list(cpp_extension, nvcc_12_4) == "7.5;8.0;8.6;9.0+PTX"
+
+
+def _fake_toolkit(root: Path, release: str, codes: list[str]) -> str:
+    """A CUDA_HOME whose bin/nvcc answers --version and --list-gpu-code like a real one of that release."""
+    (root / "bin").mkdir(parents=True)
+    nvcc = root / "bin" / "nvcc"
+    listing = "\\n".join(f"sm_{c.replace('.', '')}" for c in codes)
+    nvcc.write_text(f'#!/bin/sh\ncase "$1" in\n  --version) echo "Cuda compilation tools, release {release}, '
+                    f'V{release}.0";;\n  --list-gpu-code) printf "{listing}\\n";;\nesac\n')
+    nvcc.chmod(0o755)
+    return str(root)
+
+
+NVCC_13 = ["7.5", "8.0", "8.6", "8.7", "8.8", "8.9", "9.0", "10.0", "10.3", "11.0", "12.0", "12.1"]
+
+
+def test_setup_refuses_nvcc_older_than_12_1(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    setup = _setup_module()
+    from torch.utils import cpp_extension
+
+    home = _fake_toolkit(tmp_path, "12.0", ["7.0", "7.5", "8.0", "9.0"])
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    with pytest.raises(SystemExit, match=r"nvcc at .* is 12\.0; the CUDA kernels need CUDA 12\.1 or newer"):
+        setup._cuda_arch_list(cpp_extension, home)
+
+
+def test_setup_default_and_requested_lists_with_a_toolkit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    setup = _setup_module()
+    from torch.utils import cpp_extension
+
+    home = _fake_toolkit(tmp_path, "13.0", NVCC_13)
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    expected = "7.5;8.0;8.6;9.0;10.0;" + ("11.0;" if "11.0" in setup.DEFAULT_ARCHS else "") + "12.0+PTX"
+    assert setup._cuda_arch_list(cpp_extension, home) == (expected, (13, 0))
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "Turing 9.0+PTX")  # torch's names and separators, made canonical
+    assert setup._cuda_arch_list(cpp_extension, home) == ("7.5+PTX;9.0+PTX", (13, 0))
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "7.0")  # CUDA 13 dropped Volta
+    with pytest.raises(SystemExit, match=r"asks for 7\.0, which nvcc 13\.0 .* cannot compile for"):
+        setup._cuda_arch_list(cpp_extension, home)
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "6.1")
+    with pytest.raises(SystemExit, match=r"asks for 6\.1, but the kernels need compute capability 7\.0"):
+        setup._cuda_arch_list(cpp_extension, home)
