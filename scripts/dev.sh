@@ -51,6 +51,8 @@ install_fusedtrain() {
     return
   fi
   rm -f "$file"
+  echo "fusedtrain: building and installing (a first build compiles everything, the CUDA kernels for every default"
+  echo "architecture included: tens of minutes on 2 cores; later builds recompile only what changed)"
   python -m pip install -q --no-build-isolation "${pip_args[@]}"
   python scripts/build_stamp.py "${stamp_args[@]}" > "$file"
 }
