@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import re
@@ -49,6 +50,28 @@ def _canonical_archs(cubins: set[str], ptx: set[str]) -> str:
     return ";".join(a + ("+PTX" if a in ptx else "") for a in sorted(cubins | ptx, key=key))
 
 
+def _setup_module():
+    """setup.py's helpers (its setup() runs only as __main__)."""
+    spec = importlib.util.spec_from_file_location("fusedtrain_setup", ROOT / "setup.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _find_cuobjdump() -> str:
+    """cuobjdump of the toolkit setup.py would use, else on PATH, else the copy triton (a torch dependency) ships."""
+    home = _setup_module()._find_cuda_home(None)
+    candidates = [os.path.join(home, "bin", "cuobjdump")] if home else []
+    candidates.append(shutil.which("cuobjdump"))
+    triton = importlib.util.find_spec("triton")
+    if triton is not None and triton.origin:
+        candidates.append(os.path.join(os.path.dirname(triton.origin), "backends", "nvidia", "bin", "cuobjdump"))
+    for tool in candidates:
+        if tool and os.access(tool, os.X_OK):
+            return tool
+    sys.exit("wheel_check: the wheel has CUDA kernels but no cuobjdump was found to list them (set CUDA_HOME)")
+
+
 def describe_wheel(path: str) -> dict:
     with zipfile.ZipFile(path) as whl:
         metadata = next(n for n in whl.namelist() if n.endswith(".dist-info/METADATA"))
@@ -62,10 +85,7 @@ def describe_wheel(path: str) -> dict:
             cubins: set[str] = set()
             ptx: set[str] = set()
             if cuda:
-                home = os.environ.get("CUDA_HOME")
-                tool = os.path.join(home, "bin", "cuobjdump") if home else shutil.which("cuobjdump")
-                if not tool or not os.path.exists(tool):
-                    sys.exit("wheel_check: the wheel has CUDA kernels but cuobjdump was not found (set CUDA_HOME)")
+                tool = _find_cuobjdump()
                 for flag, found in (("--list-elf", cubins), ("--list-ptx", ptx)):
                     out = subprocess.run([tool, flag, so], capture_output=True, text=True, check=True).stdout
                     found.update(f"{m[0]}.{m[1]}{m[2]}" for m in re.findall(r"\bsm_(\d+)(\d)([af]?)\b", out))
