@@ -1,9 +1,10 @@
 """Print a fingerprint of everything fusedtrain's build depends on, so scripts/dev.sh can skip a rebuild.
 
-The fingerprint covers the C++/CUDA sources and headers, the build files, the Python and torch versions,
-the compilers found, every environment variable setup.py reads, and the library the last build left
-(its path, size and time; "missing" when there is none). With ``--python`` it also covers the Python
-sources (a non-editable install copies them). Used as:
+Two digests: one of the inputs (the C++/CUDA sources and headers, the build files, the Python and torch
+versions, the compilers found, every environment variable setup.py reads; with ``--python`` the Python
+sources too, which a non-editable install copies), one of the library a build left (path, size and time;
+"missing" when there is none). scripts/dev.sh records the inputs taken before a build with the library
+after it, and skips the next build while both still match. Used as:
 
     python scripts/build_stamp.py [--python] [--library PATH_GLOB]
 """
@@ -27,6 +28,7 @@ ENV = ("FUSEDTRAIN_CPU_ONLY", "TORCH_CUDA_ARCH_LIST", "CUDA_HOME", "CUDA_PATH", 
 
 
 def fingerprint(with_python: bool, library: str) -> str:
+    """Two hex digests, "INPUTS LIBRARY": what a build reads, and the state of the library it left."""
     h = hashlib.sha256()
 
     def add(*parts: object) -> None:
@@ -47,9 +49,11 @@ def fingerprint(with_python: bool, library: str) -> str:
     add(sys.version, sys.prefix, torch_version)
     add(*(shutil.which(tool) for tool in ("nvcc", "c++", "g++", "ninja")))
     add(*((name, os.environ.get(name)) for name in ENV))
+    lib = hashlib.sha256()
     built = sorted(glob.glob(os.path.join(ROOT, library)))  # an absolute `library` stays as it is
-    add(*((p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in built) if built else ("missing",))
-    return h.hexdigest()
+    for part in ((p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in built) if built else ("missing",):
+        lib.update(repr(part).encode())
+    return f"{h.hexdigest()} {lib.hexdigest()}"
 
 
 def main() -> None:

@@ -45,8 +45,9 @@ install_fusedtrain() {
   while [ "$1" != "--" ]; do stamp_args+=("$1"); shift; done
   shift
   pip_args=("$@")
-  local file="$VIRTUAL_ENV/.fusedtrain-build"
-  if [ "$(python scripts/build_stamp.py "${stamp_args[@]}")" = "$(cat "$file" 2>/dev/null)" ]; then
+  local file="$VIRTUAL_ENV/.fusedtrain-build" before after
+  before="$(python scripts/build_stamp.py "${stamp_args[@]}")"  # "INPUTS LIBRARY"
+  if [ "$before" = "$(cat "$file" 2>/dev/null)" ]; then
     echo "fusedtrain: build up to date (sources, torch and build settings unchanged since the last install)"
     return
   fi
@@ -54,7 +55,9 @@ install_fusedtrain() {
   echo "fusedtrain: building and installing (a first build compiles everything, the CUDA kernels for every default"
   echo "architecture included: tens of minutes on 2 cores; later builds recompile only what changed)"
   python -m pip install -q --no-build-isolation "${pip_args[@]}"
-  python scripts/build_stamp.py "${stamp_args[@]}" > "$file"
+  after="$(python scripts/build_stamp.py "${stamp_args[@]}")"
+  # The inputs as the build read them (an edit during the build must trigger the next one), the library it made.
+  echo "${before% *} ${after#* }" > "$file"
 }
 
 print_build_info() {
