@@ -189,3 +189,28 @@ def test_setup_default_and_requested_lists_with_a_toolkit(tmp_path: Path, monkey
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "6.1")
     with pytest.raises(SystemExit, match=r"asks for 6\.1, but the kernels need compute capability 7\.0"):
         setup._cuda_arch_list(cpp_extension, home)
+
+
+# --- scripts/build_stamp.py: what makes scripts/dev.sh rebuild ---
+
+def _stamp_module():
+    spec = importlib.util.spec_from_file_location("fusedtrain_build_stamp", ROOT / "scripts" / "build_stamp.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_build_stamp_tracks_build_settings_not_parallelism(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    stamp = _stamp_module()
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    monkeypatch.setenv("MAX_JOBS", "2")
+    library = str(tmp_path / "_C*.so")
+    inputs, missing = stamp.fingerprint(False, library).split()
+    monkeypatch.setenv("MAX_JOBS", "7")  # parallelism changes no output
+    assert stamp.fingerprint(False, library) == f"{inputs} {missing}"
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
+    assert stamp.fingerprint(False, library).split()[0] != inputs
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST")
+    assert stamp.fingerprint(True, library).split()[0] != inputs  # --python: the Python sources count too
+    (tmp_path / "_C.cpython-311.so").write_bytes(b"built")
+    assert stamp.fingerprint(False, library) != f"{inputs} {missing}"  # a library appeared (or changed)
