@@ -229,11 +229,7 @@ def _extension():
         arch_list, nvcc_version = _cuda_arch_list(cpp_extension, cuda_home)
         os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
         print(f"fusedtrain: compiling the CUDA kernels for TORCH_CUDA_ARCH_LIST={arch_list}", file=sys.stderr)
-        # CUDA units first: each costs several times a C++ unit (nvcc compiles it once per architecture), and
-        # ninja starts jobs in the order given, so a CUDA unit started last would run alone at the end of a
-        # cold build while the other cores idle.
-        cuda_sources = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
-        sources = [os.path.relpath(f, ROOT) for f in cuda_sources] + sources
+        sources += sorted(os.path.relpath(f, ROOT) for f in glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
         define += [("FUSEDTRAIN_WITH_CUDA", None), ("FUSEDTRAIN_CUDA_ARCHS", f'"{arch_list}"'),
                    ("FUSEDTRAIN_CUDA_VERSION", '"%d.%d"' % nvcc_version)]
         if os.environ.get("FUSEDTRAIN_CUDA_ILP"):  # tuning knob: vectors in flight per thread
@@ -278,6 +274,14 @@ def _extension():
             super().finalize_options()
             self.build_temp = os.path.abspath(build_dir)
             self.force = True
+
+        def swig_sources(self, sources: list[str], extension) -> list[str]:
+            """CUDA units first. Each costs several C++ units (nvcc parses it once per architecture), and ninja
+            starts jobs in the order of its build file, which follows this list; distutils sorts the list just
+            before this hook, which would start the CUDA units last, so that a big one ran alone at the end of
+            a cold build while the other cores idled."""
+            sources = super().swig_sources(sources, extension)
+            return sorted(sources, key=lambda s: not s.endswith(".cu"))  # stable: each group stays sorted
 
     return ext, BuildExt, torch_version
 
