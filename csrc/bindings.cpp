@@ -5,6 +5,7 @@
 #include <string>
 
 #include "fusedtrain/cpu_isa.h"
+#include "fusedtrain/cuda_arch.h"
 
 #ifndef FUSEDTRAIN_VERSION
 #define FUSEDTRAIN_VERSION "0.0.0"
@@ -14,6 +15,9 @@
 #endif
 #ifndef FUSEDTRAIN_CUDA_ARCHS
 #define FUSEDTRAIN_CUDA_ARCHS ""
+#endif
+#ifndef FUSEDTRAIN_CUDA_VERSION
+#define FUSEDTRAIN_CUDA_VERSION ""
 #endif
 
 namespace fusedtrain {
@@ -34,6 +38,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
   });
   m.def("cuda_archs", [] { return std::string(FUSEDTRAIN_CUDA_ARCHS); });
+  m.def("cuda_version", [] { return std::string(FUSEDTRAIN_CUDA_VERSION); });
+  m.def("cuda_arch_coverage", [](const std::string& arch_list, int major, int minor) {
+    switch (fusedtrain::cuda_arch::coverage(arch_list, major, minor)) {
+      case fusedtrain::cuda_arch::Coverage::kCubin: return std::string("cubin");
+      case fusedtrain::cuda_arch::Coverage::kPtx: return std::string("ptx");
+      default: return std::string("none");
+    }
+  });
+  m.def("describe_cuda_archs", &fusedtrain::cuda_arch::describe);
+#ifdef FUSEDTRAIN_WITH_CUDA
+  m.def("check_cuda_device", [](int index) { fusedtrain::cuda::check_device_arch(c10::Device(c10::kCUDA, index)); });
+#endif
   m.def("cpu_isa_detected", [] { return fusedtrain::cpu::isa_name(fusedtrain::cpu::detected_isa()); });
   m.def("cpu_isa", [] { return fusedtrain::cpu::isa_name(fusedtrain::cpu::active_isa()); });
   m.def("set_cpu_isa", &fusedtrain::cpu::set_isa, "Select the SIMD copy of the CPU loops (tests, benchmarks)");

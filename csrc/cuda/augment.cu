@@ -27,6 +27,7 @@
 
 #include "fusedtrain/augment.h"
 #include "fusedtrain/augment_host.h"
+#include "fusedtrain/cuda_arch.h"
 
 namespace fusedtrain {
 namespace augment {
@@ -235,6 +236,7 @@ at::Tensor augment_cuda(at::TensorList images, const at::Tensor& boxes, const at
                         const at::Tensor& factors, int64_t size, at::ArrayRef<double> mean, at::ArrayRef<double> std,
                         at::ScalarType out_dtype, bool antialias) {
   const Plan plan = make_plan(images, boxes, flips, factors, size, mean, std, out_dtype, antialias);
+  cuda::check_device_arch(images[0].device());
   TORCH_CHECK(size <= 65535, "fusedtrain.augment: size must be at most 65535 on CUDA (one block row per output row)");
   const c10::cuda::CUDAGuard guard(images[0].device());
   const int64_t n = static_cast<int64_t>(plan.samples.size());

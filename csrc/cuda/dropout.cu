@@ -23,6 +23,7 @@
 #include <cstdint>
 #include <tuple>
 
+#include "fusedtrain/cuda_arch.h"
 #include "fusedtrain/dropout.h"
 #include "fusedtrain/dropout_host.h"
 #include "fusedtrain/philox.h"
@@ -173,6 +174,7 @@ unsigned grid_for(Kernel kernel, int64_t nvec, const at::Tensor& t) {
 
 void run_dropout(const at::Tensor& x, const at::Tensor& y, int64_t group, const philox::StreamArg& s, double p,
                  bool rescale) {
+  check_device_arch(x.device());
   const int64_t n = x.numel();
   if (n == 0) return;
   const c10::cuda::CUDAGuard guard(x.device());
@@ -199,6 +201,7 @@ struct Run {
 
 at::Tensor bias_dropout_add_cuda(const at::Tensor& input, const at::Tensor& bias, const at::Tensor& residual,
                                  const at::Tensor& seed, int64_t offset, double p) {
+  check_device_arch(input.device());
   const host::BiasDropoutAdd a = host::prepare_bias_dropout_add(input, bias, residual, seed, offset, p);
   const philox::StreamArg& s = a.s;
   const at::Tensor& x = a.x;
@@ -230,6 +233,7 @@ at::Tensor bias_dropout_add_cuda(const at::Tensor& input, const at::Tensor& bias
 // the opmath type), unlike the CPU, which fuses it (Note [fused bias gradient] in cpu/dropout.cpp).
 std::tuple<at::Tensor, at::Tensor> bias_dropout_add_backward_cuda(const at::Tensor& grad, const at::Tensor& seed,
                                                                   int64_t offset, double p, int64_t bias_numel) {
+  check_device_arch(grad.device());
   const philox::StreamArg s = host::check_bias_dropout_add_backward(grad, seed, offset, p, bias_numel);
   const at::Tensor g = grad.contiguous();
   at::Tensor gx = at::empty(g.sizes(), g.options());

@@ -6,6 +6,7 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include "fusedtrain/cuda_arch.h"
 #include "fusedtrain/cuda_launcher.cuh"
 #include "fusedtrain/norm_host.h"
 
@@ -92,6 +93,7 @@ void reduce(const host::NormWork& work, double p, at::Tensor& out) {
 
 at::Tensor total_norm_cuda(at::TensorList tensors, double norm_type) {
   const host::NormWork work = host::prepare_norm(tensors, norm_type);
+  check_device_arch(tensors[0].device());
   const c10::cuda::CUDAGuard guard(tensors[0].device());
   at::Tensor out = host::norm_output(tensors[0]);
   if (work.numel.empty()) return out.zero_();

@@ -21,6 +21,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "fusedtrain/cuda_arch.h"
 #include "fusedtrain/cuda_launcher.cuh"
 #include "fusedtrain/dropout_host.h"
 #include "fusedtrain/optim_host.h"
@@ -75,6 +76,7 @@ __global__ void __launch_bounds__(kReduceThreads)
 
 at::Tensor penalty_cuda(at::TensorList params, double l1, double l2) {
   host::check_penalty_params("penalty", params);
+  check_device_arch(params[0].device());
   const at::ScalarType dtype = params[0].scalar_type();
   const at::ScalarType acc = dtype == at::kDouble ? at::kDouble : at::kFloat;
   const c10::cuda::CUDAGuard guard(params[0].device());
@@ -126,6 +128,7 @@ at::Tensor penalty_cuda(at::TensorList params, double l1, double l2) {
 
 std::vector<at::Tensor> penalty_backward_cuda(at::TensorList params, const at::Tensor& grad, double l1, double l2) {
   host::check_penalty_params("penalty_backward", params);
+  check_device_arch(params[0].device());
   TORCH_CHECK(grad.numel() == 1, "fusedtrain.penalty_backward: grad must have one element (got ", grad.sizes(), ")");
   std::vector<at::Tensor> outs;
   outs.reserve(params.size());
