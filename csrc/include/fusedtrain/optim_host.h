@@ -25,6 +25,7 @@
 #include <utility>
 #include <vector>
 
+#include "fusedtrain/cuda_arch.h"
 #include "fusedtrain/math.h"
 #include "fusedtrain/rounding.h"
 #include "fusedtrain/rules.h"
@@ -433,7 +434,12 @@ inline const RuleEntry& find_rule(c10::string_view name) {
   return it->second;
 }
 
+// The backend function of `rule` for `device`; on a GPU, first the check that this build has code for it
+// (Note [CUDA architecture check] in cuda_arch.h), before anything is written.
 inline RunFn backend_fn(const RuleEntry& rule, const char* op, c10::Device device) {
+#ifdef FUSEDTRAIN_WITH_CUDA
+  if (device.is_cuda()) cuda::check_device_arch(device);
+#endif
   const int b = backend_index(device.type());
   TORCH_CHECK(b >= 0, "fusedtrain.", op, ": tensors on ", device, " are not supported (CPU and CUDA only)");
   TORCH_CHECK(rule.run[b] != nullptr, "fusedtrain.", op, ": this build of fusedtrain has no ", device.type(),
