@@ -65,13 +65,15 @@ TORCH_LIBRARY(fusedtrain, m) {
 
   // ---- augment (issue 5) ----
   // Note [augment op]: random resized crop + horizontal flip + brightness/contrast/saturation +
-  // normalize of uint8 (C, H, W) images (any strides: NCHW or NHWC batches are passed as views) into one
-  // new (N, C, size, size) tensor of dtype out_dtype. Per-sample parameters are CPU tensors the driver
-  // reads on the host: boxes int64 (N, 4) = (top, left, height, width) inside each image, flips bool
-  // (N,), factors float32 (N, 3) = (brightness, contrast, saturation). mean/std have C values.
+  // normalize of uint8 (C, H, W) images in 0..255, or float32 ones in [0, 1] (torchvision's float
+  // convention), any strides (NCHW or NHWC batches are passed as views), into one new
+  // (N, C, size[0], size[1]) tensor of dtype out_dtype (an int size is square). Per-sample parameters
+  // are CPU tensors the driver reads on the host: boxes int64 (N, 4) = (top, left, height, width) inside
+  // each image, flips bool (N,), factors float32 (N, 3) = (brightness, contrast, saturation). mean/std
+  // have C values.
   // antialias: torch's antialiased bilinear resize instead of the two-tap one.
   // Math: csrc/include/fusedtrain/augment.h.
   m.def(
-      "augment(Tensor[] images, Tensor boxes, Tensor flips, Tensor factors, int size, float[] mean, float[] std, "
+      "augment(Tensor[] images, Tensor boxes, Tensor flips, Tensor factors, int[2] size, float[] mean, float[] std, "
       "ScalarType out_dtype, bool antialias=False) -> Tensor");
 }
