@@ -57,10 +57,10 @@ class BatchAugment(nn.Module):
         The (N, C, height, width) batch, and with ``return_params=True`` also the :class:`AugmentParams`.
     """
 
-    def __init__(self, size: SizeArg, scale: tuple[float, float] = (0.08, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
-                 hflip: float = 0.5, brightness: FactorArg = 0.0, contrast: FactorArg = 0.0,
-                 saturation: FactorArg = 0.0, mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                 out_dtype: torch.dtype = torch.float32, layout: str = "NCHW",
+    def __init__(self, size: SizeArg, scale: tuple[float, float] = (0.08, 1.0),
+                 ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip: float = 0.5, brightness: FactorArg = 0.0,
+                 contrast: FactorArg = 0.0, saturation: FactorArg = 0.0, mean: Sequence[float] | None = None,
+                 std: Sequence[float] | None = None, out_dtype: torch.dtype = torch.float32, layout: str = "NCHW",
                  generator: torch.Generator | None = None, antialias: bool = False) -> None:
         super().__init__()
         hw = F.output_size(size)

@@ -153,6 +153,28 @@ class _Plan:
     device: torch.device | None
 
 
+# Note [amp scaling and closures]: ``_step_supports_amp_scaling`` tells torch.amp.GradScaler to hand the step
+# its scale instead of unscaling the gradients in a pass of its own, and tells Lightning (which reads it to
+# decide whether the gradients are still scaled when it clips them) to refuse gradient clipping. The claim
+# only holds where a GradScaler is in use, and none is while step() runs a closure: GradScaler.step refuses
+# closures, so the gradients a closure makes are unscaled. Lightning's bf16-mixed (no GradScaler) and 32-bit
+# steps call step(closure) and clip inside the closure: there the instance declares False, so
+# ``gradient_clip_val`` works, while GradScaler's steps (no closure) keep the in-kernel unscale.
+def _unscaled_closure(opt: Any, closure: Callable[[], Any]) -> Callable[[], Any]:
+    """``closure`` wrapped so that ``opt`` declares no amp-scaling support while it runs."""
+    def run() -> Any:
+        before = opt.__dict__.get("_step_supports_amp_scaling")
+        opt.__dict__["_step_supports_amp_scaling"] = False
+        try:
+            return closure()
+        finally:
+            if before is None:
+                opt.__dict__.pop("_step_supports_amp_scaling", None)
+            else:
+                opt.__dict__["_step_supports_amp_scaling"] = before
+    return run
+
+
 class FusedOptimizerMixin:
     r"""Mixed into subclasses of the torch.optim class of the same name.
 
@@ -193,7 +215,8 @@ class FusedOptimizerMixin:
     defaults: dict[str, Any]
     # torch.amp.GradScaler hands optimizers that declare this its scale and found_inf (as attributes
     # grad_scale / found_inf during step) instead of unscaling the gradients itself; the kernels divide
-    # the gradients by the scale in registers and skip the update when found_inf is set.
+    # the gradients by the scale in registers and skip the update when found_inf is set. False while
+    # step() runs a closure (Note [amp scaling and closures]).
     _step_supports_amp_scaling = True
     #: Clip the joint 2-norm of all gradients of this optimizer to this value inside the step (None: off).
     max_grad_norm: float | None = None
@@ -343,6 +366,8 @@ class FusedOptimizerMixin:
         Returns:
             The closure's loss, or None.
         """
+        if closure is not None:
+            closure = _unscaled_closure(self, closure)
         if self._use_torch_step():
             loss = self._torch_step(closure)
             if self.ema is not None:
