@@ -44,6 +44,15 @@ needs_timm = pytest.mark.skipif(timm is None, reason="scripts/dev.sh installs ti
 CLOSE = dict(rtol=1e-5, atol=1e-6)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread() -> Any:
+    """The models are tiny: one thread runs them in a fraction of the time two take on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def assert_params(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], exact: bool = False) -> None:
     assert a.keys() == b.keys()
     for k in a:
