@@ -4,7 +4,8 @@ from . import functional
 from .adagrad import Adagrad
 from .adam import Adam, AdamW
 from .captured import CapturedStep
+from .nadam import NAdam
 from .rmsprop import RMSprop
 from .sgd import SGD
 
-__all__ = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "CapturedStep", "functional"]
+__all__ = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "NAdam", "CapturedStep", "functional"]
