@@ -156,8 +156,9 @@ def main(argv: list[str] | None = None) -> int:
         if any(r.family == "train" for r in results):  # the per-phase picture next to it
             root, ext = os.path.splitext(args.plot_path)
             breakdown = f"{root}-breakdown{ext or '.png'}"
+            threads = f"{env['threads']} thread{'s' * (env['threads'] != 1)}"
             plot_breakdown(results, breakdown, f"one training iteration: torch's parts vs fusedtrain's, "
-                           f"{env['device']} ({env['threads']} threads), torch {env['torch']}, {env['date']}")
+                           f"{env['device']} ({threads}), torch {env['torch']}, {env['date']}")
             print(f"wrote {breakdown}")
     return 0
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from .common import Result
 
-__all__ = ["check_matplotlib", "plot_ratios", "plot_breakdown"]
+__all__ = ["check_matplotlib", "plot_breakdown", "plot_ratios"]
 
 _FAMILY_COLORS = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"]
 
@@ -126,6 +126,8 @@ def plot_breakdown(results: list[Result], path: str | os.PathLike[str], title: s
             text = f" median {r.median_ms:.1f} ms" if r.median_ms is not None else ""
             if r.vs_best_torch is not None:
                 text += f"  ({r.vs_best_torch:.2f}× torch)"
+            if r.extra.get("compile_s") is not None:
+                text += f"  compile {r.extra['compile_s']:.0f} s"
             ax.text(end, y, text, va="center", fontsize=8)
         ax.set_yticks(ys, [r.impl for r in group], fontsize=8)
         ax.invert_yaxis()
