@@ -38,7 +38,7 @@ ldd python/fusedtrain/_C*.so | grep -iE "omp|stdc" | tee -a "$OUT/env.txt"
 cat > /tmp/ft_repro.py <<'PYEOF'
 import torch, fusedtrain
 try:
-    torch.ops.fusedtrain.step_("sgd", [0.0] * 6, [torch.randn(4)], [torch.randn(5)], [], [], [], [], 0.1)
+    torch.ops.fusedtrain.step_("sgd", [0.0] * 6, [torch.randn(4)], [torch.randn(5)], [], [], [], [], [], 0.1)
 except RuntimeError as e:
     print("raised as expected:", str(e).splitlines()[0][:120])
 PYEOF

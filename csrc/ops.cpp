@@ -27,14 +27,18 @@
 //   stochastic_rounding      bfloat16 params (without masters) are stored with stochastic rounding, from
 //                            random bits keyed by sr_seed (int64; on the device under CUDA-graph capture);
 //   check_only               run every check (lists, layouts, scalars) and write nothing: a caller that
-//                            splits one update into several calls checks them all before the first write.
+//                            splits one update into several calls checks them all before the first write;
+//   aux_states               the rule's tensor scalars (Note [tensor scalars] in rules.h: NAdam's
+//                            mu_products, ASGD's etas and mus), concatenated list by list, where the step
+//                            counters are; advanced by the op with the counters.
 // States may be float32 or bfloat16 with float32 params, or float32 / the copies' dtype with masters.
 #include <torch/library.h>
 
 TORCH_LIBRARY(fusedtrain, m) {
   m.def(
       "step_(str rule, float[] hyper, Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] states, "
-      "Tensor(c!)[] state_steps, Tensor(d!)[] ema_params, Tensor(e!)[] param_copies, float lr, float l1=0.0, "
+      "Tensor(c!)[] state_steps, Tensor(d!)[] ema_params, Tensor(e!)[] param_copies, Tensor(f!)[] aux_states, "
+      "float lr, float l1=0.0, "
       "float ema_weight=0.0, Tensor? lr_tensor=None, Tensor? grad_scale=None, Tensor? found_inf=None, "
       "Tensor? clip_coef=None, Tensor? ema_weight_tensor=None, bool stochastic_rounding=False, "
       "Tensor? sr_seed=None, bool check_only=False) -> ()");

@@ -12,7 +12,8 @@ namespace {
 
 void step_op(c10::string_view rule_name, at::ArrayRef<double> hyper, at::TensorList params, at::TensorList grads,
              at::TensorList states, at::TensorList state_steps, at::TensorList ema_params,
-             at::TensorList param_copies, double lr, double l1, double ema_weight, const OptT& lr_tensor,
+             at::TensorList param_copies, at::TensorList aux_states, double lr, double l1, double ema_weight,
+             const OptT& lr_tensor,
              const OptT& grad_scale, const OptT& found_inf, const OptT& clip_coef, const OptT& ema_weight_tensor,
              bool stochastic_rounding, const OptT& sr_seed, bool check_only) {
   const RuleEntry& rule = find_rule(rule_name);
@@ -28,7 +29,7 @@ void step_op(c10::string_view rule_name, at::ArrayRef<double> hyper, at::TensorL
   cs.ema_weight = ema_weight;
   cs.ema_weight_tensor = ema_weight_tensor;
   cs.sr_seed = sr_seed;
-  run_call(rule, op.c_str(), hyper, l1, call, state_steps, cs, check_only);
+  run_call(rule, op.c_str(), hyper, l1, call, state_steps, cs, check_only, aux_states);
 }
 
 // averages <- lerp(averages, params, weight): the "ema" rule, whose "grads" are the parameters.

@@ -168,7 +168,7 @@ struct Seg {
   std::vector<int64_t> dims;  // Tuple::dim: sizes (ndim) then strides (ndim)
   // optimizer-owned tensors: the masters (master weights), the states (n_states lists, concatenated), the
   // step counters
-  std::vector<at::Tensor> masters, states, steps;
+  std::vector<at::Tensor> masters, states, steps, aux;  // aux: the rule's tensor scalars, concatenated
   std::vector<Memory> memory;  // per tuple with a work index: masters (if any), then its states
   size_t n_states = 0;
   host::Precision prec;
@@ -323,7 +323,10 @@ class StepPlanImpl {
       // The kernels and the ATen calls around them need no Python: let other threads (a pin-memory
       // thread, a data loader) run meanwhile, as torch's own ops do.
       py::gil_scoped_release no_gil;
-      for (size_t k = 0; k < segs_.size(); ++k) run(segs_[k], hyper[segs_[k].group], l1[segs_[k].group], plans[k]);
+      for (size_t k = 0; k < segs_.size(); ++k) {
+        const Seg& s = segs_[k];
+        run(segs_[k], hyper[s.group], l1[s.group], plans[k], per_group[s.group].lr_tensor);
+      }
     }
     for (Seg& s : segs_) {  // drop this step's references (tensors a user may want to swap or free)
       s.locals_now.clear();
@@ -351,6 +354,7 @@ class StepPlanImpl {
     s.masters = tensor_list(d["masters"], "a master weight");
     s.states = tensor_list(d["states"], "a state");
     s.steps = tensor_list(d["steps"], "a step counter");
+    s.aux = tensor_list(d["aux"], "a tensor scalar");
     const size_t n = py::len(positions);
     TORCH_CHECK(py::len(kinds) == n && (averages.empty() || py::len(averages) == n) &&
                     (s.masters.empty() || s.masters.size() == n),
@@ -385,6 +389,7 @@ class StepPlanImpl {
     if (n > 0) s.device = targets[0].device();
     s.fn = host::backend_fn(*s.rule, s.op.c_str(), s.device);
     s.steps_on_device = host::check_steps(s.op.c_str(), s.steps, targets, s.rule->counts_steps).on_device;
+    host::check_aux(*s.rule, s.op.c_str(), s.aux, targets, s.steps_on_device);
     const std::vector<at::TensorList> lists = s.lists(targets, stand_in, avgs, copies);
     for (size_t i = 0; i < n; ++i) {
       Tuple t;
@@ -569,14 +574,15 @@ class StepPlanImpl {
     return at::linalg_vector_norm(at::stack(norms), 2.0);
   }
 
-  void run(Seg& s, std::vector<double> hyper, double l1, host::CallPlan& plan) {
+  void run(Seg& s, std::vector<double> hyper, double l1, host::CallPlan& plan, const OptT& lr_tensor) {
     if (s.tuples.empty()) return;
     for (const auto& [i, v] : s.overrides) hyper[i] = v;
     host::advance_steps(s.steps, plan.steps);
+    const std::vector<std::array<Scalar, 2>> bound = host::advance_aux(*s.rule, s.device, hyper, s.aux, plan, lr_tensor);
     if (s.general_now) {
       const std::vector<at::Tensor> targets = s.masters.empty() ? s.locals_now : s.masters;
       const std::vector<at::Tensor> copies = s.masters.empty() ? std::vector<at::Tensor>() : s.locals_now;
-      Work work = host::prepare(s.lists(targets, s.grads_now, s.avgs_now, copies), plan.steps.steps);
+      Work work = host::prepare(s.lists(targets, s.grads_now, s.avgs_now, copies), plan.steps.steps, {}, bound);
       work.scalars = plan.scalars;
       if (work.size() > 0) s.fn(host::RunArgs{work, hyper.data(), rules::Common{l1}, s.prec, s.with_ema});
       for (auto& [original, temp] : work.copy_back) original.copy_(temp);
@@ -584,6 +590,12 @@ class StepPlanImpl {
       if (!plan.steps.steps.empty()) {
         for (size_t i = 0; i < s.tuples.size(); ++i) {
           if (s.tuples[i].work >= 0) s.work.step[s.tuples[i].work] = plan.steps.steps[i];
+        }
+      }
+      if (!bound.empty()) {
+        s.work.aux.resize(s.work.size());
+        for (size_t i = 0; i < s.tuples.size(); ++i) {
+          if (s.tuples[i].work >= 0) s.work.aux[s.tuples[i].work] = bound[i];
         }
       }
       s.work.scalars = plan.scalars;
@@ -619,6 +631,7 @@ void bind(py::module& m) {
         for (const auto& [name, e] : host::registry()) {
           py::dict d;
           d["hyper"] = e.hyper;
+          d["aux"] = e.aux;
           d["counts_steps"] = e.counts_steps;
           d["mixed_precision"] = e.mixed_precision;
           out[py::str(name)] = d;

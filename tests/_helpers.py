@@ -11,7 +11,7 @@ import torch
 
 import fusedtrain
 
-OPTIMIZERS = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW"]
+OPTIMIZERS = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "NAdam"]
 
 # (optimizer, options): every option combination that changes the kernel's arithmetic.
 CONFIGS: list[tuple[str, dict[str, Any]]] = [
@@ -31,6 +31,9 @@ CONFIGS: list[tuple[str, dict[str, Any]]] = [
     ("Adam", dict(lr=0.01, betas=(0.8, 0.99), maximize=True, weight_decay=0.1, decoupled_weight_decay=True)),
     ("AdamW", dict(lr=0.01)),
     ("AdamW", dict(lr=0.01, amsgrad=True, maximize=True, weight_decay=0.05)),
+    ("NAdam", dict(lr=0.01)),
+    ("NAdam", dict(lr=0.01, betas=(0.8, 0.99), weight_decay=0.1, momentum_decay=0.01, maximize=True)),
+    ("NAdam", dict(lr=0.01, weight_decay=0.05, decoupled_weight_decay=True)),
 ]
 
 

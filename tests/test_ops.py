@@ -23,20 +23,24 @@ def _op_cases(device: str, dtype: torch.dtype):
     step_ = torch.ops.fusedtrain.step_.default
     sgd = [0.9, 0.0, 0.01, 1.0, 0.0, 0.0]  # momentum, dampening, weight_decay, nesterov, maximize, first_step
     p, g, b, e = _lists(device, dtype, 2)
-    yield step_, ("sgd", sgd, p, g, b, [], e, [], 0.1), dict(ema_weight=0.1)
+    yield step_, ("sgd", sgd, p, g, b, [], e, [], [], 0.1), dict(ema_weight=0.1)
     p, g = _lists(device, dtype, 0)
-    yield step_, ("sgd", [0.0, 0.0, 0.0, 0.0, 1.0, 0.0], p, g, [], [], [], [], 0.1), {}
+    yield step_, ("sgd", [0.0, 0.0, 0.0, 0.0, 1.0, 0.0], p, g, [], [], [], [], [], 0.1), {}
     p, g, s = _lists(device, dtype, 1)
     s = [x.abs() for x in s]
-    yield step_, ("adagrad", [0.01, 0.0, 1e-10, 0.0], p, g, s, _steps(4), [], [], 0.1), dict(l1=0.01)
+    yield step_, ("adagrad", [0.01, 0.0, 1e-10, 0.0], p, g, s, _steps(4), [], [], [], 0.1), dict(l1=0.01)
     p, g, v, a, m, e = _lists(device, dtype, 4)
     v = [x.abs() + 1 for x in v]
-    yield step_, ("rmsprop", [0.99, 1e-8, 0.0, 0.9, 1.0, 0.0], p, g, v + a + m, _steps(4), e, [], 0.01), \
+    yield step_, ("rmsprop", [0.99, 1e-8, 0.0, 0.9, 1.0, 0.0], p, g, v + a + m, _steps(4), e, [], [], 0.01), \
         dict(ema_weight=0.01)
     p, g, m, v, vm, e = _lists(device, dtype, 4)
     v, vm = [x.abs() for x in v], [x.abs() for x in vm]
-    yield step_, ("adam", [0.9, 0.999, 1e-8, 0.01, 1.0, 0.0, 1.0], p, g, m + v + vm, _steps(4), e, [], 1e-3), \
+    yield step_, ("adam", [0.9, 0.999, 1e-8, 0.01, 1.0, 0.0, 1.0], p, g, m + v + vm, _steps(4), e, [], [], 1e-3), \
         dict(ema_weight=0.001, grad_scale=torch.tensor(4.0), clip_coef=torch.tensor(0.5))
+    p, g, m, v = _lists(device, dtype, 2)
+    v = [x.abs() for x in v]
+    mu = [torch.tensor(0.9) for _ in p]
+    yield step_, ("nadam", [0.9, 0.999, 1e-8, 0.01, 0.004, 0.0, 0.0], p, g, m + v, _steps(4), [], [], mu, 1e-3), {}
     a, p = _lists(device, dtype, 0)
     yield torch.ops.fusedtrain.ema_.default, (a, p, 0.25), {}
 
@@ -129,26 +133,27 @@ def test_op_rejects_mismatched_lists_without_mutation() -> None:
     before = p[0].clone()
     sgd = [0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
     with pytest.raises(RuntimeError, match=r"grads\[0\].*must be Float with the shape and device of params\[0\]"):
-        torch.ops.fusedtrain.step_("sgd", sgd, p, g, [], [], [], [], 0.1)
+        torch.ops.fusedtrain.step_("sgd", sgd, p, g, [], [], [], [], [], 0.1)
     steps = [torch.tensor(0.0)]
     with pytest.raises(RuntimeError, match="keeps 2 state lists"):
         torch.ops.fusedtrain.step_("adam", [0.9, 0.99, 1e-8, 0.0, 0.0, 0.0, 0.0], p, [torch.randn(4)], [], steps,
-                                   [], [], 0.1)
+                                   [], [], [], 0.1)
     with pytest.raises(RuntimeError, match="takes 7 hyperparameters"):
-        torch.ops.fusedtrain.step_("adam", [0.9], p, [torch.randn(4)], [], steps, [], [], 0.1)
+        torch.ops.fusedtrain.step_("adam", [0.9], p, [torch.randn(4)], [], steps, [], [], [], 0.1)
     with pytest.raises(RuntimeError, match="unknown optimizer rule 'adamm'"):
-        torch.ops.fusedtrain.step_("adamm", [], p, [torch.randn(4)], [], steps, [], [], 0.1)
+        torch.ops.fusedtrain.step_("adamm", [], p, [torch.randn(4)], [], steps, [], [], [], 0.1)
     # a tensor listed twice, an expanded (overlapping) one: refused before anything is written
     twice = torch.randn(6)
     with pytest.raises(RuntimeError, match=r"params\[1\] and params\[0\] are the same memory"):
-        torch.ops.fusedtrain.step_("sgd", sgd, [twice, twice], [torch.randn(6), torch.randn(6)], [], [], [], [], 0.1)
+        torch.ops.fusedtrain.step_("sgd", sgd, [twice, twice], [torch.randn(6), torch.randn(6)], [], [], [], [], [],
+                                   0.1)
     expanded = torch.randn(1).expand(5)
     with pytest.raises(RuntimeError, match="internally overlapping memory"):
         torch.ops.fusedtrain.step_("sgd", sgd, [p[0], expanded], [torch.randn(4), torch.randn(5)], [], [], [], [],
-                                   0.1)
+                                   [], 0.1)
     # check_only runs every check and writes nothing
     torch.ops.fusedtrain.step_("adam", [0.9, 0.99, 1e-8, 0.0, 0.0, 0.0, 0.0], p, [torch.randn(4)],
-                               [torch.zeros(4), torch.zeros(4)], steps, [], [], 0.1, check_only=True)
+                               [torch.zeros(4), torch.zeros(4)], steps, [], [], [], 0.1, check_only=True)
     assert torch.equal(p[0], before) and float(steps[0]) == 0.0
 
 

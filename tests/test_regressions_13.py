@@ -520,7 +520,7 @@ def _dup_runs(name: str, kw: dict[str, Any], make: Callable[[], torch.Tensor]) -
 
 
 _DUP_KW = {"SGD": dict(lr=0.1, momentum=0.9), "Adagrad": dict(lr=0.1), "RMSprop": dict(lr=0.01, centered=True),
-           "Adam": dict(lr=0.01), "AdamW": dict(lr=0.01, amsgrad=True)}
+           "Adam": dict(lr=0.01), "AdamW": dict(lr=0.01, amsgrad=True), "NAdam": dict(lr=0.01)}
 
 
 @pytest.mark.parametrize("layout", ["large", "strided"])

@@ -29,7 +29,7 @@ TensorSeq = Sequence[Tensor]
 OptTensor = Tensor | None
 
 #: The optimizer rules of this build (Note [optimizer rules] in csrc/include/fusedtrain/rules.h):
-#: ``{name: {"hyper": [names in op order], "counts_steps": bool, "mixed_precision": bool}}``.
+#: ``{name: {"hyper": [names in op order], "aux": [tensor scalars], "counts_steps": bool, "mixed_precision": bool}}``.
 RULES: dict[str, dict[str, Any]] = dict(_lib.rules())
 
 
@@ -49,13 +49,13 @@ def step_(rule: str, hyper: Sequence[float], params: TensorSeq, grads: TensorSeq
           ema_params: TensorSeq = (), ema_weight: float = 0.0, ema_weight_tensor: OptTensor = None,
           param_copies: TensorSeq = (), grad_scale: OptTensor = None, found_inf: OptTensor = None,
           clip_coef: OptTensor = None, stochastic_rounding: bool = False, sr_seed: OptTensor = None,
-          check_only: bool = False) -> None:
+          check_only: bool = False, aux_states: TensorSeq = ()) -> None:
     """One fused update of ``rule`` over ``params`` (one device, one dtype); see Note [optimizer op
-    conventions] in csrc/ops.cpp. ``states``: the rule's state lists concatenated list by list.
-    ``check_only``: run every check and write nothing."""
-    _ops.step_(rule, list(hyper), params, grads, states, state_steps, ema_params, param_copies, lr, l1, ema_weight,
-               lr_tensor, grad_scale, found_inf, clip_coef, ema_weight_tensor, stochastic_rounding, sr_seed,
-               check_only)
+    conventions] in csrc/ops.cpp. ``states``: the rule's state lists concatenated list by list;
+    ``aux_states``: its tensor scalars, likewise. ``check_only``: run every check and write nothing."""
+    _ops.step_(rule, list(hyper), params, grads, states, state_steps, ema_params, param_copies, list(aux_states), lr,
+               l1, ema_weight, lr_tensor, grad_scale, found_inf, clip_coef, ema_weight_tensor, stochastic_rounding,
+               sr_seed, check_only)
 
 
 def ema_(averages: TensorSeq, params: TensorSeq, *, weight: float, weight_tensor: OptTensor = None,

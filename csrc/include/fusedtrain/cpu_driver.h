@@ -25,6 +25,7 @@
 
 #include "fusedtrain/cpu_isa.h"
 #include "fusedtrain/rounding.h"
+#include "fusedtrain/rules.h"
 #include "fusedtrain/work.h"
 
 namespace fusedtrain {
@@ -139,7 +140,7 @@ void multi_tensor_apply(const Work& work, const Op& op) {
       piece[1] = static_cast<typename L::G*>(work.ptr[i][1]) + lo;
       for (int k = 2; k < Op::depth; ++k) piece[k] = static_cast<typename L::St*>(work.ptr[i][k]) + lo;
       if constexpr (L::kCopy) piece[Op::depth] = static_cast<typename L::O*>(work.ptr[i][Op::depth]) + lo;
-      const math::Bound b = bound_for(work.scalars, work.step[i]);
+      const math::Bound b = bound_for(work.scalars, work.step[i], work.aux.empty() ? nullptr : work.aux[i].data());
       if (!math::same(b, last)) {
         last = b;
         bound = op;
@@ -155,6 +156,28 @@ struct Backend {
   template <class L, typename Op>
   static void apply(const Work& work, const Op& op) {
     multi_tensor_apply<L, Op>(work, op);
+  }
+
+  // Note [tensor scalars] (rules.h), on the host: the tensors live on the CPU, next to the step counters.
+  template <class Rule>
+  static void advance_aux(const AuxArgs& a) {
+    for (size_t i = 0; i < a.n; ++i) {
+      double stored[2] = {0.0, 0.0}, bound[2] = {0.0, 0.0};
+      rules::AuxRound round;
+      for (int j = 0; j < a.k; ++j) {
+        const at::Tensor& t = a.aux[j * a.n + i];
+        round.single[j] = t.scalar_type() != at::kDouble;
+        stored[j] = round.single[j] ? static_cast<double>(*static_cast<const float*>(t.const_data_ptr()))
+                                    : *static_cast<const double*>(t.const_data_ptr());
+      }
+      Rule::advance(a.hyper, read(a.steps[i]), read(a.lr), stored, bound, round);
+      for (int j = 0; j < a.k; ++j) {
+        const at::Tensor& t = a.aux[j * a.n + i];
+        if (round.single[j]) *static_cast<float*>(t.data_ptr()) = static_cast<float>(stored[j]);
+        else *static_cast<double*>(t.data_ptr()) = stored[j];
+      }
+      a.out[i] = {Scalar{nullptr, bound[0]}, Scalar{nullptr, bound[1]}};
+    }
   }
 };
 

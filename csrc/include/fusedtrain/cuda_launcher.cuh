@@ -15,16 +15,19 @@
 
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <climits>
 #include <cstdint>
 #include <vector>
 
 #include "fusedtrain/rounding.h"
+#include "fusedtrain/rules.h"
 #include "fusedtrain/work.h"
 
 namespace fusedtrain {
@@ -40,10 +43,12 @@ constexpr int kArgBytes = 31 * 1024;  // kernel parameter budget for the tensor 
 
 template <int D>
 struct TensorTable {
-  static constexpr int kMax = (kArgBytes - 24 - static_cast<int>(sizeof(Scalars))) / (D * 8 + 8 + 16 + 4 + 4);
+  static constexpr int kMax = (kArgBytes - 32 - static_cast<int>(sizeof(Scalars))) / (D * 8 + 8 + 16 + 32 + 4 + 4);
   void* ptr[D][kMax];
   int64_t numel[kMax];
   Scalar step[kMax];        // per-tensor step: a host value, or the device counter (capturable)
+  Scalar aux[kMax][2];      // per-tensor bound scalar states (Note [tensor scalars] in rules.h), if has_aux
+  int32_t has_aux;
   int32_t chunk_end[kMax];  // cumulative chunk count up to and including tensor t
   uint32_t ordinal[kMax];   // the tensor's position in its call (keys stochastic rounding; Work::ordinal)
   int32_t count;
@@ -124,7 +129,7 @@ __global__ void __launch_bounds__(kThreads) multi_tensor_kernel(const __grid_con
   for (int32_t c = blockIdx.x; c < total; c += gridDim.x) {
     int64_t start, len;
     const int t = find_chunk(table, c, &start, &len);
-    const math::Bound b = bound_for(table.scalars, table.step[t]);
+    const math::Bound b = bound_for(table.scalars, table.step[t], table.has_aux ? table.aux[t] : nullptr);
     if (!math::same(b, bound)) {
       bound = b;
       op = op_in;
@@ -219,6 +224,7 @@ void multi_tensor_apply(const Work& work, const Op& op) {
 
   Table table;
   table.count = 0;
+  table.has_aux = work.aux.empty() ? 0 : 1;
   table.scalars = work.scalars;
   int64_t chunks = 0;
   auto flush = [&] {
@@ -237,6 +243,10 @@ void multi_tensor_apply(const Work& work, const Op& op) {
     table.numel[table.count] = numel;
     table.step[table.count] = work.step[i];
     table.ordinal[table.count] = work.ordinal[i];
+    if (table.has_aux) {
+      table.aux[table.count][0] = work.aux[i][0];
+      table.aux[table.count][1] = work.aux[i][1];
+    }
     chunks += tensor_chunks;
     table.chunk_end[table.count] = static_cast<int32_t>(chunks);
     ++table.count;
@@ -244,10 +254,70 @@ void multi_tensor_apply(const Work& work, const Op& op) {
   flush();
 }
 
+// Note [tensor scalars] (rules.h) on the device: one thread per tensor reads its step counter and scalar
+// states, runs the rule's advance, stores the new states (float32, as torch's capturable optimizers keep
+// them) and the two bound values the element-wise kernel reads next.
+constexpr int kAuxMax = 1024;
+struct AuxTable {
+  double hyper[24];
+  float* aux[kAuxMax][2];
+  const float* step[kAuxMax];
+  int32_t count;
+  Scalar lr;
+  const float* found_inf;
+};
+
+template <class Rule>
+__global__ void aux_kernel(const __grid_constant__ AuxTable table, int k, float* out) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= table.count) return;
+  if (table.found_inf != nullptr && *table.found_inf != 0.0f) return;
+  double stored[2] = {0.0, 0.0}, bound[2] = {0.0, 0.0};
+  for (int j = 0; j < k; ++j) stored[j] = static_cast<double>(*table.aux[i][j]);
+  Rule::advance(table.hyper, static_cast<double>(*table.step[i]), read(table.lr), stored, bound, rules::AuxRound{});
+  for (int j = 0; j < k; ++j) *table.aux[i][j] = static_cast<float>(stored[j]);
+  out[2 * i] = static_cast<float>(bound[0]);
+  out[2 * i + 1] = static_cast<float>(bound[1]);
+}
+
 struct Backend {
   template <class L, typename Op>
   static void apply(const Work& work, const Op& op) {
     multi_tensor_apply<L, Op>(work, op);
+  }
+
+  template <class Rule>
+  static void advance_aux(const AuxArgs& a) {
+    if (a.n == 0) return;
+    static_assert(Rule::kHyper.size() <= 24, "AuxTable holds up to 24 hyperparameters");
+    const at::Tensor& first = a.aux[0];
+    const c10::cuda::CUDAGuard guard(first.device());
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    at::Tensor out = at::empty({static_cast<int64_t>(a.n), 2}, first.options().dtype(at::kFloat));
+    a.keep->push_back(out);
+    float* o = out.data_ptr<float>();
+    AuxTable table;
+    for (size_t h = 0; h < Rule::kHyper.size(); ++h) table.hyper[h] = a.hyper[h];
+    table.lr = a.lr;
+    table.found_inf = a.found_inf;
+    for (size_t base = 0; base < a.n; base += kAuxMax) {
+      const size_t count = std::min<size_t>(kAuxMax, a.n - base);
+      for (size_t i = 0; i < count; ++i) {
+        for (int j = 0; j < a.k; ++j) {
+          const at::Tensor& t = a.aux[j * a.n + base + i];
+          TORCH_CHECK(t.is_cuda() && t.scalar_type() == at::kFloat, "fusedtrain: tensor scalar states on the GPU "
+                      "must be float32 (got ", t.scalar_type(), " on ", t.device(), ")");
+          table.aux[i][j] = static_cast<float*>(t.data_ptr());
+        }
+        TORCH_CHECK(a.steps[base + i].ptr != nullptr, "fusedtrain: tensor scalar states on the GPU need the step "
+                    "counters there too");
+        table.step[i] = a.steps[base + i].ptr;
+      }
+      table.count = static_cast<int32_t>(count);
+      aux_kernel<Rule><<<static_cast<unsigned>((count + 127) / 128), 128, 0, stream>>>(table, a.k, o + 2 * base);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    for (size_t i = 0; i < a.n; ++i) a.out[i] = {Scalar{o + 2 * i, 0.0}, Scalar{o + 2 * i + 1, 0.0}};
   }
 };
 

@@ -65,11 +65,14 @@ struct Bound {
   double clip_coef;   // min(1, max_norm / (norm + 1e-6)) with max_grad_norm, else 1
   double ema_weight;  // weight of the moving average (WithEma, EmaOp): read per call, so a captured step replays
                       // the weight of each update (an EMA warm-up, SWA's 1/(n+1)) from device memory
+  // The tensor's scalar states as its rule's advance_aux left them for this update (Note [tensor scalars]
+  // in rules.h: NAdam's mu_product, ASGD's eta and mu); 0 for rules without them.
+  double aux0 = 0.0, aux1 = 0.0;
 };
 
 FT_HD bool same(const Bound& a, const Bound& b) {
   return a.step == b.step && a.lr == b.lr && a.inv_scale == b.inv_scale && a.clip_coef == b.clip_coef &&
-         a.ema_weight == b.ema_weight;
+         a.ema_weight == b.ema_weight && a.aux0 == b.aux0 && a.aux1 == b.aux1;
 }
 
 // Every rule reads its gradient through this: unscaled and clipped as two roundings, (g * inv) * coef,
@@ -229,6 +232,46 @@ struct AdamOp : GradPrescale<T> {
     }
     const T denom = sqrt_(vhat) / bc2_sqrt + eps;
     r[0] = p + (-step_size) * (m / denom);
+  }
+};
+
+// NAdam (Dozat 2016, Adam with Nesterov momentum; torch's parametrization with the momentum schedule
+// mu_t = beta1 * (1 - 0.5 * 0.96^(t * psi))):
+//   NAdamW: p <- p*(1 - lr*wd);  NAdam: g <- g + wd*p
+//   m <- lerp(m, g, 1 - b1);  v <- b2*v + (1 - b2)*g*g;  d = sqrt(v / (1 - b2^t)) + eps
+//   p <- p - lr*(1 - mu_t)/(1 - prod_{i<=t} mu_i) * g/d - lr*mu_{t+1}/(1 - prod_{i<=t+1} mu_i) * m/d
+// The running product prod mu_i is a tensor scalar (Note [tensor scalars] in rules.h), accumulated in its
+// dtype as torch's mu_product *= mu is; bind() gets it as Bound::aux0.  Registers: (p, g, m, v).
+template <typename T>
+struct NadamOp : GradPrescale<T> {
+  static constexpr int depth = 4;
+  double beta1_d, beta2_d, momentum_decay, decoupled_wd;  // decoupled_wd: NAdamW's lambda, 0 for NAdam
+  T beta2, one_minus_beta1, one_minus_beta2, eps, coupled_wd;
+  T decay_factor, bc2, c_grad, c_avg;  // bound per tensor
+  T maximize;                          // flag
+
+  FT_HD void bind(const Bound& b) {
+    this->bind_prescale(b);
+    const double mu = beta1_d * (1.0 - 0.5 * ::pow(0.96, b.step * momentum_decay));
+    const double mu_next = beta1_d * (1.0 - 0.5 * ::pow(0.96, (b.step + 1.0) * momentum_decay));
+    const double mu_product = b.aux0;
+    bc2 = static_cast<T>(1.0 - ::pow(beta2_d, b.step));
+    c_grad = static_cast<T>(-b.lr * (1.0 - mu) / (1.0 - mu_product));
+    c_avg = static_cast<T>((-b.lr * mu_next) / (1.0 - mu_product * mu_next));
+    decay_factor = static_cast<T>(decoupled_wd != 0.0 ? 1.0 - b.lr * decoupled_wd : 1.0);
+  }
+
+  FT_HD void operator()(T* r) const {
+    const T p0 = r[0];
+    const T g = effective_grad(this->grad(r[1]), p0, maximize, coupled_wd, this->l1);
+    T p = p0 * decay_factor;
+    const T m = lerp(r[2], g, one_minus_beta1);
+    const T v = r[3] * beta2 + one_minus_beta2 * g * g;
+    r[2] = m;
+    r[3] = v;
+    const T denom = sqrt_(v / bc2) + eps;
+    p = p + c_grad * (g / denom);
+    r[0] = p + c_avg * (m / denom);
   }
 };
 

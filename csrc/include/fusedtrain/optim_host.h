@@ -193,7 +193,7 @@ inline bool dense_tuple(const std::vector<at::TensorList>& lists, size_t i) {
 // (Note [per-tensor binding]); empty when the rule counts no steps. `only`: a subset of the tuples
 // (ascending), or empty for all of them.
 inline Work prepare(const std::vector<at::TensorList>& lists, const std::vector<Scalar>& steps,
-                    const std::vector<size_t>& only = {}) {
+                    const std::vector<size_t>& only = {}, const std::vector<std::array<Scalar, 2>>& aux = {}) {
   Work work;
   const size_t depth = lists.size();
   const size_t n = only.empty() ? lists[0].size() : only.size();
@@ -224,6 +224,7 @@ inline Work prepare(const std::vector<at::TensorList>& lists, const std::vector<
     work.numel.push_back(numel);
     work.step.push_back(steps.empty() ? Scalar{} : steps[i]);
     work.ordinal.push_back(static_cast<uint32_t>(i));
+    if (!aux.empty()) work.aux.push_back(aux[i]);
   }
   return work;
 }
@@ -406,13 +407,17 @@ inline int backend_index(c10::DeviceType t) {
   return t == c10::kCPU ? kCpuBackend : (t == c10::kCUDA ? kCudaBackend : -1);
 }
 
+using AuxFn = void (*)(const AuxArgs&);
+
 struct RuleEntry {
   std::string name;
   std::vector<std::string> hyper;
+  std::vector<std::string> aux;  // tensor scalars (Note [tensor scalars] in rules.h)
   bool counts_steps = false;
   bool mixed_precision = false;
   rules::Names (*states)(const double*) = nullptr;
   std::array<RunFn, kNumBackends> run{};
+  std::array<AuxFn, kNumBackends> advance_aux{};
 };
 
 // Filled by the static RegisterRule objects of the backend translation units before any op runs, read
@@ -503,17 +508,38 @@ rules::Names rule_states(const double* h) {
   return Rule::states(h);
 }
 
+// Whether a rule keeps tensor scalars (declares kAux), and whether it brings its own backend function
+// (Note [optimizer rules]); C++17 detection, as torch 2.6 builds extensions with C++17.
+template <class R, class = void>
+struct HasAux : std::false_type {};
+template <class R>
+struct HasAux<R, std::void_t<decltype(R::kAux)>> : std::true_type {};
+template <class R, class B, class = void>
+struct HasOwnRun : std::false_type {};
+template <class R, class B>
+struct HasOwnRun<R, B, std::void_t<decltype(&R::template run<B>)>> : std::true_type {};
+
 // A static object of each backend translation unit registers one rule's backend function.
 template <class Backend, class Rule>
 struct RegisterRule {
   explicit RegisterRule(c10::DeviceType device) {
     RuleEntry& e = registry()[Rule::kName];
+    const int b = backend_index(device);
     e.name = Rule::kName;
     e.hyper.assign(Rule::kHyper.begin(), Rule::kHyper.end());
     e.counts_steps = Rule::kCountsSteps;
     e.mixed_precision = Rule::kMixedPrecision;
     e.states = &rule_states<Rule>;
-    e.run[backend_index(device)] = &run_rule<Backend, Rule>;
+    if constexpr (HasOwnRun<Rule, Backend>::value) {
+      e.run[b] = &Rule::template run<Backend>;
+    } else {
+      e.run[b] = &run_rule<Backend, Rule>;
+    }
+    if constexpr (HasAux<Rule>::value) {
+      static_assert(Rule::kAux.size() <= 2 && Rule::kCountsSteps, "up to two tensor scalars, with step counters");
+      e.aux.assign(Rule::kAux.begin(), Rule::kAux.end());
+      e.advance_aux[b] = &Backend::template advance_aux<Rule>;
+    }
   }
 };
 
@@ -550,21 +576,71 @@ inline CallLists check_call(const RuleEntry& rule, const char* op, at::ArrayRef<
   return call;
 }
 
+// The rule's tensor scalars (Note [tensor scalars] in rules.h): len(rule.aux) lists of params.size()
+// one-element float32/float64 tensors, concatenated, where the step counters are (CPU, or the device).
+inline void check_aux(const RuleEntry& rule, const char* op, at::TensorList aux, at::TensorList params,
+                      bool on_device) {
+  const size_t n = params.size();
+  TORCH_CHECK(aux.size() == rule.aux.size() * n, "fusedtrain.", op, ": rule '", rule.name, "' keeps ",
+              rule.aux.size(), " tensor scalar lists (", c10::Join(", ", rule.aux), ") of ", n,
+              " tensors each, concatenated: ", rule.aux.size() * n, " tensors, got ", aux.size());
+  for (size_t i = 0; i < aux.size(); ++i) {
+    const at::Tensor& t = aux[i];
+    const c10::Device want = on_device ? params[0].device() : c10::Device(c10::kCPU);
+    TORCH_CHECK(t.defined() && t.numel() == 1 && t.device() == want && t.is_contiguous() &&
+                    (t.scalar_type() == at::kFloat || (!on_device && t.scalar_type() == at::kDouble)),
+                "fusedtrain.", op, ": aux_states[", i, "] must be a one-element float32", on_device ? "" : "/float64",
+                " tensor on ", want, " (where the step counters are), got ", t.scalar_type(), " ", t.sizes(),
+                " on ", t.device());
+  }
+}
+
+// Advances the tensor scalars of a call whose step counters were advanced; returns each tuple's bound values.
+// host_lr: the learning rate as the host reads it (for host counters; a device lr tensor is read once).
+inline std::vector<std::array<Scalar, 2>> advance_aux(const RuleEntry& rule, c10::Device device,
+                                                      at::ArrayRef<double> hyper, at::TensorList aux,
+                                                      CallPlan& plan, const OptT& lr_tensor) {
+  std::vector<std::array<Scalar, 2>> out;
+  if (rule.aux.empty()) return out;
+  const size_t n = plan.steps.steps.size();
+  out.resize(n);
+  AuxArgs a;
+  a.hyper = hyper.data();
+  a.n = n;
+  a.steps = plan.steps.steps.data();
+  a.lr = plan.scalars.lr;
+  a.found_inf = plan.scalars.found_inf;
+  a.aux = aux.data();
+  a.k = static_cast<int>(rule.aux.size());
+  a.out = out.data();
+  a.keep = &plan.keep_alive;
+  // Counters on the device: the device's update (lr read there); on the CPU: the host's, where a device lr
+  // tensor is read once (as torch's non-capturable step reads it).
+  const int b = plan.steps.on_device ? backend_index(device.type()) : kCpuBackend;
+  if (!plan.steps.on_device && a.lr.ptr != nullptr) a.lr = Scalar{nullptr, lr_tensor->item<double>()};
+  TORCH_CHECK(rule.advance_aux[b] != nullptr, "fusedtrain: no tensor-scalar update for '", rule.name, "' on ",
+              plan.steps.on_device ? device : c10::Device(c10::kCPU));
+  rule.advance_aux[b](a);
+  return out;
+}
+
 // Runs a checked call: reads the scalars, advances the counters, updates, copies temporaries back.
 // check_only: stop after the checks, before the first write.
 inline void run_call(const RuleEntry& rule, const char* op, at::ArrayRef<double> hyper, double l1,
                      const CallLists& call, at::TensorList state_steps, const CallScalars& cs,
-                     bool check_only = false) {
+                     bool check_only = false, at::TensorList aux = {}) {
   const at::TensorList params = call.lists[0];
   if (params.empty()) return;
   const c10::Device device = params[0].device();
   const RunFn fn = backend_fn(rule, op, device);
   StepPlan steps = check_steps(op, state_steps, params, rule.counts_steps);
+  check_aux(rule, op, aux, params, steps.on_device);
   CallPlan plan = call_scalars(op, device, steps.on_device, rule.counts_steps, cs);
   if (plan.skip || check_only) return;
   plan.steps.on_device = steps.on_device;
   advance_steps(state_steps, plan.steps);
-  Work work = prepare(call.lists, plan.steps.steps);
+  const std::vector<std::array<Scalar, 2>> bound = advance_aux(rule, device, hyper, aux, plan, cs.lr_tensor);
+  Work work = prepare(call.lists, plan.steps.steps, {}, bound);
   work.scalars = plan.scalars;
   if (work.size() > 0) fn(RunArgs{work, hyper.data(), rules::Common{l1}, call.prec, call.with_ema});
   for (auto& [original, temp] : work.copy_back) original.copy_(temp);

@@ -15,6 +15,25 @@
 // A new optimizer is one functor in math.h, one rule here, one translation unit per backend that
 // registers it (cpu/optim_<rule>.cpp, cuda/optim_<rule>.cu) and a thin Python class: nothing else names
 // its hyperparameters, and the Python side reads kHyper (fusedtrain._C.rules()) to build the list.
+// Optionally:
+//   kAux / advance   tensor scalars (Note [tensor scalars]);
+//   template <class Backend> static void run(const host::RunArgs&)   a rule that needs more than one
+//                    element-wise pass (per-tensor norms, factored moments) brings its own backend function,
+//                    which RegisterRule registers instead of the generic one (optim_host.h).
+//
+// Note [tensor scalars]:
+// Some rules keep one-element state tensors per parameter besides the element-wise states and the step
+// counter, updated every step from values that the element-wise pass then uses: NAdam's mu_product (the
+// running product of its momentum coefficients, accumulated in the tensor's dtype as torch does), ASGD's
+// eta and mu (the step size and averaging weight of the *previous* step, recomputed after each update). A
+// rule declares their names in kAux (up to two; torch's state keys, as the op's aux_states lists) and
+//   template <class Round> FT_HD static void advance(const double* hyper, double step, double lr,
+//                                                    double* stored, double* bound, Round round);
+// which, for one parameter at its new step count, updates `stored` (the tensors' values; round(k, x) rounds
+// x to tensor k's dtype, float32 or float64, so that a product accumulates as torch's in-place multiply
+// does) and sets the two values the functor's bind() receives as Bound::aux0 / aux1. The host runs it per
+// tensor (CPU step counters), or a one-thread-per-tensor CUDA kernel does (counters on the device; a skip
+// by found_inf leaves the tensors alone), before the element-wise pass.
 #pragma once
 
 #include <array>
@@ -31,6 +50,12 @@ struct Common {
 };
 
 using Names = std::vector<const char*>;
+
+// Rounds a tensor scalar's new value to its storage dtype (Note [tensor scalars]).
+struct AuxRound {
+  bool single[2] = {true, true};  // tensor k is float32 (else float64)
+  FT_HD double operator()(int k, double x) const { return single[k] ? static_cast<double>(static_cast<float>(x)) : x; }
+};
 
 template <typename T>
 FT_HD T flag(double x) {
@@ -146,6 +171,43 @@ struct Adam {
     };
     if (h[kAmsgrad] != 0.0) go(math::AdamOp<T, true>{});
     else go(math::AdamOp<T, false>{});
+  }
+};
+
+struct Nadam {
+  static constexpr const char* kName = "nadam";
+  enum { kBeta1, kBeta2, kEps, kWeightDecay, kMomentumDecay, kMaximize, kDecoupled };
+  static constexpr std::array<const char*, 7> kHyper{"beta1", "beta2", "eps", "weight_decay", "momentum_decay",
+                                                     "maximize", "decoupled_weight_decay"};
+  static constexpr std::array<const char*, 1> kAux{"mu_product"};
+  static constexpr bool kCountsSteps = true;
+  static constexpr bool kMixedPrecision = true;
+  static Names states(const double*) { return {"exp_avgs", "exp_avg_sqs"}; }
+
+  // mu_product *= mu_t, in the tensor's dtype (torch multiplies a float32 tensor by mu rounded to float32)
+  template <class Round>
+  FT_HD static void advance(const double* h, double step, double, double* stored, double* bound, Round round) {
+    const double mu = h[kBeta1] * (1.0 - 0.5 * ::pow(0.96, step * h[kMomentumDecay]));
+    stored[0] = round(0, stored[0] * round(0, mu));
+    bound[0] = stored[0];
+  }
+
+  template <typename T, typename Launch>
+  static void make(const double* h, const Common& c, Launch&& launch) {
+    const bool decoupled = h[kDecoupled] != 0.0;
+    math::NadamOp<T> op{};
+    op.beta1_d = h[kBeta1];
+    op.beta2_d = h[kBeta2];
+    op.momentum_decay = h[kMomentumDecay];
+    op.decoupled_wd = decoupled ? h[kWeightDecay] : 0.0;
+    op.beta2 = T(h[kBeta2]);
+    op.one_minus_beta1 = T(1.0 - h[kBeta1]);
+    op.one_minus_beta2 = T(1.0 - h[kBeta2]);
+    op.eps = T(h[kEps]);
+    op.coupled_wd = T(decoupled ? 0.0 : h[kWeightDecay]);
+    op.maximize = flag<T>(h[kMaximize]);
+    op.l1 = T(c.l1);
+    launch(op);
   }
 };
 

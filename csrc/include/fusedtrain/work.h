@@ -43,15 +43,35 @@ FT_HD uint64_t read_seed(const Scalars& s) {
 }
 
 // The values one tensor's bind() gets; runs on the host (CPU driver) or the device (per CUDA chunk).
-FT_HD math::Bound bound_for(const Scalars& s, const Scalar& step) {
-  return math::Bound{read(step), read(s.lr), 1.0 / read(s.grad_scale), read(s.clip_coef), read(s.ema_weight)};
+// aux: the tensor's two bound scalar states (Note [tensor scalars] in rules.h), or null.
+FT_HD math::Bound bound_for(const Scalars& s, const Scalar& step, const Scalar* aux = nullptr) {
+  math::Bound b{read(step), read(s.lr), 1.0 / read(s.grad_scale), read(s.clip_coef), read(s.ema_weight)};
+  if (aux != nullptr) {
+    b.aux0 = read(aux[0]);
+    b.aux1 = read(aux[1]);
+  }
+  return b;
 }
+
+// One call of a rule's tensor-scalar update (Note [tensor scalars] in rules.h), for Backend::advance_aux.
+struct AuxArgs {
+  const double* hyper = nullptr;
+  size_t n = 0;                  // tuples
+  const Scalar* steps = nullptr;  // the n new step counts (host values, or device counters)
+  Scalar lr;
+  const float* found_inf = nullptr;     // device flag: set, nothing advances (the update is skipped)
+  const at::Tensor* aux = nullptr;      // k lists of n one-element tensors, concatenated
+  int k = 0;
+  std::array<Scalar, 2>* out = nullptr;  // the n tuples' bound values (Bound::aux0, aux1)
+  std::vector<at::Tensor>* keep = nullptr;  // device buffers the out scalars point into
+};
 
 struct Work {
   c10::Device device{c10::kCPU};
   std::vector<std::array<void*, kMaxDepth>> ptr;  // ptr[i][k]: list k of tuple i
   std::vector<int64_t> numel;                     // elements of tuple i (> 0)
   std::vector<Scalar> step;                       // step count of tuple i (host value or device counter)
+  std::vector<std::array<Scalar, 2>> aux;          // tuple i's bound scalar states; empty for most rules
   // Tuple i's position in its call (empty tuples included): keys its stochastic-rounding bits, so they
   // do not depend on how a call's tuples are split into launches or work lists.
   std::vector<uint32_t> ordinal;

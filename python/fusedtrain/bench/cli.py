@@ -21,10 +21,11 @@ from . import ema as ema_bench
 from . import host as host_bench
 from . import mixed as mixed_bench
 from . import optim as optim_bench
+from . import train as train_bench
 from .common import format_table, measure_bandwidth
-from .plot import check_matplotlib, plot_ratios
+from .plot import check_matplotlib, plot_breakdown, plot_ratios
 
-FAMILIES = ["optim", "host", "ema", "clip", "mixed", "dropout", "augment"]
+FAMILIES = ["optim", "host", "ema", "clip", "mixed", "dropout", "augment", "train"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -46,6 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", dest="json_path", default=None, help="write the results as JSON to this path")
     p.add_argument("--plot", dest="plot_path", default=None,
                    help="write a PNG bar chart of the speed-ups vs torch to this path (needs matplotlib)")
+    p.add_argument("--compile", action="store_true",
+                   help="train family: also the torch.compile variant of both sides (minutes of compiling on a CPU)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -138,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
         elif family == "augment":
             results += augment_bench.run(device, reps, warmup=2, bandwidth=bandwidth, progress=not args.no_progress,
                                          batch=args.batch, layouts=("NCHW", "NHWC"))
+        elif family == "train":
+            results += train_bench.run(device, args.reps, progress=not args.no_progress, quick=args.quick,
+                                       compile=args.compile)
     print(format_table(results))
     if args.json_path:
         with open(args.json_path, "w") as f:
@@ -147,6 +153,13 @@ def main(argv: list[str] | None = None) -> int:
         plot_ratios(results, args.plot_path, f"fusedtrain {info['version']} vs torch {env['torch']}, {env['device']}"
                     f" ({env['threads']} threads), {env['date']}")
         print(f"wrote {args.plot_path}")
+        if any(r.family == "train" for r in results):  # the per-phase picture next to it
+            root, ext = os.path.splitext(args.plot_path)
+            breakdown = f"{root}-breakdown{ext or '.png'}"
+            threads = f"{env['threads']} thread{'s' * (env['threads'] != 1)}"
+            plot_breakdown(results, breakdown, f"one training iteration: torch's parts vs fusedtrain's, "
+                           f"{env['device']} ({threads}), torch {env['torch']}, {env['date']}")
+            print(f"wrote {breakdown}")
     return 0
 
 

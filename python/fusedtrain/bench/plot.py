@@ -8,7 +8,7 @@ from typing import Any
 
 from .common import Result
 
-__all__ = ["check_matplotlib", "plot_ratios"]
+__all__ = ["check_matplotlib", "plot_breakdown", "plot_ratios"]
 
 _FAMILY_COLORS = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"]
 
@@ -80,6 +80,66 @@ def plot_ratios(results: list[Result], path: str | os.PathLike[str], title: str 
     ax.grid(axis="x", alpha=0.3)
     if title:
         ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return len(rows)
+
+
+_PHASE_COLORS = {"data": "tab:green", "forward": "tab:blue", "backward": "tab:orange", "optimizer": "tab:red"}
+
+
+def plot_breakdown(results: list[Result], path: str | os.PathLike[str], title: str = "") -> int:
+    """Writes stacked horizontal bars of the train family's per-phase medians (``extra["phases_ms"]``): one
+    panel per case, one bar per implementation (torch, fusedtrain, and the no-dropout reference where it
+    ran), segments data / forward / backward / optimizer, the iteration's median and fusedtrain's ratio at
+    the end of each bar.
+
+    Args:
+        results: benchmark rows; only those with ``extra["phases_ms"]`` are drawn.
+        path: where to write the PNG.
+        title: the figure's title.
+
+    Returns:
+        The number of bars drawn.
+    """
+    rows = [r for r in results if "phases_ms" in r.extra]
+    if not rows:
+        raise ValueError("plot_breakdown: no row has a per-phase breakdown (extra['phases_ms']); nothing to plot")
+    cases = list(dict.fromkeys(r.case for r in rows))
+    plt = _pyplot()
+    from matplotlib.patches import Patch
+
+    per_case = [[r for r in rows if r.case == c] for c in cases]
+    heights = [0.9 + 0.45 * len(group) for group in per_case]
+    fig, axes = plt.subplots(len(cases), 1, figsize=(10, 0.9 + sum(heights)), squeeze=False,
+                             gridspec_kw={"height_ratios": heights})
+    phases = list(_PHASE_COLORS)
+    for ax, case, group in zip(axes[:, 0], cases, per_case):
+        ys = list(range(len(group)))
+        lefts = [0.0] * len(group)
+        for phase in phases:
+            widths = [float(r.extra["phases_ms"].get(phase, 0.0)) for r in group]
+            ax.barh(ys, widths, left=lefts, color=_PHASE_COLORS[phase], height=0.6)
+            lefts = [a + b for a, b in zip(lefts, widths)]
+        for y, r, end in zip(ys, group, lefts):
+            text = f" median {r.median_ms:.1f} ms" if r.median_ms is not None else ""
+            if r.vs_best_torch is not None:
+                text += f"  ({r.vs_best_torch:.2f}× torch)"
+            if r.extra.get("compile_s") is not None:
+                text += f"  compile {r.extra['compile_s']:.0f} s"
+            ax.text(end, y, text, va="center", fontsize=8)
+        ax.set_yticks(ys, [r.impl for r in group], fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlim(0, max(lefts) * 1.3)
+        ax.set_title(case, fontsize=9, loc="left")
+        ax.grid(axis="x", alpha=0.3)
+        ax.set_xlabel("ms per iteration (bars: the median of each phase; text: the median iteration)", fontsize=8)
+    # above the first panel, right of its (left-aligned) title
+    axes[0, 0].legend(handles=[Patch(color=_PHASE_COLORS[p], label=p) for p in phases], fontsize=8, ncol=4,
+                      loc="lower right", bbox_to_anchor=(1.0, 1.0), frameon=False, borderaxespad=0.1)
+    if title:
+        fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

@@ -5,8 +5,9 @@ from .adagrad import Adagrad
 from .adam import Adam, AdamW
 from .captured import CapturedStep
 from .factory import create_optimizer, list_optimizers, param_groups_weight_decay
+from .nadam import NAdam
 from .rmsprop import RMSprop
 from .sgd import SGD
 
-__all__ = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "CapturedStep", "functional", "create_optimizer",
+__all__ = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "NAdam", "CapturedStep", "functional", "create_optimizer",
            "list_optimizers", "param_groups_weight_decay"]

@@ -322,7 +322,7 @@ class FusedOptimizerMixin:
                 for p in group["params"]:
                     entry = self.state.get(p)
                     if entry and "step" in entry:
-                        cpu_step(entry, self._step_device(group, p))
+                        self._home_counters(entry, self._step_device(group, p))
 
     def _restore_state_dtypes(self, state_dict: dict[str, Any]) -> None:
         """torch's load_state_dict casts every floating state to its parameter's dtype; master weights and
@@ -539,12 +539,21 @@ class FusedOptimizerMixin:
             self._master(p)
         state = self.state[p]
         if "step" in state:
-            cpu_step(state, self._step_device(group, p))
+            self._home_counters(state, self._step_device(group, p))
         want = self._state_dtype_for(p)
         if not p.is_complex():
             for key in self._state_keys(group):
                 if state[key].dtype != want:
                     state[key] = self._state_in(group, p, key, want)
+
+    def _home_counters(self, state: dict[str, Any], device: torch.device | None) -> None:
+        """The step counter and the rule's tensor scalars where the kernels advance them (Note [step counters]
+        in optim_host.h): the CPU, or (capturable) the parameter's device, in float32 there."""
+        step = cpu_step(state, device)
+        for key in _ops.RULES[self._rule]["aux"]:
+            value = state.get(key)
+            if isinstance(value, Tensor) and value.device != step.device:
+                state[key] = value.to(step.device, torch.float32 if step.device.type != "cpu" else value.dtype)
 
     def _state_in(self, group: dict[str, Any], p: Tensor, key: str, dtype: torch.dtype) -> Tensor:
         """State ``key`` of ``p`` converted to ``dtype`` (master weights, ``state_dtype``)."""
@@ -602,24 +611,27 @@ class FusedOptimizerMixin:
     def _seg_overrides(self, seg: _Segment) -> list[tuple[int, float]]:
         return [(_ops.RULES[self._rule]["hyper"].index("first_step"), 1.0)] if seg.first else []
 
-    def _seg_states(self, seg: _Segment, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor]]:
-        """The segment's state lists (concatenated, as the kernels see them) and step counters."""
+    def _seg_states(self, seg: _Segment, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """The segment's state lists (concatenated, as the kernels see them), step counters and tensor
+        scalars (Note [tensor scalars] in csrc/include/fusedtrain/rules.h, concatenated)."""
         states = [self.state[p] for p in seg.params]
         flat = [real_view(local(s[key])) for key in self._state_keys(group) for s in states]
-        steps = [s["step"] for s in states] if _ops.RULES[self._rule]["counts_steps"] else []
-        return flat, steps
+        rule = _ops.RULES[self._rule]
+        steps = [s["step"] for s in states] if rule["counts_steps"] else []
+        aux = [s[key] for key in rule["aux"] for s in states]
+        return flat, steps, aux
 
     def _plan_segment(self, seg: _Segment) -> dict[str, Any]:
         """A segment as the C++ plan takes it: it reaches the parameters and averages through their
         objects every step, and holds the optimizer's own tensors (Note [step plan] in csrc/plan.cpp)."""
         group = self.param_groups[seg.group]
-        states, steps = self._seg_states(seg, group)
+        states, steps, aux = self._seg_states(seg, group)
         return {
             "rule": self._rule, "group": seg.group, "positions": seg.positions,
             "kinds": [(_COMPLEX if p.is_complex() else 0) | (_DTENSOR if is_dtensor(p) else 0) for p in seg.params],
             "averages": list(seg.averages) if seg.averages is not None else [],
             "masters": [local(self.state[p]["master_param"]) for p in seg.params] if seg.kind == "master" else [],
-            "states": states, "steps": steps, "stochastic": seg.kind == "stochastic",
+            "states": states, "steps": steps, "aux": aux, "stochastic": seg.kind == "stochastic",
             "overrides": self._seg_overrides(seg),
             "hyper": _ops.hyper_list(self._rule, self._hyper(group)),
         }
@@ -672,7 +684,7 @@ class FusedOptimizerMixin:
             hyper = _ops.hyper_list(self._rule, self._hyper(group))
             for i, v in self._seg_overrides(seg):
                 hyper[i] = v
-            states, steps = self._seg_states(seg, group)
+            states, steps, aux = self._seg_states(seg, group)
             targets = [local(self.state[p]["master_param"]) for p in seg.params] if seg.kind == "master" \
                 else [real_view(local(p)) for p in seg.params]
             grads = [real_view(local(p.grad)) for p in seg.params]
@@ -689,7 +701,8 @@ class FusedOptimizerMixin:
                           ema_weight_tensor=weight_tensor)
             if seg.kind == "master":
                 kw["param_copies"] = [local(p) for p in seg.params]
-            _ops.step_(self._rule, hyper, targets, grads, states, steps, l1=float(group.get("l1", 0.0)), **kw)
+            _ops.step_(self._rule, hyper, targets, grads, states, steps, l1=float(group.get("l1", 0.0)),
+                       aux_states=aux, **kw)
         self._after_update(fresh)
         if collected.external:
             self._external_step(collected.external, grad_scale, found_inf)
