@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 # Where the examples write their figures unless --out says otherwise: a folder in the current directory, never
-# examples/figures (the committed figures the README shows; regenerate those with --out examples/figures).
+# examples/figures (the committed figures the docs show; regenerate those with --out examples/figures).
 DEFAULT_OUT = Path("fusedtrain-figures")
 
 
@@ -21,7 +21,7 @@ def parser(doc: str) -> argparse.ArgumentParser:
 def add_out(ap: argparse.ArgumentParser, files: str) -> None:
     """The --out option: the folder the example writes ``files`` to (created when missing)."""
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT,
-                    help=f"folder for {files} (created if missing; default: ./{DEFAULT_OUT}; the README's "
+                    help=f"folder for {files} (created if missing; default: ./{DEFAULT_OUT}; the docs' "
                          "figures are examples/figures)")
 
 

@@ -8,7 +8,7 @@ removes part of each one's errors.
 
 Protocol (every seed run is reported, none dropped; the defaults were picked on pilot runs of this same
 data, including the weight decay: 5e-4 and 2e-3 were both run with 8 seeds and both results are in the
-README, as is the noise-free task on which the ensemble does not help):
+docs/ensemble.md, as is the noise-free task on which the ensemble does not help):
 
 * Data: scikit-learn's bundled digits (1797 8x8 images). For seed s: a random split into ``--train-size``
   (default 1000) training and the rest (797) test images; then ``--noise`` (default 20 %) of the TRAINING
@@ -39,7 +39,7 @@ so far, and both learning-rate schedules.
     python examples/snapshot_ensemble.py [--seeds 8] [--cycles 5] [--noise 0.2] [--quick] [--out DIR]
 
 About 1-2 minutes on 2 CPU cores (``--quick``: seconds). With ``--noise 0`` the task is easy, every
-run converges to nearly the same solution, and the ensemble ties the single model (see the README).
+run converges to nearly the same solution, and the ensemble ties the single model (see docs/ensemble.md).
 """
 
 from __future__ import annotations

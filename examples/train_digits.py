@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, list[float]]]:
     ap.add_argument("--train-size", type=int, default=1000,
                     help="training images; the rest of the 1797 digits are the test set (default 1000)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the network is tiny)")
-    ap.add_argument("--quick", action="store_true", help="3 epochs (a smoke test, not the README's numbers)")
+    ap.add_argument("--quick", action="store_true", help="3 epochs (a smoke test, not the numbers of docs/optim.md)")
     add_out(ap, "train_digits.png")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -1,7 +1,7 @@
 """The examples run end to end in a tiny mode: each writes its PNG and prints sane numbers.
 
 They run as scripts (as a user runs them), each in its own process, with a few epochs or steps only: these
-check that the examples work, not the numbers the README reports (those come from the full runs).
+check that the examples work, not the numbers the docs report (those come from the full runs).
 """
 
 from __future__ import annotations
