@@ -6,10 +6,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import fusedtrain
 import pytest
 import torch
-
-import fusedtrain
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -37,7 +36,7 @@ def anchors(page: Path) -> set[str]:
 
 
 def links(page: Path) -> list[str]:
-    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)  # code blocks hold no links
+    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.DOTALL)  # code blocks hold no links
     text = re.sub(r"`[^`\n]*`", "``", text)  # nor does inline code
     return LINK.findall(text)
 
@@ -76,7 +75,7 @@ def test_quick_start_matches_ci() -> None:
     maintainers extend."""
     readme = (ROOT / "README.md").read_text()
     ci = (ROOT / ".ci" / "run").read_text()
-    assert "bash scripts/dev.sh test" in readme and re.search(r"^bash scripts/dev\.sh test\b", ci, re.M)
+    assert "bash scripts/dev.sh test" in readme and re.search(r"^bash scripts/dev\.sh test\b", ci, re.MULTILINE)
     assert "bash scripts/dev.sh bench" in readme
     optim = (ROOT / "docs" / "optim.md").read_text()
     assert "\n## The step: a cached plan, and CapturedStep\n" in optim and "\n## Optimizers\n" in optim

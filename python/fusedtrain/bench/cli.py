@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     reps = args.reps or (5 if args.quick or (device.type == "cpu" and not args.full) else
                          (20 if device.type == "cuda" else 10))
     info = build_info()
-    env = {
+    env: dict[str, Any] = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__,
