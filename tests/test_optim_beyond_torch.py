@@ -491,3 +491,27 @@ def test_schedulefree_refuses_graph_capture(name: str) -> None:
     graph = torch.cuda.CUDAGraph()
     with pytest.raises(RuntimeError, match="cannot be captured"), torch.cuda.graph(graph):
         opt.step()
+
+
+@pytest.mark.parametrize("cfg", CONFIGS[2:6:3], ids=IDS[2:6:3])
+def test_tensor_lr(cfg: tuple[str, dict[str, Any]]) -> None:
+    """A tensor lr (read by the kernels for Lion, on the host for the schedule) steps as the references step it."""
+    name, kw = cfg
+    kw = {**kw, "lr": torch.tensor(kw["lr"], dtype=torch.float64)}
+    a, pa, b, pb = pair(name, kw, torch.float64)
+    step_both(a, pa, b, pb, 5)
+    for x, y in zip(pa, pb):
+        assert_close_ulps(x, y, **TOL[torch.float64])
+
+
+def test_bench_rows_run_the_references(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The benchmark's "torch" rows of these optimizers are their references (timm, schedulefree), timed."""
+    from fusedtrain.bench import optim as optim_bench
+
+    monkeypatch.setitem(optim_bench.PARAM_SETS, "tiny", lambda: [(1000,), (37, 5), (1,)])
+    rows = optim_bench.run(torch.device("cpu"), ["tiny"], ["Lion", "ScheduleFreeAdamW", "ScheduleFreeSGD"], reps=2,
+                           warmup=1, bandwidth=0.0, progress=False)
+    timed = {(r.case.split(",")[0], r.impl) for r in rows if r.median_ms is not None}
+    for name in ("Lion", "ScheduleFreeAdamW", "ScheduleFreeSGD"):
+        assert {(name, "torch for-loop"), (name, "torch foreach"), (name, "fusedtrain")} <= timed
+    assert optim_bench._reference("Lion") is timm.optim.Lion
