@@ -515,3 +515,57 @@ def test_bench_rows_run_the_references(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("Lion", "ScheduleFreeAdamW", "ScheduleFreeSGD"):
         assert {(name, "torch for-loop"), (name, "torch foreach"), (name, "fusedtrain")} <= timed
     assert optim_bench._reference("Lion") is timm.optim.Lion
+
+
+class _MixedNet(torch.nn.Module):
+    """A float32 layer and a bfloat16 layer (master weights / stochastic rounding apply to the latter)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(6, 8)
+        self.b = torch.nn.Linear(8, 3).to(torch.bfloat16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.tanh(self.a(x)).bfloat16()).float()
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "torch_save"])
+@pytest.mark.parametrize("extras", ["master_weights", "stochastic_rounding"])
+@pytest.mark.parametrize("name", ["Lion", *SF])
+def test_copies_of_model_and_optimizer_with_every_option(name: str, extras: str, how: str) -> None:
+    """(model, optimizer) with ema, max_grad_norm, l1 and master weights or stochastic rounding (schedule-free: tied
+    to the model with model=, so no train() call anywhere): a copy keeps every option and the tie, and steps exactly
+    like the original; its EMA follows the copied model."""
+    torch.manual_seed(0)
+    model = _MixedNet()
+    ema = fusedtrain.ensemble.EMA(model, decay=0.8)
+    tie = {"model": model} if name in SF else {}
+    opt = ours(name)(model.parameters(), lr=1e-2, max_grad_norm=0.05, l1=1e-3, ema=ema, **{extras: True}, **tie)
+
+    def round_(m: torch.nn.Module, o: torch.optim.Optimizer, seed: int) -> None:
+        torch.manual_seed(seed)  # the data, and the stochastic-rounding seed the step draws
+        o.zero_grad()
+        m(torch.randn(5, 6)).square().mean().backward()
+        o.step()
+
+    for i in range(2):
+        round_(model, opt, i)
+    if how == "deepcopy":
+        model2, opt2 = copy.deepcopy((model, opt))
+    else:
+        buf = io.BytesIO()
+        torch.save((model, opt), buf)
+        buf.seek(0)
+        model2, opt2 = torch.load(buf, weights_only=False)
+    assert getattr(opt2, extras) and opt2.max_grad_norm == 0.05 and opt2.param_groups[0]["l1"] == 1e-3
+    assert opt2.ema is not None and opt2.ema is not ema
+    for m, o in ((model2, opt2), (model, opt)):
+        for i in range(2, 5):
+            round_(m, o, i)
+        m.eval()
+        m.state_dict()  # schedule-free: the tie moves the parameters to x
+    assert_same_values([p.detach() for p in model.parameters()], [p.detach() for p in model2.parameters()])
+    assert_same_values(snapshot(opt, list(model.parameters())), snapshot(opt2, list(model2.parameters())))
+    assert_same_values(ema.module.state_dict(), opt2.ema.module.state_dict())
+    if name in SF:
+        assert not opt.param_groups[0]["train_mode"] and not opt2.param_groups[0]["train_mode"]

@@ -30,8 +30,9 @@ __all__ = ["ModeTie", "ScheduleFreeAdamW", "ScheduleFreeSGD"]
 
 class ModeTie:
     """The hooks that keep a schedule-free optimizer in its model's mode (Note [schedule-free train/eval]):
-    a forward pre-hook and a state_dict pre-hook on the model. Picklable (it is kept in the model's hook
-    dicts: a copy of the model, or of model and optimizer together, keeps the tie). ``remove()`` unties."""
+    a forward pre-hook and a state_dict pre-hook on the model. The model's hook dicts hold it, and it holds the
+    optimizer: a copy (deepcopy, pickle, torch.save) of the model and optimizer together keeps the tie between the
+    copies; a copy of the model alone carries a copy of the optimizer with it. ``remove()`` unties."""
 
     def __init__(self, optimizer: _ScheduleFree, model: nn.Module) -> None:
         self.optimizer = optimizer
