@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import importlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -11,7 +12,7 @@ import torch
 from .. import optim as ft_optim
 from .common import Progress, Result, measure_interleaved, shorten, summarize
 
-__all__ = ["PARAM_SETS", "OPTIMIZERS", "param_shapes", "param_cases", "run"]
+__all__ = ["OPTIMIZERS", "PARAM_SETS", "REFERENCES", "param_cases", "param_shapes", "run"]
 
 
 def _gpt2_medium() -> list[tuple[int, ...]]:
@@ -65,6 +66,17 @@ OPTIMIZERS: dict[str, tuple[str, dict[str, Any], int]] = {
     "SGD nesterov": ("SGD", dict(lr=1e-2, momentum=0.9, nesterov=True), 20),
     "Adagrad": ("Adagrad", dict(lr=1e-2), 20),
     "RMSprop": ("RMSprop", dict(lr=1e-2), 20),
+    # Beyond torch.optim (issue 16): the "torch" rows run the reference implementation (REFERENCES).
+    "Lion": ("Lion", dict(lr=1e-4, weight_decay=0.1), 20),
+    "ScheduleFreeAdamW": ("ScheduleFreeAdamW", dict(lr=2.5e-3), 28),
+    "ScheduleFreeSGD": ("ScheduleFreeSGD", dict(lr=0.1), 20),
+}
+
+# Optimizers torch.optim does not have: "module:attribute" of the implementation the "torch" rows run.
+REFERENCES = {
+    "Lion": "timm.optim:Lion",
+    "ScheduleFreeAdamW": "schedulefree:AdamWScheduleFree",
+    "ScheduleFreeSGD": "schedulefree:SGDScheduleFree",
 }
 
 IMPLS = {
@@ -73,6 +85,14 @@ IMPLS = {
     "torch fused": dict(fused=True),
     "fusedtrain": {},
 }
+
+
+def _reference(cls_name: str) -> type[torch.optim.Optimizer]:
+    """The class of the "torch" rows: torch.optim's, or the reference of an optimizer torch.optim lacks."""
+    if cls_name not in REFERENCES:
+        return getattr(torch.optim, cls_name)
+    module, attr = REFERENCES[cls_name].split(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 def param_shapes(name: str) -> list[tuple[int, ...]]:
@@ -147,11 +167,13 @@ def run(device: torch.device, sets: list[str] | None, optimizers: list[str] | No
                 rows[impl] = Result("optim", f"{name}, {case_label}", impl, str(device), None,
                                     bytes_moved=numel * bytes_per_param)
                 try:
-                    cls = getattr(ft_optim if impl == "fusedtrain" else torch.optim, cls_name)
+                    cls: Any = getattr(ft_optim, cls_name) if impl == "fusedtrain" else _reference(cls_name)
                     opt = cls(_make(shapes, device), **kwargs, **flags)
+                    if hasattr(opt, "train"):  # schedule-free: steps need training mode
+                        opt.train()
                     opt.step()
                     steps[impl] = opt.step
-                except (RuntimeError, ValueError, TypeError) as exc:
+                except (RuntimeError, ValueError, TypeError, ImportError) as exc:
                     rows[impl].note = "not available: " + shorten(str(exc).splitlines()[0], 60)
             times = measure_interleaved(steps, device, warmup, reps)
             bar.step(f"{set_name} {name}")

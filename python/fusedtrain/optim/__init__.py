@@ -9,5 +9,10 @@ from .nadam import NAdam
 from .rmsprop import RMSprop
 from .sgd import SGD
 
-__all__ = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "NAdam", "CapturedStep", "functional", "create_optimizer",
-           "list_optimizers", "param_groups_weight_decay"]
+# Beyond torch.optim (issue 16): fused forms of timm's Lion and the schedulefree package's optimizers.
+from .lion import Lion
+from .schedulefree import ScheduleFreeAdamW, ScheduleFreeSGD
+
+__all__ = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "NAdam", "CapturedStep", "functional",
+           "Lion", "ScheduleFreeAdamW", "ScheduleFreeSGD", "create_optimizer", "list_optimizers",
+           "param_groups_weight_decay"]
