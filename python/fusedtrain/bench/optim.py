@@ -66,6 +66,13 @@ OPTIMIZERS: dict[str, tuple[str, dict[str, Any], int]] = {
     "SGD nesterov": ("SGD", dict(lr=1e-2, momentum=0.9, nesterov=True), 20),
     "Adagrad": ("Adagrad", dict(lr=1e-2), 20),
     "RMSprop": ("RMSprop", dict(lr=1e-2), 20),
+    # torch.optim's other element-wise optimizers (issue 15): (p, g, 2 states) read, (p, 2 states) written;
+    # ASGD (p, g, ax) read, (p, ax) written. ASGD with t0=0 so that its averaging pass runs from step 2.
+    "RAdam": ("RAdam", dict(lr=1e-3), 28),
+    "Adamax": ("Adamax", dict(lr=2e-3), 28),
+    "Adadelta": ("Adadelta", dict(lr=1.0), 28),
+    "ASGD": ("ASGD", dict(lr=1e-2, t0=0), 20),
+    "Rprop": ("Rprop", dict(lr=1e-2), 28),
     # Beyond torch.optim (issue 16): the "torch" rows run the reference implementation (REFERENCES).
     "Lion": ("Lion", dict(lr=1e-4, weight_decay=0.1), 20),
     "ScheduleFreeAdamW": ("ScheduleFreeAdamW", dict(lr=2.5e-3), 28),

@@ -9,10 +9,18 @@ from .nadam import NAdam
 from .rmsprop import RMSprop
 from .sgd import SGD
 
+# torch.optim's other element-wise optimizers (issue 15)
+from .adadelta import Adadelta
+from .adamax import Adamax
+from .asgd import ASGD
+from .radam import RAdam
+from .rprop import Rprop
+
 # Beyond torch.optim (issue 16): fused forms of timm's Lion and the schedulefree package's optimizers.
 from .lion import Lion
 from .schedulefree import ScheduleFreeAdamW, ScheduleFreeSGD
 
 __all__ = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "NAdam", "CapturedStep", "functional",
+           "RAdam", "Adamax", "Adadelta", "ASGD", "Rprop",
            "Lion", "ScheduleFreeAdamW", "ScheduleFreeSGD", "create_optimizer", "list_optimizers",
            "param_groups_weight_decay"]
