@@ -9,3 +9,10 @@ from .rmsprop import RMSprop
 from .sgd import SGD
 
 __all__ = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "NAdam", "CapturedStep", "functional"]
+
+# Optimizers whose torch.optim class only newer torch versions have (torch >= 2.6 still imports fusedtrain).
+import torch as _torch
+
+if hasattr(_torch.optim, "Muon"):
+    from .muon import Muon
+    __all__ += ["Muon"]
