@@ -184,7 +184,8 @@ def _step_side_by_side(name: str, kwargs: dict[str, Any], dtype: torch.dtype, im
                        tol: dict[str, float]) -> None:
     # torch's fused kernels take no complex parameters (its test_complex skips fused too), and torch's
     # differentiable step of complex parameters breaks autograd (its tests skip differentiable there)
-    pa = _class_params(name, dtype, with_complex=impl not in ("fused", "differentiable") and _info(name).supports_complex)
+    with_complex = impl not in ("fused", "differentiable") and _info(name).supports_complex
+    pa = _class_params(name, dtype, with_complex)
     start = clone_params(pa)
     if impl == "differentiable" and name in _NO_DIFFERENTIABLE:
         with pytest.raises(ValueError, match="differentiable=True is not supported"):

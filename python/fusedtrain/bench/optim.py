@@ -65,6 +65,8 @@ OPTIMIZERS: dict[str, tuple[str, dict[str, Any], int]] = {
     "SGD nesterov": ("SGD", dict(lr=1e-2, momentum=0.9, nesterov=True), 20),
     "Adagrad": ("Adagrad", dict(lr=1e-2), 20),
     "RMSprop": ("RMSprop", dict(lr=1e-2), 20),
+    # three sweeps (Note [Adafactor passes]): read g, p; read g; read g, p, write p (factored parameters)
+    "Adafactor": ("Adafactor", dict(lr=1e-2), 24),
 }
 
 IMPLS = {

@@ -16,3 +16,6 @@ import torch as _torch
 if hasattr(_torch.optim, "Muon"):
     from .muon import Muon
     __all__ += ["Muon"]
+if hasattr(_torch.optim, "Adafactor"):
+    from .adafactor import Adafactor
+    __all__ += ["Adafactor"]

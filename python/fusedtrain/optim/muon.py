@@ -54,6 +54,12 @@ def _shape2d(p: Tensor) -> tuple[int, int]:
     return p.shape[0], math.prod(p.shape[1:])
 
 
+def _grad(p: Tensor) -> Tensor:
+    """The gradient of a parameter the step takes (one with a gradient)."""
+    assert p.grad is not None
+    return p.grad
+
+
 def _round_bf16_(t: Tensor) -> Tensor:
     """Rounds a float32 tensor to bfloat16 values (round to nearest even), in place."""
     return t.copy_(t.to(torch.bfloat16))
@@ -242,7 +248,7 @@ class Muon(_torch_muon):  # type: ignore[misc,valid-type]
         fused = [p for plan in plans for p in plan["params"]]
         clip_coef = None
         if self.max_grad_norm is not None and fused:
-            norm = grads_norm([p.grad for p in fused])
+            norm = grads_norm([_grad(p) for p in fused])
             if grad_scale is not None:
                 norm = norm / grad_scale.to(norm.device)
             self.last_grad_norm = norm
@@ -304,7 +310,7 @@ class Muon(_torch_muon):  # type: ignore[misc,valid-type]
         for i, p in enumerate(params):
             state = self.state[p]
             if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
+                state["momentum_buffer"] = torch.zeros_like(_grad(p), memory_format=torch.preserve_format)
             m, n = _shape2d(p)
             batches.setdefault((p.device, p.dtype, min(m, n), max(m, n)), []).append(i)
         hyper = _ops.hyper_list("muon_momentum", dict(momentum=group["momentum"], nesterov=group["nesterov"]))
@@ -323,7 +329,7 @@ class Muon(_torch_muon):  # type: ignore[misc,valid-type]
             if clip_coef is not None:
                 kw["clip_coef"] = clip_coef if clip_coef.device == device else clip_coef.to(device)
             _ops.step_("muon_momentum", hyper, [self.state[p]["momentum_buffer"] for p in ps],
-                       [p.grad for p in ps], views, **kw)
+                       [_grad(p) for p in ps], views, **kw)
             x = u if u.dtype == ns_dtype else u.to(ns_dtype)
             if emulate:
                 x = x.to(torch.float32)
@@ -371,7 +377,7 @@ class Muon(_torch_muon):  # type: ignore[misc,valid-type]
                 kw["grad_scale"] = grad_scale if device.type == "cpu" else grad_scale.to(device)
             if clip_coef is not None:
                 kw["clip_coef"] = clip_coef if clip_coef.device == device else clip_coef.to(device)
-            _ops.step_("adam", hyper, ps, [p.grad for p in ps],
+            _ops.step_("adam", hyper, ps, [_grad(p) for p in ps],
                        [s["exp_avg"] for s in states] + [s["exp_avg_sq"] for s in states],
                        [s["step"] for s in states], **kw)
 
@@ -381,7 +387,7 @@ class Muon(_torch_muon):  # type: ignore[misc,valid-type]
         for p in params:
             state = self.state[p]
             if group["use_muon"]:
-                state.setdefault("momentum_buffer", torch.zeros_like(p.grad, memory_format=torch.preserve_format))
+                state.setdefault("momentum_buffer", torch.zeros_like(_grad(p), memory_format=torch.preserve_format))
             else:
                 if "step" not in state:
                     state["step"] = new_step()
