@@ -207,3 +207,14 @@ def test_cuda_parameters_run_torchs_implementation() -> None:
         b.step()
     for x, y in zip(pa, pb):
         _scaled_close(x, y, **TOL[torch.float32])
+
+
+def test_opcheck() -> None:
+    """The op's schema (what it mutates), fake kernel and dispatch, checked by torch.library.opcheck."""
+    op = torch.ops.fusedtrain.adafactor_.default
+    p, g = torch.randn(4, 6), torch.randn(4, 6)
+    scalars = (0.5, 1e-7, 1e-3, 0.01, 0.999, True, 1.0, False)
+    torch.library.opcheck(op, (p, g, torch.rand(4, 1), torch.rand(1, 6), None) + scalars)
+    v = torch.randn(5)
+    torch.library.opcheck(op, (v.clone(), torch.randn(5), None, None, torch.rand(5)) + scalars,
+                          dict(inv_scale=0.25, clip_coef=0.5))

@@ -66,8 +66,7 @@ void factored(S* p, const S* g, S* row_var, S* col_var, int64_t batches, int64_t
               double eps2, double rho, double d) {
   using T = at::opmath_type<S>;
   using adafactor::rnd;
-  const T inv = T(s.inv_scale), coef = T(s.clip_coef);
-  const bool prescale = s.inv_scale != 1.0 || s.clip_coef != 1.0, maximize = s.maximize;
+  const T inv = T(s.inv_scale), coef = T(s.clip_coef), sign = T(s.sign);
   const int64_t rows = batches * m;
   const Ranges rr = ranges_for(rows, n);
   // Pass 1: squared row sums, per-range squared column sums, squared norm of p.
@@ -85,8 +84,11 @@ void factored(S* p, const S* g, S* row_var, S* col_var, int64_t batches, int64_t
       const S* pr = p + r * n;
       double* cb = col.data() + (r / m - b0) * n;
       double acc = 0.0, pacc = 0.0;
+      // (omp simd: the sums may be split into SIMD lanes, a fixed order: deterministic, and vectorized;
+      // without it GCC keeps an in-order floating-point reduction scalar)
+#pragma omp simd reduction(+ : acc, pacc)
       for (int64_t j = 0; j < n; ++j) {
-        const double x = static_cast<double>(adafactor::grad<S, T>(gr[j], inv, coef, prescale, maximize));
+        const double x = static_cast<double>(adafactor::grad<S, T>(gr[j], inv, coef, sign));
         acc += x * x;
         cb[j] += x * x;
         const double y = static_cast<double>(static_cast<T>(pr[j]));
@@ -132,11 +134,14 @@ void factored(S* p, const S* g, S* row_var, S* col_var, int64_t batches, int64_t
       const T rv = static_cast<T>(row_var[r]), rm = row_mean[b];
       const S* gr = g + r * n;
       const S* cv = col_var + b * n;
+      double racc = 0.0;
+#pragma omp simd reduction(+ : racc)
       for (int64_t j = 0; j < n; ++j) {
         const T v = adafactor::factored_estimate<S>(rv, static_cast<T>(cv[j]), rm);
-        const T u = adafactor::update<S>(v, adafactor::grad<S, T>(gr[j], inv, coef, prescale, maximize), eps1_sq);
-        acc += static_cast<double>(u) * static_cast<double>(u);
+        const T u = adafactor::update<S>(v, adafactor::grad<S, T>(gr[j], inv, coef, sign), eps1_sq);
+        racc += static_cast<double>(u) * static_cast<double>(u);
       }
+      acc += racc;
     }
     u_sq[k] = acc;
   });
@@ -152,8 +157,8 @@ void factored(S* p, const S* g, S* row_var, S* col_var, int64_t batches, int64_t
       S* pr = p + r * n;
       for (int64_t j = 0; j < n; ++j) {
         const T v = adafactor::factored_estimate<S>(rv, static_cast<T>(cv[j]), rm);
-        const T u = adafactor::update<S>(v, adafactor::grad<S, T>(gr[j], inv, coef, prescale, maximize), eps1_sq);
-        pr[j] = static_cast<S>(adafactor::apply<S>(static_cast<T>(pr[j]), u, decay, s.apply_decay, step));
+        const T u = adafactor::update<S>(v, adafactor::grad<S, T>(gr[j], inv, coef, sign), eps1_sq);
+        pr[j] = static_cast<S>(adafactor::apply<S>(static_cast<T>(pr[j]), u, decay, step));
       }
     }
   });
@@ -163,18 +168,19 @@ template <typename S>
 void unfactored(S* p, const S* g, S* variance, int64_t numel, const Scalars& s, double eps2, double rho, double d) {
   using T = at::opmath_type<S>;
   using adafactor::rnd;
-  const T inv = T(s.inv_scale), coef = T(s.clip_coef), w = T(s.one_minus_beta2), eps1_sq = T(s.eps1_sq);
-  const bool prescale = s.inv_scale != 1.0 || s.clip_coef != 1.0, maximize = s.maximize;
+  const T inv = T(s.inv_scale), coef = T(s.clip_coef), sign = T(s.sign), w = T(s.one_minus_beta2);
+  const T eps1_sq = T(s.eps1_sq);
   const Ranges rr = ranges_for(numel, 1);
   std::vector<double> p_sq(rr.k, 0.0), u_sq(rr.k, 0.0);
   // Pass 1 (p's norm, before the decay) and pass 2 (variance.lerp_(g*g), the update's norm) in one sweep:
   // the variance does not depend on p.
   for_ranges(rr, [&](int64_t k) {
     double pacc = 0.0, uacc = 0.0;
+#pragma omp simd reduction(+ : pacc, uacc)
     for (int64_t i = rr.lo(k); i < rr.lo(k + 1); ++i) {
       const double y = static_cast<double>(static_cast<T>(p[i]));
       pacc += y * y;
-      const T x = adafactor::grad<S, T>(g[i], inv, coef, prescale, maximize);
+      const T x = adafactor::grad<S, T>(g[i], inv, coef, sign);
       const T v = rnd<S>(math::lerp(static_cast<T>(variance[i]), rnd<S>(x * x), w));
       variance[i] = static_cast<S>(v);
       const T u = adafactor::update<S>(v, x, eps1_sq);
@@ -187,9 +193,9 @@ void unfactored(S* p, const S* g, S* variance, int64_t numel, const Scalars& s, 
   const T decay = T(s.decay);
   for_ranges(rr, [&](int64_t k) {
     for (int64_t i = rr.lo(k); i < rr.lo(k + 1); ++i) {
-      const T x = adafactor::grad<S, T>(g[i], inv, coef, prescale, maximize);
+      const T x = adafactor::grad<S, T>(g[i], inv, coef, sign);
       const T u = adafactor::update<S>(static_cast<T>(variance[i]), x, eps1_sq);
-      p[i] = static_cast<S>(adafactor::apply<S>(static_cast<T>(p[i]), u, decay, s.apply_decay, step));
+      p[i] = static_cast<S>(adafactor::apply<S>(static_cast<T>(p[i]), u, decay, step));
     }
   });
 }
@@ -220,7 +226,9 @@ void adafactor_cpu(const at::Tensor& param, const at::Tensor& grad, const std::o
                     t->sizes() == c10::IntArrayRef(shape),
                 "fusedtrain.adafactor_: ", name, " must be a ", param.scalar_type(), " tensor of shape ", shape);
   };
-  const Scalars s{one_minus_beta2, eps1, eps1 * eps1, decay, apply_decay, inv_scale, clip_coef, maximize};
+  // without weight decay torch skips the multiplication; by exactly 1 it changes nothing either
+  const Scalars s{one_minus_beta2, eps1, eps1 * eps1, apply_decay ? decay : 1.0, inv_scale, clip_coef,
+                  maximize ? -1.0 : 1.0};
   Dense p(param);
   const at::Tensor g = grad.contiguous();
   if (is_factored) {

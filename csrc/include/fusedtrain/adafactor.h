@@ -31,10 +31,9 @@ namespace adafactor {
 struct Scalars {
   double one_minus_beta2;  // step ** beta2_decay
   double eps1, eps1_sq;    // eps1 (clamp of the row mean) and eps1 * eps1 (clamp of the variance estimate)
-  double decay;            // 1 - lr * weight_decay (applied only when weight_decay != 0, as torch)
-  bool apply_decay;
+  double decay;            // 1 - lr * weight_decay (exactly 1 without weight decay)
   double inv_scale, clip_coef;  // GradScaler's 1/scale and max_grad_norm's coefficient (1 when unused)
-  bool maximize;
+  double sign;                  // -1 for maximize, else 1
 };
 
 // x rounded to the storage type S and back (Note [Adafactor rounding]).
@@ -44,12 +43,11 @@ FT_HD T rnd(T x) {
 }
 
 // The gradient as torch's step sees it: unscaled and clipped in place by GradScaler / clip_grad_norm_
-// (rounded to S after each), negated for maximize.
+// (rounded to S after each; with both factors 1 this is exactly g), times sign = -1 for maximize. No
+// branches and no bools: the loops over it vectorize (Note [flags as numbers] in math.h).
 template <typename S, typename T>
-FT_HD T grad(S g, T inv_scale, T clip_coef, bool prescale, bool maximize) {
-  T x = static_cast<T>(g);
-  if (prescale) x = rnd<S>(rnd<S>(x * inv_scale) * clip_coef);
-  return maximize ? -x : x;
+FT_HD T grad(S g, T inv_scale, T clip_coef, T sign) {
+  return rnd<S>(rnd<S>(static_cast<T>(g) * inv_scale) * clip_coef) * sign;
 }
 
 // clamp_(min=lo) as torch computes it: NaN stays NaN.
@@ -73,11 +71,11 @@ FT_HD T factored_estimate(T row, T col, T row_mean) {
   return rnd<S>(rnd<S>(row * col) / row_mean);
 }
 
-// p <- p * decay (when weight_decay != 0), then p + step * u, with step = -alpha / denom.
+// p <- p * decay, then p + step * u, with step = -alpha / denom. torch skips the multiplication when
+// weight_decay == 0; decay is then exactly 1 and the product exactly p.
 template <typename S, typename T>
-FT_HD T apply(T p, T u, T decay, bool apply_decay, T step) {
-  if (apply_decay) p = rnd<S>(p * decay);
-  return rnd<S>(p + step * u);
+FT_HD T apply(T p, T u, T decay, T step) {
+  return rnd<S>(rnd<S>(p * decay) + step * u);
 }
 
 }  // namespace adafactor

@@ -19,6 +19,15 @@ if _torch_adafactor is None:  # torch < 2.5: fusedtrain.optim does not export Ad
 
 from torch.optim.optimizer import _to_scalar  # noqa: E402
 
+from .. import _ops  # noqa: E402,F401  (loads the library that defines fusedtrain::adafactor_)
+
+
+@torch.library.register_fake("fusedtrain::adafactor_")
+def _adafactor_fake(*args: object, **kwargs: object) -> None:
+    """In place, returns nothing (for torch.compile's tracing and opcheck)."""
+    return None
+
+
 #: fusedtrain options of other optimizers that Adafactor does not take, with their "off" values
 _REFUSED = dict(capturable=False, l1=0.0, master_weights=False, stochastic_rounding=False, state_dtype=None)
 
