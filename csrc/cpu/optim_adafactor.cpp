@@ -129,7 +129,8 @@ void factored(S* p, const S* g, S* row_var, S* col_var, int64_t batches, int64_t
   std::vector<double> u_sq(rr.k, 0.0);
   for_ranges(rr, [&](int64_t k) {
     double acc = 0.0;
-    for (int64_t r = rr.lo(k); r < rr.lo(k + 1); ++r) {
+    const int64_t r0 = rr.lo(k), r1 = rr.lo(k + 1);
+    for (int64_t r = r0; r < r1; ++r) {
       const int64_t b = r / m;
       const T rv = static_cast<T>(row_var[r]), rm = row_mean[b];
       const S* gr = g + r * n;
@@ -149,7 +150,8 @@ void factored(S* p, const S* g, S* row_var, S* col_var, int64_t batches, int64_t
   const T decay = T(s.decay);
   // Pass 3: the update.
   for_ranges(rr, [&](int64_t k) {
-    for (int64_t r = rr.lo(k); r < rr.lo(k + 1); ++r) {
+    const int64_t r0 = rr.lo(k), r1 = rr.lo(k + 1);
+    for (int64_t r = r0; r < r1; ++r) {
       const int64_t b = r / m;
       const T rv = static_cast<T>(row_var[r]), rm = row_mean[b];
       const S* gr = g + r * n;
@@ -176,8 +178,9 @@ void unfactored(S* p, const S* g, S* variance, int64_t numel, const Scalars& s, 
   // the variance does not depend on p.
   for_ranges(rr, [&](int64_t k) {
     double pacc = 0.0, uacc = 0.0;
+    const int64_t i0 = rr.lo(k), i1 = rr.lo(k + 1);  // (hoisted: the stores could alias rr)
 #pragma omp simd reduction(+ : pacc, uacc)
-    for (int64_t i = rr.lo(k); i < rr.lo(k + 1); ++i) {
+    for (int64_t i = i0; i < i1; ++i) {
       const double y = static_cast<double>(static_cast<T>(p[i]));
       pacc += y * y;
       const T x = adafactor::grad<S, T>(g[i], inv, coef, sign);
@@ -192,7 +195,8 @@ void unfactored(S* p, const S* g, S* variance, int64_t numel, const Scalars& s, 
   const T step = T(step_size<S>(sum(p_sq), sum(u_sq), numel, eps2, rho, d));
   const T decay = T(s.decay);
   for_ranges(rr, [&](int64_t k) {
-    for (int64_t i = rr.lo(k); i < rr.lo(k + 1); ++i) {
+    const int64_t i0 = rr.lo(k), i1 = rr.lo(k + 1);  // (hoisted: the stores could alias rr)
+    for (int64_t i = i0; i < i1; ++i) {
       const T x = adafactor::grad<S, T>(g[i], inv, coef, sign);
       const T u = adafactor::update<S>(static_cast<T>(variance[i]), x, eps1_sq);
       p[i] = static_cast<S>(adafactor::apply<S>(static_cast<T>(p[i]), u, decay, step));

@@ -17,7 +17,11 @@ _torch_adafactor: Any = getattr(torch.optim, "Adafactor", None)
 if _torch_adafactor is None:  # torch < 2.5: fusedtrain.optim does not export Adafactor (see optim/__init__.py)
     raise ImportError("torch.optim.Adafactor is not available in this version of torch")
 
-from torch.optim.optimizer import _to_scalar  # noqa: E402
+try:  # torch's conversion of a tensor hyperparameter (a 1-element tensor becomes 0-dim), where it has one
+    from torch.optim.optimizer import _to_scalar
+except ImportError:  # pragma: no cover
+    def _to_scalar(x: Any) -> Any:  # type: ignore[no-redef]
+        return x.squeeze() if isinstance(x, Tensor) and x.dim() != 0 else x
 
 from .. import _ops  # noqa: E402,F401  (loads the library that defines fusedtrain::adafactor_)
 

@@ -42,7 +42,11 @@ if _torch_muon is None:  # torch < 2.9: fusedtrain.optim does not export Muon (s
     raise ImportError("torch.optim.Muon is not available in this version of torch")
 
 from torch.optim import _muon as _tm  # noqa: E402  (torch's defaults and lr adjustment: one source of truth)
-from torch.optim.optimizer import _to_scalar  # noqa: E402
+try:  # torch's conversion of a tensor hyperparameter (a 1-element tensor becomes 0-dim), where it has one
+    from torch.optim.optimizer import _to_scalar
+except ImportError:  # pragma: no cover
+    def _to_scalar(x: Any) -> Any:  # type: ignore[no-redef]
+        return x.squeeze() if isinstance(x, Tensor) and x.dim() != 0 else x
 
 _NS_DTYPES = (torch.bfloat16, torch.float32, torch.float64)
 #: fusedtrain options of other optimizers that Muon does not take, with their "off" values
