@@ -48,6 +48,13 @@ TORCH_LIBRARY(fusedtrain, m) {
         "Tensor? found_inf=None) -> ()");
   // The vector norm of all tensors together (one device, one dtype): float32 (float64 for float64 input).
   m.def("total_norm(Tensor[] tensors, float norm_type) -> Tensor");
+  // One parameter's torch.optim.Adafactor step in three sweeps (Note [Adafactor passes] in
+  // include/fusedtrain/adafactor.h): row_var / col_var for >= 2-D params, variance otherwise; the host's
+  // per-step scalars (step ** beta2_decay, eps1, eps2, rho, 1 - lr*wd, d) as torch computes them in Python;
+  // inv_scale / clip_coef: GradScaler's and max_grad_norm's factors on the gradient (1: unused).
+  m.def("adafactor_(Tensor(a!) param, Tensor grad, Tensor(b!)? row_var, Tensor(c!)? col_var, Tensor(d!)? variance, "
+        "float one_minus_beta2, float eps1, float eps2, float rho, float decay, bool apply_decay, float d, "
+        "bool maximize, float inv_scale=1.0, float clip_coef=1.0) -> ()");
 
   // ---- Regularization (issue 4): dropout family and penalty. ----
   // Note [dropout op conventions]: `seed` is a one-element int64 tensor, on the CPU (read by the host) or on

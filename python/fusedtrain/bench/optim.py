@@ -77,6 +77,8 @@ OPTIMIZERS: dict[str, tuple[str, dict[str, Any], int]] = {
     "Lion": ("Lion", dict(lr=1e-4, weight_decay=0.1), 20),
     "ScheduleFreeAdamW": ("ScheduleFreeAdamW", dict(lr=2.5e-3), 28),
     "ScheduleFreeSGD": ("ScheduleFreeSGD", dict(lr=0.1), 20),
+    # three sweeps (Note [Adafactor passes]): read g, p; read g; read g, p, write p (factored parameters)
+    "Adafactor": ("Adafactor", dict(lr=1e-2), 24),
 }
 
 # Optimizers torch.optim does not have: "module:attribute" of the implementation the "torch" rows run.

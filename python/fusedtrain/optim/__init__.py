@@ -24,3 +24,13 @@ __all__ = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "NAdam", "CapturedStep"
            "RAdam", "Adamax", "Adadelta", "ASGD", "Rprop",
            "Lion", "ScheduleFreeAdamW", "ScheduleFreeSGD", "create_optimizer", "list_optimizers",
            "param_groups_weight_decay"]
+
+# Optimizers whose torch.optim class only newer torch versions have (torch >= 2.6 still imports fusedtrain).
+import torch as _torch
+
+if hasattr(_torch.optim, "Muon"):
+    from .muon import Muon
+    __all__ += ["Muon"]
+if hasattr(_torch.optim, "Adafactor"):
+    from .adafactor import Adafactor
+    __all__ += ["Adafactor"]
