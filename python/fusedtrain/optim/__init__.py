@@ -4,8 +4,10 @@ from . import functional
 from .adagrad import Adagrad
 from .adam import Adam, AdamW
 from .captured import CapturedStep
+from .lamb import Lamb, Lars
 from .nadam import NAdam
 from .rmsprop import RMSprop
 from .sgd import SGD
 
-__all__ = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "NAdam", "CapturedStep", "functional"]
+__all__ = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "NAdam", "CapturedStep", "functional",
+           "Lamb", "Lars"]
