@@ -144,7 +144,9 @@ struct LambOp {
     const T g = grad(r[1], p);
     T m = r[2], v = r[3];
     if constexpr (MODE != kLambNorms) {
-      m = on(lerp_m) ? lerp(m, g, beta3) : m * beta1 + beta3 * g;
+      // both forms, then a select: GCC does not if-convert (vectorize) the select of a lerp (itself a select)
+      const T m_lerp = lerp(m, g, beta3), m_mad = m * beta1 + beta3 * g;
+      m = on(lerp_m) ? m_lerp : m_mad;
       v = v * beta2 + one_minus_beta2 * g * g;
       r[2] = m;
       r[3] = v;

@@ -38,16 +38,16 @@ inline __attribute__((always_inline)) void body(void* const* ptr, int64_t n, con
   St* __restrict__ p3 = D > 3 ? static_cast<St*>(ptr[3]) : nullptr;
   St* __restrict__ p4 = D > 4 ? static_cast<St*>(ptr[4]) : nullptr;
   typename L::O* __restrict__ out = (L::kCopy && (ST & 1u)) ? static_cast<typename L::O*>(ptr[D]) : nullptr;
-  double s0 = 0.0, s1 = 0.0;
-#pragma omp simd reduction(+ : s0, s1)
-  for (int64_t i = 0; i < n; ++i) {
+  // Note: `#pragma omp simd` over this body makes GCC keep r[] and t[] as per-lane arrays, which it then
+  // fails to vectorize (2x slower); the element loop is the ivdep loop of cpu_driver.h, and its terms go
+  // through a small buffer that a separate `omp simd` reduction sums (same split every time: deterministic).
+  auto element = [&](int64_t i, double* t) __attribute__((always_inline)) {
     T r[D];
     if constexpr ((LD & 1u) != 0) r[0] = static_cast<T>(p0[i]);
     if constexpr ((LD & 2u) != 0) r[1] = static_cast<T>(p1[i]);
     if constexpr (D > 2 && (LD & 4u) != 0) r[2] = static_cast<T>(p2[i]);
     if constexpr (D > 3 && (LD & 8u) != 0) r[3] = static_cast<T>(p3[i]);
     if constexpr (D > 4 && (LD & 16u) != 0) r[4] = static_cast<T>(p4[i]);
-    double t[2] = {0.0, 0.0};
     op(r, t);
     if constexpr ((ST & 1u) != 0) {
       p0[i] = rounding::store_param<L>(r[0], key, index0 + i);
@@ -56,8 +56,35 @@ inline __attribute__((always_inline)) void body(void* const* ptr, int64_t n, con
     if constexpr (D > 2 && (ST & 4u) != 0) p2[i] = static_cast<St>(r[2]);
     if constexpr (D > 3 && (ST & 8u) != 0) p3[i] = static_cast<St>(r[3]);
     if constexpr (D > 4 && (ST & 16u) != 0) p4[i] = static_cast<St>(r[4]);
-    if constexpr (Op::kSums > 0) s0 += t[0];
-    if constexpr (Op::kSums > 1) s1 += t[1];
+  };
+  double s0 = 0.0, s1 = 0.0;
+  if constexpr (Op::kSums == 0) {
+#pragma GCC ivdep
+    for (int64_t i = 0; i < n; ++i) {
+      double t[2];
+      element(i, t);
+    }
+  } else {
+    constexpr int64_t kTile = 256;
+    double b0[kTile], b1[kTile];
+    for (int64_t base = 0; base < n; base += kTile) {
+      const int64_t m = n - base < kTile ? n - base : kTile;
+#pragma GCC ivdep
+      for (int64_t j = 0; j < m; ++j) {
+        double t[2] = {0.0, 0.0};
+        element(base + j, t);
+        b0[j] = t[0];
+        b1[j] = t[1];
+      }
+      double a0 = 0.0, a1 = 0.0;
+#pragma omp simd reduction(+ : a0, a1)
+      for (int64_t j = 0; j < m; ++j) {
+        a0 += b0[j];
+        a1 += b1[j];
+      }
+      s0 += a0;
+      s1 += a1;
+    }
   }
   sums[0] = s0;
   sums[1] = s1;

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import importlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -67,6 +68,16 @@ OPTIMIZERS: dict[str, tuple[str, dict[str, Any], int]] = {
     "RMSprop": ("RMSprop", dict(lr=1e-2), 20),
 }
 
+# LAMB / LARS (issue 16): no torch.optim class; timm's implementations are the reference side. Bytes: the
+# global gradient norm (LAMB's max_grad_norm), then the two passes of Note [trust-ratio passes].
+OPTIMIZERS.update({
+    "Lamb": ("Lamb", dict(lr=1e-3), 44),
+    "Lars": ("Lars", dict(lr=0.1, momentum=0.9, weight_decay=1e-4), 28),
+})
+# Optimizers without a torch.optim class: the module of the reference implementation their rows compare to
+# (the "torch ..." rows are labelled with its package name).
+REFERENCES: dict[str, str] = {"Lamb": "timm.optim", "Lars": "timm.optim"}
+
 IMPLS = {
     "torch for-loop": dict(foreach=False),
     "torch foreach": dict(foreach=True),
@@ -117,16 +128,18 @@ def run(device: torch.device, sets: list[str] | None, optimizers: list[str] | No
             bar.begin(f"{set_name} {name}")
             rows: dict[str, Result] = {}
             steps: dict[str, Callable[[], Any]] = {}
+            ref_module = REFERENCES.get(cls_name, "torch.optim")
             for impl, flags in IMPLS.items():
-                rows[impl] = Result("optim", f"{name}, {case_label}", impl, str(device), None,
-                                    bytes_moved=numel * bytes_per_param)
+                label = impl if impl == "fusedtrain" else impl.replace("torch", ref_module.split(".")[0], 1)
+                rows[label] = Result("optim", f"{name}, {case_label}", label, str(device), None,
+                                     bytes_moved=numel * bytes_per_param)
                 try:
-                    cls = getattr(ft_optim if impl == "fusedtrain" else torch.optim, cls_name)
+                    cls = getattr(ft_optim if impl == "fusedtrain" else importlib.import_module(ref_module), cls_name)
                     opt = cls(_make(shapes, device), **kwargs, **flags)
                     opt.step()
-                    steps[impl] = opt.step
+                    steps[label] = opt.step
                 except (RuntimeError, ValueError, TypeError) as exc:
-                    rows[impl].note = f"not available: {str(exc).splitlines()[0][:60]}"
+                    rows[label].note = f"not available: {str(exc).splitlines()[0][:60]}"
             times = measure_interleaved(steps, device, warmup, reps)
             bar.step(f"{set_name} {name}")
             for impl, ts in times.items():
