@@ -81,12 +81,21 @@ OPTIMIZERS: dict[str, tuple[str, dict[str, Any], int]] = {
     "Adafactor": ("Adafactor", dict(lr=1e-2), 24),
 }
 
-# Optimizers torch.optim does not have: "module:attribute" of the implementation the "torch" rows run.
+# Optimizers torch.optim does not have: "module:attribute" of the implementation the reference rows run
+# (labelled with its package's name instead of "torch").
 REFERENCES = {
     "Lion": "timm.optim:Lion",
     "ScheduleFreeAdamW": "schedulefree:AdamWScheduleFree",
     "ScheduleFreeSGD": "schedulefree:SGDScheduleFree",
 }
+
+# LAMB / LARS (issue 16): no torch.optim class; timm's implementations are the reference side. Bytes: the
+# global gradient norm (LAMB's max_grad_norm), then the two passes of Note [trust-ratio passes].
+OPTIMIZERS.update({
+    "Lamb": ("Lamb", dict(lr=1e-3), 44),
+    "Lars": ("Lars", dict(lr=0.1, momentum=0.9, weight_decay=1e-4), 28),
+})
+REFERENCES.update({"Lamb": "timm.optim:Lamb", "Lars": "timm.optim:Lars"})
 
 IMPLS = {
     "torch for-loop": dict(foreach=False),
@@ -172,18 +181,20 @@ def run(device: torch.device, sets: list[str] | None, optimizers: list[str] | No
             bar.begin(f"{set_name} {name}")
             rows: dict[str, Result] = {}
             steps: dict[str, Callable[[], Any]] = {}
+            package = REFERENCES.get(cls_name, "torch").split(".")[0].split(":")[0]
             for impl, flags in IMPLS.items():
-                rows[impl] = Result("optim", f"{name}, {case_label}", impl, str(device), None,
-                                    bytes_moved=numel * bytes_per_param)
+                label = impl if impl == "fusedtrain" else impl.replace("torch", package, 1)
+                rows[label] = Result("optim", f"{name}, {case_label}", label, str(device), None,
+                                     bytes_moved=numel * bytes_per_param)
                 try:
                     cls: Any = getattr(ft_optim, cls_name) if impl == "fusedtrain" else _reference(cls_name)
                     opt = cls(_make(shapes, device), **kwargs, **flags)
                     if hasattr(opt, "train"):  # schedule-free: steps need training mode
                         opt.train()
                     opt.step()
-                    steps[impl] = opt.step
+                    steps[label] = opt.step
                 except (RuntimeError, ValueError, TypeError, ImportError) as exc:
-                    rows[impl].note = "not available: " + shorten(str(exc).splitlines()[0], 60)
+                    rows[label].note = "not available: " + shorten(str(exc).splitlines()[0], 60)
             times = measure_interleaved(steps, device, warmup, reps)
             bar.step(f"{set_name} {name}")
             for impl, ts in times.items():

@@ -20,10 +20,15 @@ from .rprop import Rprop
 from .lion import Lion
 from .schedulefree import ScheduleFreeAdamW, ScheduleFreeSGD
 
+# Layer-wise trust ratios (issue 16): timm's Lamb and Lars; LAMB and LARS are the same classes.
+from .lamb import Lamb, Lars
+
+LAMB, LARS = Lamb, Lars
+
 __all__ = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "NAdam", "CapturedStep", "functional",
            "RAdam", "Adamax", "Adadelta", "ASGD", "Rprop",
-           "Lion", "ScheduleFreeAdamW", "ScheduleFreeSGD", "create_optimizer", "list_optimizers",
-           "param_groups_weight_decay"]
+           "Lion", "ScheduleFreeAdamW", "ScheduleFreeSGD", "Lamb", "Lars", "LAMB", "LARS",
+           "create_optimizer", "list_optimizers", "param_groups_weight_decay"]
 
 # Optimizers whose torch.optim class only newer torch versions have (torch >= 2.6 still imports fusedtrain).
 import torch as _torch

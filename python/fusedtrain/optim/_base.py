@@ -241,6 +241,16 @@ class FusedOptimizerMixin:
         """The rule's hyperparameters for ``group``, by name (``fusedtrain._ops.rules()``)."""
         raise NotImplementedError
 
+    def _rule_max_norm(self) -> float | None:
+        """A rule's own gradient clipping (LAMB's global clipping with timm's semantics): its max norm, or None.
+        The kernels then read ``_rule_clip_coef(norm, max_norm)`` as their clip value (Bound::clip_coef in
+        math.h), with ``norm`` the joint 2-norm of the step's gradients (unscaled, as for ``max_grad_norm``)."""
+        return None
+
+    def _rule_clip_coef(self, norm: Tensor, max_norm: float) -> Tensor:
+        """The clip value the rule's kernels read, from the gradients' joint norm (see ``_rule_max_norm``)."""
+        raise NotImplementedError
+
     # -------------------------------------------------------------------------------- construction
     def _init_extras(self, ema: Any, max_grad_norm: float | None, l1: float, master_weights: bool = False,
                      stochastic_rounding: bool = False, state_dtype: torch.dtype | None = None) -> None:
@@ -403,6 +413,7 @@ class FusedOptimizerMixin:
         groups = self.param_groups
         for _ in range(2):
             plan: _Plan | None = self.__dict__.get("_ft_plan")
+            built = plan is None
             if plan is None:
                 plan = self.__dict__["_ft_plan"] = self._build_plan()
             if plan.device is not None and plan.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
@@ -413,6 +424,19 @@ class FusedOptimizerMixin:
             l1s = [g.get("l1", 0.0) for g in groups]
             clip_coef = None
             max_norm = self.max_grad_norm
+            rule_max = self._rule_max_norm()
+            if rule_max is not None:
+                try:
+                    norm = self._sharded_norm(plan, grad_scale)
+                except RuntimeError:
+                    if built:
+                        raise
+                    self.__dict__["_ft_plan"] = None  # a gradient changed (e.g. sparse): the rebuild's checks name it
+                    continue
+                if norm is None:
+                    continue  # a gradient vanished: rebuild
+                self.last_grad_norm = norm
+                clip_coef = self._rule_clip_coef(norm, rule_max)
             if max_norm is not None and plan.sharded:
                 norm = self._sharded_norm(plan, grad_scale)
                 if norm is None:
@@ -669,6 +693,13 @@ class FusedOptimizerMixin:
                 self._prepare_state(group, group["params"][pos])
         segments, fused_ema, fresh = self._segments(collected)
         clip_coef = None
+        rule_max = self._rule_max_norm()
+        if rule_max is not None and segments:
+            norm = local(grads_norm([p.grad for seg in segments for p in seg.params]))
+            if grad_scale is not None:
+                norm = norm / grad_scale.to(norm.device)
+            self.last_grad_norm = norm
+            clip_coef = self._rule_clip_coef(norm, rule_max)
         if self.max_grad_norm is not None and segments:
             norm = local(grads_norm([p.grad for seg in segments for p in seg.params]))
             if grad_scale is not None:
