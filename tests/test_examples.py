@@ -22,9 +22,13 @@ pytest.importorskip("matplotlib", reason="the examples' plots need matplotlib (s
 
 
 def run_example(name: str, *args: str) -> str:
+    import fusedtrain
+
     env = dict(os.environ)
-    # the examples import fusedtrain from the checkout when it is not installed
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "python"), env.get("PYTHONPATH")) if p)
+    # the examples import the fusedtrain these tests import: the checkout's in-place build, or an installed one
+    # (scripts/dev.sh sanitize installs its sanitized build into site-packages; the checkout has no library then)
+    home = str(Path(fusedtrain.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (home, env.get("PYTHONPATH")) if p)
     proc = subprocess.run([sys.executable, str(EXAMPLES / name), *args], capture_output=True, text=True,
                           timeout=300, env=env, cwd=ROOT)
     assert proc.returncode == 0, f"{name} failed:\n{proc.stdout}\n{proc.stderr}"
