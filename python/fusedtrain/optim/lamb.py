@@ -13,6 +13,7 @@ from torch import Tensor
 
 from .._dtensor import is_dtensor
 from ._base import FusedOptimizerMixin, _Collected, new_step, to_scalar, where
+from .sgd import MomentumBufferState
 
 __all__ = ["Lamb", "Lars"]
 
@@ -173,7 +174,7 @@ class Lamb(_TrustMixin, torch.optim.Optimizer):
                     entry["step"] = new_step(self._step_device(group, p)).fill_(float(step))
 
 
-class Lars(_TrustMixin, torch.optim.Optimizer):
+class Lars(MomentumBufferState, _TrustMixin, torch.optim.Optimizer):
     r"""LARS / LARC (You et al., 2017) with the arguments, defaults and results of :class:`timm.optim.Lars`,
     on fused kernels.
 
@@ -225,27 +226,6 @@ class Lars(_TrustMixin, torch.optim.Optimizer):
             group.setdefault("nesterov", False)
             group.setdefault("foreach", None)
 
-    def _state_keys(self, group: dict[str, Any]) -> list[str]:
-        return ["momentum_buffer"] if group["momentum"] != 0 else []
-
-    def _init_state(self, group: dict[str, Any], p: Tensor) -> None:
-        # As SGD's: the buffer starts as the (scaled) gradient on the parameter's first update (first_step);
-        # made as zeros so that an update GradScaler skips on the device leaves it defined.
-        state = self.state[p]
-        if group["momentum"] != 0 and state.get("momentum_buffer") is None:
-            state["momentum_buffer"] = self._zeros(p)
-            self.__dict__.setdefault("_ft_fresh", set()).add(id(p))
-
-    def _fresh_params(self, group: dict[str, Any], params: list[Tensor]) -> set[int]:
-        if group["momentum"] == 0:
-            return set()
-        fresh = self.__dict__.get("_ft_fresh", set())
-        return {id(p) for p in params if id(p) in fresh}
-
-    def _after_update(self, fresh: list[Tensor]) -> None:
-        done = self.__dict__.get("_ft_fresh", set())
-        for p in fresh:
-            done.discard(id(p))
 
     def _hyper(self, group: dict[str, Any]) -> dict[str, Any]:
         return dict(momentum=group["momentum"], dampening=group["dampening"],
