@@ -512,8 +512,9 @@ def test_bench_rows_run_the_references(monkeypatch: pytest.MonkeyPatch) -> None:
     rows = optim_bench.run(torch.device("cpu"), ["tiny"], ["Lion", "ScheduleFreeAdamW", "ScheduleFreeSGD"], reps=2,
                            warmup=1, bandwidth=0.0, progress=False)
     timed = {(r.case.split(",")[0], r.impl) for r in rows if r.median_ms is not None}
-    for name in ("Lion", "ScheduleFreeAdamW", "ScheduleFreeSGD"):
-        assert {(name, "torch for-loop"), (name, "torch foreach"), (name, "fusedtrain")} <= timed
+    for name, package in (("Lion", "timm"), ("ScheduleFreeAdamW", "schedulefree"), ("ScheduleFreeSGD", "schedulefree")):
+        # the reference rows are labelled with the reference's package
+        assert {(name, f"{package} for-loop"), (name, f"{package} foreach"), (name, "fusedtrain")} <= timed
     assert optim_bench._reference("Lion") is timm.optim.Lion
 
 

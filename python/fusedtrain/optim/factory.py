@@ -10,6 +10,8 @@ the biases towards the origin, which regularizes nothing useful; excluding them 
 
 from __future__ import annotations
 
+import inspect
+
 import fnmatch
 import importlib
 from collections.abc import Collection, Iterable
@@ -125,8 +127,12 @@ def create_optimizer(model_or_params: nn.Module | Iterable[Any], name: str = "ad
         raise ValueError(f"create_optimizer: unknown optimizer {name!r}; known: {', '.join(list_optimizers())}")
     if lr is not None:
         kwargs["lr"] = lr
-    # The default of groups added later (add_param_group) and of groups given without their own.
-    kwargs["weight_decay"] = weight_decay
+    if not _takes_weight_decay(cls):  # Rprop
+        if weight_decay:
+            raise ValueError(f"create_optimizer: {cls.__name__} has no weight_decay; pass weight_decay=0")
+    else:
+        # The default of groups added later (add_param_group) and of groups given without their own.
+        kwargs["weight_decay"] = weight_decay
     if isinstance(model_or_params, nn.Module):
         if weight_decay and filter_bias_and_norm:
             params: Any = param_groups_weight_decay(model_or_params, weight_decay, no_weight_decay)
@@ -137,4 +143,27 @@ def create_optimizer(model_or_params: nn.Module | Iterable[Any], name: str = "ad
             raise ValueError("create_optimizer: no_weight_decay names parameters of a module; pass the module, "
                              "not its parameters")
         params = model_or_params
+    if getattr(cls, "__name__", "") == "Muon":
+        params = _muon_groups(params)
     return cls(params, **kwargs)
+
+
+def _takes_weight_decay(cls: type) -> bool:
+    return "weight_decay" in inspect.signature(cls.__init__).parameters
+
+
+def _muon_groups(params: Any) -> list[dict[str, Any]]:
+    """Muon orthogonalizes matrices only: every group is split into its 2-D parameters (Muon's) and the rest
+    (biases, norms, ...), which go to Muon's fused AdamW (``use_muon=False``, Muon's documented convention)."""
+    params = list(params)
+    groups = params if params and isinstance(params[0], dict) else [{"params": params}]
+    out: list[dict[str, Any]] = []
+    for g in groups:
+        ps = list(g["params"])
+        rest = {k: v for k, v in g.items() if k != "params"}
+        mats, others = [p for p in ps if p.ndim == 2], [p for p in ps if p.ndim != 2]
+        if mats:
+            out.append({**rest, "params": mats})
+        if others:
+            out.append({**rest, "params": others, "use_muon": False})
+    return out
