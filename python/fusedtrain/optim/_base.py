@@ -241,6 +241,14 @@ class FusedOptimizerMixin:
         """The rule's hyperparameters for ``group``, by name (``fusedtrain._ops.rules()``)."""
         raise NotImplementedError
 
+    def _unscaled_norm(self, norm: Tensor, grad_scale: Tensor | None) -> Tensor:
+        """The gradients' joint norm ``norm`` (float32 or wider) divided by GradScaler's scale, before any
+        narrowing; kept as ``last_grad_norm``."""
+        if grad_scale is not None:
+            norm = norm / grad_scale.to(norm.device)
+        self.last_grad_norm = norm
+        return norm
+
     def _rule_max_norm(self) -> float | None:
         """A rule's own gradient clipping (LAMB's global clipping with timm's semantics): its max norm, or None.
         The kernels then read ``_rule_clip_coef(norm, max_norm)`` as their clip value (Bound::clip_coef in
@@ -694,18 +702,12 @@ class FusedOptimizerMixin:
         segments, fused_ema, fresh = self._segments(collected)
         clip_coef = None
         rule_max = self._rule_max_norm()
-        if rule_max is not None and segments:
-            norm = local(grads_norm([p.grad for seg in segments for p in seg.params]))
-            if grad_scale is not None:
-                norm = norm / grad_scale.to(norm.device)
-            self.last_grad_norm = norm
-            clip_coef = self._rule_clip_coef(norm, rule_max)
-        if self.max_grad_norm is not None and segments:
-            norm = local(grads_norm([p.grad for seg in segments for p in seg.params]))
-            if grad_scale is not None:
-                norm = norm / grad_scale.to(norm.device)
-            self.last_grad_norm = norm
-            clip_coef = clip_coefficient(norm, self.max_grad_norm)
+        if segments and (rule_max is not None or self.max_grad_norm is not None):
+            norm = self._unscaled_norm(local(grads_norm([p.grad for seg in segments for p in seg.params])), grad_scale)
+            if rule_max is not None:
+                clip_coef = self._rule_clip_coef(norm, rule_max)
+            if self.max_grad_norm is not None:
+                clip_coef = clip_coefficient(norm, self.max_grad_norm)
         ema = self.ema
         weight, weight_tensor = 0.0, None
         if ema is not None and fused_ema:
