@@ -75,12 +75,35 @@ const at::Tensor& unpack(PyObject* obj, const char* what) {
 
 // The state dict's (key, value) pairs and those of every per-parameter dict, by identity, in one flat
 // array each (sequential reads: with 20000 parameters, a vector per dict cost a cache miss per dict).
+//
+// Note [dict version tags]:
+// Walking every per-parameter dict costs about three cache lines per parameter (the dict, its keys table,
+// the entries), the largest share of a cold step's validation. CPython before 3.14 stamps every dict
+// modification with a fresh, interpreter-wide version tag (PEP 509; ma_version_tag, deprecated from 3.12
+// and removed in 3.14): a dict whose tag is the one recorded has not been modified since, so its items are
+// the recorded ones without reading them. The plan records the outer dict's tag and each per-parameter
+// dict's tag; a step compares those (one line per parameter) and walks the items only when some tag moved
+// (then a successful walk records the new tags). Builds without the tag walk every step.
+#if PY_VERSION_HEX < 0x030E0000 && !defined(Py_GIL_DISABLED)
+#define FUSEDTRAIN_DICT_TAGS 1
+inline uint64_t dict_tag(PyObject* d) {
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wdeprecated-declarations"
+  return reinterpret_cast<PyDictObject*>(d)->ma_version_tag;
+#pragma GCC diagnostic pop
+}
+#endif
+
 struct StateSnapshot {
   PyObject* state = nullptr;
   std::vector<std::pair<PyObject*, PyObject*>> outer;
   std::vector<std::pair<PyObject*, PyObject*>> inner;  // the items of every outer value that is a dict, in order
   std::vector<uint32_t> inner_size;                     // per outer value: its item count (0 if not a dict)
   std::vector<py::object> holds;                        // keeps every pointer above alive
+#ifdef FUSEDTRAIN_DICT_TAGS
+  uint64_t outer_tag = 0;
+  std::vector<std::pair<PyObject*, uint64_t>> inner_tags;  // every outer value that is a dict, and its tag
+#endif
 
   void take(py::handle state_dict) {
     state = state_dict.ptr();
@@ -105,10 +128,36 @@ struct StateSnapshot {
       }
       inner_size.push_back(count);
     }
+    record_tags();
   }
 
-  bool unchanged(PyObject* state_dict) const {
-    if (state_dict != state || PyDict_Size(state) != static_cast<Py_ssize_t>(outer.size())) return false;
+  bool unchanged(PyObject* state_dict) {
+    if (state_dict != state) return false;
+#ifdef FUSEDTRAIN_DICT_TAGS
+    if (dict_tag(state) == outer_tag) {  // Note [dict version tags]
+      bool same = true;
+      for (const auto& [d, tag] : inner_tags) same = same && dict_tag(d) == tag;
+      if (same) return true;
+    }
+#endif
+    if (!walk()) return false;
+    record_tags();  // unchanged items under new tags (a value set to itself): compare tags again next step
+    return true;
+  }
+
+ private:
+  void record_tags() {
+#ifdef FUSEDTRAIN_DICT_TAGS
+    outer_tag = dict_tag(state);
+    inner_tags.clear();
+    for (const auto& [k, v] : outer) {
+      if (PyDict_Check(v)) inner_tags.emplace_back(v, dict_tag(v));
+    }
+#endif
+  }
+
+  bool walk() const {
+    if (PyDict_Size(state) != static_cast<Py_ssize_t>(outer.size())) return false;
     Py_ssize_t pos = 0;
     PyObject *k, *v;
     size_t i = 0, j = 0;
@@ -170,6 +219,9 @@ struct Seg {
   // step counters
   std::vector<at::Tensor> masters, states, steps, aux;  // aux: the rule's tensor scalars, concatenated
   std::vector<Memory> memory;  // per tuple with a work index: masters (if any), then its states
+  // Note [cached step counters]: float32 counters on the host, advanced through these pointers
+  std::vector<float*> step_ptr;
+  std::vector<Memory> step_memory;
   size_t n_states = 0;
   host::Precision prec;
   bool with_ema = false;
@@ -389,6 +441,14 @@ class StepPlanImpl {
     if (n > 0) s.device = targets[0].device();
     s.fn = host::backend_fn(*s.rule, s.op.c_str(), s.device);
     s.steps_on_device = host::check_steps(s.op.c_str(), s.steps, targets, s.rule->counts_steps).on_device;
+    if (!s.steps_on_device && std::all_of(s.steps.begin(), s.steps.end(), [](const at::Tensor& t) {
+          return t.scalar_type() == at::kFloat;
+        })) {
+      for (const at::Tensor& t : s.steps) {
+        s.step_ptr.push_back(t.data_ptr<float>());
+        s.step_memory.push_back(Memory{t.storage(), t.storage_offset()});
+      }
+    }
     host::check_aux(*s.rule, s.op.c_str(), s.aux, targets, s.steps_on_device);
     const std::vector<at::TensorList> lists = s.lists(targets, stand_in, avgs, copies);
     for (size_t i = 0; i < n; ++i) {
@@ -441,14 +501,14 @@ class StepPlanImpl {
   // recorded, reading only the TensorImpl (a full data_ptr() read per state tensor doubled the step's host
   // time). The plan keeps those storages alive, so a stale pointer can never reach freed memory; only
   // resizing a state tensor's storage in place (no optimizer or checkpoint tool does) would go unnoticed.
+  static bool same(const at::Tensor& x, const Memory& r) {
+    const c10::TensorImpl* impl = x.unsafeGetTensorImpl();
+    return impl->storage().unsafeGetStorageImpl() == r.storage.unsafeGetStorageImpl() &&
+           impl->storage_offset() == r.offset;
+  }
   static bool memory_unchanged(const Seg& s, const Tuple& t) {
     const size_t i = &t - s.tuples.data(), n = s.tuples.size();
     const Memory* m = s.memory.data() + static_cast<size_t>(t.work) * s.memory_per_tuple();
-    auto same = [](const at::Tensor& x, const Memory& r) {
-      const c10::TensorImpl* impl = x.unsafeGetTensorImpl();
-      return impl->storage().unsafeGetStorageImpl() == r.storage.unsafeGetStorageImpl() &&
-             impl->storage_offset() == r.offset;
-    };
     if (!s.masters.empty() && !same(s.masters[i], *m++)) return false;
     for (size_t j = 0; j < s.n_states; ++j) {
       if (!same(s.states[j * n + i], m[j])) return false;
@@ -515,6 +575,10 @@ class StepPlanImpl {
             return false;
           }
         }
+        const size_t k = &t - s.tuples.data();
+        if (!s.step_ptr.empty() && !same(s.steps[k], s.step_memory[k])) {
+          return false;  // a counter's .data replaced (Note [cached step counters])
+        }
         if (t.work < 0) continue;
         if (!s.static_general && !memory_unchanged(s, t)) return false;
         // Walked in place when the gradient has the parameter's layout (Note [dense tuples]); a complex
@@ -577,7 +641,22 @@ class StepPlanImpl {
   void run(Seg& s, std::vector<double> hyper, double l1, host::CallPlan& plan, const OptT& lr_tensor) {
     if (s.tuples.empty()) return;
     for (const auto& [i, v] : s.overrides) hyper[i] = v;
-    host::advance_steps(s.steps, plan.steps);
+    if (!s.step_ptr.empty()) {
+      // Note [cached step counters]:
+      // host::advance_steps reads each counter's TensorImpl, StorageImpl and data (three cache misses per
+      // parameter on a cold step). For float32 counters on the host (torch's default), the plan records
+      // where each lives when it is built, validates each step that the counter still owns that storage
+      // (the TensorImpl only, as for the states: Note [step plan]), and writes through the recorded
+      // pointer. Counters on the device, or of another dtype, take advance_steps.
+      plan.steps.steps.resize(s.step_ptr.size());
+      for (size_t i = 0; i < s.step_ptr.size(); ++i) {
+        float* p = s.step_ptr[i];
+        *p = *p + 1.0f;
+        plan.steps.steps[i] = Scalar{nullptr, static_cast<double>(*p)};
+      }
+    } else {
+      host::advance_steps(s.steps, plan.steps);
+    }
     const std::vector<std::array<Scalar, 2>> bound = host::advance_aux(*s.rule, s.device, hyper, s.aux, plan, lr_tensor);
     if (s.general_now) {
       const std::vector<at::Tensor> targets = s.masters.empty() ? s.locals_now : s.masters;

@@ -121,6 +121,35 @@ def test_invalidations(name: str, kw: dict[str, Any]) -> None:
                     state[key] = state[key].clone()
     t.step(2)
     t.check()
+    # the step counters (Note [cached step counters]): written in place, their .data replaced (a counter
+    # moved back by 3), a counter replaced in the dict; and entries set to themselves (Note [dict version
+    # tags]: a new tag, the same items)
+    for opt in (t.oa, t.ob):
+        for state in opt.state.values():
+            if "step" in state:
+                state["step"].add_(1)
+    t.step(1)
+    t.check()
+    for opt in (t.oa, t.ob):
+        for state in opt.state.values():
+            if "step" in state:
+                state["step"].data = state["step"].data - 3
+    t.step(2)
+    t.check()
+    for opt in (t.oa, t.ob):
+        for state in opt.state.values():
+            if "step" in state:
+                state["step"] = state["step"].clone() + 2
+    t.step(2)
+    t.check()
+    plan = t.plan()
+    for opt in (t.oa, t.ob):
+        for state in opt.state.values():
+            for key in list(state):
+                state[key] = state[key]
+    t.step(2)
+    assert t.plan() is plan  # same items: validated by a walk, no rebuild
+    t.check()
     # hyperparameters changed in the groups (a scheduler) reach the kernels without a rebuild
     plan = t.plan()
     for opt in (t.oa, t.ob):
