@@ -45,7 +45,20 @@ _COMPLEX, _DTENSOR = 1, 2
 _STALE, _UPDATED, _SKIPPED = 0, 1, 2
 
 # fusedtrain's own options, kept by copies and pickles (Note [copies keep the options]).
-_OPTION_KEYS = ("max_grad_norm", "master_weights", "stochastic_rounding", "state_dtype", "_ft_ema")
+_OPTION_KEYS = ("max_grad_norm", "master_weights", "stochastic_rounding", "state_dtype", "_ft_ema", "ema")
+
+
+class KeepsOptions:
+    """Note [copies keep the options]: torch.optim's ``__getstate__`` keeps ``defaults``, ``state`` and
+    ``param_groups`` only; fusedtrain's options live on the object and go with it (deepcopy, pickle,
+    torch.save). Mixed into every fusedtrain optimizer class before its torch base class."""
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()  # type: ignore[misc]
+        for key in _OPTION_KEYS:
+            if key in self.__dict__:
+                state[key] = self.__dict__[key]
+        return state
 
 
 def to_scalar(x: float | Tensor, name: str = "hyperparameter") -> float:
@@ -175,7 +188,7 @@ def _unscaled_closure(opt: Any, closure: Callable[[], Any]) -> Callable[[], Any]
     return run
 
 
-class FusedOptimizerMixin:
+class FusedOptimizerMixin(KeepsOptions):
     r"""Mixed into subclasses of the torch.optim class of the same name.
 
     The torch base class provides the constructor's checks, defaults, ``param_groups``, ``state``,
@@ -296,16 +309,8 @@ class FusedOptimizerMixin:
         super().add_param_group(param_group)  # type: ignore[misc]
         self.__dict__["_ft_plan"] = None
 
-    # Note [copies keep the options]: torch.optim's __getstate__ keeps defaults / state / param_groups only;
-    # fusedtrain's options live on the object and go with it. The plan and other caches do not (rebuilt on
-    # the first step of the copy).
-    def __getstate__(self) -> dict[str, Any]:
-        state = super().__getstate__()  # type: ignore[misc]
-        for key in _OPTION_KEYS:
-            if key in self.__dict__:
-                state[key] = self.__dict__[key]
-        return state
-
+    # Note [copies keep the options] (KeepsOptions): the plan and other caches do not go with a copy
+    # (rebuilt on its first step).
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)  # type: ignore[misc]
         self.__dict__["_ft_plan"] = None

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ..clip import clip_coefficient, grads_norm
-from ._base import check_param, new_step, where
+from ._base import KeepsOptions, check_param, new_step, where
 
 __all__ = ["Adafactor"]
 
@@ -42,7 +42,7 @@ def _grad(p: Tensor) -> Tensor:
     return p.grad
 
 
-class Adafactor(_torch_adafactor):  # type: ignore[misc,valid-type]
+class Adafactor(KeepsOptions, _torch_adafactor):  # type: ignore[misc,valid-type]
     r"""Adafactor (Shazeer & Stern, 2018) in torch's variant, a drop-in for :class:`torch.optim.Adafactor`.
 
     For a parameter of >= 2 dimensions the second moment is factored over its last two (rows and

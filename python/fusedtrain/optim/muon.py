@@ -33,7 +33,7 @@ from torch import Tensor
 
 from .. import _ops
 from ..clip import clip_coefficient, grads_norm
-from ._base import check_param, new_step, where
+from ._base import KeepsOptions, check_param, new_step, where
 
 __all__ = ["Muon"]
 
@@ -99,7 +99,26 @@ def newton_schulz(x: Tensor, ns_coefficients: tuple[float, float, float], ns_ste
     return x
 
 
-class Muon(_torch_muon):  # type: ignore[misc,valid-type]
+def _passes(plan: dict[str, Any]) -> list[dict[str, Any]]:
+    """A group's plan split into update passes: torch's for-loop updates a parameter listed twice twice, one
+    update after the other (with a warning from add_param_group), and one fused call must see each tensor
+    once, so the k-th occurrence of a parameter goes to pass k."""
+    seen: dict[int, int] = {}
+    passes: list[list[int]] = []
+    for i, p in enumerate(plan["params"]):
+        k = seen.get(id(p), 0)
+        seen[id(p)] = k + 1
+        if k == len(passes):
+            passes.append([])
+        passes[k].append(i)
+    if len(passes) <= 1:
+        return [plan]
+    return [dict(plan, params=[plan["params"][i] for i in idx],
+                 **({"adjusted": [plan["adjusted"][i] for i in idx]} if "adjusted" in plan else {}))
+            for idx in passes]
+
+
+class Muon(KeepsOptions, _torch_muon):  # type: ignore[misc,valid-type]
     r"""Muon (Jordan et al. 2024: momentum orthogonalized by Newton-Schulz), a drop-in for
     :class:`torch.optim.Muon` that orthogonalizes all matrices of one shape in batched matmuls and runs
     everything else in fused element-wise kernels (Note [Muon's step] in ``fusedtrain/optim/muon.py``).
@@ -258,10 +277,11 @@ class Muon(_torch_muon):  # type: ignore[misc,valid-type]
             self.last_grad_norm = norm
             clip_coef = clip_coefficient(norm, self.max_grad_norm)
         for group, plan in zip(self.param_groups, plans):
-            if group["use_muon"]:
-                self._muon_group(group, plan, grad_scale, clip_coef)
-            else:
-                self._adamw_group(group, plan, grad_scale, clip_coef)
+            for part in _passes(plan):
+                if group["use_muon"]:
+                    self._muon_group(group, part, grad_scale, clip_coef)
+                else:
+                    self._adamw_group(group, part, grad_scale, clip_coef)
             if plan["meta"]:
                 self._meta_step(group, plan["meta"])
         if self.ema is not None:

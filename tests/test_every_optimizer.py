@@ -1,0 +1,301 @@
+"""Drop-in hygiene for the optimizers beyond torch.optim's element-wise set (Lion, LAMB, LARS, schedule-free,
+Muon, Adafactor), the checks tests/test_regressions_13.py runs for torch's twins: copies (deepcopy, pickle,
+torch.save) keep every option and step like the original; a parameter listed twice gives the reference
+implementation's result; expanded, sparse-gradient and changed-gradient steps are refused before anything is
+written; meta parameters step like the reference or are refused clearly. ``test_every_class_is_covered``
+fails when a new class is in neither this file's registry nor tests/_helpers.py's OPTIMIZERS."""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+import re
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import fusedtrain
+from _helpers import OPTIMIZERS, assert_same_values
+
+timm_optim = pytest.importorskip("timm.optim")
+schedulefree = pytest.importorskip("schedulefree")
+
+
+def _timm(name: str) -> Callable[..., torch.optim.Optimizer]:
+    return lambda params, **kw: getattr(timm_optim, name)(params, foreach=False, **kw)
+
+
+# name -> (constructor kwargs, reference constructor or None, whether the parameters must be matrices)
+REGISTRY: dict[str, tuple[dict[str, Any], Callable[..., torch.optim.Optimizer] | None, bool]] = {
+    "Lion": (dict(lr=1e-3, weight_decay=0.1), _timm("Lion"), False),
+    "Lamb": (dict(lr=1e-2, weight_decay=0.01, max_grad_norm=None), _timm("Lamb"), False),
+    "Lars": (dict(lr=0.1, momentum=0.9, weight_decay=1e-4), _timm("Lars"), False),
+    "ScheduleFreeAdamW": (dict(lr=1e-2, warmup_steps=2, weight_decay=0.01),
+                          lambda params, **kw: schedulefree.AdamWScheduleFree(params, foreach=False, **kw), False),
+    "ScheduleFreeSGD": (dict(lr=0.1, warmup_steps=2, weight_decay=0.01),
+                        lambda params, **kw: schedulefree.SGDScheduleFree(params, foreach=False, **kw), False),
+    "Muon": (dict(lr=0.02, weight_decay=0.01, ns_dtype=torch.float32), None, True),
+    "Adafactor": (dict(lr=1e-2, weight_decay=0.01),
+                  lambda params, **kw: torch.optim.Adafactor(params, foreach=False, **kw), False),
+}
+NAMES = list(REGISTRY)
+
+
+def _make(name: str, params: Any, **extra: Any) -> torch.optim.Optimizer:
+    kw, _, _ = REGISTRY[name]
+    opt = getattr(fusedtrain.optim, name)(params, **{**kw, **extra})
+    if hasattr(opt, "train"):
+        opt.train()  # schedule-free: the y sequence (training mode)
+    return opt
+
+
+def _reference(name: str, params: Any, **extra: Any) -> torch.optim.Optimizer:
+    kw, ref, _ = REGISTRY[name]
+    assert ref is not None
+    kw = {k: v for k, v in {**kw, **extra}.items() if k != "ns_dtype"}
+    opt = ref(params, **kw)
+    if hasattr(opt, "train"):
+        opt.train()
+    return opt
+
+
+def _params(name: str, seed: int = 0) -> list[nn.Parameter]:
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(7, 5), (6, 4), (9, 3), (5, 5)] if REGISTRY[name][2] else [(7, 5), (6,), (9, 3), (13,), ()]
+    return [nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
+
+
+def _grads(params: list[torch.Tensor], seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g, dtype=p.dtype)
+
+
+def _snapshot(opt: torch.optim.Optimizer, params: list[torch.Tensor]) -> list[Any]:
+    out: list[Any] = [p.detach().clone() for p in params]
+    for p in params:
+        for k in sorted(opt.state.get(p, {})):
+            v = opt.state[p][k]
+            out.append(v.detach().clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v))
+    for g in opt.param_groups:
+        out.append({k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in g.items() if k != "params"})
+    return out
+
+
+def _roundtrip(obj: Any, how: str) -> Any:
+    if how == "deepcopy":
+        return copy.deepcopy(obj)
+    if how == "pickle":
+        return pickle.loads(pickle.dumps(obj))
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)
+
+
+def test_every_class_is_covered() -> None:
+    classes = {n for n in fusedtrain.optim.__all__
+               if isinstance(getattr(fusedtrain.optim, n), type)
+               and issubclass(getattr(fusedtrain.optim, n), torch.optim.Optimizer)}
+    covered = set(REGISTRY) | set(OPTIMIZERS)
+    aliases = {n for n in classes - covered if any(getattr(fusedtrain.optim, n) is getattr(fusedtrain.optim, c)
+                                                   for c in covered)}
+    assert classes - covered - aliases == set(), "add the new optimizer classes to a hygiene registry"
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle", "torch_save"])
+@pytest.mark.parametrize("name", NAMES)
+def test_copies_keep_options_and_step_like_the_original(name: str, how: str) -> None:
+    params = _params(name)
+    opt = _make(name, params, max_grad_norm=0.5)
+    for i in range(2):
+        _grads(params, i)
+        opt.step()
+    params2, opt2 = _roundtrip((params, opt), how)
+    # torch.optim.Optimizer.__setstate__ adds 'differentiable' (False) where a class has no such option
+    def options(d: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in d.items() if k != "params" and not (k == "differentiable" and v is False)}
+
+    assert options(opt2.defaults) == options(opt.defaults)
+    assert [options(g) for g in opt2.param_groups] == [options(g) for g in opt.param_groups]
+    for attr in ("max_grad_norm", "master_weights", "stochastic_rounding", "state_dtype", "l1"):
+        assert getattr(opt2, attr, None) == getattr(opt, attr, None), attr
+    for i in range(2, 5):
+        _grads(params, i)
+        _grads(params2, i)
+        opt.step()
+        opt2.step()
+    assert_same_values(_snapshot(opt, params), _snapshot(opt2, params2), "copy vs original")
+
+
+class _SfAdamWLoop(torch.optim.Optimizer):
+    """schedulefree.AdamWScheduleFree's for-loop step (train mode) on an unmodified copy of each gradient:
+    schedulefree normalizes p.grad in place, so its second visit of a parameter listed twice would see the
+    normalized gradient; fusedtrain leaves gradients alone."""
+
+    def __init__(self, params: Any, lr: float, warmup_steps: int, weight_decay: float) -> None:
+        super().__init__(params, dict(lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay, r=0.0,
+                                      k=0, warmup_steps=warmup_steps, weight_lr_power=2.0, lr_max=0.0,
+                                      weight_sum=0.0))
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:  # type: ignore[override]
+        for group in self.param_groups:
+            k, beta1, beta2 = group["k"], *group["betas"]
+            lr = group["lr"] * ((k + 1) / group["warmup_steps"] if k < group["warmup_steps"] else 1.0)
+            lr_max = group["lr_max"] = max(lr, group["lr_max"])
+            weight = ((k + 1) ** group["r"]) * (lr_max ** group["weight_lr_power"])
+            weight_sum = group["weight_sum"] = group["weight_sum"] + weight
+            ckp1 = weight / weight_sum if weight_sum else 0.0
+            for p in group["params"]:
+                state = self.state[p]
+                if "z" not in state:
+                    state["z"], state["exp_avg_sq"] = p.clone(), torch.zeros_like(p)
+                state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                denom = state["exp_avg_sq"].div(1 - beta2 ** (k + 1)).sqrt_().add_(group["eps"])
+                g = p.grad.div(denom)
+                if group["weight_decay"] != 0:
+                    g.add_(p, alpha=group["weight_decay"])
+                p.lerp_(end=state["z"], weight=ckp1)
+                p.add_(g, alpha=lr * (beta1 * (1 - ckp1) - 1))
+                state["z"].sub_(g, alpha=lr)
+            group["k"] = k + 1
+
+
+def test_sf_adamw_loop_is_schedulefree_without_duplicates() -> None:
+    """The stand-in reference above equals schedulefree on distinct parameters (to rounding)."""
+    runs = []
+    for cls in (_SfAdamWLoop, lambda ps, **kw: schedulefree.AdamWScheduleFree(ps, foreach=False, **kw)):
+        ps = _params("ScheduleFreeAdamW")
+        opt = cls(ps, lr=1e-2, warmup_steps=2, weight_decay=0.01)
+        if hasattr(opt, "train"):
+            opt.train()
+        for i in range(4):
+            _grads(ps, 20 + i)
+            opt.step()
+        runs.append([p.detach().clone() for p in ps])
+    torch.testing.assert_close(runs[0], runs[1], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_duplicate_parameter_gives_the_reference_result(name: str) -> None:
+    """A parameter listed twice in a group: torch warns, and for-loop optimizers update it twice per step.
+    fusedtrain gives the reference implementation's result (Muon, whose bfloat16 Newton-Schulz torch runs
+    cannot be matched bit for bit: the same class stepping the parameter twice per step with one gradient)."""
+    overrides: dict[str, Any] = {}
+    if name == "Lamb":
+        # fusedtrain counts LAMB's steps per parameter, timm per group (documented in lamb.py): a parameter
+        # listed twice takes two steps of its own; without bias correction the counters do not matter
+        overrides = dict(bias_correction=False)
+    if name == "ScheduleFreeSGD":
+        # schedulefree's SGD adds the weight decay to p.grad in place (its second visit of a duplicate sees
+        # the decayed gradient); fusedtrain leaves gradients alone
+        overrides = dict(weight_decay=0.0)
+    runs = []
+    for side in ("ours", "reference"):
+        p = _params(name)[0]
+        q = _params(name, seed=1)[2]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the duplicate warning; the result is what is tested
+            if side == "ours":
+                opt = _make(name, [{"params": [p, q, p]}], **overrides)
+            elif name == "ScheduleFreeAdamW":
+                opt = _SfAdamWLoop([{"params": [p, q, p]}], **REGISTRY[name][0])
+            elif REGISTRY[name][1] is not None:
+                opt = _reference(name, [{"params": [p, q, p]}], **overrides)
+            else:
+                opt = _make(name, [{"params": [p, q]}], **overrides)
+        for i in range(3):
+            _grads([p, q], 10 + i)
+            opt.step()
+            if side == "reference" and REGISTRY[name][1] is None:
+                q.grad = None
+                opt.step()  # p's second update of the step, with the same gradient
+        runs.append([p.detach().clone(), q.detach().clone()])
+    torch.testing.assert_close(runs[0], runs[1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_expanded_parameter_is_refused_before_anything_changes(name: str) -> None:
+    params = _params(name)
+    expanded = torch.randn(1, 6).expand(5, 6).requires_grad_()
+    opt = _make(name, [{"params": params[:2]}, {"params": params[2:] + [expanded]}])
+    _grads(params, 0)
+    opt.step()
+    _grads(params, 1)
+    expanded.grad = torch.randn(5, 6)
+    everything = params + [expanded]
+    before = _snapshot(opt, everything)
+    with pytest.raises((RuntimeError, ValueError)):
+        opt.step()
+    assert_same_values(before, _snapshot(opt, everything), "after the refused step")
+
+
+_GROUP_1_PARAM_0 = (re.compile(r"group\S*\s*\[?\s*1\b", re.IGNORECASE),
+                    re.compile(r"param\w*'?\]?\s*\[?\s*0\b", re.IGNORECASE))
+
+
+@pytest.mark.parametrize("change", ["dtype", "shape", "sparse"])
+@pytest.mark.parametrize("name", NAMES)
+def test_changed_gradient_is_refused_before_any_group(name: str, change: str) -> None:
+    """After two steps (the checks are cached), a gradient of another dtype or shape, or a sparse one, in
+    the second group: refused before any group is updated; the dtype and shape messages name the group and
+    the parameter."""
+    params = _params(name)
+    opt = _make(name, [{"params": params[:2]}, {"params": params[2:]}])
+    for i in range(2):
+        _grads(params, i)
+        opt.step()
+    _grads(params, 2)
+    victim = opt.param_groups[1]["params"][0]
+    if change == "dtype":
+        victim.grad.data = victim.grad.data.double()
+    elif change == "shape":
+        victim.grad.data = torch.randn(victim.numel() + 3)
+    else:
+        victim.grad = victim.grad.to_sparse()
+    before = _snapshot(opt, params)
+    with pytest.raises(RuntimeError) as err:
+        opt.step()
+    if change != "sparse":
+        assert all(r.search(str(err.value)) for r in _GROUP_1_PARAM_0), str(err.value)
+    else:
+        assert "sparse" in str(err.value)
+    assert_same_values(before, _snapshot(opt, params), "after the refused step")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_meta_parameters_step_like_the_reference_or_are_refused_clearly(name: str) -> None:
+    """Parameters on the meta device (model building): the step creates the reference's state keys, shapes
+    and dtypes, or (where the reference cannot step them either, or fusedtrain does not) a clear error that
+    says so."""
+    def run(make: Callable[[list[torch.Tensor]], torch.optim.Optimizer]) -> tuple[list[torch.Tensor], Any]:
+        with torch.device("meta"):
+            params = [nn.Parameter(torch.empty(s)) for s in ((7, 5), (6, 4))]
+        opt = make(params)
+        for _ in range(2):
+            for p in params:
+                p.grad = torch.empty_like(p)
+            opt.step()
+        return params, opt
+
+    try:
+        pa, a = run(lambda ps: _make(name, ps))
+    except (RuntimeError, NotImplementedError, ValueError) as e:
+        assert "meta" in str(e), str(e)
+        return
+    assert all(p.device.type == "meta" for p in pa)
+    if REGISTRY[name][1] is None:
+        return
+    pb, b = run(lambda ps: _reference(name, ps))
+    for x, y in zip(pa, pb):
+        assert set(a.state[x]) >= set(b.state[y]), (set(a.state[x]), set(b.state[y]))
+        for key, value in b.state[y].items():
+            if isinstance(value, torch.Tensor):
+                mine = a.state[x][key]
+                assert (mine.dtype, mine.shape) == (value.dtype, value.shape), key
