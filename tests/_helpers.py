@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import inspect
+import io
+import pickle
 from typing import Any
 
 import pytest
@@ -186,3 +188,15 @@ def assert_same_values(a: Any, b: Any, where: str = "") -> None:
             assert_same_values(x, y, f"{where}[{i}]")
     else:
         assert a == b, (where, a, b)
+
+
+def roundtrip(obj: Any, how: str) -> Any:
+    """``obj`` through ``copy.deepcopy``, ``pickle`` or ``torch.save`` / ``torch.load`` (``how``)."""
+    if how == "deepcopy":
+        return copy.deepcopy(obj)
+    if how == "pickle":
+        return pickle.loads(pickle.dumps(obj))
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)

@@ -8,8 +8,6 @@ fails when a new class is in neither this file's registry nor tests/_helpers.py'
 from __future__ import annotations
 
 import copy
-import io
-import pickle
 import re
 import warnings
 from collections.abc import Callable
@@ -20,7 +18,7 @@ import torch
 from torch import nn
 
 import fusedtrain
-from _helpers import OPTIMIZERS, assert_same_values
+from _helpers import OPTIMIZERS, assert_same_values, roundtrip
 
 timm_optim = pytest.importorskip("timm.optim")
 schedulefree = pytest.importorskip("schedulefree")
@@ -87,15 +85,6 @@ def _snapshot(opt: torch.optim.Optimizer, params: list[torch.Tensor]) -> list[An
     return out
 
 
-def _roundtrip(obj: Any, how: str) -> Any:
-    if how == "deepcopy":
-        return copy.deepcopy(obj)
-    if how == "pickle":
-        return pickle.loads(pickle.dumps(obj))
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=False)
 
 
 def test_every_class_is_covered() -> None:
@@ -116,7 +105,7 @@ def test_copies_keep_options_and_step_like_the_original(name: str, how: str) -> 
     for i in range(2):
         _grads(params, i)
         opt.step()
-    params2, opt2 = _roundtrip((params, opt), how)
+    params2, opt2 = roundtrip((params, opt), how)
     # torch.optim.Optimizer.__setstate__ adds 'differentiable' (False) where a class has no such option
     def options(d: dict[str, Any]) -> dict[str, Any]:
         return {k: v for k, v in d.items() if k != "params" and not (k == "differentiable" and v is False)}

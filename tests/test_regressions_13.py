@@ -5,9 +5,7 @@ parametrized family) per defect, each asserting what MUST happen. Defects 5 (CUD
 from __future__ import annotations
 
 import copy
-import io
 import math
-import pickle
 import re
 import warnings
 from collections.abc import Callable
@@ -19,7 +17,7 @@ from torch import nn
 
 import fusedtrain
 from _helpers import (OPTIMIZERS, assert_same_state, assert_same_values, clone_params, make_grads, make_params,
-                      set_grads, snapshot)
+                      roundtrip, set_grads, snapshot)
 
 
 # ================================================================================================ defect 1
@@ -216,15 +214,6 @@ _EXTRAS = {
 _STATEFUL = {"SGD": dict(momentum=0.9)}  # so that SGD has a state to carry
 
 
-def _roundtrip(obj: Any, how: str) -> Any:
-    if how == "deepcopy":
-        return copy.deepcopy(obj)
-    if how == "pickle":
-        return pickle.loads(pickle.dumps(obj))
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=False)
 
 
 def _round(model: nn.Module, opt: torch.optim.Optimizer, seed: int) -> None:
@@ -251,7 +240,7 @@ def test_defect_2_copies_keep_fusedtrain_options(name: str, extras: str, how: st
                                           **_STATEFUL.get(name, {}))
     for i in range(2):
         _round(model, opt, i)
-    model2, opt2 = _roundtrip((model, opt), how)
+    model2, opt2 = roundtrip((model, opt), how)
     for attr in ("max_grad_norm", "master_weights", "stochastic_rounding", "state_dtype"):
         assert getattr(opt2, attr) == getattr(opt, attr), attr
     assert opt2.defaults["l1"] == opt.defaults["l1"] and [g["l1"] for g in opt2.param_groups] == [1e-3]
@@ -285,7 +274,7 @@ def test_defect_2_optimizer_alone_copies_step_like_the_original(name: str, how: 
     opt = getattr(fusedtrain.optim, name)(model.parameters(), lr=1e-2, max_grad_norm=0.05, l1=1e-3,
                                           **_EXTRAS["master_weights_state_dtype"], **_STATEFUL.get(name, {}))
     _round(model, opt, 0)
-    opt2 = _roundtrip(opt, how)
+    opt2 = roundtrip(opt, how)
     params = list(model.parameters())
     params2 = [p for g in opt2.param_groups for p in g["params"]]
     assert opt2.max_grad_norm == 0.05 and opt2.master_weights and opt2.state_dtype == torch.bfloat16
