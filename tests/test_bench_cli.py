@@ -195,3 +195,16 @@ def test_noise_warnings(monkeypatch: pytest.MonkeyPatch) -> None:
     lines = noise_warnings([steady, *rows], 0.0, 0.0, threads=2)
     assert len(lines) == 1, lines
     assert lines[0].startswith("warning: 6 of 7 rows are noisy") and "worst 1.80: optim, case 5" in lines[0]
+
+
+def test_quick_times_a_few_optimizers_unless_told(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--quick keeps the optim family under a minute on an idle CPU: four optimizers, unless --optimizers."""
+    from fusedtrain.bench import optim as optim_bench
+
+    seen: list[list[str] | None] = []
+    monkeypatch.setattr(optim_bench, "run", lambda device, sets, optimizers, *a, **k: seen.append(optimizers) or [])
+    monkeypatch.setattr(cli, "measure_bandwidth", lambda device, quick=False: 1.0)
+    assert cli.main(["--device", "cpu", "--quick", "--family", "optim", "--no-progress"]) == 0
+    assert cli.main(["--device", "cpu", "--quick", "--family", "optim", "--optimizers", "Rprop", "--no-progress"]) == 0
+    assert cli.main(["--device", "cpu", "--family", "optim", "--no-progress"]) == 0
+    assert seen == [optim_bench.QUICK_OPTIMIZERS, ["Rprop"], None]

@@ -46,7 +46,8 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"comma-separated optimizers: {', '.join(optim_bench.OPTIMIZERS)}")
     p.add_argument("--quick", action="store_true",
                    help="a first look: 5 timed calls per row after 1 warm-up, one parameter set (resnet50), "
-                        "fewer host cases, smaller dropout tensors, tiny train models")
+                        f"the optimizers {', '.join(optim_bench.QUICK_OPTIMIZERS)} (unless --optimizers), fewer "
+                        "host cases, smaller dropout tensors, tiny train models")
     p.add_argument("--full", action="store_true",
                    help="every parameter set of every family (on a CPU the default is one set per family)")
     p.add_argument("--reps", type=int, default=None, help="timed repetitions per row")
@@ -101,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     device = _device(args.device)
     sets = _split(args.sizes, optim_bench.PARAM_SETS, "parameter set")
     optimizers = _split(args.optimizers, optim_bench.OPTIMIZERS, "optimizer")
+    if optimizers is None and args.quick:
+        optimizers = list(optim_bench.QUICK_OPTIMIZERS)
     _check_output(args.json_path, "--json")
     _check_output(args.plot_path, "--plot")
     if args.plot_path:
