@@ -350,3 +350,23 @@ def test_overlapping_parameter_is_named_and_nothing_changes() -> None:
     with pytest.raises(RuntimeError, match=r"param_groups\[0\]\['params'\]\[1\] has internally overlapping"):
         opt.step()
     assert torch.equal(good, before) and len(opt.state) == 0
+
+
+def test_cached_plan_reads_fresh_gradients_and_refuses_a_sparse_one() -> None:
+    """The second step reuses the first one's lists (same parameters with gradients): new gradient tensors
+    are read, and a gradient that turned sparse is refused with torch's message before any write."""
+    torch.manual_seed(9)
+    pa = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(6))]
+    pb = _clone(pa)
+    a = fusedtrain.optim.Adafactor(pa, lr=0.05)
+    b = torch.optim.Adafactor(pb, lr=0.05, foreach=False)
+    _run([(a, pa), (b, pb)], 3)
+    for x, y in zip(pa, pb):
+        _scaled_close(x, y, **TOL[torch.float32])
+    before = [p.detach().clone() for p in pa]
+    pa[0].grad = torch.randn(4, 3)
+    pa[1].grad = torch.randn(6).to_sparse()
+    with pytest.raises(RuntimeError, match="Adafactor does not support sparse gradients"):
+        a.step()
+    assert all(torch.equal(p, q) for p, q in zip(pa, before))
+    assert all(float(a.state[p]["step"]) == 3.0 for p in pa)

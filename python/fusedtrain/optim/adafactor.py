@@ -53,7 +53,7 @@ class _Call:
     variances: list[Tensor] = field(default_factory=list)
     steps: list[Tensor] = field(default_factory=list)
     positions: list[int] = field(default_factory=list)
-    eps1: float = 0.0
+    eps_dtype: torch.dtype | None = None  # the dtype whose finfo.eps is eps1 when the group's eps1 is None
 
 
 def _grad(p: Tensor) -> Tensor:
@@ -123,6 +123,7 @@ class Adafactor(_torch_adafactor):  # type: ignore[misc,valid-type]
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         self.ema = ema
         self.last_grad_norm: Tensor | None = None
+        self._plans: dict[int, tuple[Any, ...]] = {}  # group index -> _plan's cached lists
         super().__init__(params, lr, beta2_decay, eps, d, weight_decay, foreach=foreach, maximize=maximize)
 
     @torch.no_grad()
@@ -144,7 +145,7 @@ class Adafactor(_torch_adafactor):  # type: ignore[misc,valid-type]
         found_inf: Tensor | None = getattr(self, "found_inf", None)
         created: list[Tensor] = []  # parameters whose state this step made: dropped again if the step is refused
         try:
-            plans = [self._collect(gi, group, created) for gi, group in enumerate(self.param_groups)]
+            plans = [self._plan(gi, group, created) for gi, group in enumerate(self.param_groups)]
             calls = [(group, call) for group, (group_calls, _, _) in zip(self.param_groups, plans)
                      for call in group_calls]
             if len(calls) > 1:  # the op's own checks of every call before the first one writes
@@ -181,9 +182,31 @@ class Adafactor(_torch_adafactor):  # type: ignore[misc,valid-type]
         return loss
 
     def _drop(self, created: list[Tensor]) -> None:
-        """Forget the state a refused or skipped step made (it mutates nothing)."""
+        """Forget the state a refused or skipped step made (it mutates nothing), and the cached plans."""
         for p in created:
             self.state.pop(p, None)
+        self.__dict__.setdefault("_plans", {}).clear()
+
+    def _plan(self, gi: int, group: dict[str, Any], created: list[Tensor]
+              ) -> tuple[list[_Call], list[Tensor], list[Tensor]]:
+        """_collect's result for a group, reused while the same parameters have gradients (the per-parameter
+        Python checks cost more than the kernels on thousands of small tensors): only the gradients are
+        read again (the op checks them; a sparse one is refused by torch's message). Rebuilt when the
+        group's parameters, which of them have gradients, or the state (load_state_dict) change."""
+        params = group["params"]
+        grads = [p.grad for p in params]
+        key = (len(params), tuple(g is not None for g in grads))
+        plans = self.__dict__.setdefault("_plans", {})
+        cached = plans.get(gi)
+        if cached is not None and cached[0] is params and cached[1] == key and cached[2] is self.state \
+                and len(self.state) == cached[3]:
+            calls, others, meta = cached[4]
+            for call in calls:
+                call.grads = [grads[i] for i in call.positions]
+            return calls, others, meta
+        plan = self._collect(gi, group, created)
+        plans[gi] = (params, key, self.state, len(self.state), plan)
+        return plan
 
     def _collect(self, gi: int, group: dict[str, Any], created: list[Tensor]
                  ) -> tuple[list[_Call], list[Tensor], list[Tensor]]:
@@ -195,7 +218,7 @@ class Adafactor(_torch_adafactor):  # type: ignore[misc,valid-type]
         others: list[Tensor] = []
         meta: list[Tensor] = []
         states = self.state
-        eps1 = group["eps"][0]
+        first_dtype: torch.dtype | None = None
         for pos, p in enumerate(group["params"]):
             grad = p.grad
             if grad is None:
@@ -216,8 +239,8 @@ class Adafactor(_torch_adafactor):  # type: ignore[misc,valid-type]
                 raise ZeroDivisionError(f"float division by zero: fusedtrain.optim.Adafactor: {where(gi, pos)} is "
                                         "empty, and Adafactor divides by a parameter's size (torch.optim.Adafactor "
                                         "raises this too); nothing was updated")
-            if eps1 is None:  # torch's for-loop resolves it once, from the first parameter it steps
-                eps1 = torch.finfo(dtype).eps
+            if first_dtype is None:  # torch's for-loop resolves eps1=None once, from the first parameter it steps
+                first_dtype = dtype
             if device != "cpu":
                 others.append(p)
                 continue
@@ -249,7 +272,7 @@ class Adafactor(_torch_adafactor):  # type: ignore[misc,valid-type]
             else:
                 call.variances.append(state["variance"])
         for call in calls.values():
-            call.eps1 = eps1
+            call.eps_dtype = first_dtype
         return list(calls.values()), others, meta
 
     def _run(self, group: dict[str, Any], call: _Call, inv_scale: float, clip: float, check_only: bool = False
@@ -257,13 +280,18 @@ class Adafactor(_torch_adafactor):  # type: ignore[misc,valid-type]
         """The op on one call's lists; an error of its checks is named by check_param where it can be."""
         lr = _to_scalar(group["lr"])  # torch's scalars, with its types (a tensor lr stays a tensor here)
         weight_decay = group["weight_decay"]
+        eps1 = group["eps"][0]
+        if eps1 is None:
+            eps1 = torch.finfo(call.eps_dtype).eps
         try:
             torch.ops.fusedtrain.adafactor_(
                 call.params, call.grads, call.row_vars, call.col_vars, call.variances, call.steps,
-                float(group["beta2_decay"]), float(call.eps1), float(group["eps"][1]), float(lr),
+                float(group["beta2_decay"]), float(eps1), float(group["eps"][1]), float(lr),
                 float(1 - lr * weight_decay), weight_decay != 0, float(group["d"]), bool(group["maximize"]),
                 inv_scale, clip, check_only)
-        except RuntimeError:
+        except (RuntimeError, NotImplementedError) as error:  # name the culprit (a sparse gradient dispatches away)
+            if any(g.is_sparse for g in call.grads):
+                raise RuntimeError("Adafactor does not support sparse gradients") from error
             for p, pos in zip(call.params, call.positions):
                 check_param(self._opt_name, p, where(call.group_index, pos))
             raise
