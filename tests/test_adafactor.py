@@ -264,7 +264,10 @@ def test_groups_dtypes_and_parameters_without_grad() -> None:
           torch.randn(9, dtype=torch.float64), torch.randn(2, 2)]
     pa = [p.requires_grad_() for p in pa]
     pb = _clone(pa)
-    groups = lambda ps: [dict(params=ps[:3], lr=0.03), dict(params=ps[3:], weight_decay=0.1)]  # noqa: E731
+
+    def groups(ps: list[torch.Tensor]) -> list[dict[str, Any]]:
+        return [dict(params=ps[:3], lr=0.03), dict(params=ps[3:], weight_decay=0.1)]
+
     a = fusedtrain.optim.Adafactor(groups(pa))
     b = torch.optim.Adafactor(groups(pb), foreach=False)
     for step in range(5):
