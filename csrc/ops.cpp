@@ -48,13 +48,18 @@ TORCH_LIBRARY(fusedtrain, m) {
         "Tensor? found_inf=None) -> ()");
   // The vector norm of all tensors together (one device, one dtype): float32 (float64 for float64 input).
   m.def("total_norm(Tensor[] tensors, float norm_type) -> Tensor");
-  // One parameter's torch.optim.Adafactor step in three sweeps (Note [Adafactor passes] in
-  // include/fusedtrain/adafactor.h): row_var / col_var for >= 2-D params, variance otherwise; the host's
-  // per-step scalars (step ** beta2_decay, eps1, eps2, rho, 1 - lr*wd, d) as torch computes them in Python;
-  // inv_scale / clip_coef: GradScaler's and max_grad_norm's factors on the gradient (1: unused).
-  m.def("adafactor_(Tensor(a!) param, Tensor grad, Tensor(b!)? row_var, Tensor(c!)? col_var, Tensor(d!)? variance, "
-        "float one_minus_beta2, float eps1, float eps2, float rho, float decay, bool apply_decay, float d, "
-        "bool maximize, float inv_scale=1.0, float clip_coef=1.0) -> ()");
+  // torch.optim.Adafactor's step of one param group's tensors of one dtype (Note [Adafactor passes] and
+  // [Adafactor blocks], include/fusedtrain/adafactor.h and cpu/optim_adafactor.cpp): row_vars / col_vars
+  // hold one entry per >= 2-D param, variances one per 0-D / 1-D param, each in params order; state_steps
+  // one per param, advanced by the op, which derives each tensor's step ** beta2_decay and
+  // min(lr, step ** -0.5) from them as torch does in Python. decay = 1 - lr*weight_decay (applied when
+  // apply_decay); eps1 resolved by the caller (torch: the first parameter's finfo(dtype).eps when None);
+  // inv_scale / clip_coef: GradScaler's and max_grad_norm's factors on the gradient (1: unused);
+  // check_only: run every check and write nothing (Note [optimizer op conventions]).
+  m.def("adafactor_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] row_vars, Tensor(c!)[] col_vars, "
+        "Tensor(d!)[] variances, Tensor(e!)[] state_steps, float beta2_decay, float eps1, float eps2, float lr, "
+        "float decay, bool apply_decay, float d, bool maximize, float inv_scale=1.0, float clip_coef=1.0, "
+        "bool check_only=False) -> ()");
 
   // ---- Regularization (issue 4): dropout family and penalty. ----
   // Note [dropout op conventions]: `seed` is a one-element int64 tensor, on the CPU (read by the host) or on

@@ -212,9 +212,164 @@ def test_cuda_parameters_run_torchs_implementation() -> None:
 def test_opcheck() -> None:
     """The op's schema (what it mutates), fake kernel and dispatch, checked by torch.library.opcheck."""
     op = torch.ops.fusedtrain.adafactor_.default
-    p, g = torch.randn(4, 6), torch.randn(4, 6)
-    scalars = (0.5, 1e-7, 1e-3, 0.01, 0.999, True, 1.0, False)
-    torch.library.opcheck(op, (p, g, torch.rand(4, 1), torch.rand(1, 6), None) + scalars)
-    v = torch.randn(5)
-    torch.library.opcheck(op, (v.clone(), torch.randn(5), None, None, torch.rand(5)) + scalars,
-                          dict(inv_scale=0.25, clip_coef=0.5))
+    scalars = (-0.8, 1e-7, 1e-3, 0.01, 0.999, True, 1.0, False)
+    params = [torch.randn(4, 6), torch.randn(5), torch.randn(2, 3, 4)]
+    grads = [torch.randn_like(p) for p in params]
+    rows, cols = [torch.rand(4, 1), torch.rand(2, 3, 1)], [torch.rand(1, 6), torch.rand(2, 1, 4)]
+    steps = [torch.tensor(2.0) for _ in params]
+    torch.library.opcheck(op, (params, grads, rows, cols, [torch.rand(5)], steps) + scalars)
+    torch.library.opcheck(op, ([torch.randn(5)], [torch.randn(5)], [], [], [torch.rand(5)], [torch.tensor(0.0)])
+                          + scalars, dict(inv_scale=0.25, clip_coef=0.5))
+
+
+# ---- one op call per group (Note [Adafactor blocks] in csrc/cpu/optim_adafactor.cpp) ----
+
+#: shapes that take every block layout: vectors over one block and several, whole small slices (conv
+#: kernels), 1 x 1 slices, slices larger than a block (row blocks with partial column sums), batched
+#: large slices, a 0-dim and a one-element tensor
+MIXED: list[tuple[int, ...]] = [(70_001,), (300, 1000), (2, 150, 700), (64, 32, 3, 3), (256, 128, 3, 3),
+                                (129, 65, 1, 1), (300, 250, 1, 1), (5, 1, 7), (1, 1), (), (1,), (3,), (17, 3),
+                                (40, 3000), (9000, 8)]
+
+
+def _mixed(dtype: torch.dtype, shapes: list[tuple[int, ...]] = MIXED) -> list[torch.Tensor]:
+    ps = [torch.randn(s, dtype=torch.float64).to(dtype) for s in shapes]
+    ps.append(torch.randn(130, 90, dtype=torch.float64).to(dtype).t())  # not contiguous: copied and back
+    ps.append(torch.randn(80, 10, dtype=torch.float64).to(dtype)[::2, 1:])
+    return [p.requires_grad_() for p in ps]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_one_group_of_mixed_shapes_matches_torch(dtype: torch.dtype) -> None:
+    torch.manual_seed(6)
+    pa = _mixed(dtype)
+    pb = _clone(pa)
+    kw = dict(lr=0.02, weight_decay=0.05, maximize=True)
+    a = fusedtrain.optim.Adafactor(pa, **kw)
+    b = torch.optim.Adafactor(pb, foreach=False, **kw)
+    _run([(a, pa), (b, pb)], 4)
+    for x, y in zip(pa, pb):
+        _scaled_close(x, y, **TOL[dtype])
+        for key, value in a.state[x].items():
+            if key != "step":
+                _scaled_close(value, b.state[y][key], **TOL[dtype])
+        assert float(a.state[x]["step"]) == 4.0
+
+
+def test_groups_dtypes_and_parameters_without_grad() -> None:
+    """Two groups, float32 and float64 in one group (torch's for-loop resolves eps1=None from the first
+    parameter it steps, for the whole group), parameters skipped on some steps (their own step counts)."""
+    torch.manual_seed(7)
+    pa = [torch.randn(6, 5, dtype=torch.float64), torch.randn(7), torch.randn(3, 4),
+          torch.randn(9, dtype=torch.float64), torch.randn(2, 2)]
+    pa = [p.requires_grad_() for p in pa]
+    pb = _clone(pa)
+
+    def groups(ps: list[torch.Tensor]) -> list[dict[str, Any]]:
+        return [dict(params=ps[:3], lr=0.03), dict(params=ps[3:], weight_decay=0.1)]
+
+    a = fusedtrain.optim.Adafactor(groups(pa))
+    b = torch.optim.Adafactor(groups(pb), foreach=False)
+    for step in range(5):
+        for opt, ps in ((a, pa), (b, pb)):
+            torch.manual_seed(100 + step)
+            for i, p in enumerate(ps):
+                p.grad = None if (i == 2 and step % 2) else torch.randn(p.shape, dtype=p.dtype)
+            opt.step()
+    for x, y in zip(pa, pb):
+        _scaled_close(x, y, rtol=2e-6, atol=2e-6)
+        assert float(a.state[x]["step"]) == float(b.state[y]["step"])
+
+
+def test_threads_and_isa_do_not_change_results() -> None:
+    """Each block's sums are its own and combined in block order: one thread or two give the same bits;
+    every SIMD copy agrees with torch (the lanes of the double sums differ, so copies agree to rounding)."""
+    from fusedtrain import _build
+
+    torch.manual_seed(8)
+    lib = _build.library()
+    order = ["baseline", "avx2", "avx512"]
+    usable = order[: order.index(lib.cpu_isa_detected()) + 1]
+    original, threads = lib.cpu_isa(), torch.get_num_threads()
+    ref = _mixed(torch.float32)
+    grads = [torch.randn(p.shape) for p in ref]
+    try:
+        for isa in usable:
+            lib.set_cpu_isa(isa)
+            results = []
+            for n in (1, 2):
+                torch.set_num_threads(n)
+                ps = _clone(ref)
+                opt = fusedtrain.optim.Adafactor(ps, lr=0.05)
+                for _ in range(2):
+                    for p, g in zip(ps, grads):
+                        p.grad = g.clone()
+                    opt.step()
+                results.append(ps)
+            for x, y in zip(*results):
+                assert torch.equal(x, y), isa
+            pb = _clone(ref)
+            b = torch.optim.Adafactor(pb, lr=0.05, foreach=False)
+            for _ in range(2):
+                for p, g in zip(pb, grads):
+                    p.grad = g.clone()
+                b.step()
+            for x, y in zip(results[0], pb):
+                _scaled_close(x, y, **TOL[torch.float32])
+    finally:
+        lib.set_cpu_isa(original)
+        torch.set_num_threads(threads)
+
+
+def test_op_refuses_bad_lists_and_writes_nothing() -> None:
+    op = torch.ops.fusedtrain.adafactor_
+    p, v = torch.randn(5), torch.rand(5)
+    before = (p.clone(), v.clone())
+    step = torch.tensor(3.0)
+    scalars = (-0.8, 1e-7, 1e-3, 0.01, 1.0, False, 1.0, False)
+    with pytest.raises(RuntimeError, match="variances one per 0-D / 1-D param"):
+        op([p], [torch.randn(5)], [], [], [], [step], *scalars)
+    with pytest.raises(RuntimeError, match=r"grads\[0\] must match params\[0\]"):
+        op([p], [torch.randn(4)], [], [], [v], [step], *scalars)
+    with pytest.raises(RuntimeError, match=r"row_vars\[0\] must be a CPU Float tensor of shape \[3, 1\]"):
+        op([p, torch.randn(3, 4)], [torch.randn(5), torch.randn(3, 4)], [torch.rand(1, 4)], [torch.rand(1, 4)], [v],
+           [step, torch.tensor(0.0)], *scalars)
+    with pytest.raises(RuntimeError, match=r"state_steps\[0\] must be a one-element"):
+        op([p], [torch.randn(5)], [], [], [v], [torch.zeros(2)], *scalars)
+    assert torch.equal(p, before[0]) and torch.equal(v, before[1]) and float(step) == 3.0
+    op([p], [torch.randn(5)], [], [], [v], [step], *scalars, check_only=True)
+    assert torch.equal(p, before[0]) and float(step) == 3.0
+    opt = fusedtrain.optim.Adafactor([torch.nn.Parameter(torch.randn(3))])
+    opt.step()  # no gradients: no op call, no state
+    assert len(opt.state) == 0
+
+
+def test_overlapping_parameter_is_named_and_nothing_changes() -> None:
+    good = torch.nn.Parameter(torch.randn(3, 4))
+    bad = torch.nn.Parameter(torch.randn(1).expand(4))
+    before = good.detach().clone()
+    opt = fusedtrain.optim.Adafactor([good, bad])
+    good.grad, bad.grad = torch.randn(3, 4), torch.randn(4)
+    with pytest.raises(RuntimeError, match=r"param_groups\[0\]\['params'\]\[1\] has internally overlapping"):
+        opt.step()
+    assert torch.equal(good, before) and len(opt.state) == 0
+
+
+def test_cached_plan_reads_fresh_gradients_and_refuses_a_sparse_one() -> None:
+    """The second step reuses the first one's lists (same parameters with gradients): new gradient tensors
+    are read, and a gradient that turned sparse is refused with torch's message before any write."""
+    torch.manual_seed(9)
+    pa = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(6))]
+    pb = _clone(pa)
+    a = fusedtrain.optim.Adafactor(pa, lr=0.05)
+    b = torch.optim.Adafactor(pb, lr=0.05, foreach=False)
+    _run([(a, pa), (b, pb)], 3)
+    for x, y in zip(pa, pb):
+        _scaled_close(x, y, **TOL[torch.float32])
+    before = [p.detach().clone() for p in pa]
+    pa[0].grad = torch.randn(4, 3)
+    pa[1].grad = torch.randn(6).to_sparse()
+    with pytest.raises(RuntimeError, match="Adafactor does not support sparse gradients"):
+        a.step()
+    assert all(torch.equal(p, q) for p, q in zip(pa, before))
+    assert all(float(a.state[p]["step"]) == 3.0 for p in pa)

@@ -1,7 +1,22 @@
-// CPU driver of fusedtrain::adafactor_ (Note [Adafactor passes] in csrc/include/fusedtrain/adafactor.h):
-// three sweeps over one parameter, split into fixed row ranges, one per thread; every partial sum is a
-// double per range, combined in range order.
+// CPU driver of fusedtrain::adafactor_ (Note [Adafactor passes] in csrc/include/fusedtrain/adafactor.h).
+//
+// Note [Adafactor blocks]:
+// One call updates all tensors of a (param group, dtype). Every tensor is cut into blocks, fixed by its
+// shape alone: an unfactored (0-D / 1-D) tensor into ranges of kBlock elements; a factored one, seen as
+// `batches` slices of m x n, into whole slices (as many as fit in ~kBlock elements) when a slice is small,
+// else into row ranges of one slice (~kBlock elements, at least kMinRows rows). Three at::parallel_for
+// regions run over the blocks of all tensors, split by element count (Note [CPU work split] in
+// cpu_driver.h): 1. the sums of every block (and the row / column factors, Note [Adafactor passes]);
+// 2. the update's squared norm of the factored blocks; 3. the update. Each block writes its own partial
+// sums, combined per tensor in block order, so results do not depend on the number of threads. The
+// column sums of a block of whole slices are the slices' complete sums (their col_var and R are finished
+// by the block itself); the row-range blocks of a large slice keep one partial row of n sums each, added
+// up in block order by the host after region 1 (kMinRows keeps that extra traffic under ~1/32 of the
+// slice's). The inner loops are compiled for AVX-512, AVX2+FMA and the baseline ISA and picked at run
+// time (Note [CPU SIMD dispatch] in cpu_driver.h); they write per-element terms into small buffers that
+// separate `omp simd` loops sum (GCC leaves an in-order double reduction scalar otherwise).
 #include <ATen/Dispatch.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -10,197 +25,357 @@
 
 #include <algorithm>
 #include <cmath>
-#include <optional>
+#include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "fusedtrain/adafactor.h"
+#include "fusedtrain/cpu_isa.h"
 
 namespace fusedtrain {
 namespace cpu {
 namespace {
 
-using adafactor::Scalars;
+constexpr int64_t kBlock = 1 << 16;  // elements per block (about 256 KB of float32 g: L2-sized)
+constexpr int64_t kMinRows = 64;     // rows per block of a large slice, at least (see the Note)
+constexpr int64_t kChunk = 256;      // elements per buffered inner loop
+constexpr int64_t kGrain = 1 << 14;  // elements per parallel_for grain: smaller calls run on one thread
 
-// [0, n) in k nearly equal ranges; range r is [lo(r), lo(r + 1)).
-struct Ranges {
-  int64_t n, k;
-  int64_t lo(int64_t r) const { return n * r / k; }
+#define FT_AF_INLINE inline __attribute__((always_inline))
+
+// One tensor of the call, its state and its per-step scalars.
+template <typename S>
+struct Param {
+  using T = at::opmath_type<S>;
+  S* p;
+  const S* g;
+  S* row;   // factored: row_var (batches * m), col_var (batches * n), R per slice
+  S* col;
+  S* var;   // unfactored: variance
+  T* rmean;
+  int64_t numel, batches, m, n;  // factored: numel = batches * m * n; unfactored: m = n = 0
+  T w;                           // one_minus_beta2_t
+  double rho;
+  T step;                        // -alpha / denom, once the norms are known
 };
 
-Ranges ranges_for(int64_t n, int64_t work_per_item) {
-  constexpr int64_t kMinWork = 1 << 15;  // elements per range below which threads cost more than they give
-  const int64_t by_work = std::max<int64_t>(1, n * work_per_item / kMinWork);
-  return Ranges{n, std::max<int64_t>(1, std::min<int64_t>({n, static_cast<int64_t>(at::get_num_threads()), by_work}))};
-}
+// A block (Note [Adafactor blocks]): elements [lo, hi) of an unfactored tensor, rows [lo, hi) of a
+// factored one (whole slices when `whole`, else rows of one slice with partial column sums in col).
+struct Block {
+  int64_t param, lo, hi;
+  int64_t col_at;  // where its column sums start in the call's column storage (-1: none kept)
+  bool whole;
+  double* col;
+  double p_sq, u_sq;
+};
 
-template <typename F>
-void for_ranges(const Ranges& r, F&& f) {
-  if (r.k == 1) return f(int64_t(0));
-  at::parallel_for(0, r.k, 1, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) f(i);
-  });
-}
+template <typename S>
+struct Ctx {
+  using T = at::opmath_type<S>;
+  std::vector<Param<S>> params;
+  std::vector<Block> blocks;
+  T inv, coef, sign, eps1, eps1_sq, decay;
+};
 
-double sum(const std::vector<double>& v) {
+// col_var and R of slice b from its complete column sums cs (n doubles); row_var of the slice is updated.
+template <typename S>
+FT_AF_INLINE void finish_slice(const Ctx<S>& c, const Param<S>& t, int64_t b, const double* cs) {
+  using T = at::opmath_type<S>;
+  const int64_t m = t.m, n = t.n;
+  S* __restrict__ cv = t.col + b * n;
+  for (int64_t j = 0; j < n; ++j) {
+    cv[j] = static_cast<S>(math::lerp(static_cast<T>(cv[j]), adafactor::mean_square<S, T>(cs[j], m), t.w));
+  }
+  const S* __restrict__ rv = t.row + b * m;
   double acc = 0.0;
-  for (double x : v) acc += x;
-  return acc;
+  for (int64_t i = 0; i < m; ++i) acc += static_cast<double>(static_cast<T>(rv[i]));
+  t.rmean[b] = adafactor::row_mean<S, T>(acc, m, c.eps1);
 }
 
-// alpha / denom of torch's step: alpha = max(eps2, ||p|| / sqrt(numel)) * rho, denom = max(1, ||u|| /
-// (sqrt(numel) d)), the norms rounded to S as torch's .norm() returns them, the rest in double (Python).
-// Python's max(a, b) keeps a unless b > a (a NaN b gives a).
+// Region 1, unfactored: ||p||^2, variance <- lerp(variance, g*g, w), ||u||^2.
 template <typename S>
-double step_size(double p_sq, double u_sq, int64_t numel, double eps2, double rho, double d) {
+FT_AF_INLINE void unfactored_sums(const Ctx<S>& c, Block& blk) {
   using T = at::opmath_type<S>;
-  const double root = std::sqrt(static_cast<double>(numel));
-  const double p_rms = static_cast<double>(adafactor::rnd<S>(static_cast<T>(std::sqrt(p_sq)))) / root;
-  const double alpha = (p_rms > eps2 ? p_rms : eps2) * rho;
-  const double ratio = static_cast<double>(adafactor::rnd<S>(static_cast<T>(std::sqrt(u_sq)))) / (root * d);
-  const double denom = ratio > 1.0 ? ratio : 1.0;
-  return -alpha / denom;
-}
-
-template <typename S>
-void factored(S* p, const S* g, S* row_var, S* col_var, int64_t batches, int64_t m, int64_t n, const Scalars& s,
-              double eps2, double rho, double d) {
-  using T = at::opmath_type<S>;
-  using adafactor::rnd;
-  const T inv = T(s.inv_scale), coef = T(s.clip_coef), sign = T(s.sign);
-  const int64_t rows = batches * m;
-  const Ranges rr = ranges_for(rows, n);
-  // Pass 1: squared row sums, per-range squared column sums, squared norm of p.
-  std::vector<double> row_sq(rows), p_sq(rr.k, 0.0);
-  std::vector<std::vector<double>> col_sq(rr.k);
-  for_ranges(rr, [&](int64_t k) {
-    const int64_t r0 = rr.lo(k), r1 = rr.lo(k + 1);
-    if (r0 == r1) return;
-    const int64_t b0 = r0 / m, b1 = (r1 - 1) / m;
-    std::vector<double>& col = col_sq[k];
-    col.assign((b1 - b0 + 1) * n, 0.0);
-    double pk = 0.0;
-    for (int64_t r = r0; r < r1; ++r) {
-      const S* gr = g + r * n;
-      const S* pr = p + r * n;
-      double* cb = col.data() + (r / m - b0) * n;
-      double acc = 0.0, pacc = 0.0;
-      // (omp simd: the sums may be split into SIMD lanes, a fixed order: deterministic, and vectorized;
-      // without it GCC keeps an in-order floating-point reduction scalar)
-#pragma omp simd reduction(+ : acc, pacc)
-      for (int64_t j = 0; j < n; ++j) {
-        const double x = static_cast<double>(adafactor::grad<S, T>(gr[j], inv, coef, sign));
-        acc += x * x;
-        cb[j] += x * x;
-        const double y = static_cast<double>(static_cast<T>(pr[j]));
-        pacc += y * y;
-      }
-      row_sq[r] = acc;
-      pk += pacc;
-    }
-    p_sq[k] = pk;
-  });
-  // The factors (small): torch's vector_norm -> square_ -> div_, lerp_, then R = clamp(mean(row_var), eps1).
-  std::vector<double> col_total(batches * n, 0.0);
-  for (int64_t k = 0; k < rr.k; ++k) {
-    const int64_t r0 = rr.lo(k), r1 = rr.lo(k + 1);
-    if (r0 == r1) continue;
-    const int64_t b0 = r0 / m;
-    for (size_t i = 0; i < col_sq[k].size(); ++i) col_total[b0 * n + static_cast<int64_t>(i)] += col_sq[k][i];
-  }
-  const T w = T(s.one_minus_beta2);
-  auto mean_sq = [&](double sq, int64_t count) {
-    const T norm = rnd<S>(static_cast<T>(std::sqrt(sq)));
-    return rnd<S>(rnd<S>(norm * norm) / T(count));
-  };
-  for (int64_t r = 0; r < rows; ++r) {
-    row_var[r] = static_cast<S>(math::lerp(static_cast<T>(row_var[r]), mean_sq(row_sq[r], n), w));
-  }
-  for (int64_t c = 0; c < batches * n; ++c) {
-    col_var[c] = static_cast<S>(math::lerp(static_cast<T>(col_var[c]), mean_sq(col_total[c], m), w));
-  }
-  std::vector<T> row_mean(batches);
-  for (int64_t b = 0; b < batches; ++b) {
-    double acc = 0.0;
-    for (int64_t i = 0; i < m; ++i) acc += static_cast<double>(static_cast<T>(row_var[b * m + i]));
-    row_mean[b] = rnd<S>(adafactor::clamp_min(rnd<S>(static_cast<T>(acc / static_cast<double>(m))), T(s.eps1)));
-  }
-  const T eps1_sq = T(s.eps1_sq);
-  // Pass 2: the squared norm of the update.
-  std::vector<double> u_sq(rr.k, 0.0);
-  for_ranges(rr, [&](int64_t k) {
-    double acc = 0.0;
-    const int64_t r0 = rr.lo(k), r1 = rr.lo(k + 1);
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t b = r / m;
-      const T rv = static_cast<T>(row_var[r]), rm = row_mean[b];
-      const S* gr = g + r * n;
-      const S* cv = col_var + b * n;
-      double racc = 0.0;
-#pragma omp simd reduction(+ : racc)
-      for (int64_t j = 0; j < n; ++j) {
-        const T v = adafactor::factored_estimate<S>(rv, static_cast<T>(cv[j]), rm);
-        const T u = adafactor::update<S>(v, adafactor::grad<S, T>(gr[j], inv, coef, sign), eps1_sq);
-        racc += static_cast<double>(u) * static_cast<double>(u);
-      }
-      acc += racc;
-    }
-    u_sq[k] = acc;
-  });
-  const T step = T(step_size<S>(sum(p_sq), sum(u_sq), rows * n, eps2, rho, d));
-  const T decay = T(s.decay);
-  // Pass 3: the update.
-  for_ranges(rr, [&](int64_t k) {
-    const int64_t r0 = rr.lo(k), r1 = rr.lo(k + 1);
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t b = r / m;
-      const T rv = static_cast<T>(row_var[r]), rm = row_mean[b];
-      const S* gr = g + r * n;
-      const S* cv = col_var + b * n;
-      S* pr = p + r * n;
-      for (int64_t j = 0; j < n; ++j) {
-        const T v = adafactor::factored_estimate<S>(rv, static_cast<T>(cv[j]), rm);
-        const T u = adafactor::update<S>(v, adafactor::grad<S, T>(gr[j], inv, coef, sign), eps1_sq);
-        pr[j] = static_cast<S>(adafactor::apply<S>(static_cast<T>(pr[j]), u, decay, step));
-      }
-    }
-  });
-}
-
-template <typename S>
-void unfactored(S* p, const S* g, S* variance, int64_t numel, const Scalars& s, double eps2, double rho, double d) {
-  using T = at::opmath_type<S>;
-  using adafactor::rnd;
-  const T inv = T(s.inv_scale), coef = T(s.clip_coef), sign = T(s.sign), w = T(s.one_minus_beta2);
-  const T eps1_sq = T(s.eps1_sq);
-  const Ranges rr = ranges_for(numel, 1);
-  std::vector<double> p_sq(rr.k, 0.0), u_sq(rr.k, 0.0);
-  // Pass 1 (p's norm, before the decay) and pass 2 (variance.lerp_(g*g), the update's norm) in one sweep:
-  // the variance does not depend on p.
-  for_ranges(rr, [&](int64_t k) {
-    double pacc = 0.0, uacc = 0.0;
-    const int64_t i0 = rr.lo(k), i1 = rr.lo(k + 1);  // (hoisted: the stores could alias rr)
-#pragma omp simd reduction(+ : pacc, uacc)
-    for (int64_t i = i0; i < i1; ++i) {
+  const Param<S>& t = c.params[blk.param];
+  const S* __restrict__ p = t.p;
+  const S* __restrict__ g = t.g;
+  S* __restrict__ var = t.var;
+  const T inv = c.inv, coef = c.coef, sign = c.sign, w = t.w, eps1_sq = c.eps1_sq;
+  double pp[kChunk], uu[kChunk];
+  double pacc = 0.0, uacc = 0.0;
+  for (int64_t i0 = blk.lo; i0 < blk.hi; i0 += kChunk) {
+    const int64_t len = std::min(kChunk, blk.hi - i0);
+#pragma GCC ivdep
+    for (int64_t k = 0; k < len; ++k) {
+      const int64_t i = i0 + k;
       const double y = static_cast<double>(static_cast<T>(p[i]));
-      pacc += y * y;
+      pp[k] = y * y;
       const T x = adafactor::grad<S, T>(g[i], inv, coef, sign);
-      const T v = rnd<S>(math::lerp(static_cast<T>(variance[i]), rnd<S>(x * x), w));
-      variance[i] = static_cast<S>(v);
-      const T u = adafactor::update<S>(v, x, eps1_sq);
-      uacc += static_cast<double>(u) * static_cast<double>(u);
+      const T v = adafactor::rnd<S>(math::lerp(static_cast<T>(var[i]), adafactor::rnd<S>(x * x), w));
+      var[i] = static_cast<S>(v);
+      const double u = static_cast<double>(adafactor::update<S>(v, x, eps1_sq));
+      uu[k] = u * u;
     }
-    p_sq[k] = pacc;
-    u_sq[k] = uacc;
-  });
-  const T step = T(step_size<S>(sum(p_sq), sum(u_sq), numel, eps2, rho, d));
-  const T decay = T(s.decay);
-  for_ranges(rr, [&](int64_t k) {
-    const int64_t i0 = rr.lo(k), i1 = rr.lo(k + 1);  // (hoisted: the stores could alias rr)
-    for (int64_t i = i0; i < i1; ++i) {
-      const T x = adafactor::grad<S, T>(g[i], inv, coef, sign);
-      const T u = adafactor::update<S>(static_cast<T>(variance[i]), x, eps1_sq);
-      p[i] = static_cast<S>(adafactor::apply<S>(static_cast<T>(p[i]), u, decay, step));
+    double pa = 0.0, ua = 0.0;
+#pragma omp simd reduction(+ : pa, ua)
+    for (int64_t k = 0; k < len; ++k) {
+      pa += pp[k];
+      ua += uu[k];
     }
+    pacc += pa;
+    uacc += ua;
+  }
+  blk.p_sq = pacc;
+  blk.u_sq = uacc;
+}
+
+// Region 1, factored: ||p||^2, squared row sums (row_var updated per row) and column sums.
+template <typename S>
+FT_AF_INLINE void factored_sums(const Ctx<S>& c, Block& blk) {
+  using T = at::opmath_type<S>;
+  const Param<S>& t = c.params[blk.param];
+  const int64_t m = t.m, n = t.n;
+  const int64_t b0 = blk.lo / m, b1 = (blk.hi - 1) / m;
+  double* __restrict__ col = blk.col;
+  std::fill(col, col + (b1 - b0 + 1) * n, 0.0);
+  const T inv = c.inv, coef = c.coef, sign = c.sign;
+  double sq[kChunk], pp[kChunk];
+  double pacc = 0.0;
+  for (int64_t r = blk.lo; r < blk.hi; ++r) {
+    const S* __restrict__ gr = t.g + r * n;
+    const S* __restrict__ pr = t.p + r * n;
+    double* __restrict__ cb = col + (r / m - b0) * n;
+    double racc = 0.0;
+    for (int64_t j0 = 0; j0 < n; j0 += kChunk) {
+      const int64_t len = std::min(kChunk, n - j0);
+#pragma GCC ivdep
+      for (int64_t k = 0; k < len; ++k) {
+        const double x = static_cast<double>(adafactor::grad<S, T>(gr[j0 + k], inv, coef, sign));
+        const double y = static_cast<double>(static_cast<T>(pr[j0 + k]));
+        sq[k] = x * x;
+        pp[k] = y * y;
+        cb[j0 + k] += x * x;
+      }
+      double ra = 0.0, pa = 0.0;
+#pragma omp simd reduction(+ : ra, pa)
+      for (int64_t k = 0; k < len; ++k) {
+        ra += sq[k];
+        pa += pp[k];
+      }
+      racc += ra;
+      pacc += pa;
+    }
+    t.row[r] = static_cast<S>(math::lerp(static_cast<T>(t.row[r]), adafactor::mean_square<S, T>(racc, n), t.w));
+  }
+  blk.p_sq = pacc;
+  if (blk.whole) {
+    for (int64_t b = b0; b <= b1; ++b) finish_slice<S>(c, t, b, col + (b - b0) * n);
+  }
+}
+
+// Region 1, factored 1 x 1 slices (1x1 conv kernels): every element is its own slice, so the row and
+// column sums are its square and the loop runs over elements.
+template <typename S>
+FT_AF_INLINE void pointwise_sums(const Ctx<S>& c, Block& blk) {
+  using T = at::opmath_type<S>;
+  const Param<S>& t = c.params[blk.param];
+  const S* __restrict__ p = t.p;
+  const S* __restrict__ g = t.g;
+  S* __restrict__ row = t.row;
+  S* __restrict__ col = t.col;
+  T* __restrict__ rmean = t.rmean;
+  const T inv = c.inv, coef = c.coef, sign = c.sign, w = t.w, eps1 = c.eps1;
+  double pp[kChunk];
+  double pacc = 0.0;
+  for (int64_t i0 = blk.lo; i0 < blk.hi; i0 += kChunk) {
+    const int64_t len = std::min(kChunk, blk.hi - i0);
+#pragma GCC ivdep
+    for (int64_t k = 0; k < len; ++k) {
+      const int64_t i = i0 + k;
+      const double x = static_cast<double>(adafactor::grad<S, T>(g[i], inv, coef, sign));
+      const double y = static_cast<double>(static_cast<T>(p[i]));
+      pp[k] = y * y;
+      const T ms = adafactor::mean_square<S, T>(x * x, 1);
+      const S r = static_cast<S>(math::lerp(static_cast<T>(row[i]), ms, w));
+      row[i] = r;
+      col[i] = static_cast<S>(math::lerp(static_cast<T>(col[i]), ms, w));
+      rmean[i] = adafactor::row_mean<S, T>(static_cast<double>(static_cast<T>(r)), 1, eps1);
+    }
+    double pa = 0.0;
+#pragma omp simd reduction(+ : pa)
+    for (int64_t k = 0; k < len; ++k) pa += pp[k];
+    pacc += pa;
+  }
+  blk.p_sq = pacc;
+}
+
+// Region 2, factored: ||u||^2 of the block's rows.
+template <typename S>
+FT_AF_INLINE void factored_update_norm(const Ctx<S>& c, Block& blk) {
+  using T = at::opmath_type<S>;
+  const Param<S>& t = c.params[blk.param];
+  const int64_t m = t.m, n = t.n;
+  const T inv = c.inv, coef = c.coef, sign = c.sign, eps1_sq = c.eps1_sq;
+  double uu[kChunk];
+  double uacc = 0.0;
+  if (m == 1 && n == 1) {
+    const S* __restrict__ g = t.g;
+    const S* __restrict__ row = t.row;
+    const S* __restrict__ col = t.col;
+    const T* __restrict__ rmean = t.rmean;
+    for (int64_t i0 = blk.lo; i0 < blk.hi; i0 += kChunk) {
+      const int64_t len = std::min(kChunk, blk.hi - i0);
+#pragma GCC ivdep
+      for (int64_t k = 0; k < len; ++k) {
+        const int64_t i = i0 + k;
+        const T v = adafactor::factored_estimate<S>(static_cast<T>(row[i]), static_cast<T>(col[i]), rmean[i]);
+        const double u = static_cast<double>(
+            adafactor::update<S>(v, adafactor::grad<S, T>(g[i], inv, coef, sign), eps1_sq));
+        uu[k] = u * u;
+      }
+      double ua = 0.0;
+#pragma omp simd reduction(+ : ua)
+      for (int64_t k = 0; k < len; ++k) ua += uu[k];
+      uacc += ua;
+    }
+    blk.u_sq = uacc;
+    return;
+  }
+  for (int64_t r = blk.lo; r < blk.hi; ++r) {
+    const int64_t b = r / m;
+    const T rv = static_cast<T>(t.row[r]), rm = t.rmean[b];
+    const S* __restrict__ gr = t.g + r * n;
+    const S* __restrict__ cv = t.col + b * n;
+    for (int64_t j0 = 0; j0 < n; j0 += kChunk) {
+      const int64_t len = std::min(kChunk, n - j0);
+#pragma GCC ivdep
+      for (int64_t k = 0; k < len; ++k) {
+        const T v = adafactor::factored_estimate<S>(rv, static_cast<T>(cv[j0 + k]), rm);
+        const double u = static_cast<double>(
+            adafactor::update<S>(v, adafactor::grad<S, T>(gr[j0 + k], inv, coef, sign), eps1_sq));
+        uu[k] = u * u;
+      }
+      double ua = 0.0;
+#pragma omp simd reduction(+ : ua)
+      for (int64_t k = 0; k < len; ++k) ua += uu[k];
+      uacc += ua;
+    }
+  }
+  blk.u_sq = uacc;
+}
+
+// Region 3: p <- p * decay + step * u.
+template <typename S>
+FT_AF_INLINE void apply_block(const Ctx<S>& c, const Block& blk) {
+  using T = at::opmath_type<S>;
+  const Param<S>& t = c.params[blk.param];
+  const T inv = c.inv, coef = c.coef, sign = c.sign, eps1_sq = c.eps1_sq, decay = c.decay, step = t.step;
+  if (t.n == 0 || (t.m == 1 && t.n == 1)) {  // unfactored, or 1 x 1 slices: element-wise
+    S* __restrict__ p = t.p;
+    const S* __restrict__ g = t.g;
+    const S* __restrict__ var = t.var;
+    const S* __restrict__ row = t.row;
+    const S* __restrict__ col = t.col;
+    const T* __restrict__ rmean = t.rmean;
+    if (t.n == 0) {
+#pragma GCC ivdep
+      for (int64_t i = blk.lo; i < blk.hi; ++i) {
+        const T u = adafactor::update<S>(static_cast<T>(var[i]), adafactor::grad<S, T>(g[i], inv, coef, sign),
+                                         eps1_sq);
+        p[i] = static_cast<S>(adafactor::apply<S>(static_cast<T>(p[i]), u, decay, step));
+      }
+    } else {
+#pragma GCC ivdep
+      for (int64_t i = blk.lo; i < blk.hi; ++i) {
+        const T v = adafactor::factored_estimate<S>(static_cast<T>(row[i]), static_cast<T>(col[i]), rmean[i]);
+        const T u = adafactor::update<S>(v, adafactor::grad<S, T>(g[i], inv, coef, sign), eps1_sq);
+        p[i] = static_cast<S>(adafactor::apply<S>(static_cast<T>(p[i]), u, decay, step));
+      }
+    }
+    return;
+  }
+  const int64_t m = t.m, n = t.n;
+  for (int64_t r = blk.lo; r < blk.hi; ++r) {
+    const int64_t b = r / m;
+    const T rv = static_cast<T>(t.row[r]), rm = t.rmean[b];
+    const S* __restrict__ gr = t.g + r * n;
+    const S* __restrict__ cv = t.col + b * n;
+    S* __restrict__ pr = t.p + r * n;
+#pragma GCC ivdep
+    for (int64_t j = 0; j < n; ++j) {
+      const T v = adafactor::factored_estimate<S>(rv, static_cast<T>(cv[j]), rm);
+      const T u = adafactor::update<S>(v, adafactor::grad<S, T>(gr[j], inv, coef, sign), eps1_sq);
+      pr[j] = static_cast<S>(adafactor::apply<S>(static_cast<T>(pr[j]), u, decay, step));
+    }
+  }
+}
+
+template <typename S>
+FT_AF_INLINE void region1_body(const Ctx<S>& c, Block& blk) {
+  const Param<S>& t = c.params[blk.param];
+  if (t.n == 0) {
+    unfactored_sums<S>(c, blk);
+  } else if (t.m == 1 && t.n == 1) {
+    pointwise_sums<S>(c, blk);
+  } else {
+    factored_sums<S>(c, blk);
+  }
+}
+
+// The per-ISA copies (Note [CPU SIMD dispatch] in cpu_driver.h): the bodies above are always_inline, so
+// each copy is compiled, and vectorized, for its target.
+template <typename S>
+struct Kernels {
+  void (*region1)(const Ctx<S>&, Block&);
+  void (*region2)(const Ctx<S>&, Block&);
+  void (*region3)(const Ctx<S>&, const Block&);
+};
+
+#define FT_AF_COPIES(SUFFIX, ATTR)                                                                      \
+  template <typename S>                                                                                 \
+  ATTR void region1_##SUFFIX(const Ctx<S>& c, Block& b) { region1_body<S>(c, b); }                     \
+  template <typename S>                                                                                 \
+  ATTR void region2_##SUFFIX(const Ctx<S>& c, Block& b) { factored_update_norm<S>(c, b); }             \
+  template <typename S>                                                                                 \
+  ATTR void region3_##SUFFIX(const Ctx<S>& c, const Block& b) { apply_block<S>(c, b); }                \
+  template <typename S>                                                                                 \
+  Kernels<S> kernels_##SUFFIX() {                                                                       \
+    return Kernels<S>{&region1_##SUFFIX<S>, &region2_##SUFFIX<S>, &region3_##SUFFIX<S>};               \
+  }
+
+FT_AF_COPIES(baseline, )
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define FT_AF_X86 1
+FT_AF_COPIES(avx2, __attribute__((target("avx2,fma,f16c"))))
+FT_AF_COPIES(avx512, __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c"))))
+#endif
+
+template <typename S>
+Kernels<S> select_kernels() {
+#ifdef FT_AF_X86
+  switch (active_isa()) {
+    case Isa::kAvx512:
+      return kernels_avx512<S>();
+    case Isa::kAvx2:
+      return kernels_avx2<S>();
+    default:
+      break;
+  }
+#endif
+  return kernels_baseline<S>();
+}
+
+// Runs f(block) for the blocks `ids` (of sizes `size`), split across threads by element count: a range
+// [begin, end) of the running total takes the blocks that start in it (Note [CPU work split]).
+template <typename F>
+void for_blocks(const std::vector<int64_t>& ids, const std::vector<int64_t>& size, F&& f) {
+  std::vector<int64_t> start(ids.size() + 1, 0);
+  for (size_t i = 0; i < ids.size(); ++i) start[i + 1] = start[i] + size[ids[i]];
+  const int64_t total = start.back();
+  if (total == 0) return;
+  at::parallel_for(0, total, kGrain, [&](int64_t begin, int64_t end) {
+    size_t i = std::lower_bound(start.begin(), start.end() - 1, begin) - start.begin();
+    for (; i < ids.size() && start[i] < end; ++i) f(ids[i]);
   });
 }
 
@@ -208,58 +383,224 @@ void unfactored(S* p, const S* g, S* variance, int64_t numel, const Scalars& s, 
 struct Dense {
   at::Tensor original, work;
   explicit Dense(const at::Tensor& t) : original(t), work(t.contiguous()) {}
-  void finish() {
+  void finish() const {
     if (!work.is_same(original)) original.copy_(work);
   }
 };
 
-void adafactor_cpu(const at::Tensor& param, const at::Tensor& grad, const std::optional<at::Tensor>& row_var,
-                   const std::optional<at::Tensor>& col_var, const std::optional<at::Tensor>& variance,
-                   double one_minus_beta2, double eps1, double eps2, double rho, double decay, bool apply_decay,
-                   double d, bool maximize, double inv_scale, double clip_coef) {
-  TORCH_CHECK(param.device().is_cpu() && grad.device().is_cpu(), "fusedtrain.adafactor_: CPU tensors expected");
-  TORCH_CHECK(at::isFloatingType(param.scalar_type()) && grad.scalar_type() == param.scalar_type() &&
-                  grad.sizes() == param.sizes(),
-              "fusedtrain.adafactor_: param and grad must be floating tensors of one dtype and shape (got ",
-              param.scalar_type(), " ", param.sizes(), " and ", grad.scalar_type(), " ", grad.sizes(), ")");
-  TORCH_CHECK(param.numel() > 0, "fusedtrain.adafactor_: an empty parameter has no RMS (torch.optim.Adafactor "
-              "divides by zero on it too)");
-  const bool is_factored = param.dim() > 1;
-  auto check_state = [&](const std::optional<at::Tensor>& t, const char* name, std::vector<int64_t> shape) {
-    TORCH_CHECK(t.has_value() && t->defined() && t->scalar_type() == param.scalar_type() && t->device().is_cpu() &&
-                    t->sizes() == c10::IntArrayRef(shape),
-                "fusedtrain.adafactor_: ", name, " must be a ", param.scalar_type(), " tensor of shape ", shape);
-  };
-  // without weight decay torch skips the multiplication; by exactly 1 it changes nothing either
-  const Scalars s{one_minus_beta2, eps1, eps1 * eps1, apply_decay ? decay : 1.0, inv_scale, clip_coef,
-                  maximize ? -1.0 : 1.0};
-  Dense p(param);
-  const at::Tensor g = grad.contiguous();
-  if (is_factored) {
-    std::vector<int64_t> row_shape = param.sizes().vec(), col_shape = param.sizes().vec();
-    row_shape.back() = 1;
-    col_shape[col_shape.size() - 2] = 1;
-    check_state(row_var, "row_var", row_shape);
-    check_state(col_var, "col_var", col_shape);
-    const int64_t n = param.size(-1), m = param.size(-2);
-    const int64_t batches = param.numel() / (m * n);
-    Dense r(*row_var), c(*col_var);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param.scalar_type(), "adafactor_cpu", [&] {
-      factored<scalar_t>(p.work.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), r.work.data_ptr<scalar_t>(),
-                         c.work.data_ptr<scalar_t>(), batches, m, n, s, eps2, rho, d);
-    });
-    r.finish();
-    c.finish();
-  } else {
-    check_state(variance, "variance", param.sizes().vec());
-    Dense v(*variance);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param.scalar_type(), "adafactor_cpu", [&] {
-      unfactored<scalar_t>(p.work.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), v.work.data_ptr<scalar_t>(),
-                           param.numel(), s, eps2, rho, d);
-    });
-    v.finish();
+template <typename S>
+void run(std::vector<Dense>& ps, const std::vector<at::Tensor>& gs, std::vector<Dense>& rows,
+         std::vector<Dense>& cols, std::vector<Dense>& vars, const std::vector<double>& steps, double beta2_decay,
+         double eps1, double eps2, double lr, double decay, double d, double sign, double inv_scale,
+         double clip_coef) {
+  using T = at::opmath_type<S>;
+  Ctx<S> c;
+  c.inv = T(inv_scale);
+  c.coef = T(clip_coef);
+  c.sign = T(sign);
+  c.eps1 = T(eps1);
+  c.eps1_sq = T(eps1 * eps1);
+  c.decay = T(decay);
+  const size_t np = ps.size();
+  c.params.resize(np);
+  // Storage for the column sums of whole-slice blocks, the partial rows of large-slice blocks and R.
+  std::vector<int64_t> rmean_at(np, 0);
+  int64_t col_total = 0, rmean_total = 0;
+  size_t fi = 0, ui = 0;
+  for (size_t i = 0; i < np; ++i) {
+    Param<S>& t = c.params[i];
+    const at::Tensor& p = ps[i].work;
+    t.p = p.data_ptr<S>();
+    t.g = gs[i].data_ptr<S>();
+    t.numel = p.numel();
+    t.w = T(adafactor::one_minus_beta2(steps[i], beta2_decay));
+    t.rho = adafactor::rho(steps[i], lr);
+    t.row = t.col = t.var = nullptr;
+    t.rmean = nullptr;
+    if (p.dim() > 1) {
+      t.row = rows[fi].work.data_ptr<S>();
+      t.col = cols[fi].work.data_ptr<S>();
+      ++fi;
+      t.n = p.size(-1);
+      t.m = p.size(-2);
+      t.batches = t.numel / (t.m * t.n);
+      rmean_at[i] = rmean_total;
+      rmean_total += t.batches;
+      const int64_t target = std::max<int64_t>(kMinRows, (kBlock + t.n - 1) / t.n);
+      const int64_t rows_total = t.batches * t.m;
+      if (t.m == 1 && t.n == 1) {  // 1 x 1 slices: element blocks, no column sums kept
+        for (int64_t lo = 0; lo < rows_total; lo += kBlock) {
+          c.blocks.push_back(Block{int64_t(i), lo, std::min(rows_total, lo + kBlock), -1, true, nullptr, 0, 0});
+        }
+      } else if (t.m <= target) {  // whole slices
+        const int64_t per = (target / t.m) * t.m;
+        for (int64_t lo = 0; lo < rows_total; lo += per) {
+          c.blocks.push_back(Block{int64_t(i), lo, std::min(rows_total, lo + per), col_total + (lo / t.m) * t.n,
+                                   true, nullptr, 0, 0});
+        }
+        col_total += t.batches * t.n;
+      } else {  // rows of one slice each, ~target rows, one partial row of column sums per block
+        const int64_t k = (t.m + target - 1) / target;
+        for (int64_t b = 0; b < t.batches; ++b) {
+          for (int64_t q = 0; q < k; ++q) {
+            c.blocks.push_back(Block{int64_t(i), b * t.m + t.m * q / k, b * t.m + t.m * (q + 1) / k, col_total,
+                                     false, nullptr, 0, 0});
+            col_total += t.n;
+          }
+        }
+      }
+    } else {
+      t.var = vars[ui++].work.data_ptr<S>();
+      t.m = t.n = 0;
+      t.batches = 0;
+      for (int64_t lo = 0; lo < t.numel; lo += kBlock) {
+        c.blocks.push_back(Block{int64_t(i), lo, std::min(t.numel, lo + kBlock), -1, true, nullptr, 0, 0});
+      }
+    }
   }
-  p.finish();
+  std::unique_ptr<double[]> col_store(new double[std::max<int64_t>(col_total, 1)]);
+  std::unique_ptr<T[]> rmean_store(new T[std::max<int64_t>(rmean_total, 1)]);
+  for (size_t i = 0; i < np; ++i) {
+    if (c.params[i].n > 0) c.params[i].rmean = rmean_store.get() + rmean_at[i];
+  }
+  std::vector<int64_t> all, factored, block_size(c.blocks.size());
+  all.reserve(c.blocks.size());
+  for (size_t k = 0; k < c.blocks.size(); ++k) {
+    Block& b = c.blocks[k];
+    const Param<S>& t = c.params[b.param];
+    block_size[k] = (b.hi - b.lo) * std::max<int64_t>(t.n, 1);
+    all.push_back(int64_t(k));
+    if (t.n > 0) factored.push_back(int64_t(k));
+    if (b.col_at >= 0) b.col = col_store.get() + b.col_at;
+  }
+  const Kernels<S> kern = select_kernels<S>();
+  for_blocks(all, block_size, [&](int64_t k) { kern.region1(c, c.blocks[k]); });
+  // The large slices: column sums in block order, then col_var and R (small: n per block, m per slice).
+  std::vector<double> cs;
+  for (size_t k = 0; k < c.blocks.size();) {
+    const Block& b = c.blocks[k];
+    const Param<S>& t = c.params[b.param];
+    if (b.whole) {
+      ++k;
+      continue;
+    }
+    const int64_t slice = b.lo / t.m;
+    cs.assign(t.n, 0.0);
+    for (; k < c.blocks.size() && !c.blocks[k].whole && c.blocks[k].param == b.param &&
+           c.blocks[k].lo / t.m == slice;
+         ++k) {
+      const double* part = c.blocks[k].col;
+      for (int64_t j = 0; j < t.n; ++j) cs[j] += part[j];
+    }
+    finish_slice<S>(c, t, slice, cs.data());
+  }
+  for_blocks(factored, block_size, [&](int64_t k) { kern.region2(c, c.blocks[k]); });
+  // Each tensor's norms, its blocks' sums in block order, and its step size.
+  std::vector<double> p_sq(np, 0.0), u_sq(np, 0.0);
+  for (const Block& b : c.blocks) {
+    p_sq[b.param] += b.p_sq;
+    u_sq[b.param] += b.u_sq;
+  }
+  for (size_t i = 0; i < np; ++i) {
+    Param<S>& t = c.params[i];
+    t.step = T(adafactor::step_size<S, T>(p_sq[i], u_sq[i], t.numel, eps2, t.rho, d));
+  }
+  for_blocks(all, block_size, [&](int64_t k) { kern.region3(c, c.blocks[k]); });
+}
+
+// The value of a one-element step counter (float32 or float64, CPU), checked by the caller.
+double read_step(const at::Tensor& s) {
+  return s.scalar_type() == at::kDouble ? *s.data_ptr<double>() : static_cast<double>(*s.data_ptr<float>());
+}
+
+void write_step(const at::Tensor& s, double v) {
+  if (s.scalar_type() == at::kDouble) {
+    *s.data_ptr<double>() = v;
+  } else {
+    *s.data_ptr<float>() = static_cast<float>(v);
+  }
+}
+
+void adafactor_cpu(at::TensorList params, at::TensorList grads, at::TensorList row_vars, at::TensorList col_vars,
+                   at::TensorList variances, at::TensorList state_steps, double beta2_decay, double eps1,
+                   double eps2, double lr, double decay, bool apply_decay, double d, bool maximize, double inv_scale,
+                   double clip_coef, bool check_only) {
+  const size_t np = params.size();
+  TORCH_CHECK(grads.size() == np && state_steps.size() == np, "fusedtrain.adafactor_: grads (", grads.size(),
+              ") and state_steps (", state_steps.size(), ") must have one entry per param (", np, ")");
+  size_t nf = 0;
+  for (const at::Tensor& p : params) nf += p.dim() > 1 ? 1 : 0;
+  TORCH_CHECK(row_vars.size() == nf && col_vars.size() == nf && variances.size() == np - nf,
+              "fusedtrain.adafactor_: row_vars and col_vars must have one entry per >= 2-D param (", nf,
+              "), variances one per 0-D / 1-D param (", np - nf, "); got ", row_vars.size(), ", ",
+              col_vars.size(), ", ", variances.size());
+  if (np == 0) return;
+  const at::ScalarType dtype = params[0].scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
+              "fusedtrain.adafactor_: params must be float32, float64, float16 or bfloat16, got ", dtype);
+  size_t fi = 0, ui = 0;
+  auto check_state = [&](const at::Tensor& t, const char* name, size_t index, c10::IntArrayRef shape) {
+    TORCH_CHECK(t.defined() && t.scalar_type() == dtype && t.device().is_cpu() && t.sizes() == shape,
+                "fusedtrain.adafactor_: ", name, "[", index, "] must be a CPU ", dtype, " tensor of shape ",
+                shape, ", got ", t.defined() ? c10::str(t.scalar_type(), " ", t.sizes(), " on ", t.device())
+                                             : std::string("an undefined tensor"));
+  };
+  for (size_t i = 0; i < np; ++i) {
+    const at::Tensor& p = params[i];
+    const at::Tensor& g = grads[i];
+    TORCH_CHECK(p.device().is_cpu() && p.scalar_type() == dtype, "fusedtrain.adafactor_: params[", i,
+                "] must be a CPU ", dtype, " tensor like params[0], got ", p.scalar_type(), " on ", p.device());
+    TORCH_CHECK(g.device().is_cpu() && g.scalar_type() == dtype && g.sizes() == p.sizes(),
+                "fusedtrain.adafactor_: grads[", i, "] must match params[", i, "] (", dtype, " ", p.sizes(),
+                " on cpu), got ", g.scalar_type(), " ", g.sizes(), " on ", g.device());
+    TORCH_CHECK(p.numel() > 0, "fusedtrain.adafactor_: params[", i, "] is empty; Adafactor divides by a "
+                "parameter's size (torch.optim.Adafactor raises ZeroDivisionError on it)");
+    TORCH_CHECK(at::has_internal_overlap(p) != at::MemOverlap::Yes, "fusedtrain.adafactor_: params[", i,
+                "] has internally overlapping memory (e.g. an expanded tensor); make it a real tensor (.clone())");
+    const at::Tensor& s = state_steps[i];
+    TORCH_CHECK(s.device().is_cpu() && s.numel() == 1 &&
+                    (s.scalar_type() == at::kFloat || s.scalar_type() == at::kDouble),
+                "fusedtrain.adafactor_: state_steps[", i, "] must be a one-element float32 or float64 CPU tensor");
+    if (p.dim() > 1) {
+      std::vector<int64_t> row_shape = p.sizes().vec(), col_shape = p.sizes().vec();
+      row_shape.back() = 1;
+      col_shape[col_shape.size() - 2] = 1;
+      check_state(row_vars[fi], "row_vars", fi, row_shape);
+      check_state(col_vars[fi], "col_vars", fi, col_shape);
+      ++fi;
+    } else {
+      check_state(variances[ui], "variances", ui, p.sizes());
+      ++ui;
+    }
+  }
+  if (check_only) return;
+  // Every check passed: advance the counters (torch: step_t += 1 before anything else).
+  std::vector<double> steps(np);
+  for (size_t i = 0; i < np; ++i) {
+    const double s = read_step(state_steps[i]) + 1.0;
+    write_step(state_steps[i], s);
+    steps[i] = read_step(state_steps[i]);
+  }
+  std::vector<Dense> ps, rows, cols, vars;
+  std::vector<at::Tensor> gs;
+  ps.reserve(np);
+  gs.reserve(np);
+  for (size_t i = 0; i < np; ++i) {
+    ps.emplace_back(params[i]);
+    gs.push_back(grads[i].contiguous());
+  }
+  for (const at::Tensor& t : row_vars) rows.emplace_back(t);
+  for (const at::Tensor& t : col_vars) cols.emplace_back(t);
+  for (const at::Tensor& t : variances) vars.emplace_back(t);
+  // without weight decay torch skips the multiplication; by exactly 1 it changes nothing either
+  const double decay_used = apply_decay ? decay : 1.0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "adafactor_cpu", [&] {
+    run<scalar_t>(ps, gs, rows, cols, vars, steps, beta2_decay, eps1, eps2, lr, decay_used, d, maximize ? -1.0 : 1.0,
+                  inv_scale, clip_coef);
+  });
+  for (auto* list : {&ps, &rows, &cols, &vars}) {
+    for (const Dense& t : *list) t.finish();
+  }
 }
 
 }  // namespace

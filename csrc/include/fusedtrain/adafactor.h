@@ -1,17 +1,19 @@
-// Adafactor (Shazeer & Stern 2018) in torch.optim.Adafactor's parametrization, one parameter per call
-// (the fusedtrain::adafactor_ op, ops.cpp). The formulas here are shared by the drivers.
+// Adafactor (Shazeer & Stern 2018) in torch.optim.Adafactor's parametrization (the fusedtrain::adafactor_
+// op, ops.cpp: one call per (param group, dtype)). The formulas here are shared by the drivers: the CPU
+// driver (cpu/optim_adafactor.cpp, Note [Adafactor blocks]) only loads, calls these and stores.
 //
 // Note [Adafactor passes]:
 // torch's single-tensor step makes ~19 passes over a factored (>= 2-D) parameter: the row and column
 // norms of the gradient, the parameter's norm, the outer product row_var @ col_var materialized, then
 // div_, clamp_, rsqrt_, mul_ and norm over it, the weight decay and the update. The op makes three:
-//   1. read g and p: the squared row and column sums of g (one sweep, per-thread column partials) and the
-//      squared norm of p (alpha needs it before the decay);
-//   (the factors are tiny: row_var / col_var are updated on the host side of the op, in torch's order)
+//   1. read g and p: the squared row and column sums of g and the squared norm of p (alpha needs it
+//      before the decay); each row's row_var is updated as soon as its sum is complete, col_var and the
+//      slice's row mean R as soon as the slice's column sums are (Note [Adafactor blocks]);
 //   2. read g: the squared norm of the update u = g * rsqrt(max(r_i c_j / R, eps1^2)), recomputed per
 //      element from the factors (nothing m x n is written);
 //   3. read g and p, write p: p <- p*(1 - lr*wd) - alpha/denom * u.
-// An unfactored (0-D / 1-D) parameter: pass 1 reads p, pass 2 also updates its `variance`, pass 3 as above.
+// An unfactored (0-D / 1-D) parameter makes two: p's norm, the variance update and u's norm in one (the
+// variance does not depend on p), then the update (reading the variance again).
 //
 // Note [Adafactor rounding]:
 // Every quantity torch keeps in a tensor of the parameter's dtype S is rounded to S where torch's tensor op
@@ -21,20 +23,21 @@
 #pragma once
 
 #include <cmath>
+#include <cstdint>
 
 #include "fusedtrain/math.h"
 
 namespace fusedtrain {
 namespace adafactor {
 
-// The scalars of one parameter's step, computed by the host in double as torch computes them in Python.
-struct Scalars {
-  double one_minus_beta2;  // step ** beta2_decay
-  double eps1, eps1_sq;    // eps1 (clamp of the row mean) and eps1 * eps1 (clamp of the variance estimate)
-  double decay;            // 1 - lr * weight_decay (exactly 1 without weight decay)
-  double inv_scale, clip_coef;  // GradScaler's 1/scale and max_grad_norm's coefficient (1 when unused)
-  double sign;                  // -1 for maximize, else 1
-};
+// The per-parameter scalars of torch's step, from the step count after its increment, in double as torch
+// computes them in Python: one_minus_beta2_t = step ** beta2_decay, rho_t = min(lr, 1 / step ** 0.5)
+// (Python's min keeps its first argument unless the second is smaller).
+inline double one_minus_beta2(double step, double beta2_decay) { return std::pow(step, beta2_decay); }
+inline double rho(double step, double lr) {
+  const double r = 1.0 / std::pow(step, 0.5);
+  return r < lr ? r : lr;
+}
 
 // x rounded to the storage type S and back (Note [Adafactor rounding]).
 template <typename S, typename T>
@@ -76,6 +79,34 @@ FT_HD T factored_estimate(T row, T col, T row_mean) {
 template <typename S, typename T>
 FT_HD T apply(T p, T u, T decay, T step) {
   return rnd<S>(rnd<S>(p * decay) + step * u);
+}
+
+// row_mean / col_mean of torch's step from a squared sum over `count` elements: vector_norm (rounded to
+// S), square_, div_(count), each rounded to S. The sum itself is accumulated in double by the driver.
+template <typename S, typename T>
+FT_HD T mean_square(double sq, int64_t count) {
+  const T norm = rnd<S>(static_cast<T>(std::sqrt(sq)));
+  return rnd<S>(rnd<S>(norm * norm) / static_cast<T>(count));
+}
+
+// R = row_var.mean(dim=-2).clamp_(min=eps1) from the (double) sum of one slice's m updated row_var values.
+template <typename S, typename T>
+FT_HD T row_mean(double row_sum, int64_t m, T eps1) {
+  return rnd<S>(clamp_min(rnd<S>(static_cast<T>(row_sum / static_cast<double>(m))), eps1));
+}
+
+// -alpha / denom of torch's step, from the squared norms of p (before the decay) and of the update u:
+// alpha = max(eps2, ||p|| / sqrt(numel)) * rho, denom = max(1, ||u|| / (sqrt(numel) d)), the norms rounded
+// to S as torch's .norm() returns them, the rest in double (Python). Python's max(a, b) keeps a unless
+// b > a (a NaN b gives a).
+template <typename S, typename T>
+inline double step_size(double p_sq, double u_sq, int64_t numel, double eps2, double rho, double d) {
+  const double root = std::sqrt(static_cast<double>(numel));
+  const double p_rms = static_cast<double>(rnd<S>(static_cast<T>(std::sqrt(p_sq)))) / root;
+  const double alpha = (p_rms > eps2 ? p_rms : eps2) * rho;
+  const double ratio = static_cast<double>(rnd<S>(static_cast<T>(std::sqrt(u_sq)))) / (root * d);
+  const double denom = ratio > 1.0 ? ratio : 1.0;
+  return -alpha / denom;
 }
 
 }  // namespace adafactor

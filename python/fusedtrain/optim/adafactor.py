@@ -1,15 +1,17 @@
-"""Adafactor in three sweeps per parameter (Note [Adafactor passes] in csrc/include/fusedtrain/adafactor.h)."""
+"""Adafactor: one op call per param group and dtype, three sweeps per tensor (Note [Adafactor passes] and
+[Adafactor blocks] in csrc/include/fusedtrain/adafactor.h and csrc/cpu/optim_adafactor.cpp)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..clip import clip_coefficient, grads_norm
-from ._base import KeepsOptions, check_param, new_step, where
+from ._base import KeepsOptions, check_param, cpu_step, new_step, where
 
 __all__ = ["Adafactor"]
 
@@ -36,6 +38,24 @@ def _adafactor_fake(*args: object, **kwargs: object) -> None:
 _REFUSED = dict(capturable=False, l1=0.0, master_weights=False, stochastic_rounding=False, state_dtype=None)
 
 
+#: parameter dtypes the op updates (others get check_param's error)
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+@dataclass
+class _Call:
+    """The lists of one op call: one param group's CPU parameters of one dtype, with their state."""
+    group_index: int
+    params: list[Tensor] = field(default_factory=list)
+    grads: list[Tensor] = field(default_factory=list)
+    row_vars: list[Tensor] = field(default_factory=list)
+    col_vars: list[Tensor] = field(default_factory=list)
+    variances: list[Tensor] = field(default_factory=list)
+    steps: list[Tensor] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    eps_dtype: torch.dtype | None = None  # the dtype whose finfo.eps is eps1 when the group's eps1 is None
+
+
 def _grad(p: Tensor) -> Tensor:
     """The gradient of a parameter the step takes (one with a gradient)."""
     assert p.grad is not None
@@ -52,10 +72,12 @@ class Adafactor(KeepsOptions, _torch_adafactor):  # type: ignore[misc,valid-type
     :math:`\theta \leftarrow \theta(1-\eta\lambda) - \frac{\alpha_t}{\max(1, \mathrm{RMS}(u)/d)} u` with
     :math:`\alpha_t = \max(\epsilon_2, \mathrm{RMS}(\theta))\min(\eta, t^{-1/2})`.
 
-    Each step of a parameter is three sweeps over it in one fused CPU kernel (torch's single-tensor step
-    makes ~19): row/column sums and the parameter's norm, the update's norm, the update; the factors
-    follow torch's arithmetic and roundings (float32 to a few ulps, float64 to ~1e-15; Note [Adafactor
-    rounding]). CUDA parameters run torch's own implementation (no fused CUDA kernel yet).
+    A step is one op call per param group and dtype (all its CPU tensors, the step counters advanced in C++),
+    three sweeps over each factored tensor and two over a vector (torch's single-tensor step makes ~19):
+    row/column sums and the parameter's norm, the update's norm, the update; the work of all tensors is
+    split across threads in fixed blocks (results do not depend on the thread count). The factors follow
+    torch's arithmetic and roundings (float32 to a few ulps, float64 to ~1e-15; Note [Adafactor rounding]).
+    CUDA parameters run torch's own implementation (no fused CUDA kernel yet).
 
     Args:
         params, lr, beta2_decay, eps, d, weight_decay, foreach, maximize: as in torch.optim.Adafactor (same
@@ -101,11 +123,13 @@ class Adafactor(KeepsOptions, _torch_adafactor):  # type: ignore[misc,valid-type
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         self.ema = ema
         self.last_grad_norm: Tensor | None = None
+        self._plans: dict[int, tuple[Any, ...]] = {}  # group index -> _plan's cached lists
         super().__init__(params, lr, beta2_decay, eps, d, weight_decay, foreach=foreach, maximize=maximize)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """One Adafactor step (Note [Adafactor passes]); every check runs before the first write.
+        """One Adafactor step: one op call per (param group, dtype) (Note [Adafactor blocks]); every check
+        runs before the first write.
 
         Args:
             closure: a callable that re-evaluates the model and returns the loss (optional).
@@ -119,88 +143,158 @@ class Adafactor(KeepsOptions, _torch_adafactor):  # type: ignore[misc,valid-type
                 loss = closure()
         grad_scale: Tensor | None = getattr(self, "grad_scale", None)
         found_inf: Tensor | None = getattr(self, "found_inf", None)
-        plans = [self._collect(gi, group) for gi, group in enumerate(self.param_groups)]
-        if found_inf is not None and float(found_inf) != 0.0:
-            return loss  # GradScaler found an inf/NaN: the step is skipped
-        fused = [p for fused_params, _, _ in plans for p in fused_params]
+        created: list[Tensor] = []  # parameters whose state this step made: dropped again if the step is refused
+        try:
+            plans = [self._plan(gi, group, created) for gi, group in enumerate(self.param_groups)]
+            calls = [(group, call) for group, (group_calls, _, _) in zip(self.param_groups, plans)
+                     for call in group_calls]
+            if len(calls) > 1:  # the op's own checks of every call before the first one writes
+                for group, call in calls:
+                    self._run(group, call, 1.0, 1.0, check_only=True)
+            if found_inf is not None and float(found_inf) != 0.0:
+                self._drop(created)
+                return loss  # GradScaler found an inf/NaN: the step is skipped
+        except Exception:
+            self._drop(created)
+            raise
         # GradScaler's unscale_ and clip_grad_norm_ multiply the gradients by these float32 factors
         inv_scale = 1.0 if grad_scale is None else float(grad_scale.double().reciprocal().float())
         clip = 1.0
-        if self.max_grad_norm is not None and (fused or any(torch_params for _, torch_params, _ in plans)):
-            grads = [_grad(p) for fp, tp, _ in plans for p in fp + tp]
+        if self.max_grad_norm is not None and (calls or any(torch_params for _, torch_params, _ in plans)):
+            grads = [g for _, call in calls for g in call.grads] + [_grad(p) for _, tp, _ in plans for p in tp]
             norm = grads_norm(grads)
             if grad_scale is not None:
                 norm = norm / grad_scale.to(norm.device)
             self.last_grad_norm = norm
             clip = float(clip_coefficient(norm, self.max_grad_norm))
-        for group, (fused_params, torch_params, meta) in zip(self.param_groups, plans):
-            for p in fused_params:
-                self._fused_param_step(group, p, inv_scale, clip)
+        for group, (group_calls, torch_params, meta) in zip(self.param_groups, plans):
+            for call in group_calls:
+                try:
+                    self._run(group, call, inv_scale, clip)
+                except Exception:
+                    if len(calls) == 1:  # the op refused the only call (its checks): nothing was written
+                        self._drop(created)
+                    raise
             if torch_params or meta:
                 self._torch_params_step(group, torch_params + meta, inv_scale, clip)
         if self.ema is not None:
             self.ema.update()
         return loss
 
-    def _collect(self, gi: int, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
-        """A group's parameters with gradients: (fused on the CPU, torch's implementation (CUDA), meta),
-        checked with torch's errors first; nothing is written."""
-        fused: list[Tensor] = []
+    def _drop(self, created: list[Tensor]) -> None:
+        """Forget the state a refused or skipped step made (it mutates nothing), and the cached plans."""
+        for p in created:
+            self.state.pop(p, None)
+        self.__dict__.setdefault("_plans", {}).clear()
+
+    def _plan(self, gi: int, group: dict[str, Any], created: list[Tensor]
+              ) -> tuple[list[_Call], list[Tensor], list[Tensor]]:
+        """_collect's result for a group, reused while the same parameters have gradients (the per-parameter
+        Python checks cost more than the kernels on thousands of small tensors): only the gradients are
+        read again (the op checks them; a sparse one is refused by torch's message). Rebuilt when the
+        group's parameters, which of them have gradients, or the state (load_state_dict) change."""
+        params = group["params"]
+        grads = [p.grad for p in params]
+        key = (len(params), tuple(g is not None for g in grads))
+        plans = self.__dict__.setdefault("_plans", {})
+        cached = plans.get(gi)
+        if cached is not None and cached[0] is params and cached[1] == key and cached[2] is self.state \
+                and len(self.state) == cached[3]:
+            calls, others, meta = cached[4]
+            for call in calls:
+                call.grads = [grads[i] for i in call.positions]
+            return calls, others, meta
+        plan = self._collect(gi, group, created)
+        plans[gi] = (params, key, self.state, len(self.state), plan)
+        return plan
+
+    def _collect(self, gi: int, group: dict[str, Any], created: list[Tensor]
+                 ) -> tuple[list[_Call], list[Tensor], list[Tensor]]:
+        """A group's parameters with gradients: the op calls of its CPU ones (one per dtype, with their
+        state, made as torch makes it on first use and recorded in ``created``), torch's implementation's
+        (CUDA) and meta ones. torch's errors first; cheap checks here, the full ones (check_param) only to
+        name what is wrong; the op checks the rest before it writes."""
+        calls: dict[torch.dtype, _Call] = {}
         others: list[Tensor] = []
         meta: list[Tensor] = []
+        states = self.state
+        first_dtype: torch.dtype | None = None
         for pos, p in enumerate(group["params"]):
-            if p.grad is None:
+            grad = p.grad
+            if grad is None:
                 continue
             if torch.is_complex(p):
                 raise RuntimeError("Adafactor does not support complex parameters")
-            if p.grad.is_sparse:
+            if grad.is_sparse:
                 raise RuntimeError("Adafactor does not support sparse gradients")
-            if p.device.type == "meta":
+            device = p.device.type
+            if device == "meta":
                 meta.append(p)
                 continue
-            check_param(self._opt_name, p, where(gi, pos))
+            dtype = p.dtype
+            if device != "cpu" or grad.dtype != dtype or grad.shape != p.shape or grad.device.type != "cpu" \
+                    or dtype not in _DTYPES:
+                check_param(self._opt_name, p, where(gi, pos))
             if p.numel() == 0:
                 raise ZeroDivisionError(f"float division by zero: fusedtrain.optim.Adafactor: {where(gi, pos)} is "
                                         "empty, and Adafactor divides by a parameter's size (torch.optim.Adafactor "
                                         "raises this too); nothing was updated")
-            (fused if p.device.type == "cpu" else others).append(p)
-        return fused, others, meta
-
-    def _init_state(self, p: Tensor) -> dict[str, Any]:
-        """torch's state, made as torch makes it."""
-        state = self.state[p]
-        grad = _grad(p)
-        if len(state) == 0:
-            state["step"] = new_step()
-            if grad.dim() > 1:
-                row_shape, col_shape = list(grad.shape), list(grad.shape)
-                row_shape[-1] = 1
-                col_shape[-2] = 1
-                state["row_var"] = grad.new_zeros(row_shape)
-                state["col_var"] = grad.new_zeros(col_shape)
+            if first_dtype is None:  # torch's for-loop resolves eps1=None once, from the first parameter it steps
+                first_dtype = dtype
+            if device != "cpu":
+                others.append(p)
+                continue
+            state = states[p]
+            if len(state) == 0:
+                created.append(p)
+                state["step"] = new_step()
+                if p.dim() > 1:
+                    row_shape, col_shape = list(p.shape), list(p.shape)
+                    row_shape[-1] = 1
+                    col_shape[-2] = 1
+                    state["row_var"] = grad.new_zeros(row_shape)
+                    state["col_var"] = grad.new_zeros(col_shape)
+                else:
+                    state["variance"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
+            step = state["step"]
+            if not isinstance(step, Tensor) or step.device.type != "cpu":
+                step = cpu_step(state)
+            call = calls.get(dtype)
+            if call is None:
+                call = calls[dtype] = _Call(gi)
+            call.params.append(p)
+            call.grads.append(grad)
+            call.steps.append(step)
+            call.positions.append(pos)
+            if p.dim() > 1:
+                call.row_vars.append(state["row_var"])
+                call.col_vars.append(state["col_var"])
             else:
-                state["variance"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
-        return state
+                call.variances.append(state["variance"])
+        for call in calls.values():
+            call.eps_dtype = first_dtype
+        return list(calls.values()), others, meta
 
-    def _fused_param_step(self, group: dict[str, Any], p: Tensor, inv_scale: float, clip: float) -> None:
-        state = self._init_state(p)
-        step_t = state["step"]
-        if not isinstance(step_t, Tensor):
-            step_t = state["step"] = new_step().fill_(float(step_t))
-        step_t += 1
-        step = step_t.item()
-        # torch's scalars, in Python, with its types (a tensor lr stays a tensor there)
-        lr = _to_scalar(group["lr"])
-        eps1, eps2 = group["eps"]
-        if eps1 is None:
-            eps1 = torch.finfo(p.dtype).eps
+    def _run(self, group: dict[str, Any], call: _Call, inv_scale: float, clip: float, check_only: bool = False
+             ) -> None:
+        """The op on one call's lists; an error of its checks is named by check_param where it can be."""
+        lr = _to_scalar(group["lr"])  # torch's scalars, with its types (a tensor lr stays a tensor here)
         weight_decay = group["weight_decay"]
-        rho = min(lr, 1 / (step**0.5))
-        torch.ops.fusedtrain.adafactor_(
-            p, _grad(p), state.get("row_var"), state.get("col_var"), state.get("variance"),
-            float(step ** group["beta2_decay"]), float(eps1), float(eps2), float(rho),
-            float(1 - lr * weight_decay), weight_decay != 0, float(group["d"]), bool(group["maximize"]),
-            inv_scale, clip)
+        eps1 = group["eps"][0]
+        if eps1 is None:
+            eps1 = torch.finfo(call.eps_dtype).eps
+        try:
+            torch.ops.fusedtrain.adafactor_(
+                call.params, call.grads, call.row_vars, call.col_vars, call.variances, call.steps,
+                float(group["beta2_decay"]), float(eps1), float(group["eps"][1]), float(lr),
+                float(1 - lr * weight_decay), weight_decay != 0, float(group["d"]), bool(group["maximize"]),
+                inv_scale, clip, check_only)
+        except (RuntimeError, NotImplementedError) as error:  # name the culprit (a sparse gradient dispatches away)
+            if any(g.is_sparse for g in call.grads):
+                raise RuntimeError("Adafactor does not support sparse gradients") from error
+            for p, pos in zip(call.params, call.positions):
+                check_param(self._opt_name, p, where(call.group_index, pos))
+            raise
 
     def _torch_params_step(self, group: dict[str, Any], params: list[Tensor], inv_scale: float, clip: float) -> None:
         """torch's own implementation (CUDA and meta parameters), on gradients unscaled and clipped first
