@@ -373,3 +373,27 @@ def test_cached_plan_reads_fresh_gradients_and_refuses_a_sparse_one() -> None:
         a.step()
     assert all(torch.equal(p, q) for p, q in zip(pa, before))
     assert all(float(a.state[p]["step"]) == 3.0 for p in pa)
+
+
+def test_cached_plan_sees_a_replaced_state_tensor_and_parameter() -> None:
+    """The reused lists follow a state tensor replaced by hand (a "move the state" recipe) and a parameter
+    replaced in place in the group's list, as torch's step does."""
+    torch.manual_seed(10)
+    pa = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(6))]
+    pb = _clone(pa)
+    a = fusedtrain.optim.Adafactor(pa, lr=0.05)
+    b = torch.optim.Adafactor(pb, lr=0.05, foreach=False)
+    _run([(a, pa), (b, pb)], 2)
+    for opt, ps in ((a, pa), (b, pb)):
+        opt.state[ps[1]]["variance"] = opt.state[ps[1]]["variance"] * 4.0
+        opt.state[ps[0]]["row_var"] = opt.state[ps[0]]["row_var"].clone() + 0.5
+    _run([(a, pa), (b, pb)], 2)
+    for x, y in zip(pa, pb):
+        _scaled_close(x, y, **TOL[torch.float32])
+    fresh = torch.nn.Parameter(torch.randn(6))
+    for opt, ps, new in ((a, pa, fresh), (b, pb, torch.nn.Parameter(fresh.detach().clone()))):
+        opt.param_groups[0]["params"][1] = new
+        ps[1] = new
+    _run([(a, pa), (b, pb)], 2)
+    for x, y in zip(pa, pb):
+        _scaled_close(x, y, **TOL[torch.float32])

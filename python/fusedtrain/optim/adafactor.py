@@ -192,20 +192,24 @@ class Adafactor(KeepsOptions, _torch_adafactor):  # type: ignore[misc,valid-type
         """_collect's result for a group, reused while the same parameters have gradients (the per-parameter
         Python checks cost more than the kernels on thousands of small tensors): only the gradients are
         read again (the op checks them; a sparse one is refused by torch's message). Rebuilt when the
-        group's parameters, which of them have gradients, or the state (load_state_dict) change."""
+        group's parameters (the objects in the list), which of them have gradients, or any state entry
+        (load_state_dict, a state tensor replaced by hand) change: the key holds the identities of all of
+        them, so a stale list can never reach the op."""
         params = group["params"]
         grads = [p.grad for p in params]
-        key = (len(params), tuple(g is not None for g in grads))
+        states = self.state
+        key = (tuple(map(id, params)), tuple(g is not None for g in grads), id(states),
+               tuple(id(v) for p in params if p in states for v in states[p].values()))
         plans = self.__dict__.setdefault("_plans", {})
         cached = plans.get(gi)
-        if cached is not None and cached[0] is params and cached[1] == key and cached[2] is self.state \
-                and len(self.state) == cached[3]:
-            calls, others, meta = cached[4]
+        if cached is not None and cached[0] is params and cached[1] == key:
+            calls, others, meta = cached[2]
             for call in calls:
                 call.grads = [grads[i] for i in call.positions]
             return calls, others, meta
         plan = self._collect(gi, group, created)
-        plans[gi] = (params, key, self.state, len(self.state), plan)
+        key = key[:3] + (tuple(id(v) for p in params if p in states for v in states[p].values()),)  # with new state
+        plans[gi] = (params, key, plan)
         return plan
 
     def _collect(self, gi: int, group: dict[str, Any], created: list[Tensor]
