@@ -200,6 +200,8 @@ std::vector<double> pass(const Work& work, const Op& op) {
 }
 
 struct Backend : cpu::Backend {
+  using Generic = cpu::Backend;  // the element-wise driver (host::run_rule), whose apply this one hides
+
   template <class L, typename Op, typename Fin>
   static void reduce(const Work& work, const Op& op, const Fin& fin, Work& out) {
     const std::vector<double> sums = pass<L>(work, op);

@@ -101,6 +101,8 @@ __global__ void finish_kernel(const __grid_constant__ cuda::TensorTable<D> table
 }
 
 struct Backend : cuda::Backend {
+  using Generic = cuda::Backend;  // the element-wise launcher (host::run_rule), whose apply this one hides
+
   template <class L, typename Op, typename Fin>
   static void reduce(const Work& work, const Op& op, const Fin& fin, Work& out) {
     constexpr int D = Op::depth;

@@ -97,6 +97,9 @@ OPTIMIZERS.update({
 })
 REFERENCES.update({"Lamb": "timm.optim:Lamb", "Lars": "timm.optim:Lars"})
 
+# Cautious Lion (issue 16): a pass counting each tensor's mask (reads p, g, m) before Lion's update pass.
+OPTIMIZERS["Lion caution"] = ("Lion", dict(lr=1e-4, weight_decay=0.1, caution=True), 32)
+
 IMPLS = {
     "torch for-loop": dict(foreach=False),
     "torch foreach": dict(foreach=True),

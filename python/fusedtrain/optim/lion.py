@@ -22,6 +22,11 @@ def _max_lr_snapshot(lr: float | Tensor, corrected_weight_decay: bool = False) -
     return max_lr
 
 
+def _cautious(group: dict[str, Any]) -> bool:
+    """Whether the group's step reduces each tensor (the caution mask's mean) before it updates."""
+    return bool(group.get("caution", False))
+
+
 class Lion(StandaloneFusedOptimizer):
     r"""Lion (Chen et al., 2023, "Symbolic Discovery of Optimization Algorithms"), a drop-in for
     ``timm.optim.Lion`` that runs one fused kernel per (device, dtype) group.
@@ -40,8 +45,11 @@ class Lion(StandaloneFusedOptimizer):
             ``lr=1e-4``, ``betas=(0.9, 0.99)``, ``weight_decay=0``, and the same validation errors).
             ``corrected_weight_decay`` scales the decay by :math:`\eta^2/\eta_{\max}` with :math:`\eta_{\max}` the
             constructor's lr (``max_lr_snapshot`` in the param groups, as timm records it).
-        caution: must be False. timm's cautious variant divides the update by the mean of a per-tensor mask,
-            a reduction before the update that this fused pass does not make; use timm.optim.Lion for it.
+        caution: Cautious Optimizers (Liang et al., 2024), as timm: the update is zeroed where its sign
+            disagrees with the gradient's and the rest is divided by :math:`\max(\text{mean(mask)}, 10^{-3})`,
+            the mask's mean over the whole tensor. The step then runs two fused passes (Note [trust-ratio
+            passes] in csrc/include/fusedtrain/rules_trust.h): one counts each tensor's mask, the second
+            updates.
         foreach: accepted and recorded, as timm records it; the fused kernels always run.
         ema, max_grad_norm, l1, master_weights, stochastic_rounding, state_dtype: the options fusedtrain adds
             to every optimizer; see :class:`~fusedtrain.optim._base.FusedOptimizerMixin`. GradScaler's scale
@@ -85,25 +93,6 @@ class Lion(StandaloneFusedOptimizer):
             group.setdefault("maximize", False)
             group.setdefault("foreach", None)
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        super().add_param_group(param_group)
-        self._check_caution(len(self.param_groups) - 1, self.param_groups[-1])
-
-    def _check_caution(self, gi: int, group: dict[str, Any]) -> None:
-        if group.get("caution", False):
-            raise ValueError(
-                f"fusedtrain.optim.Lion: caution=True (param_groups[{gi}]) is not supported: the cautious update "
-                "divides by the mean of a per-tensor mask, a reduction the fused pass does not make; use "
-                "timm.optim.Lion(caution=True), or caution=False here")
-
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:
-        """One fused Lion step (see :meth:`FusedOptimizerMixin.step`); a group switched to ``caution=True``
-        after construction is refused before anything is written."""
-        for gi, group in enumerate(self.param_groups):
-            self._check_caution(gi, group)
-        return super().step(closure)
-
     def _state_keys(self, group: dict[str, Any]) -> list[str]:
         return ["exp_avg"]
 
@@ -117,4 +106,5 @@ class Lion(StandaloneFusedOptimizer):
         corrected = group.get("corrected_weight_decay", False)
         return dict(beta1=to_scalar(beta1, "betas[0]"), beta2=to_scalar(beta2, "betas[1]"),
                     weight_decay=to_scalar(group["weight_decay"], "weight_decay"), maximize=group["maximize"],
-                    max_lr=float(group["max_lr_snapshot"]) if corrected else 0.0)
+                    max_lr=float(group["max_lr_snapshot"]) if corrected else 0.0,
+                    caution=_cautious(group))
