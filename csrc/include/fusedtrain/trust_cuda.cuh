@@ -122,14 +122,9 @@ struct Backend : cuda::Backend {
     out.keep_alive.push_back(partials);
     out.keep_alive.push_back(values);
 
-    Table table;
-    table.count = 0;
-    table.has_aux = work.aux.empty() ? 0 : 1;
-    table.scalars = work.scalars;
-    int64_t chunks = 0, chunk_base = 0;
+    int64_t chunk_base = 0;
     size_t tensor_base = 0;
-    auto flush = [&] {
-      if (table.count == 0) return;
+    cuda::for_each_table<D>(work, [&](const Table& table, int64_t chunks) {
       const unsigned grid = static_cast<unsigned>(chunks < max_grid ? chunks : max_grid);
       reduce_kernel<L, Op><<<grid, kThreads, 0, stream>>>(table, op, chunk_base, part);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -138,25 +133,7 @@ struct Backend : cuda::Backend {
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       tensor_base += static_cast<size_t>(table.count);
       chunk_base += chunks;
-      table.count = 0;
-      chunks = 0;
-    };
-    for (size_t i = 0; i < work.size(); ++i) {
-      const int64_t tensor_chunks = (work.numel[i] + cuda::kChunk - 1) / cuda::kChunk;
-      if (table.count == Table::kMax || chunks + tensor_chunks > INT32_MAX) flush();
-      for (int k = 0; k < D; ++k) table.ptr[k][table.count] = work.ptr[i][k];
-      table.numel[table.count] = work.numel[i];
-      table.step[table.count] = work.step[i];
-      table.ordinal[table.count] = work.ordinal[i];
-      if (table.has_aux) {
-        table.aux[table.count][0] = work.aux[i][0];
-        table.aux[table.count][1] = work.aux[i][1];
-      }
-      chunks += tensor_chunks;
-      table.chunk_end[table.count] = static_cast<int32_t>(chunks);
-      ++table.count;
-    }
-    flush();
+    });
     out.aux.resize(work.size());
     for (size_t i = 0; i < work.size(); ++i) out.aux[i] = {Scalar{vals + 2 * i, 0.0}, Scalar{vals + 2 * i + 1, 0.0}};
   }
