@@ -7,7 +7,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._base import to_scalar
+from ._across import across_shards, refuse_traced, refuse_unplaced
+from ._base import _Collected, _Segment, to_scalar
 from ._standalone import StandaloneFusedOptimizer
 
 __all__ = ["Lion"]
@@ -49,7 +50,7 @@ class Lion(StandaloneFusedOptimizer):
             disagrees with the gradient's and the rest is divided by :math:`\max(\text{mean(mask)}, 10^{-3})`,
             the mask's mean over the whole tensor. The step then runs two fused passes (Note [trust-ratio
             passes] in csrc/include/fusedtrain/rules_trust.h): one counts each tensor's mask, the second
-            updates.
+            updates; on DTensor (FSDP2) parameters the counts are added across the shards.
         foreach: accepted and recorded, as timm records it; the fused kernels always run.
         ema, max_grad_norm, l1, master_weights, stochastic_rounding, state_dtype: the options fusedtrain adds
             to every optimizer; see :class:`~fusedtrain.optim._base.FusedOptimizerMixin`. GradScaler's scale
@@ -92,6 +93,23 @@ class Lion(StandaloneFusedOptimizer):
             group.setdefault("max_lr_snapshot", self.defaults["max_lr_snapshot"])
             group.setdefault("maximize", False)
             group.setdefault("foreach", None)
+
+    def _collect(self) -> _Collected:
+        collected = super()._collect()
+        refuse_unplaced(self._opt_name, self.param_groups, collected.fused, _cautious)
+        return collected
+
+    def _plan_segment(self, seg: _Segment) -> dict[str, Any]:
+        # caution's mask mean over the whole tensor (also for a group that turns caution on after the plan is built;
+        # without caution the rule makes no reduction and the reducer is not called)
+        out = super()._plan_segment(seg)
+        out["reduce_across"] = across_shards(self._opt_name, seg.group, seg.positions, seg.params,
+                                             refuse_partial=_cautious(self.param_groups[seg.group]))
+        return out
+
+    def _step_traced(self) -> None:
+        refuse_traced(self._opt_name, self.param_groups, _cautious)
+        super()._step_traced()
 
     def _state_keys(self, group: dict[str, Any]) -> list[str]:
         return ["exp_avg"]
