@@ -229,6 +229,7 @@ struct Seg {
   bool steps_on_device = false;
   bool static_general = false;  // some tuple is never dense: the work list is built every step
   Work work;                    // the cached work list (gradients filled every step)
+  py::object reduce_across;     // Note [sums across shards] (work.h): a Python callable, or None
   // per step
   std::vector<const void*> grads, last_grads;  // this step's gradient pointers, and those of the last update
   bool general_now = false;
@@ -253,6 +254,18 @@ std::vector<at::Tensor> tensor_list(py::handle seq, const char* what) {
   std::vector<at::Tensor> out;
   for (py::handle h : seq) out.push_back(unpack(h.ptr(), what));
   return out;
+}
+
+// Work::reduce_across calling the segment's Python callable (held by the segment, so the function keeps a
+// borrowed pointer: Work copies made without the GIL must not touch reference counts).
+std::function<void(at::Tensor&, const std::vector<uint32_t>&)> across_shards(const py::object& reducer) {
+  if (reducer.is_none()) return nullptr;
+  PyObject* callable = reducer.ptr();
+  return [callable](at::Tensor& rows, const std::vector<uint32_t>& ordinal) {
+    py::gil_scoped_acquire gil;
+    const py::handle fn(callable);
+    fn(rows, py::cast(ordinal));
+  };
 }
 
 // The tensor of `obj` the kernels see: a DTensor's local shard (its Python object is appended to `keep`,
@@ -391,7 +404,8 @@ class StepPlanImpl {
 
  private:
   // segment dict (built by python/fusedtrain/optim/_base.py): rule, group, hyper, overrides, positions,
-  // kinds, averages (EMA objects or []), masters, states, steps, stochastic.
+  // kinds, averages (EMA objects or []), masters, states, steps, stochastic; optionally reduce_across (Note
+  // [sums across shards] in work.h).
   void add_segment(const py::dict& d) {
     Seg s;
     const std::string rule = d["rule"].cast<std::string>();
@@ -407,6 +421,7 @@ class StepPlanImpl {
     s.states = tensor_list(d["states"], "a state");
     s.steps = tensor_list(d["steps"], "a step counter");
     s.aux = tensor_list(d["aux"], "a tensor scalar");
+    s.reduce_across = d.contains("reduce_across") ? py::object(d["reduce_across"]) : py::none();
     const size_t n = py::len(positions);
     TORCH_CHECK(py::len(kinds) == n && (averages.empty() || py::len(averages) == n) &&
                     (s.masters.empty() || s.masters.size() == n),
@@ -439,6 +454,8 @@ class StepPlanImpl {
     s.with_ema = call.with_ema;
     s.n_states = s.rule->states(h.data()).size();
     if (n > 0) s.device = targets[0].device();
+    s.work.device = s.device;  // (also for a work list without tuples: Note [sums across shards])
+    s.work.reduce_across = across_shards(s.reduce_across);
     s.fn = host::backend_fn(*s.rule, s.op.c_str(), s.device);
     s.steps_on_device = host::check_steps(s.op.c_str(), s.steps, targets, s.rule->counts_steps).on_device;
     if (!s.steps_on_device && std::all_of(s.steps.begin(), s.steps.end(), [](const at::Tensor& t) {
@@ -663,7 +680,11 @@ class StepPlanImpl {
       const std::vector<at::Tensor> copies = s.masters.empty() ? std::vector<at::Tensor>() : s.locals_now;
       Work work = host::prepare(s.lists(targets, s.grads_now, s.avgs_now, copies), plan.steps.steps, {}, bound);
       work.scalars = plan.scalars;
-      if (work.size() > 0) s.fn(host::RunArgs{work, hyper.data(), rules::Common{l1}, s.prec, s.with_ema});
+      work.device = s.device;
+      work.reduce_across = s.work.reduce_across;
+      if (work.size() > 0 || work.reduce_across) {
+        s.fn(host::RunArgs{work, hyper.data(), rules::Common{l1}, s.prec, s.with_ema});
+      }
       for (auto& [original, temp] : work.copy_back) original.copy_(temp);
     } else {
       if (!plan.steps.steps.empty()) {
@@ -678,7 +699,9 @@ class StepPlanImpl {
         }
       }
       s.work.scalars = plan.scalars;
-      if (s.work.size() > 0) s.fn(host::RunArgs{s.work, hyper.data(), rules::Common{l1}, s.prec, s.with_ema});
+      if (s.work.size() > 0 || s.work.reduce_across) {
+        s.fn(host::RunArgs{s.work, hyper.data(), rules::Common{l1}, s.prec, s.with_ema});
+      }
     }
     host::finish_call(s.steps, plan);
     s.last_grads = s.grads;

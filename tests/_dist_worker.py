@@ -35,6 +35,10 @@ CONFIGS: list[tuple[str, dict[str, Any]]] = [
     ("RMSprop", dict(lr=0.01, momentum=0.9, centered=True)),
     ("Adam", dict(lr=0.05, amsgrad=True, weight_decay=0.01)),
     ("AdamW", dict(lr=0.05, weight_decay=0.1, l1=0.001)),
+    # per-tensor reductions (issue 16): on FSDP2 their sums are added across the shards (trust ratios, mask means)
+    ("Lamb", dict(lr=0.05, weight_decay=0.1, caution=True)),
+    ("Lars", dict(lr=0.1, momentum=0.9, weight_decay=0.01, nesterov=True)),
+    ("Lion", dict(lr=0.01, weight_decay=0.1, caution=True)),
 ]
 
 

@@ -371,21 +371,12 @@ def test_refused_step_changes_nothing(name: str) -> None:
 
 def test_lion_refusals() -> None:
     p = torch.randn(3, requires_grad=True)
-    with pytest.raises(ValueError, match="caution=True"):
-        fusedtrain.optim.Lion([p], caution=True)
     with pytest.raises(ValueError, match="beta parameter at index 1"):
         fusedtrain.optim.Lion([p], betas=(0.9, 1.0))
     with pytest.raises(ValueError, match="Invalid learning rate"):
         fusedtrain.optim.Lion([p], lr=-1.0)
     with pytest.raises(ValueError, match="positive max lr"):
         fusedtrain.optim.Lion([p], lr=0.0, corrected_weight_decay=True)
-    opt = fusedtrain.optim.Lion([p])
-    p.grad = torch.randn(3)
-    opt.param_groups[0]["caution"] = True
-    before = p.detach().clone()
-    with pytest.raises(ValueError, match="caution=True"):
-        opt.step()
-    assert torch.equal(p.detach(), before) and len(opt.state) == 0
     e = torch.nn.Embedding(5, 3, sparse=True)
     e(torch.tensor([1, 2])).sum().backward()
     with pytest.raises(RuntimeError, match="does not support sparse gradients"):
@@ -570,3 +561,179 @@ def test_copies_of_model_and_optimizer_with_every_option(name: str, extras: str,
     assert_same_values(ema.module.state_dict(), opt2.ema.module.state_dict())
     if name in SF:
         assert not opt.param_groups[0]["train_mode"] and not opt2.param_groups[0]["train_mode"]
+
+
+# ------------------------------------------------------------------------------------------------ cautious Lion
+# caution=True with every combination of the options that change its arithmetic (maximize, weight decay, corrected
+# weight decay; corrected without decay is a no-op that must stay one).
+CAUTION = [dict(lr=0.01 if wd == 0 else 0.02, betas=(0.8, 0.95) if maximize else (0.9, 0.99), weight_decay=wd,
+                corrected_weight_decay=corrected, maximize=maximize, caution=True)
+           for maximize in (False, True) for wd in (0.0, 0.3) for corrected in (False, True)]
+CAUTION_IDS = ["-".join(f"{k}={v}" for k, v in kw.items() if k not in ("lr", "betas", "caution")) for kw in CAUTION]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("kw", CAUTION, ids=CAUTION_IDS)
+def test_cautious_lion_matches_timm(kw: dict[str, Any], dtype: torch.dtype, device: str) -> None:
+    """timm.optim.Lion(caution=True, foreach=False): params and states after 12 steps with an lr change halfway;
+    the per-tensor mask mean is exercised (after the first step the momentum disagrees with many gradients)."""
+    test_matches_reference(("Lion", kw), dtype, device)
+
+
+@pytest.mark.parametrize("kw", CAUTION[::3], ids=CAUTION_IDS[::3])
+def test_cautious_lion_matches_timm_foreach(kw: dict[str, Any]) -> None:
+    test_matches_reference_foreach(("Lion", kw))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_cautious_lion_scale_clamp(device: str) -> None:
+    """A mask mean below 1e-3 is clamped there (timm's clamp_(min=1e-3)): 1 agreeing element of 2001 moves by
+    1000 * lr, the others not at all; the float64 result equals timm's."""
+    p = torch.zeros(2001, dtype=torch.float64, device=device, requires_grad=True)
+    q = p.detach().clone().requires_grad_()
+    a, b = fusedtrain.optim.Lion([p], lr=0.01, caution=True), timm.optim.Lion([q], lr=0.01, caution=True, foreach=False)
+    for g in (torch.ones(2001, dtype=torch.float64), torch.full((2001,), -0.01, dtype=torch.float64)):
+        g = g.to(device)
+        g[7] = 0.01
+        p.grad, q.grad = g.clone(), g.clone()
+        before = p.detach().clone()
+        a.step()
+        b.step()
+    moved = (p.detach() - before).abs()
+    assert float(moved[7]) == pytest.approx(0.01 * 1000, rel=1e-12)
+    assert int((moved != 0).sum()) == 1
+    assert_close_ulps(p, q, **TOL[torch.float64])
+    assert_close_ulps(a.state[p]["exp_avg"], b.state[q]["exp_avg"], **TOL[torch.float64])
+
+
+def test_cautious_lion_groups_and_switch() -> None:
+    """caution per param group, and switched on and off between steps, as timm reads it from the group."""
+    pa = make_params("cpu", torch.float64)
+    pb = clone_params(pa)
+    a = fusedtrain.optim.Lion([{"params": pa[:4], "caution": True}, {"params": pa[4:]}], lr=0.01, weight_decay=0.1)
+    b = timm.optim.Lion([{"params": pb[:4], "caution": True}, {"params": pb[4:]}], lr=0.01, weight_decay=0.1,
+                        foreach=False)
+    for i in range(8):
+        if i == 4:
+            for opt in (a, b):
+                opt.param_groups[0]["caution"], opt.param_groups[1]["caution"] = False, True
+        step_both(a, pa, b, pb, 1)
+    assert_same(a, pa, b, pb, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("kw", CAUTION[1::3], ids=CAUTION_IDS[1::3])
+def test_cautious_lion_max_grad_norm_and_l1(kw: dict[str, Any]) -> None:
+    """The mask and the update see the clipped, L1-augmented gradient (as the reference fed that gradient)."""
+    test_max_grad_norm_and_l1(("Lion", kw))
+
+
+def test_cautious_lion_ema_and_state_dict() -> None:
+    kw = CAUTION[3]
+    test_ema_equals_update_after_step(("Lion", kw))
+    test_state_dict_round_trips_with_reference(("Lion", kw))
+    test_tensor_lr(("Lion", kw))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_cautious_lion_master_weights(dtype: torch.dtype) -> None:
+    test_master_weights_follow_the_float32_trajectory(("Lion", CAUTION[2]), dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+@pytest.mark.parametrize("kw", CAUTION[::5], ids=CAUTION_IDS[::5])
+def test_cautious_lion_half_precision(kw: dict[str, Any], dtype: torch.dtype, device: str) -> None:
+    test_half_precision_error_within_reference(("Lion", kw), dtype, device)
+
+
+def test_cautious_lion_bfloat16_states() -> None:
+    """state_dtype=bfloat16: the kernel stores m rounded to bfloat16 and reads it back for the mask and the
+    update; equal to timm whose exp_avg is rounded to bfloat16 after each step."""
+    pa = make_params("cpu", torch.float32)
+    pb = clone_params(pa)
+    a = fusedtrain.optim.Lion(pa, lr=0.01, weight_decay=0.1, caution=True, state_dtype=torch.bfloat16)
+    b = timm.optim.Lion(pb, lr=0.01, weight_decay=0.1, caution=True, foreach=False)
+    for _ in range(5):
+        step_both(a, pa, b, pb, 1)
+        for q in pb:
+            if q in b.state:
+                b.state[q]["exp_avg"] = b.state[q]["exp_avg"].bfloat16().float()
+    for x, y in zip(pa, pb):
+        assert a.state[x]["exp_avg"].dtype == torch.bfloat16
+        assert_close_ulps(x, y, **TOL[torch.float32])
+        assert torch.equal(a.state[x]["exp_avg"].float(), b.state[y]["exp_avg"])
+
+
+def _bf16_neighbour(nearest: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
+    """The bfloat16 value next to ``nearest`` (bfloat16) on the side of ``exact`` (float32), as float32."""
+    d = torch.sign(exact - nearest.float()).int()
+    bits = nearest.view(torch.int16).int() + torch.where(nearest.float() > 0, d, -d)
+    return bits.short().view(torch.bfloat16).float()
+
+
+def test_cautious_lion_stochastic_rounding() -> None:
+    """bfloat16 params with stochastic rounding, second step (where the mask is not all ones): each result is one
+    of the two bfloat16 neighbours of the exact float32 cautious step from the same values, not always the nearest
+    one, and the rounding errors add up to about zero."""
+    torch.manual_seed(3)
+    low = [(torch.rand(3000) + 0.5).bfloat16().requires_grad_(), (torch.rand(40, 50) + 0.5).bfloat16().requires_grad_()]
+    ref = [p.detach().float().requires_grad_() for p in low]
+    a = fusedtrain.optim.Lion(low, lr=1e-3, caution=True, stochastic_rounding=True)
+    b = timm.optim.Lion(ref, lr=1e-3, caution=True, foreach=False)
+    for _ in range(2):
+        for p, q in zip(low, ref):  # the same starting values and momentum (bfloat16 states: exact in float32)
+            q.data.copy_(p.detach().float())
+            if p in a.state:
+                b.state[q]["exp_avg"].copy_(a.state[p]["exp_avg"])
+        for p, q in zip(low, ref):
+            g = torch.randn(p.shape)
+            p.grad, q.grad = g.bfloat16(), g.bfloat16().float()
+        a.step()
+        b.step()
+    not_nearest, bias, var = 0, 0.0, 0.0
+    for p, q in zip(low, ref):
+        exact, got = q.detach(), p.detach().float()
+        nearest = exact.bfloat16()
+        other = _bf16_neighbour(nearest, exact)
+        hit = exact == nearest.float()
+        assert bool((got == nearest.float()).logical_or((got == other) & ~hit).all())
+        not_nearest += int(((got != nearest.float()) & ~hit).sum())
+        # unbiased: the sum of the rounding errors is within a few standard deviations (an update that missed
+        # the caution scale 1/mean(mask) would be off by ~lr/2 per agreeing element: many deviations)
+        bias += float((got - exact).sum())
+        var += float(((other - nearest.float()) ** 2).sum()) / 4
+    assert not_nearest > 0
+    assert abs(bias) <= 5 * var ** 0.5, (bias, var ** 0.5)
+
+
+def test_cautious_lion_grad_scaler_attributes() -> None:
+    """GradScaler's scale divides the gradient before the mask is counted; found_inf skips both passes."""
+    a, pa, b, pb = pair("Lion", CAUTION[3], torch.float64)
+    step_both(a, pa, b, pb, 2)
+    grads = make_grads(pa)
+    set_grads(pa, [g * 1024 for g in grads])
+    set_grads(pb, grads)
+    a.grad_scale = torch.tensor(1024.0)
+    a.found_inf = torch.tensor(0.0)
+    a.step()
+    b.step()
+    assert_same(a, pa, b, pb, **TOL[torch.float64])
+    a.found_inf = torch.tensor(1.0)
+    before = snapshot(a, pa)
+    a.step()
+    assert_same_values(before, snapshot(a, pa))
+
+
+def test_cautious_lion_refused_step_changes_nothing() -> None:
+    params = make_params("cpu", torch.float32)
+    opt = fusedtrain.optim.Lion(params, lr=0.01, caution=True)
+    set_grads(params, make_grads(params))
+    opt.step()
+    set_grads(params, make_grads(params))
+    params[-2].grad_dtype = None
+    params[-2].grad = params[-2].grad.double()
+    before = snapshot(opt, params)
+    with pytest.raises(RuntimeError, match="must match the parameter"):
+        opt.step()
+    assert_same_values(before, snapshot(opt, params))

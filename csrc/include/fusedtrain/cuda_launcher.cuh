@@ -210,18 +210,12 @@ int blocks_per_sm() {
   return value;
 }
 
-// Tuples of `work` are dense with equal strides (optim_host.h) and all on work.device.
-template <class L, typename Op>
-void multi_tensor_apply(const Work& work, const Op& op) {
-  constexpr int D = Op::depth + (L::kCopy ? 1 : 0);  // lists in the table: the rule's, then the copy
+// The one fill loop of the tensor tables: walks `work` (lists 0..D-1 of each tuple) into tables of at most
+// TensorTable<D>::kMax tensors and fewer than 2^31 chunks, and calls launch(table, chunks) for each filled table,
+// in order (multi_tensor_apply, and the reduction passes of trust_cuda.cuh).
+template <int D, typename Launch>
+void for_each_table(const Work& work, Launch&& launch) {
   using Table = TensorTable<D>;
-  static_assert(sizeof(Table) + sizeof(Op) <= 32764, "kernel parameters exceed the 32 KB limit");
-  const c10::cuda::CUDAGuard guard(work.device);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  int sm_count = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, work.device.index()));
-  const int64_t max_grid = static_cast<int64_t>(sm_count) * blocks_per_sm<L, Op>();
-
   Table table;
   table.count = 0;
   table.has_aux = work.aux.empty() ? 0 : 1;
@@ -229,9 +223,7 @@ void multi_tensor_apply(const Work& work, const Op& op) {
   int64_t chunks = 0;
   auto flush = [&] {
     if (table.count == 0) return;
-    const unsigned grid = static_cast<unsigned>(chunks < max_grid ? chunks : max_grid);
-    multi_tensor_kernel<L, Op, D><<<grid, kThreads, 0, stream>>>(table, op);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch(static_cast<const Table&>(table), chunks);
     table.count = 0;
     chunks = 0;
   };
@@ -252,6 +244,24 @@ void multi_tensor_apply(const Work& work, const Op& op) {
     ++table.count;
   }
   flush();
+}
+
+// Tuples of `work` are dense with equal strides (optim_host.h) and all on work.device.
+template <class L, typename Op>
+void multi_tensor_apply(const Work& work, const Op& op) {
+  constexpr int D = Op::depth + (L::kCopy ? 1 : 0);  // lists in the table: the rule's, then the copy
+  using Table = TensorTable<D>;
+  static_assert(sizeof(Table) + sizeof(Op) <= 32764, "kernel parameters exceed the 32 KB limit");
+  const c10::cuda::CUDAGuard guard(work.device);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  int sm_count = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, work.device.index()));
+  const int64_t max_grid = static_cast<int64_t>(sm_count) * blocks_per_sm<L, Op>();
+  for_each_table<D>(work, [&](const Table& table, int64_t chunks) {
+    const unsigned grid = static_cast<unsigned>(chunks < max_grid ? chunks : max_grid);
+    multi_tensor_kernel<L, Op, D><<<grid, kThreads, 0, stream>>>(table, op);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
 }
 
 // Note [tensor scalars] (rules.h) on the device: one thread per tensor reads its step counter and scalar

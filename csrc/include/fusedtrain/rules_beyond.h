@@ -19,6 +19,7 @@
 
 #include "fusedtrain/math.h"
 #include "fusedtrain/rules.h"
+#include "fusedtrain/rules_trust.h"  // cautious Lion's per-tensor mask mean (Note [trust-ratio passes])
 
 namespace fusedtrain {
 namespace math {
@@ -48,6 +49,48 @@ struct LionOp : GradPrescale<T> {
     const T u = sign(lerp(r[2], g, one_minus_beta1));
     r[0] = p + (-lr) * u;
     r[2] = lerp(r[2], g, one_minus_beta2);
+  }
+};
+
+// Cautious Lion (Liang et al. 2024, "Cautious Optimizers"; timm.optim.Lion(caution=True)): LionOp's update u is
+// kept only where it agrees with the gradient (u*g > 0) and rescaled by 1 / max(mean(mask), 1e-3), the mask's
+// mean over the whole tensor, so the mean must be known before the update: two passes (Note [trust-ratio
+// passes] in rules_trust.h), kLionCount reads (p, g, m) and counts the mask per tensor, LionCautionFin turns
+// the count into the scale (a float pair in Bound::aux0 / aux1 of the next pass: exact for float64 also on
+// CUDA), kLionApply is LionOp's step with
+//   u <- u * (mask / scale)   (timm: mask.div_(scale); update.mul_(mask); param.add_(update, alpha=-lr)).
+enum LionMode : int { kLionCount = 0, kLionApply = 1 };
+
+template <typename T>
+struct LionCautionFin {
+  FT_HD void operator()(const double* sums, int64_t numel, const Bound&, double* out) const {
+    split_ratio(static_cast<double>(caution_scale<T>(sums[0], numel)), out);
+  }
+};
+
+template <typename T, int MODE>
+struct CautiousLionOp : LionOp<T> {
+  static constexpr unsigned kLoad = 0x7u;
+  static constexpr unsigned kStore = MODE == kLionApply ? 0x5u : 0u;
+  static constexpr int kSums = MODE == kLionCount ? 1 : 0;
+  T scale = T(1);
+
+  FT_HD void bind(const Bound& b) {
+    LionOp<T>::bind(b);
+    scale = static_cast<T>(b.aux0 + b.aux1);
+  }
+
+  FT_HD void operator()(T* r, double* t) const {
+    const T g = effective_grad(this->grad(r[1]), r[0], this->maximize, T(0), this->l1);
+    const T u = sign(lerp(r[2], g, this->one_minus_beta1));
+    const T mask = u * g > T(0) ? T(1) : T(0);
+    if constexpr (MODE == kLionCount) {
+      t[0] = static_cast<double>(mask);
+    } else {
+      const T p = r[0] * this->decay_factor;
+      r[0] = p + (-this->lr) * (u * (mask / scale));
+      r[2] = lerp(r[2], g, this->one_minus_beta2);
+    }
   }
 };
 
@@ -99,24 +142,53 @@ struct SfSgdOp : GradPrescale<T> {
 
 namespace rules {
 
+// Registered on the trust-ratio backends (trust_cpu.h, trust_cuda.cuh): without caution its own run() is the
+// generic one-pass run_rule on their element-wise drivers (Backend::Generic), with caution the two passes of
+// math::CautiousLionOp.
 struct Lion {
   static constexpr const char* kName = "lion";
-  enum { kBeta1, kBeta2, kWeightDecay, kMaximize, kMaxLr };
-  static constexpr std::array<const char*, 5> kHyper{"beta1", "beta2", "weight_decay", "maximize", "max_lr"};
+  enum { kBeta1, kBeta2, kWeightDecay, kMaximize, kMaxLr, kCaution };
+  static constexpr std::array<const char*, 6> kHyper{"beta1", "beta2", "weight_decay", "maximize", "max_lr",
+                                                     "caution"};
   static constexpr bool kCountsSteps = false;
   static constexpr bool kMixedPrecision = true;
   static Names states(const double*) { return {"exp_avgs"}; }
 
-  template <typename T, typename Launch>
-  static void make(const double* h, const Common& c, Launch&& launch) {
-    math::LionOp<T> op{};
+  template <typename T>
+  static void fill(math::LionOp<T>& op, const double* h, const Common& c) {
     op.weight_decay_d = h[kWeightDecay];
     op.max_lr = h[kMaxLr];
     op.one_minus_beta1 = T(1.0 - h[kBeta1]);
     op.one_minus_beta2 = T(1.0 - h[kBeta2]);
     op.maximize = flag<T>(h[kMaximize]);
     op.l1 = T(c.l1);
+  }
+
+  template <typename T, typename Launch>
+  static void make(const double* h, const Common& c, Launch&& launch) {
+    math::LionOp<T> op{};
+    fill(op, h, c);
     launch(op);
+  }
+
+  template <typename T, int MODE>
+  static math::CautiousLionOp<T, MODE> cautious(const double* h, const Common& c) {
+    math::CautiousLionOp<T, MODE> op{};
+    fill(op, h, c);
+    return op;
+  }
+
+  template <class Backend>
+  static void run(const host::RunArgs& a) {
+    if (a.hyper[kCaution] == 0.0) return host::run_rule<typename Backend::Generic, Lion>(a);
+    trust::for_layout(a.prec, [&](auto layout) {
+      using L = decltype(layout);
+      using T = at::opmath_type<typename L::P>;
+      Work counted = a.work;
+      Backend::template reduce<L>(a.work, cautious<T, math::kLionCount>(a.hyper, a.common), math::LionCautionFin<T>{},
+                                  counted);
+      trust::apply<Backend, L>(a, counted, cautious<T, math::kLionApply>(a.hyper, a.common));
+    });
   }
 };
 

@@ -71,6 +71,23 @@ FT_HD T lars_trust_ratio(double sum_w, double sum_g, T coeff, T wd, T eps, bool 
   return clip ? clamp_max1(r / lr) : r;
 }
 
+// The scale of Cautious Optimizers: torch's mask.mean() (sum / numel in T), clamped below at 1e-3.
+template <typename T>
+FT_HD T caution_scale(double count, int64_t numel) {
+  const T mean = static_cast<T>(count) / static_cast<T>(numel);
+  const T lo = static_cast<T>(1e-3);
+  return mean < lo ? lo : mean;
+}
+
+// The finisher of a mask-count pass: a ratio of 1 (aux0) and the caution scale (aux1).
+template <typename T>
+struct CautionFin {
+  FT_HD void operator()(const double* sums, int64_t numel, const Bound&, double* out) const {
+    out[0] = 1.0;
+    out[1] = static_cast<double>(caution_scale<T>(sums[0], numel));
+  }
+};
+
 // LAMB's passes (Note [trust-ratio passes]); registers (p, g, m, v).
 enum LambMode : int {
   kLambMoments = 0,  // update m, v; terms p'^2, u^2
@@ -176,11 +193,7 @@ struct LambFin {
   bool adapt, clip;
   FT_HD void operator()(const double* sums, int64_t numel, const Bound& b, double* out) const {
     if constexpr (MODE == kLambCount) {
-      // torch: mask.mean() (sum / numel in T), clamped below at 1e-3; the ratio is 1 until the norms pass
-      const T mean = static_cast<T>(sums[0]) / static_cast<T>(numel);
-      const T lo = static_cast<T>(1e-3);
-      out[0] = 1.0;
-      out[1] = static_cast<double>(mean < lo ? lo : mean);
+      CautionFin<T>{}(sums, numel, b, out);  // the ratio is 1 until the norms pass
     } else {
       const T r = adapt ? lamb_trust_ratio<T>(sums[0], sums[1], clip) : T(1);
       if constexpr (CAUTION) {

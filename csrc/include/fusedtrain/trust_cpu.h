@@ -10,6 +10,7 @@
 
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -200,14 +201,34 @@ std::vector<double> pass(const Work& work, const Op& op) {
 }
 
 struct Backend : cpu::Backend {
+  using Generic = cpu::Backend;  // the element-wise driver (host::run_rule), whose apply this one hides
+
   template <class L, typename Op, typename Fin>
   static void reduce(const Work& work, const Op& op, const Fin& fin, Work& out) {
-    const std::vector<double> sums = pass<L>(work, op);
+    std::vector<double> sums = pass<L>(work, op);
+    std::vector<int64_t> numel = work.numel;
+    if (work.reduce_across) {  // Note [sums across shards] (work.h): the whole tensors' sums and sizes
+      const int64_t n = static_cast<int64_t>(work.size());
+      at::Tensor rows = at::empty({n, 3}, at::TensorOptions().dtype(at::kDouble));
+      double* r = rows.data_ptr<double>();
+      for (int64_t i = 0; i < n; ++i) {
+        r[3 * i] = sums[2 * i];
+        r[3 * i + 1] = sums[2 * i + 1];
+        r[3 * i + 2] = static_cast<double>(numel[i]);
+      }
+      work.reduce_across(rows, work.ordinal);
+      r = rows.data_ptr<double>();
+      for (int64_t i = 0; i < n; ++i) {
+        sums[2 * i] = r[3 * i];
+        sums[2 * i + 1] = r[3 * i + 1];
+        numel[i] = static_cast<int64_t>(r[3 * i + 2]);
+      }
+    }
     out.aux.resize(work.size());
     for (size_t i = 0; i < work.size(); ++i) {
       const math::Bound b = bound_for(work.scalars, work.step[i], work.aux.empty() ? nullptr : work.aux[i].data());
       double v[2] = {0.0, 0.0};
-      fin(&sums[2 * i], work.numel[i], b, v);
+      fin(&sums[2 * i], numel[i], b, v);
       out.aux[i] = {Scalar{nullptr, v[0]}, Scalar{nullptr, v[1]}};
     }
   }

@@ -11,6 +11,8 @@
 
 #include <ATen/ops/empty.h>
 
+#include <vector>
+
 #include "fusedtrain/cuda_launcher.cuh"
 #include "fusedtrain/rules_trust.h"
 
@@ -82,25 +84,45 @@ __global__ void __launch_bounds__(kThreads) reduce_kernel(const __grid_constant_
   }
 }
 
-template <int D, typename Fin>
+// What finish_kernel does with each tensor's sums: finish them (the usual case), or, for a reduction across
+// shards (Note [sums across shards] in work.h), write them as rows (sum0, sum1, numel) and finish those rows
+// in a second launch once they hold the whole tensor's values.
+enum FinishMode : int { kFinish = 0, kToRows = 1, kFromRows = 2 };
+
+template <int D, typename Fin, int MODE>
 __global__ void finish_kernel(const __grid_constant__ cuda::TensorTable<D> table, const Fin fin, int64_t chunk_base,
-                              const double* partials, float* out) {
+                              const double* partials, double* rows, float* out) {
   const int t = blockIdx.x * blockDim.x + threadIdx.x;
   if (t >= table.count) return;
-  const int32_t c0 = t > 0 ? table.chunk_end[t - 1] : 0, c1 = table.chunk_end[t];
   double sums[2] = {0.0, 0.0};
-  for (int32_t c = c0; c < c1; ++c) {
-    sums[0] += partials[2 * (chunk_base + c)];
-    sums[1] += partials[2 * (chunk_base + c) + 1];
+  int64_t numel = table.numel[t];
+  if constexpr (MODE == kFromRows) {
+    sums[0] = rows[3 * t];
+    sums[1] = rows[3 * t + 1];
+    numel = static_cast<int64_t>(rows[3 * t + 2]);
+  } else {
+    const int32_t c0 = t > 0 ? table.chunk_end[t - 1] : 0, c1 = table.chunk_end[t];
+    for (int32_t c = c0; c < c1; ++c) {
+      sums[0] += partials[2 * (chunk_base + c)];
+      sums[1] += partials[2 * (chunk_base + c) + 1];
+    }
   }
-  const math::Bound b = bound_for(table.scalars, table.step[t], table.has_aux ? table.aux[t] : nullptr);
-  double v[2] = {0.0, 0.0};
-  fin(sums, table.numel[t], b, v);
-  out[2 * t] = static_cast<float>(v[0]);
-  out[2 * t + 1] = static_cast<float>(v[1]);
+  if constexpr (MODE == kToRows) {
+    rows[3 * t] = sums[0];
+    rows[3 * t + 1] = sums[1];
+    rows[3 * t + 2] = static_cast<double>(numel);
+  } else {
+    const math::Bound b = bound_for(table.scalars, table.step[t], table.has_aux ? table.aux[t] : nullptr);
+    double v[2] = {0.0, 0.0};
+    fin(sums, numel, b, v);
+    out[2 * t] = static_cast<float>(v[0]);
+    out[2 * t + 1] = static_cast<float>(v[1]);
+  }
 }
 
 struct Backend : cuda::Backend {
+  using Generic = cuda::Backend;  // the element-wise launcher (host::run_rule), whose apply this one hides
+
   template <class L, typename Op, typename Fin>
   static void reduce(const Work& work, const Op& op, const Fin& fin, Work& out) {
     constexpr int D = Op::depth;
@@ -120,41 +142,49 @@ struct Backend : cuda::Backend {
     out.keep_alive.push_back(partials);
     out.keep_alive.push_back(values);
 
-    Table table;
-    table.count = 0;
-    table.has_aux = work.aux.empty() ? 0 : 1;
-    table.scalars = work.scalars;
-    int64_t chunks = 0, chunk_base = 0;
+    const bool across = static_cast<bool>(work.reduce_across);
+    at::Tensor rows;
+    double* row = nullptr;
+    if (across) {
+      rows = at::empty({static_cast<int64_t>(work.size()), 3}, options.dtype(at::kDouble));
+      row = rows.data_ptr<double>();
+    }
+    struct Filled {
+      Table table;
+      size_t tensor_base;
+    };
+    std::vector<Filled> filled;  // (across shards: the tables, finished after the reduction)
+
+    int64_t chunk_base = 0;
     size_t tensor_base = 0;
-    auto flush = [&] {
-      if (table.count == 0) return;
+    cuda::for_each_table<D>(work, [&](const Table& table, int64_t chunks) {
       const unsigned grid = static_cast<unsigned>(chunks < max_grid ? chunks : max_grid);
+      const unsigned fin_grid = static_cast<unsigned>((table.count + 127) / 128);
       reduce_kernel<L, Op><<<grid, kThreads, 0, stream>>>(table, op, chunk_base, part);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      finish_kernel<D, Fin><<<(table.count + 127) / 128, 128, 0, stream>>>(table, fin, chunk_base, part,
-                                                                           vals + 2 * tensor_base);
+      if (across) {
+        finish_kernel<D, Fin, kToRows><<<fin_grid, 128, 0, stream>>>(table, fin, chunk_base, part,
+                                                                      row + 3 * tensor_base, nullptr);
+        filled.push_back({table, tensor_base});
+      } else {
+        finish_kernel<D, Fin, kFinish><<<fin_grid, 128, 0, stream>>>(table, fin, chunk_base, part, nullptr,
+                                                                      vals + 2 * tensor_base);
+      }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       tensor_base += static_cast<size_t>(table.count);
       chunk_base += chunks;
-      table.count = 0;
-      chunks = 0;
-    };
-    for (size_t i = 0; i < work.size(); ++i) {
-      const int64_t tensor_chunks = (work.numel[i] + cuda::kChunk - 1) / cuda::kChunk;
-      if (table.count == Table::kMax || chunks + tensor_chunks > INT32_MAX) flush();
-      for (int k = 0; k < D; ++k) table.ptr[k][table.count] = work.ptr[i][k];
-      table.numel[table.count] = work.numel[i];
-      table.step[table.count] = work.step[i];
-      table.ordinal[table.count] = work.ordinal[i];
-      if (table.has_aux) {
-        table.aux[table.count][0] = work.aux[i][0];
-        table.aux[table.count][1] = work.aux[i][1];
+    });
+    if (across) {
+      work.reduce_across(rows, work.ordinal);
+      out.keep_alive.push_back(rows);
+      for (const Filled& f : filled) {
+        const unsigned fin_grid = static_cast<unsigned>((f.table.count + 127) / 128);
+        finish_kernel<D, Fin, kFromRows><<<fin_grid, 128, 0, stream>>>(f.table, fin, 0, nullptr,
+                                                                        row + 3 * f.tensor_base,
+                                                                        vals + 2 * f.tensor_base);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
-      chunks += tensor_chunks;
-      table.chunk_end[table.count] = static_cast<int32_t>(chunks);
-      ++table.count;
     }
-    flush();
     out.aux.resize(work.size());
     for (size_t i = 0; i < work.size(); ++i) out.aux[i] = {Scalar{vals + 2 * i, 0.0}, Scalar{vals + 2 * i + 1, 0.0}};
   }

@@ -6,6 +6,7 @@
 
 #include <array>
 #include <cstdint>
+#include <functional>
 #include <utility>
 #include <vector>
 
@@ -78,6 +79,13 @@ struct Work {
   Scalars scalars;
   std::vector<at::Tensor> keep_alive;             // contiguous temporaries (Note [dense tuples])
   std::vector<std::pair<at::Tensor, at::Tensor>> copy_back;  // (original, temporary)
+  // Note [sums across shards]: a rule that reduces per tensor before it updates (the trust ratios and the
+  // caution mask of rules_trust.h) sees only the local shard of a DTensor parameter. When this is set (the
+  // step plan sets it for sharded segments, from Python), the rule hands it, before finishing its sums, a
+  // float64 tensor of size() rows (sum0, sum1, numel) on `device` and the tuples' ordinals; it adds each
+  // sharded tensor's row across its shards, in place. It is a collective: the plan runs such a rule also
+  // on an empty work list (a rank whose shards are all empty), so every rank calls it equally often.
+  std::function<void(at::Tensor&, const std::vector<uint32_t>&)> reduce_across;
 
   size_t size() const { return numel.size(); }
 };

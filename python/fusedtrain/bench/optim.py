@@ -97,6 +97,9 @@ OPTIMIZERS.update({
 })
 REFERENCES.update({"Lamb": "timm.optim:Lamb", "Lars": "timm.optim:Lars"})
 
+# Cautious Lion (issue 16): a pass counting each tensor's mask (reads p, g, m) before Lion's update pass.
+OPTIMIZERS["Lion caution"] = ("Lion", dict(lr=1e-4, weight_decay=0.1, caution=True), 32)
+
 # The optimizers ``--quick`` times when ``--optimizers`` is not given: torch's three fused ones and one beyond
 # torch (every optimizer on the resnet50 set took ~2 minutes on an idle 2-core CPU, the goal is under one).
 QUICK_OPTIMIZERS = ["Adam", "AdamW", "SGD momentum", "Lion"]

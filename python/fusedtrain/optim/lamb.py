@@ -11,8 +11,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._dtensor import is_dtensor
-from ._base import FusedOptimizerMixin, _Collected, new_step, to_scalar, where
+from ._across import across_shards, refuse_traced, refuse_unplaced
+from ._base import FusedOptimizerMixin, _Collected, _Segment, new_step, to_scalar, where
 from .sgd import MomentumBufferState
 
 __all__ = ["Lamb", "Lars"]
@@ -31,7 +31,9 @@ def _validate_scalar(name: str, value: float | Tensor, min_value: float = 0.0) -
 
 
 class _TrustMixin(FusedOptimizerMixin):
-    """What LAMB and LARS share: no torch.optim counterpart, so no torch step to fall back on."""
+    """What LAMB and LARS share: no torch.optim counterpart, so no torch step to fall back on; on DTensor (FSDP2)
+    parameters, the per-tensor norms of the local shards are added across the shards before the trust ratios are
+    taken (python/fusedtrain/optim/_across.py)."""
 
     _torch_cls = torch.optim.Optimizer
     _reference = ""  # the reference implementation, named in errors
@@ -43,14 +45,17 @@ class _TrustMixin(FusedOptimizerMixin):
                 f"fusedtrain.optim.{self._opt_name}: {where(gi, positions[0])} is on the meta device; "
                 f"{self._reference} has no implementation for it either. Materialize the parameters "
                 "(e.g. model.to_empty(device=...)) before the first step.")
-        for gi, positions in enumerate(collected.fused):
-            for pos in positions:
-                if is_dtensor(self.param_groups[gi]["params"][pos]):
-                    raise RuntimeError(
-                        f"fusedtrain.optim.{self._opt_name}: {where(gi, pos)} is a DTensor (FSDP2 / tensor "
-                        "parallel); the trust ratio needs the norms of the whole tensor, which the fused kernels "
-                        "do not reduce across shards yet. Use it with replicated (DDP) parameters.")
+        refuse_unplaced(self._opt_name, self.param_groups, collected.fused, lambda group: True)
         return collected
+
+    def _plan_segment(self, seg: _Segment) -> dict[str, Any]:
+        out = super()._plan_segment(seg)
+        out["reduce_across"] = across_shards(self._opt_name, seg.group, seg.positions, seg.params)
+        return out
+
+    def _step_traced(self) -> None:
+        refuse_traced(self._opt_name, self.param_groups, lambda group: True)
+        super()._step_traced()
 
 
 class Lamb(_TrustMixin, torch.optim.Optimizer):
@@ -85,7 +90,10 @@ class Lamb(_TrustMixin, torch.optim.Optimizer):
     per param group (``param_groups[i]['step']``); the two agree whenever every parameter of a group has a
     gradient at every step. A timm checkpoint loads (its group counters become the parameters' counters).
 
-    Not supported: DTensor (FSDP2) parameters, parameters on the meta device, sparse gradients.
+    DTensor (FSDP2) parameters: the norms (and the caution mask's count) of the local shards are added across the
+    shards, one ``all_reduce`` per param group and pass; the step then equals the unsharded one.
+
+    Not supported: parameters on the meta device, sparse gradients, sharded parameters under ``torch.compile``.
     """
 
     _opt_name = "Lamb"
@@ -194,7 +202,10 @@ class Lars(MomentumBufferState, _TrustMixin, torch.optim.Optimizer):
 
     State: ``momentum_buffer`` when momentum is non-zero (timm's key).
 
-    Not supported: DTensor (FSDP2) parameters, parameters on the meta device, sparse gradients.
+    DTensor (FSDP2) parameters: the norms of the local shards are added across the shards, one ``all_reduce`` per
+    param group and step; the step then equals the unsharded one.
+
+    Not supported: parameters on the meta device, sparse gradients, sharded parameters under ``torch.compile``.
     """
 
     _opt_name = "Lars"

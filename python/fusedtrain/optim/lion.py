@@ -7,7 +7,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._base import to_scalar
+from ._across import across_shards, refuse_traced, refuse_unplaced
+from ._base import _Collected, _Segment, to_scalar
 from ._standalone import StandaloneFusedOptimizer
 
 __all__ = ["Lion"]
@@ -20,6 +21,11 @@ def _max_lr_snapshot(lr: float | Tensor, corrected_weight_decay: bool = False) -
         raise ValueError(f"Corrected weight decay requires a positive max lr, got {max_lr}. Construct the optimizer "
                          "with the peak lr.")
     return max_lr
+
+
+def _cautious(group: dict[str, Any]) -> bool:
+    """Whether the group's step reduces each tensor (the caution mask's mean) before it updates."""
+    return bool(group.get("caution", False))
 
 
 class Lion(StandaloneFusedOptimizer):
@@ -40,8 +46,11 @@ class Lion(StandaloneFusedOptimizer):
             ``lr=1e-4``, ``betas=(0.9, 0.99)``, ``weight_decay=0``, and the same validation errors).
             ``corrected_weight_decay`` scales the decay by :math:`\eta^2/\eta_{\max}` with :math:`\eta_{\max}` the
             constructor's lr (``max_lr_snapshot`` in the param groups, as timm records it).
-        caution: must be False. timm's cautious variant divides the update by the mean of a per-tensor mask,
-            a reduction before the update that this fused pass does not make; use timm.optim.Lion for it.
+        caution: Cautious Optimizers (Liang et al., 2024), as timm: the update is zeroed where its sign
+            disagrees with the gradient's and the rest is divided by :math:`\max(\text{mean(mask)}, 10^{-3})`,
+            the mask's mean over the whole tensor. The step then runs two fused passes (Note [trust-ratio
+            passes] in csrc/include/fusedtrain/rules_trust.h): one counts each tensor's mask, the second
+            updates; on DTensor (FSDP2) parameters the counts are added across the shards.
         foreach: accepted and recorded, as timm records it; the fused kernels always run.
         ema, max_grad_norm, l1, master_weights, stochastic_rounding, state_dtype: the options fusedtrain adds
             to every optimizer; see :class:`~fusedtrain.optim._base.FusedOptimizerMixin`. GradScaler's scale
@@ -85,24 +94,22 @@ class Lion(StandaloneFusedOptimizer):
             group.setdefault("maximize", False)
             group.setdefault("foreach", None)
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        super().add_param_group(param_group)
-        self._check_caution(len(self.param_groups) - 1, self.param_groups[-1])
+    def _collect(self) -> _Collected:
+        collected = super()._collect()
+        refuse_unplaced(self._opt_name, self.param_groups, collected.fused, _cautious)
+        return collected
 
-    def _check_caution(self, gi: int, group: dict[str, Any]) -> None:
-        if group.get("caution", False):
-            raise ValueError(
-                f"fusedtrain.optim.Lion: caution=True (param_groups[{gi}]) is not supported: the cautious update "
-                "divides by the mean of a per-tensor mask, a reduction the fused pass does not make; use "
-                "timm.optim.Lion(caution=True), or caution=False here")
+    def _plan_segment(self, seg: _Segment) -> dict[str, Any]:
+        # caution's mask mean over the whole tensor (also for a group that turns caution on after the plan is built;
+        # without caution the rule makes no reduction and the reducer is not called)
+        out = super()._plan_segment(seg)
+        out["reduce_across"] = across_shards(self._opt_name, seg.group, seg.positions, seg.params,
+                                             refuse_partial=_cautious(self.param_groups[seg.group]))
+        return out
 
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:
-        """One fused Lion step (see :meth:`FusedOptimizerMixin.step`); a group switched to ``caution=True``
-        after construction is refused before anything is written."""
-        for gi, group in enumerate(self.param_groups):
-            self._check_caution(gi, group)
-        return super().step(closure)
+    def _step_traced(self) -> None:
+        refuse_traced(self._opt_name, self.param_groups, _cautious)
+        super()._step_traced()
 
     def _state_keys(self, group: dict[str, Any]) -> list[str]:
         return ["exp_avg"]
@@ -117,4 +124,5 @@ class Lion(StandaloneFusedOptimizer):
         corrected = group.get("corrected_weight_decay", False)
         return dict(beta1=to_scalar(beta1, "betas[0]"), beta2=to_scalar(beta2, "betas[1]"),
                     weight_decay=to_scalar(group["weight_decay"], "weight_decay"), maximize=group["maximize"],
-                    max_lr=float(group["max_lr_snapshot"]) if corrected else 0.0)
+                    max_lr=float(group["max_lr_snapshot"]) if corrected else 0.0,
+                    caution=_cautious(group))
