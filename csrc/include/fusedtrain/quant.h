@@ -8,6 +8,8 @@
 // whatever its strides), the block's absolute maximum ("absmax", as in bitsandbytes' blockwise 8-bit
 // optimizers, Dettmers et al. 2022). Element i of block b holds
 //     value = map[code_i] * absmax_b          (float32 arithmetic)
+// (The optimizers store their non-negative second moments through their square root: unsigned codes there
+// hold sqrt(state), and the state reads as value^2; Note [square-root states] in rules_quant.h.)
 // The last block of a tensor may be shorter (a "tail"); its scale covers only its own elements. An update
 // dequantizes a whole block into registers, runs the rule's per-element functor of math.h unchanged,
 // takes the block's new absmax, and requantizes each value x to the code of the nearest map entry of

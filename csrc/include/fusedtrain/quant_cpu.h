@@ -79,9 +79,12 @@ inline __attribute__((always_inline)) void block_body(void* const* ptr, int64_t 
     if (sgn[s]) {
       const int8_t* __restrict__ c = static_cast<const int8_t*>(ptr[2 + 2 * s]) + e0;
       for (int64_t i = 0; i < n; ++i) x[i] = static_cast<T>(decode_signed(c[i], absmax, kMaps.signed_value));
-    } else {
+    } else {  // Note [square-root states] (rules_quant.h): the codes hold sqrt(state)
       const uint8_t* __restrict__ c = static_cast<const uint8_t*>(ptr[2 + 2 * s]) + e0;
-      for (int64_t i = 0; i < n; ++i) x[i] = static_cast<T>(decode_unsigned(c[i], absmax, kMaps.unsigned_value));
+      for (int64_t i = 0; i < n; ++i) {
+        const float root = decode_unsigned(c[i], absmax, kMaps.unsigned_value);
+        x[i] = static_cast<T>(root * root);
+      }
     }
   }
 #pragma GCC ivdep
@@ -96,7 +99,10 @@ inline __attribute__((always_inline)) void block_body(void* const* ptr, int64_t 
     if constexpr (L::kCopy) out[i] = static_cast<typename L::O>(r[0]);
   }
   for (int s = 0; s < S; ++s) {
-    const T* __restrict__ x = st[s];
+    T* __restrict__ x = st[s];
+    if (!sgn[s]) {
+      for (int64_t i = 0; i < n; ++i) x[i] = std::sqrt(x[i]);  // Note [square-root states]
+    }
     T m = T(0);
     bool nan = false;
     for (int64_t i = 0; i < n; ++i) {

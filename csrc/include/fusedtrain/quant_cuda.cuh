@@ -83,16 +83,22 @@ __global__ void __launch_bounds__(kBlock) quant_kernel(const __grid_constant__ c
 #pragma unroll
       for (int s = 0; s < S; ++s) {
         const float absmax = static_cast<const float*>(table.ptr[3 + 2 * s][t])[b];
-        r[2 + s] = (signs >> s) & 1u
-                       ? static_cast<T>(decode_signed(static_cast<const int8_t*>(table.ptr[2 + 2 * s][t])[e], absmax,
-                                                      maps.signed_value))
-                       : static_cast<T>(decode_unsigned(static_cast<const uint8_t*>(table.ptr[2 + 2 * s][t])[e],
-                                                        absmax, maps.unsigned_value));
+        if ((signs >> s) & 1u) {
+          r[2 + s] = static_cast<T>(
+              decode_signed(static_cast<const int8_t*>(table.ptr[2 + 2 * s][t])[e], absmax, maps.signed_value));
+        } else {  // Note [square-root states] (rules_quant.h): the codes hold sqrt(state)
+          const float root =
+              decode_unsigned(static_cast<const uint8_t*>(table.ptr[2 + 2 * s][t])[e], absmax, maps.unsigned_value);
+          r[2 + s] = static_cast<T>(root * root);
+        }
       }
       op(r);
       static_cast<P*>(table.ptr[0][t])[e] = rounding::store_param<L>(r[0], key, e);
       if constexpr (L::kCopy) static_cast<O*>(table.ptr[2 + 2 * S][t])[e] = static_cast<O>(r[0]);
     }
+    // what the codes hold: the state, or its square root (Note [square-root states])
+#pragma unroll
+    for (int s = 0; s < S; ++s) r[2 + s] = ((signs >> s) & 1u) ? r[2 + s] : ::sqrt(r[2 + s]);
 #pragma unroll
     for (int s = 0; s < S; ++s) {
       T m = active ? (r[2 + s] < T(0) ? -r[2 + s] : r[2 + s]) : T(0);

@@ -7,11 +7,23 @@
 // is the same functor) and declares
 //   kName                 "<rule>8bit";
 //   signed_states(hyper)  per element-wise state of the float rule, whether it can be negative (int8 codes,
-//                         the signed map) or not (uint8 codes, the unsigned map);
+//                         the signed map) or is a second moment (uint8 codes of its square root on the
+//                         unsigned map, Note [square-root states]);
 //   states / state_kinds  derived from the float rule's states: "<name>" (codes) then "<name>_absmax";
 //   run<Backend>          run_quantized: instantiates the functor for the layout, as run_rule does, and
 //                         hands it to the backend's block driver, quant::Driver<Backend> (quant_cpu.h,
 //                         quant_cuda.cuh), which processes whole blocks: dequantize, update, requantize.
+// Note [square-root states]:
+// The unsigned states of these rules are second moments (Adam's exp_avg_sq and max_exp_avg_sq, Adagrad's
+// sum, RMSprop's square_avg), which the updates use as sqrt(state) next to a first moment or gradient of
+// about the same relative size: a value v relative to its block's max is about the square of its first
+// moment's. Quantized directly, v would reach the map's floor (1e-7 relative, code 0) while its first moment
+// is still representable (down to 1e-6), and m / (sqrt(0) + eps) throws the parameter far (seen on a digits
+// MLP: weights of rarely active input pixels moved by 8 where float32 states moved them by 0.02). So
+// unsigned codes hold sqrt(state): absmax is the block's max of sqrt(state), and the state reads as
+// (map[code] * absmax)^2 (float32). sqrt(v) then spans the decades of the first moment, and 8 bits give it
+// the relative precision the update's denominator needs.
+//
 // Layouts: uniform parameters of any floating dtype (opmath registers, bfloat16 optionally with
 // stochastic rounding) and master weights (float32 masters, float16/bfloat16 copies). EMA averages are
 // not fused (the optimizer leaves them to the EMA's own pass).

@@ -3,15 +3,16 @@
 ``csrc/include/fusedtrain/quant.h``).
 
 A state of a parameter with n elements is stored as codes of the parameter's shape (``torch.int8`` for
-signed states such as ``exp_avg``, ``torch.uint8`` for non-negative ones such as ``exp_avg_sq``) plus a
+signed states such as ``exp_avg``, ``torch.uint8`` for second moments such as ``exp_avg_sq``) plus a
 float32 vector ``<key>_absmax`` of ``ceil(n / 256)`` block scales: element i of block b (row-major order)
-is ``map[code_i] * absmax_b``. :func:`quantize` reproduces the kernels' requantization bit for bit (same
+is ``map[code_i] * absmax_b`` (signed), or ``(map[code_i] * absmax_b) ** 2`` (unsigned: the codes hold the
+square root of the state, Note [square-root states] in csrc/include/fusedtrain/rules_quant.h). :func:`quantize` reproduces the kernels' requantization bit for bit (same
 tables, same float arithmetic), so a converted state is what the kernels would have written.
 """
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 import torch
@@ -19,21 +20,29 @@ from torch import Tensor
 
 from .._build import library
 
-__all__ = ["BLOCK", "ABSMAX_SUFFIX", "maps", "quantize", "dequantize", "is_codes", "num_blocks",
-           "to_torch_state_dict"]
+__all__ = [
+    "ABSMAX_SUFFIX",
+    "BLOCK",
+    "dequantize",
+    "is_codes",
+    "maps",
+    "num_blocks",
+    "quantize",
+    "to_torch_state_dict",
+]
 
 BLOCK = 256
 ABSMAX_SUFFIX = "_absmax"
 
 
-@lru_cache(maxsize=None)
+@cache
 def _tables() -> dict[str, Any]:
     t = dict(library().quant_maps())
     assert t["block"] == BLOCK, "the Python and C++ block sizes disagree"
     return t
 
 
-@lru_cache(maxsize=None)
+@cache
 def _table(name: str, dtype: torch.dtype, device: torch.device) -> Tensor:
     return torch.tensor(_tables()[name], dtype=torch.float32).to(device=device, dtype=dtype)
 
@@ -62,13 +71,14 @@ def _opmath(dtype: torch.dtype) -> torch.dtype:
 
 
 def quantize(x: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
-    """Quantizes a float state as the kernels do: per block of 256 row-major elements, absmax = max|x|
-    (rounded to float32), code = nearest map entry of x * (1/absmax) in x's opmath type (float64 for
-    float64 states, float32 otherwise).
+    """Quantizes a float state as the kernels do: y = x (signed) or sqrt(x) (unsigned), in x's opmath type
+    (float64 for float64 states, float32 otherwise); per block of 256 row-major elements, absmax = max|y|
+    (rounded to float32), code = nearest map entry of y * (1/absmax).
 
     Args:
         x: the state (any shape, any floating dtype).
-        signed: int8 codes on the signed map (states that can be negative), else uint8 on the unsigned map.
+        signed: int8 codes on the signed map (states that can be negative), else uint8 codes of sqrt(x) on the
+            unsigned map (non-negative second moments).
 
     Returns:
         ``(codes, absmax)``: codes of x's shape, float32 absmax of shape ``[ceil(x.numel() / 256)]``.
@@ -79,6 +89,8 @@ def quantize(x: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
     n = x.numel()
     blocks = num_blocks(n)
     flat = x.detach().reshape(-1).to(op)
+    if not signed:
+        flat = flat.sqrt()
     padded = torch.zeros(blocks * BLOCK, dtype=op, device=x.device)
     padded[:n] = flat
     mag = padded.abs().view(blocks, BLOCK)
@@ -98,8 +110,9 @@ def quantize(x: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
 
 
 def dequantize(codes: Tensor, absmax: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
-    """The float state of ``(codes, absmax)`` as the kernels read it (``map[code] * absmax`` in float32),
-    converted to ``dtype``; codes' dtype says the map (int8 signed, uint8 unsigned)."""
+    """The float state of ``(codes, absmax)`` as the kernels read it (``map[code] * absmax``, squared for
+    unsigned codes, in float32), converted to ``dtype``; codes' dtype says the map (int8 signed, uint8
+    unsigned)."""
     if not is_codes(codes):
         raise TypeError(f"fusedtrain: codes must be int8 or uint8, got {codes.dtype}")
     n = codes.numel()
@@ -109,7 +122,10 @@ def dequantize(codes: Tensor, absmax: Tensor, dtype: torch.dtype = torch.float32
     table = maps()["signed" if codes.dtype == torch.int8 else "unsigned"].to(codes.device)
     idx = codes.reshape(-1).long() + (128 if codes.dtype == torch.int8 else 0)
     scale = absmax.repeat_interleave(BLOCK)[:n]
-    return (table[idx] * scale).view(codes.shape).to(dtype)
+    value = table[idx] * scale
+    if codes.dtype == torch.uint8:
+        value = value * value
+    return value.view(codes.shape).to(dtype)
 
 
 def to_torch_state_dict(state_dict: dict[str, Any], dtype: torch.dtype = torch.float32) -> dict[str, Any]:
