@@ -48,6 +48,13 @@ TORCH_LIBRARY(fusedtrain, m) {
         "Tensor? found_inf=None) -> ()");
   // The vector norm of all tensors together (one device, one dtype): float32 (float64 for float64 input).
   m.def("total_norm(Tensor[] tensors, float norm_type) -> Tensor");
+  // One parameter's torch.optim.Adafactor step in three sweeps (Note [Adafactor passes] in
+  // include/fusedtrain/adafactor.h): row_var / col_var for >= 2-D params, variance otherwise; the host's
+  // per-step scalars (step ** beta2_decay, eps1, eps2, rho, 1 - lr*wd, d) as torch computes them in Python;
+  // inv_scale / clip_coef: GradScaler's and max_grad_norm's factors on the gradient (1: unused).
+  m.def("adafactor_(Tensor(a!) param, Tensor grad, Tensor(b!)? row_var, Tensor(c!)? col_var, Tensor(d!)? variance, "
+        "float one_minus_beta2, float eps1, float eps2, float rho, float decay, bool apply_decay, float d, "
+        "bool maximize, float inv_scale=1.0, float clip_coef=1.0) -> ()");
 
   // ---- Regularization (issue 4): dropout family and penalty. ----
   // Note [dropout op conventions]: `seed` is a one-element int64 tensor, on the CPU (read by the host) or on
@@ -69,13 +76,15 @@ TORCH_LIBRARY(fusedtrain, m) {
 
   // ---- augment (issue 5) ----
   // Note [augment op]: random resized crop + horizontal flip + brightness/contrast/saturation +
-  // normalize of uint8 (C, H, W) images (any strides: NCHW or NHWC batches are passed as views) into one
-  // new (N, C, size, size) tensor of dtype out_dtype. Per-sample parameters are CPU tensors the driver
-  // reads on the host: boxes int64 (N, 4) = (top, left, height, width) inside each image, flips bool
-  // (N,), factors float32 (N, 3) = (brightness, contrast, saturation). mean/std have C values.
+  // normalize of uint8 (C, H, W) images in 0..255, or float32 ones in [0, 1] (torchvision's float
+  // convention), any strides (NCHW or NHWC batches are passed as views), into one new
+  // (N, C, size[0], size[1]) tensor of dtype out_dtype (an int size is square). Per-sample parameters
+  // are CPU tensors the driver reads on the host: boxes int64 (N, 4) = (top, left, height, width) inside
+  // each image, flips bool (N,), factors float32 (N, 3) = (brightness, contrast, saturation). mean/std
+  // have C values.
   // antialias: torch's antialiased bilinear resize instead of the two-tap one.
   // Math: csrc/include/fusedtrain/augment.h.
   m.def(
-      "augment(Tensor[] images, Tensor boxes, Tensor flips, Tensor factors, int size, float[] mean, float[] std, "
+      "augment(Tensor[] images, Tensor boxes, Tensor flips, Tensor factors, int[2] size, float[] mean, float[] std, "
       "ScalarType out_dtype, bool antialias=False) -> Tensor");
 }

@@ -1,9 +1,28 @@
-"""Shared by the examples: the mean ± spread table of accuracies over seeds, and matplotlib for the plots."""
+"""Shared by the examples: their command line (the full docstring as --help, an --out folder), the mean ± spread
+table of accuracies over seeds, and matplotlib for the plots."""
 
 from __future__ import annotations
 
+import argparse
 import statistics
+from pathlib import Path
 from typing import Any
+
+# Where the examples write their figures unless --out says otherwise: a folder in the current directory, never
+# examples/figures (the committed figures the docs show; regenerate those with --out examples/figures).
+DEFAULT_OUT = Path("fusedtrain-figures")
+
+
+def parser(doc: str) -> argparse.ArgumentParser:
+    """An argument parser whose --help prints the example's whole docstring (what it does, how to read it)."""
+    return argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def add_out(ap: argparse.ArgumentParser, files: str) -> None:
+    """The --out option: the folder the example writes ``files`` to (created when missing)."""
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                    help=f"folder for {files} (created if missing; default: ./{DEFAULT_OUT}; the docs' "
+                         "figures are examples/figures)")
 
 
 def print_accuracies(title: str, runs: list[dict[str, float]]) -> None:

@@ -33,7 +33,6 @@ Prints, per surface and optimizer, the learning rate, the final point and its lo
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +42,7 @@ import torch
 from torch import Tensor
 
 import fusedtrain
-from _report import pyplot
+from _report import add_out, parser, pyplot
 
 
 @dataclass(frozen=True)
@@ -102,41 +101,56 @@ def path(surface: Surface, opt_name: str, steps: int, lib: Any = fusedtrain.opti
     return torch.stack(points)
 
 
+# Okabe-Ito colours (distinct, also for colour-blind readers); the SGD family solid, the adaptive family dashed.
+STYLES: dict[str, tuple[str, str]] = {
+    "SGD": ("#000000", "-"), "Momentum": ("#0072B2", "-"), "Nesterov": ("#56B4E9", "-"),
+    "Adagrad": ("#009E73", "--"), "RMSprop": ("#E69F00", "--"), "Adam": ("#D55E00", "--"),
+}
+
+
 def plot(out: Path, paths: dict[str, dict[str, Tensor]], steps: int) -> None:
     plt = pyplot("optimizer_paths.py")
+    from matplotlib.lines import Line2D
 
-    colors = dict(zip(OPTIMIZERS, ["black", "tab:blue", "tab:cyan", "tab:green", "tab:orange", "tab:red"]))
-    fig, axes = plt.subplots(1, len(SURFACES), figsize=(15, 4.6))
+    fig, axes = plt.subplots(1, len(SURFACES), figsize=(16, 5.6))
     for ax, s in zip(axes, SURFACES):
         xs = torch.linspace(*s.xlim, 200, dtype=torch.float64)
         ys = torch.linspace(*s.ylim, 200, dtype=torch.float64)
         gx, gy = torch.meshgrid(xs, ys, indexing="xy")
         z = s.f(gx, gy)
-        ax.contour(gx.numpy(), gy.numpy(), z.numpy(), levels=15, cmap="Greys_r", linewidths=0.6, alpha=0.6)
+        ax.contour(gx.numpy(), gy.numpy(), z.numpy(), levels=15, cmap="Greys_r", linewidths=0.6, alpha=0.5)
         for name, pts in paths[s.name].items():
-            ax.plot(pts[:, 0].numpy(), pts[:, 1].numpy(), "-", color=colors[name], lw=1.3,
-                    label=f"{name} (lr {s.lr(name):g})")
+            color, style = STYLES[name]
+            ax.plot(pts[:, 0].numpy(), pts[:, 1].numpy(), style, color=color, lw=1.6)
             if float(pts[-1].abs().max()) <= BOUND:
-                ax.plot(pts[-1, 0], pts[-1, 1], "o", color=colors[name], ms=5)
+                ax.plot(pts[-1, 0], pts[-1, 1], "o", color=color, mec="white", mew=0.8, ms=7, zorder=6)
         for m in s.minima:
-            ax.plot(*m, "*", color="gold", ms=12, mec="black", zorder=5)
-        ax.plot(*s.start, "s", color="white", mec="black", ms=6, zorder=5)
+            ax.plot(*m, "*", color="gold", ms=15, mec="black", zorder=5)
+        ax.plot(*s.start, "s", color="white", mec="black", ms=8, zorder=5)
         ax.set_xlim(*s.xlim)
         ax.set_ylim(*s.ylim)
-        ax.set_title(f"{s.name}: {s.formula}, {steps} steps", fontsize=10)
-        ax.legend(fontsize=7, loc="lower left" if s.name != "ravine" else "upper right")
-    fig.tight_layout()
+        ax.set_xlabel("x")
+        ax.set_ylabel("y")
+        ax.set_title(f"{s.name}: {s.formula}\nlr {s.lr_sgd:g} (solid: SGD family), {s.lr_adaptive:g} "
+                     "(dashed: adaptive)", fontsize=11)
+    key = [Line2D([], [], color=c, ls=ls, lw=2, label=name) for name, (c, ls) in STYLES.items()]
+    key += [Line2D([], [], ls="", marker="s", color="white", mec="black", ms=8, label="start"),
+            Line2D([], [], ls="", marker="o", color="grey", mec="white", ms=7, label=f"after {steps} steps"),
+            Line2D([], [], ls="", marker="*", color="gold", mec="black", ms=14, label="minimum")]
+    fig.legend(handles=key, loc="lower center", ncol=len(key), fontsize=11, frameon=False)
+    fig.suptitle("Paths of six fusedtrain optimizers from the same start on three test surfaces (grey: contours "
+                 "of f)", fontsize=12)
+    fig.tight_layout(rect=(0, 0.07, 1, 0.96))
     out.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out / "optimizer_paths.png", dpi=70)
+    fig.savefig(out / "optimizer_paths.png", dpi=80)
     plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, tuple[float, float, float]]]:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=200, help="optimizer steps per path")
+    ap = parser(__doc__)
+    ap.add_argument("--steps", type=int, default=200, help="optimizer steps per path (default 200)")
     ap.add_argument("--quick", action="store_true", help="60 steps")
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "figures",
-                    help="folder for optimizer_paths.png")
+    add_out(ap, "optimizer_paths.png")
     args = ap.parse_args(argv)
     steps = min(args.steps, 60) if args.quick else args.steps
 

@@ -8,7 +8,7 @@ removes part of each one's errors.
 
 Protocol (every seed run is reported, none dropped; the defaults were picked on pilot runs of this same
 data, including the weight decay: 5e-4 and 2e-3 were both run with 8 seeds and both results are in the
-README, as is the noise-free task on which the ensemble does not help):
+docs/ensemble.md, as is the noise-free task on which the ensemble does not help):
 
 * Data: scikit-learn's bundled digits (1797 8x8 images). For seed s: a random split into ``--train-size``
   (default 1000) training and the rest (797) test images; then ``--noise`` (default 20 %) of the TRAINING
@@ -39,12 +39,11 @@ so far, and both learning-rate schedules.
     python examples/snapshot_ensemble.py [--seeds 8] [--cycles 5] [--noise 0.2] [--quick] [--out DIR]
 
 About 1-2 minutes on 2 CPU cores (``--quick``: seconds). With ``--noise 0`` the task is easy, every
-run converges to nearly the same solution, and the ensemble ties the single model (see the README).
+run converges to nearly the same solution, and the ensemble ties the single model (see docs/ensemble.md).
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import statistics
 from pathlib import Path
@@ -54,7 +53,7 @@ import torch
 from torch import Tensor, nn
 
 import fusedtrain
-from _report import print_accuracies, pyplot
+from _report import add_out, parser, print_accuracies, pyplot
 from fusedtrain.ensemble import EMA, CyclicCosineLR, SnapshotEnsemble
 
 BATCH = 32
@@ -194,20 +193,22 @@ def plot(path: Path, singles: list[dict[str, Any]], snaps: list[dict[str, Any]],
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seeds", type=int, default=8, help="seeds 0..N-1, all reported")
-    ap.add_argument("--cycles", type=int, default=5, help="M, cycles and snapshots")
-    ap.add_argument("--epochs", type=int, default=60)
-    ap.add_argument("--lr", type=float, default=0.2, help="alpha0 of the cyclic schedule")
-    ap.add_argument("--single-lrs", default="0.05,0.1,0.2", help="alpha0 grid of the single model")
-    ap.add_argument("--weight-decay", type=float, default=2e-3)
-    ap.add_argument("--noise", type=float, default=0.2, help="fraction of training labels flipped")
-    ap.add_argument("--train-size", type=int, default=1000)
+    ap = parser(__doc__)
+    ap.add_argument("--seeds", type=int, default=8, help="seeds 0..N-1, all reported (default 8)")
+    ap.add_argument("--cycles", type=int, default=5, help="M: cycles of the schedule and snapshots (default 5)")
+    ap.add_argument("--epochs", type=int, default=60, help="training epochs of every run (default 60)")
+    ap.add_argument("--lr", type=float, default=0.2, help="alpha0 of the cyclic schedule (default 0.2)")
+    ap.add_argument("--single-lrs", default="0.05,0.1,0.2",
+                    help="comma-separated alpha0 grid of the single model (default 0.05,0.1,0.2)")
+    ap.add_argument("--weight-decay", type=float, default=2e-3, help="SGD weight decay of every run (default 2e-3)")
+    ap.add_argument("--noise", type=float, default=0.2,
+                    help="fraction of training labels flipped to another class (default 0.2)")
+    ap.add_argument("--train-size", type=int, default=1000,
+                    help="training images; the rest of the 1797 digits are the test set (default 1000)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (default 1: the matrices are tiny, a second thread only adds waiting)")
     ap.add_argument("--quick", action="store_true", help="2 seeds, 15 epochs, single-model lr = --lr only")
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "figures",
-                    help="folder for snapshot_ensemble.png")
+    add_out(ap, "snapshot_ensemble.png")
     args = ap.parse_args(argv)
     if args.quick:
         args.seeds, args.epochs, args.single_lrs = min(args.seeds, 2), min(args.epochs, 15), str(args.lr)

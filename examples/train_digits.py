@@ -21,7 +21,6 @@ About a minute on 2 CPU cores (``--quick``: seconds). Needs scikit-learn (data) 
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,7 @@ import torch
 from torch import nn
 
 import fusedtrain
-from _report import pyplot
+from _report import add_out, parser, pyplot
 
 # (label, optimizer class, keyword arguments, dropout p, augment)
 RUNS: list[tuple[str, str, dict[str, Any], float, bool]] = [
@@ -124,13 +123,15 @@ def plot(results: dict[str, dict[str, list[float]]], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, list[float]]]:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--epochs", type=int, default=30)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--train-size", type=int, default=1000)
+    ap = parser(__doc__)
+    ap.add_argument("--epochs", type=int, default=30, help="training epochs of every run (default 30)")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="seed of the split, the initialization and the batch order (default 0)")
+    ap.add_argument("--train-size", type=int, default=1000,
+                    help="training images; the rest of the 1797 digits are the test set (default 1000)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the network is tiny)")
-    ap.add_argument("--quick", action="store_true", help="3 epochs (a smoke test, not the README's numbers)")
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "figures")
+    ap.add_argument("--quick", action="store_true", help="3 epochs (a smoke test, not the numbers of docs/optim.md)")
+    add_out(ap, "train_digits.png")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     epochs = 3 if args.quick else args.epochs

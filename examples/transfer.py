@@ -14,7 +14,6 @@ chart of the same numbers) to ``--out``.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import statistics
 from pathlib import Path
@@ -23,7 +22,7 @@ import torch
 from torch import nn
 
 import fusedtrain
-from _report import print_accuracies, pyplot
+from _report import add_out, parser, print_accuracies, pyplot
 from fusedtrain.transfer import finetune, replace_head
 
 
@@ -114,15 +113,14 @@ def plot(path: Path, runs: list[dict[str, float]], title: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, float]]:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shots", type=int, default=10, help="labelled images per new class")
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=300, help="Adam steps of each training run")
+    ap = parser(__doc__)
+    ap.add_argument("--shots", type=int, default=10, help="labelled images per new class (default 10)")
+    ap.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1, all reported (default 3)")
+    ap.add_argument("--steps", type=int, default=300, help="Adam steps of each training run (default 300)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (default 1: the tensors are tiny, a second thread only adds waiting)")
     ap.add_argument("--quick", action="store_true", help="1 seed, 60 steps")
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "figures",
-                    help="folder for transfer.png")
+    add_out(ap, "transfer.png")
     args = ap.parse_args(argv)
     if args.quick:
         args.seeds, args.steps = 1, min(args.steps, 60)

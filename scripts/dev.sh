@@ -8,8 +8,10 @@
 #   bash scripts/dev.sh sanitize [args]  build the CPU kernels with AddressSanitizer + UndefinedBehaviorSanitizer
 #                                        into .venv-sanitize and run pytest there (default: tests/, not cuda)
 # It creates a virtual environment (.venv, or $FUSEDTRAIN_VENV), installs torch, torchvision and timm
-# (models for the transfer-learning tests), scikit-learn and matplotlib (the examples' data and plots,
-# run by tests/test_examples.py) and the build and test tools into it, and builds fusedtrain in place
+# (models for the transfer-learning tests, the reference Lion), schedulefree (the reference schedule-free
+# optimizers of tests/test_optim_beyond_torch.py), scikit-learn and matplotlib (the examples' data and plots,
+# run by tests/test_examples.py), transformers, accelerate and pytorch-lightning (tests/test_integrations.py)
+# and the build and test tools into it, and builds fusedtrain in place
 # (CUDA kernels when torch is a CUDA build and nvcc is found; FUSEDTRAIN_CPU_ONLY=1 to skip them).
 # Run again, it reinstalls nothing whose inputs are unchanged: the packages when the list below is the same,
 # the build when the sources, torch and the build settings are (scripts/build_stamp.py); a changed source
@@ -21,8 +23,8 @@ shift || true
 
 # The packages of every environment this script makes: add new test or benchmark dependencies to this line.
 install_deps() {
-  python -m pip install -q "torch>=2.6" torchvision timm numpy scikit-learn matplotlib ninja pytest hypothesis \
-    expecttest "setuptools>=64" wheel
+  python -m pip install -q "torch>=2.6" torchvision timm schedulefree numpy scikit-learn matplotlib ninja pytest \
+    hypothesis expecttest "setuptools>=64" wheel transformers accelerate pytorch-lightning
 }
 
 # make_venv DIR: create DIR if needed, activate it, and install the packages unless this list is already in.

@@ -36,6 +36,23 @@ CONFIGS: list[tuple[str, dict[str, Any]]] = [
     ("NAdam", dict(lr=0.01, weight_decay=0.05, decoupled_weight_decay=True)),
 ]
 
+# torch.optim's other element-wise optimizers (issue 15). RAdam: 12 steps cross its rectification threshold
+# (rho_t > 5 from step 6); ASGD with t0=5: the averaging (mu < 1) starts at step 7.
+OPTIMIZERS += ["RAdam", "Adamax", "Adadelta", "ASGD", "Rprop"]
+CONFIGS += [
+    ("RAdam", dict(lr=0.01)),
+    ("RAdam", dict(lr=0.01, betas=(0.8, 0.99), eps=1e-3, weight_decay=0.1, maximize=True)),
+    ("RAdam", dict(lr=0.01, weight_decay=0.05, decoupled_weight_decay=True)),
+    ("Adamax", dict(lr=0.01)),
+    ("Adamax", dict(lr=0.01, betas=(0.8, 0.99), eps=1e-3, weight_decay=0.1, maximize=True)),
+    ("Adadelta", dict(lr=1.0)),
+    ("Adadelta", dict(lr=0.5, rho=0.8, eps=1e-4, weight_decay=0.1, maximize=True)),
+    ("ASGD", dict(lr=0.01)),
+    ("ASGD", dict(lr=0.01, lambd=0.01, alpha=0.6, t0=5, weight_decay=0.1, maximize=True)),
+    ("Rprop", dict(lr=0.01)),
+    ("Rprop", dict(lr=0.01, etas=(0.3, 1.5), step_sizes=(1e-3, 0.05), maximize=True)),
+]
+
 
 def config_id(cfg: tuple[str, dict[str, Any]]) -> str:
     name, kw = cfg

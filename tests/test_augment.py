@@ -22,13 +22,16 @@ MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 # ---------------------------------------------------------------- references
 
-def _tv_chain(img: torch.Tensor, box: list[int], flip: bool, f: list[float], size: int, *, to_float_first: bool,
-              mean: list[float] | None = None, std: list[float] | None = None, antialias: bool = False) -> torch.Tensor:
+def _tv_chain(img: torch.Tensor, box: list[int], flip: bool, f: list[float], size: int | tuple[int, int], *,
+              to_float_first: bool, mean: list[float] | None = None, std: list[float] | None = None,
+              antialias: bool = False) -> torch.Tensor:
     """torchvision v2 functional: resized_crop (bilinear, antialias=False), horizontal_flip, brightness,
     contrast, saturation, to float in [0, 1], normalize. ``to_float_first`` converts the uint8 image to
-    float before the chain; otherwise torchvision works on uint8 and rounds after every step."""
+    float before the chain; otherwise torchvision works on the image's dtype: a uint8 image is rounded after
+    every step, a float image in [0, 1] runs the float chain. ``size``: an int (square) or (height, width)."""
     x = TF.to_dtype(img, torch.float32, scale=True) if to_float_first else img
-    x = TF.resized_crop(x, *box, [size, size], interpolation=T.InterpolationMode.BILINEAR, antialias=antialias)
+    hw = [size, size] if isinstance(size, int) else list(size)
+    x = TF.resized_crop(x, *box, hw, interpolation=T.InterpolationMode.BILINEAR, antialias=antialias)
     if flip:
         x = TF.horizontal_flip(x)
     x = TF.adjust_brightness(x, f[0])
@@ -177,6 +180,78 @@ def test_half_outputs_are_the_rounded_float_output() -> None:
     for dt in (torch.float16, torch.bfloat16):
         got = AF.augment(x, boxes, [True, False] * 2, out_dtype=dt, **kw)
         assert got.dtype == dt and torch.equal(got, ref.to(dt))
+
+
+# ---------------------------------------------------------------- float input, (height, width) output
+
+def _random_float_case(gen: torch.Generator, channels: int) -> tuple[torch.Tensor, list[int], bool, list[float],
+                                                                      tuple[int, int]]:
+    """A _random_case with a float image in [0, 1] and a non-square output."""
+    img, box, flip, f, size = _random_case(gen, channels)
+    image = torch.rand(img.shape, generator=gen)
+    image[:, :2, :2] = torch.tensor([0.0, 1.0])  # the ends of the range
+    return image, box, flip, f, (size, int(torch.randint(3, 45, (1,), generator=gen)))
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+def test_float_input_matches_torchvision_float_chain(channels: int) -> None:
+    """Float images in [0, 1] (torchvision's float convention) with (height, width) outputs: torchvision's
+    float chain, before and after normalization, with and without antialias."""
+    gen = torch.Generator().manual_seed(40 + channels)
+    mean, std = MEAN[:channels], STD[:channels]
+    for k in range(60):
+        img, box, flip, f, hw = _random_float_case(gen, channels)
+        antialias = k % 3 == 0
+        got = _ours(img, box, flip, f, hw, antialias=antialias)
+        assert got.shape == (channels, *hw)
+        ref = _tv_chain(img, box, flip, f, hw, to_float_first=False, antialias=antialias)
+        torch.testing.assert_close(got, ref, rtol=0, atol=FLOAT_TOL)
+        got_n = _ours(img, box, flip, f, hw, mean=mean, std=std, antialias=antialias)
+        ref_n = _tv_chain(img, box, flip, f, hw, to_float_first=False, mean=mean, std=std, antialias=antialias)
+        torch.testing.assert_close(got_n, ref_n, rtol=1e-5, atol=FLOAT_TOL / min(std))
+
+
+def test_float_input_equals_the_same_image_as_uint8() -> None:
+    """A uint8 image and the same image as float (u / 255) give the same output up to float rounding; float
+    values outside [0, 1] are clamped as torchvision's adjust_brightness clamps them (even at factor 1)."""
+    gen = torch.Generator().manual_seed(44)
+    x = torch.randint(0, 256, (5, 3, 31, 43), dtype=torch.uint8, generator=gen)
+    aug = BatchAugment((17, 29), brightness=0.4, contrast=0.4, saturation=0.4, mean=MEAN, std=STD)
+    torch.testing.assert_close(aug(x.float() / 255, seed=2), aug(x, seed=2), rtol=1e-5, atol=1e-5)
+    for dt in (torch.float64, torch.float16, torch.bfloat16):  # other float dtypes: read as float32
+        xd = (x.float() / 255).to(dt)
+        assert torch.equal(aug(xd, seed=2), aug(xd.float(), seed=2))
+    wild = torch.randn(2, 3, 20, 20, generator=gen) * 2  # outside [0, 1]
+    params = aug.sample_params(wild, seed=3)
+    got = aug(wild, seed=3)
+    for i in range(2):
+        ref = _tv_chain(wild[i], params.boxes[i].tolist(), bool(params.flips[i]), params.factors[i].tolist(),
+                        (17, 29), to_float_first=False, mean=MEAN, std=STD)
+        torch.testing.assert_close(got[i], ref, rtol=1e-5, atol=FLOAT_TOL / min(STD))
+
+
+def test_size_height_width() -> None:
+    """size=(h, w) as torchvision's RandomResizedCrop: uint8 and float input, lists of sizes, NHWC, one-value
+    sequences as squares; BatchAugment keeps size as (h, w)."""
+    gen = torch.Generator().manual_seed(45)
+    images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=gen) for h, w in
+              [(20, 31), (64, 17), (9, 9), (50, 80)]]
+    aug = BatchAugment((13, 26), brightness=0.5, contrast=0.5, saturation=0.5, hflip=0.5)
+    assert aug.size == (13, 26) and "size=(13, 26)" in repr(aug)
+    out, p = aug(images, seed=4, return_params=True)
+    assert out.shape == (4, 3, 13, 26)
+    for i, im in enumerate(images):
+        ref = _tv_chain(im, p.boxes[i].tolist(), bool(p.flips[i]), p.factors[i].tolist(), (13, 26),
+                        to_float_first=True)
+        torch.testing.assert_close(out[i], ref, rtol=0, atol=FLOAT_TOL)
+    nhwc = [im.permute(1, 2, 0) for im in images]
+    assert torch.equal(BatchAugment((13, 26), brightness=0.5, contrast=0.5, saturation=0.5, layout="NHWC")(
+        nhwc, seed=4), out)
+    assert BatchAugment([7]).size == (7, 7) and BatchAugment(torch.Size([5, 6])).size == (5, 6)
+    batch = torch.randint(0, 256, (2, 3, 20, 20), dtype=torch.uint8, generator=gen)
+    boxes = [[0, 0, 20, 20], [2, 3, 9, 15]]
+    assert torch.equal(AF.augment(batch, boxes, size=11), AF.augment(batch, boxes, size=(11, 11)))
+    assert AF.augment(batch, boxes, size=(1, 40)).shape == (2, 3, 1, 40)
 
 
 # ---------------------------------------------------------------- layouts, threads, ISAs
@@ -354,8 +429,10 @@ def test_sampled_parameters_follow_the_requested_law() -> None:
 def test_bad_input_is_refused_clearly() -> None:
     x = torch.randint(0, 256, (2, 3, 20, 20), dtype=torch.uint8)
     aug = BatchAugment(8)
-    with pytest.raises(TypeError, match="uint8"):
-        aug(x.float())
+    with pytest.raises(TypeError, match=r"dtype torch.int32.*uint8 images \(0..255\) or float images in \[0, 1\]"):
+        aug(x.int())
+    with pytest.raises(TypeError, match=r"images\[1\] is torch.float32 but images\[0\] is torch.uint8"):
+        aug([x[0], x[1].float()])
     with pytest.raises(ValueError, match="empty"):
         aug(x[:0])
     with pytest.raises(ValueError, match="empty"):
@@ -368,8 +445,11 @@ def test_bad_input_is_refused_clearly() -> None:
         aug(x.permute(0, 2, 3, 1))  # NHWC data with the default layout
     with pytest.raises(ValueError, match="pass both mean and std"):
         BatchAugment(8, mean=MEAN)
-    with pytest.raises(ValueError, match="size must be a positive int"):
-        BatchAugment(0)
+    for size in (0, (8, 0), (8, 8, 8), 8.0, (8.5, 8), (True, 8), "8", ()):
+        with pytest.raises(ValueError, match=r"size must be a positive int .* or a \(height, width\) pair"):
+            BatchAugment(size)
+        with pytest.raises(ValueError, match=r"size must be a positive int"):
+            AF.augment(x, [[0, 0, 4, 4]] * 2, size=size)
     with pytest.raises(ValueError, match="scale must satisfy"):
         BatchAugment(8, scale=(0.9, 0.1))
     with pytest.raises(ValueError, match="brightness must be non-negative"):
@@ -390,8 +470,12 @@ def test_bad_input_is_refused_clearly() -> None:
     # the op itself checks what the Python layer would catch
     ops = torch.ops.fusedtrain.augment
     ok = dict(boxes=torch.tensor([[0, 0, 4, 4]] * 2), flips=torch.zeros(2, dtype=torch.bool), factors=torch.ones(2, 3))
-    with pytest.raises(RuntimeError, match=r"images\[0\] has dtype Float.*uint8"):
-        ops(list(x.float()), *ok.values(), 8, [0.0] * 3, [1.0] * 3, torch.float32)
+    with pytest.raises(RuntimeError, match=r"images\[0\] has dtype Double.*uint8 images \(0..255\) or float32"):
+        ops(list(x.double()), *ok.values(), 8, [0.0] * 3, [1.0] * 3, torch.float32)
+    with pytest.raises(RuntimeError, match=r"images\[1\] has dtype Float but images\[0\] has Byte"):
+        ops([x[0], x[1].float()], *ok.values(), 8, [0.0] * 3, [1.0] * 3, torch.float32)
+    with pytest.raises(RuntimeError, match=r"size must be \(height, width\)"):
+        ops(list(x), *ok.values(), [8, 8, 8], [0.0] * 3, [1.0] * 3, torch.float32)
     with pytest.raises(RuntimeError, match="mean and std need one value per channel"):
         ops(list(x), *ok.values(), 8, [0.0], [1.0], torch.float32)
     with pytest.raises(RuntimeError, match="images is empty"):
@@ -475,6 +559,9 @@ def test_opcheck(device: str) -> None:
     nhwc = [im.permute(1, 2, 0).contiguous().permute(2, 0, 1) for im in imgs]
     torch.library.opcheck(op, (nhwc, boxes, flips, factors, 11, MEAN, STD, torch.float32))
     torch.library.opcheck(op, (imgs, boxes, flips, factors, 6, MEAN, STD, torch.float32, True))
+    floats = [im.float() / 255 for im in imgs]
+    torch.library.opcheck(op, (floats, boxes, flips, factors, [9, 14], MEAN, STD, torch.float32))
+    torch.library.opcheck(op, (floats, boxes, flips, factors, [15, 4], MEAN, STD, torch.bfloat16, True))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -499,6 +586,16 @@ def test_device_matches_cpu(device: str) -> None:
         for images in (x[:20], gray):
             torch.testing.assert_close(AF.augment(images.to(device), *args, size=size, antialias=True).cpu(),
                                        AF.augment(images, *args, size=size, antialias=True), rtol=1e-5, atol=1e-5)
+    # float input and (height, width) outputs, plain and antialiased, RGB and gray, NCHW and NHWC
+    xf = x.float() / 255
+    rect = BatchAugment((19, 53), brightness=0.4, contrast=0.4, saturation=0.4, mean=MEAN, std=STD)
+    torch.testing.assert_close(rect(xf.to(device), seed=5).cpu(), rect(xf, seed=5), rtol=1e-5, atol=1e-5)
+    for hw in ((9, 30), (80, 33)):
+        for images, layout in ((xf[:20], "NCHW"), (xf[:20, :1], "NCHW"), (xf[:20].permute(0, 2, 3, 1), "NHWC")):
+            for antialias in (False, True):
+                kw = dict(size=hw, antialias=antialias, layout=layout)
+                torch.testing.assert_close(AF.augment(images.to(device), *args, **kw).cpu(),
+                                           AF.augment(images, *args, **kw), rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------- cutout, mixup, cutmix

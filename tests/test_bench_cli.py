@@ -37,6 +37,9 @@ def test_tiny_run_writes_json(tmp_path) -> None:
         int(s) for s in __import__("fusedtrain.bench.optim", fromlist=["x"]).param_shapes("small-2004")
         for s in s)
     assert "fusedtrain" in proc.stdout
+    # the header says what the probe column is; the table names it "% probe", never an unexplained "% BW"
+    assert "bandwidth probe (in-place add" in proc.stdout and "% probe" in proc.stdout
+    assert "% BW" not in proc.stdout
 
 
 def test_ema_family_rows(tmp_path) -> None:
@@ -106,7 +109,12 @@ def test_plot_json_schema_and_progress(tmp_path, capsys: pytest.CaptureFixture[s
 
     doc = json.loads(js.read_text())
     assert set(doc) == {"env", "results"}
-    assert set(doc["env"]) == {"date", "device", "torch", "cuda", "python", "threads", "fusedtrain", "bandwidth_gbps"}
+    assert set(doc["env"]) == {"date", "device", "torch", "cuda", "python", "threads", "fusedtrain", "bandwidth_gbps",
+                               "warnings"}
+    assert all(isinstance(w, str) and w.startswith("warning: ") for w in doc["env"]["warnings"])
+    assert "\nwarning: " not in out or doc["env"]["warnings"], out  # printed lines are the recorded ones
+    for line in doc["env"]["warnings"]:
+        assert line in out
     assert doc["env"]["threads"] >= 1 and doc["env"]["bandwidth_gbps"] > 0
     rows = doc["results"]
     assert [r["family"] for r in rows] == ["ema"] * 5 + ["optim"] * 4  # in the order asked for
@@ -132,3 +140,58 @@ def test_plot_ratios_unit(tmp_path) -> None:
     assert (tmp_path / "a.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(ValueError, match="no row has a ratio"):
         plot_ratios(rows[:1], tmp_path / "b.png")
+
+
+def test_shorten_cuts_at_words() -> None:
+    from fusedtrain.bench.common import shorten
+
+    assert shorten("short note", 60) == "short note"
+    text = "not available: torch.optim.Adam got an unexpected keyword argument 'fused' on this device type"
+    for width in range(5, len(text)):
+        cut = shorten(text, width)
+        assert len(cut) <= width and cut.endswith("…"), (width, cut)
+        body = cut[:-1]
+        assert text.startswith(body)
+        # the cut falls between words: what follows in the original starts a new word (or punctuation ends one)
+        rest = text[len(body):]
+        assert rest[:1] in (" ", ",", ";", ":", ".") or not body[-1:].isalnum(), (width, cut)
+    assert shorten("x" * 30, 10) == "x" * 9 + "…"  # one long word: cut inside, still within the width
+
+
+def test_table_marks_rows_above_the_probe() -> None:
+    from fusedtrain.bench.common import PROBE_EXPLANATION, Result, format_table
+
+    below = Result("optim", "Adam, x", "fusedtrain", "cpu", 1.0, 0.9, 1.1, gbps=10.0, pct_bw=80.0)
+    above = Result("optim", "SGD, x", "fusedtrain", "cpu", 1.0, 0.9, 1.1, gbps=20.0, pct_bw=160.0)
+    table = format_table([below])
+    assert "% probe" in table.splitlines()[0] and "*" not in table and PROBE_EXPLANATION not in table
+    table = format_table([below, above])
+    lines = table.splitlines()
+    assert " 160*" in lines[3] and " 80 " in lines[2] + " "
+    assert lines[-1] == "* above 100 % of the probe: " + PROBE_EXPLANATION
+    assert "not a ceiling" in PROBE_EXPLANATION  # the explanation says why a row may exceed it
+
+
+def test_noise_warnings(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fusedtrain.bench import common
+    from fusedtrain.bench.common import NOISY_SPREAD, Result, noise_warnings
+
+    monkeypatch.setattr(common, "cpu_count", lambda: 4)
+    steady = Result("optim", "Adam, resnet50 (25.6 M, 161 tensors)", "fusedtrain", "cpu", 10.0, 9.9, 10.2)
+    noisy = Result("optim", "SGD momentum, resnet50 (25.6 M, 161 tensors)", "torch fused", "cpu", 10.0, 8.0,
+                   8.0 * NOISY_SPREAD * 1.01)
+    untimed = Result("optim", "RMSprop, x", "torch fused", "cpu", None, note="not available: no fused RMSprop")
+    assert noise_warnings([steady, untimed], 0.5, 2.4, threads=2) == []  # idle: 0.5 before, 0.4 besides us
+    lines = noise_warnings([steady, noisy, untimed], 0.5, 2.4, threads=2)
+    assert len(lines) == 1 and lines[0].startswith("warning: noisy row (optim, SGD momentum, resnet50")
+    assert "torch fused" in lines[0] and "--reps" in lines[0]
+    # busy before the run, or busy besides our own threads after it: one line naming the load and the CPUs
+    for before, after in ((2.5, 2.5), (0.0, 4.6)):
+        lines = noise_warnings([steady], before, after, threads=2)
+        assert len(lines) == 1 and "machine is busy" in lines[0] and "on 4 CPUs" in lines[0], lines
+    assert noise_warnings([steady], None, None, threads=2) == []  # no load average on this OS: no claim
+    # many noisy rows: one line that counts them and names the worst, not a wall of warnings
+    rows = [Result("optim", f"case {i}", "torch fused", "cpu", 10.0, 8.0, 8.0 * (1.3 + i / 10)) for i in range(6)]
+    lines = noise_warnings([steady, *rows], 0.0, 0.0, threads=2)
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("warning: 6 of 7 rows are noisy") and "worst 1.80: optim, case 5" in lines[0]

@@ -17,7 +17,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fusedtrain
-from fusedtrain import _build
+from fusedtrain import _build, _ops
 from fusedtrain import nn as fnn
 from fusedtrain.nn import functional as F
 from conftest import CUDA_OK, DEVICES
@@ -375,8 +375,8 @@ def test_op_argument_errors() -> None:
         F.bias_dropout_add(torch.randn(3, 4), torch.randn(5), torch.randn(3, 4), 0.5)
     with pytest.raises(RuntimeError, match="residual must have the shape"):
         F.bias_dropout_add(torch.randn(3, 4), torch.randn(4), torch.randn(4), 0.5)
-    with pytest.raises(RuntimeError, match="one dtype"):
-        F.bias_dropout_add(torch.randn(3, 4), torch.randn(4).double(), torch.randn(3, 4), 0.5)
+    with pytest.raises(RuntimeError, match="one dtype"):  # the op itself; F.bias_dropout_add promotes first
+        _ops.bias_dropout_add(torch.randn(3, 4), torch.randn(4).double(), torch.randn(3, 4), F._NO_SEED, 0, 0.5)
 
 
 # ---- bias-dropout-add ----------------------------------------------------------------------------------
@@ -410,6 +410,37 @@ def test_bias_dropout_add_matches_reference_with_our_mask(device: str, dtype: to
     if dtype in (torch.float16, torch.bfloat16):
         tol = dict(rtol=1e-2, atol=1e-2)
     assert torch.allclose(b.grad.to(acc), ref_gb, **tol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("training", [True, False])
+def test_bias_dropout_add_mixed_dtypes_promote_like_torch(device: str, training: bool) -> None:
+    """Under autocast a linear layer's bfloat16 output meets a float32 bias and residual: the result is
+    what torch's ``r + dropout(x + b)`` gives (float32, by type promotion), and each input's gradient
+    comes back in its own dtype (found by the train benchmark, issue 19)."""
+    p, seed, shape = 0.3, 5, (6, 33)
+    lin = nn.Linear(17, shape[-1], bias=False).to(device)
+    inp = torch.randn(6, 17, device=device)
+    b = torch.randn(shape[-1], device=device, requires_grad=True)
+    r = torch.randn(shape, device=device, requires_grad=True)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        x = lin(inp)
+        assert x.dtype == torch.bfloat16
+        out = F.bias_dropout_add(x, b, r, p, training=training, seed=seed)
+    x.retain_grad()
+    assert out.dtype == torch.promote_types(x.dtype, b.dtype) == torch.float32
+    keep = F.dropout(torch.ones(shape, device=device), p, seed=seed) if training else torch.ones(shape, device=device)
+    ref = r + (x.float() + b) * keep
+    assert torch.equal(out, ref)
+    g = torch.randn(shape, device=device)
+    out.backward(g)
+    assert x.grad.dtype == torch.bfloat16 and b.grad.dtype == torch.float32 and r.grad.dtype == torch.float32
+    assert torch.equal(r.grad, g)
+    assert torch.equal(x.grad, (g * keep).to(torch.bfloat16))
+    assert torch.allclose(b.grad, (g * keep).sum(0), rtol=1e-5, atol=1e-5)
+    ints = torch.ones(shape, dtype=torch.int64, device=device)
+    with pytest.raises(RuntimeError, match="dtype"):  # integers only: nothing to promote to, refused by the op
+        F.bias_dropout_add(ints, ints[0], ints, p)
 
 
 def test_bias_dropout_add_eval_and_p0() -> None:

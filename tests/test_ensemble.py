@@ -144,6 +144,9 @@ def test_average_parameters_swaps_and_restores() -> None:
 FUSED_CASES = [("SGD", dict(lr=0.1)), ("SGD", dict(lr=0.1, momentum=0.9, nesterov=True)),
                ("Adagrad", dict(lr=0.1)), ("RMSprop", dict(lr=0.01, centered=True, momentum=0.5)),
                ("Adam", dict(lr=0.01, amsgrad=True)), ("AdamW", dict(lr=0.01))]
+# torch.optim's other element-wise optimizers (issue 15)
+FUSED_CASES += [("RAdam", dict(lr=0.01)), ("Adamax", dict(lr=0.01)), ("Adadelta", dict(lr=0.5)),
+                ("ASGD", dict(lr=0.01, t0=2)), ("Rprop", dict(lr=0.01))]
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -1,7 +1,7 @@
 """The examples run end to end in a tiny mode: each writes its PNG and prints sane numbers.
 
 They run as scripts (as a user runs them), each in its own process, with a few epochs or steps only: these
-check that the examples work, not the numbers the README reports (those come from the full runs).
+check that the examples work, not the numbers the docs report (those come from the full runs).
 """
 
 from __future__ import annotations
@@ -22,9 +22,13 @@ pytest.importorskip("matplotlib", reason="the examples' plots need matplotlib (s
 
 
 def run_example(name: str, *args: str) -> str:
+    import fusedtrain
+
     env = dict(os.environ)
-    # the examples import fusedtrain from the checkout when it is not installed
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "python"), env.get("PYTHONPATH")) if p)
+    # the examples import the fusedtrain these tests import: the checkout's in-place build, or an installed one
+    # (scripts/dev.sh sanitize installs its sanitized build into site-packages; the checkout has no library then)
+    home = str(Path(fusedtrain.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (home, env.get("PYTHONPATH")) if p)
     proc = subprocess.run([sys.executable, str(EXAMPLES / name), *args], capture_output=True, text=True,
                           timeout=300, env=env, cwd=ROOT)
     assert proc.returncode == 0, f"{name} failed:\n{proc.stdout}\n{proc.stderr}"
@@ -92,3 +96,66 @@ def test_train_digits(tmp_path: Path) -> None:
     assert {"SGD", "Adam", "Adam + dropout", "Adam + dropout + augment"} <= set(rows), out
     # 3 epochs: every adaptive or momentum run is far above chance (10 %)
     assert all(v > 60.0 for k, v in rows.items() if k != "SGD"), rows
+
+
+def test_hf_trainer(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    out = run_example("hf_trainer.py", "--quick", "--out", str(tmp_path))
+    assert (tmp_path / "hf_trainer" / "whole" / "checkpoint-6" / "optimizer.pt").is_file()
+    before = float(re.search(r"before training: test loss (\S+),", out)[1])
+    after = [float(v) for v in re.findall(r"^\d\. .*test loss (\S+),", out, re.M)]
+    assert len(after) == 2 and all(v < before for v in after), out  # both ways learn
+    assert "Trainer's groups (tensors, weight decay): [(17, 0.01), (24, 0.0)]" in out
+    assert "bit-identical to the uninterrupted run: yes" in out, out
+
+
+def test_lightning(tmp_path: Path) -> None:
+    pytest.importorskip("pytorch_lightning")
+    out = run_example("lightning_fusedtrain.py", "--quick", "--out", str(tmp_path))
+    losses = [float(v) for v in re.search(r"training loss per epoch: (.*)$", out, re.M)[1].split(", ")]
+    assert len(losses) == 2 and losses[1] < losses[0], out
+    accuracy = float(re.search(r"test accuracy (\S+) %", out)[1])
+    assert accuracy > 50.0, out  # 4 classes: chance is 25 %
+    assert "weights and EMA bit-identical to the uninterrupted run: yes" in out, out
+
+
+def test_timm_optimizer() -> None:
+    pytest.importorskip("timm")
+    out = run_example("timm_optimizer.py", "--quick")
+    assert "1. create_optimizer(model, 'adamw'): 18 tensors wd 0.05; 38 tensors wd 0" in out, out
+    assert "weights bit-identical to 1: yes" in out, out
+    assert re.search(r"3\. .*: 12 groups", out), out
+    for first, last in re.findall(r"loss (\S+) -> (\S+),", out):
+        assert float(last) < float(first), out
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in EXAMPLES.glob("[!_]*.py")))
+def test_help_is_complete(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--help prints the example's whole docstring and a description of every option; --out defaults to a
+    folder outside the repository's committed figures."""
+    import argparse
+    import importlib.util
+
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    spec = importlib.util.spec_from_file_location(f"example_{name[:-3]}", EXAMPLES / name)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    seen: list[argparse.ArgumentParser] = []
+
+    def record(self: argparse.ArgumentParser, *args: object, **kwargs: object) -> None:
+        seen.append(self)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", record)
+    with pytest.raises(SystemExit):
+        module.main([])
+    (ap,) = seen
+    assert ap.description == module.__doc__ and isinstance(ap.formatter_class, type)
+    assert issubclass(ap.formatter_class, argparse.RawDescriptionHelpFormatter)  # printed as written, whole
+    assert all(action.help for action in ap._actions), [a.dest for a in ap._actions if not a.help]
+    out = next((a for a in ap._actions if a.dest == "out"), None)
+    if out is not None:
+        assert Path(out.default).resolve() != (EXAMPLES / "figures").resolve()
+        assert not Path(out.default).is_absolute()  # relative to where the user runs it

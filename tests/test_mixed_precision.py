@@ -21,6 +21,9 @@ CASES: list[tuple[str, dict[str, Any]]] = [
     ("RMSprop", dict(lr=1e-2, centered=True, momentum=0.5)),
     ("Adagrad", dict(lr=0.05)),
 ]
+# torch.optim's other element-wise optimizers (issue 15)
+CASES += [("RAdam", dict(lr=1e-2, weight_decay=0.1)), ("Adamax", dict(lr=1e-2)), ("Adadelta", dict(lr=0.5)),
+          ("ASGD", dict(lr=1e-2, t0=2)), ("Rprop", dict(lr=1e-2))]
 
 
 def _low_params(device: str, dtype: torch.dtype) -> list[torch.Tensor]:

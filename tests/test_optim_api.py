@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import io
+import re
 
 import pytest
 import torch
@@ -128,7 +129,7 @@ def test_is_a_torch_optimizer_of_that_name(name: str) -> None:
     opt = ours(name)([torch.nn.Parameter(torch.randn(2))])
     assert isinstance(opt, theirs(name))
     ref = theirs(name)([torch.nn.Parameter(torch.randn(2))])
-    keys = set(ref.defaults) | {"decoupled_weight_decay"} if name.startswith("Adam") else set(ref.defaults)
+    keys = set(ref.defaults) | {"decoupled_weight_decay"} if name in ("Adam", "AdamW") else set(ref.defaults)
     assert set(opt.defaults) == keys | {"l1"}  # fusedtrain's one extra group option
     assert opt.defaults["l1"] == 0.0
     for key, value in ref.defaults.items():
@@ -240,8 +241,13 @@ def test_meta_parameters_step_as_torch(name: str) -> None:
         p.grad = torch.randn(3, device="meta")
     a, b = ours(name)(metas, lr=0.1), theirs(name)(refs, lr=0.1, foreach=False)
     for _ in range(2):
+        try:
+            b.step()
+        except RuntimeError as e:  # torch.optim.ASGD reads its eta with .item(), which meta tensors refuse
+            with pytest.raises(RuntimeError, match=re.escape(str(e))):
+                a.step()
+            return
         a.step()
-        b.step()
     for p, q in zip(metas, refs):
         assert set(a.state[p]) == set(b.state[q])
         for key in a.state[p]:

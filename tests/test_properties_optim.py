@@ -31,6 +31,7 @@ PROPERTY = settings(max_examples=300 if SLOW else 25, derandomize=True, database
                     print_blob=False, suppress_health_check=list(HealthCheck))
 
 OPTIMIZERS = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW"]
+OPTIMIZERS += ["RAdam", "Adamax", "Adadelta", "ASGD", "Rprop"]  # torch.optim's others (issue 15)
 LOW = (torch.float16, torch.bfloat16)
 F32_TOL = dict(rtol=2e-6, atol=2e-6)
 # With max_grad_norm the clip coefficient comes from a norm accumulated in float64 (fusedtrain) or float32
@@ -111,6 +112,25 @@ def torch_options(draw: Any, name: str) -> dict[str, Any]:
         return dict(lr=lr, alpha=draw(st.sampled_from([0.99, 0.9])), eps=draw(st.sampled_from([1e-8, 1e-4])),
                     weight_decay=wd, momentum=draw(st.sampled_from([0.0, 0.5])), centered=draw(st.booleans()),
                     maximize=maximize, capturable=draw(st.booleans()))
+    # torch.optim's other element-wise optimizers (issue 15)
+    if name in ("RAdam", "Adamax"):
+        kw = dict(lr=lr, betas=draw(st.sampled_from([(0.9, 0.999), (0.8, 0.99)])),
+                  eps=draw(st.sampled_from([1e-8, 1e-3])), weight_decay=wd, maximize=maximize,
+                  capturable=draw(st.booleans()))
+        if name == "RAdam":
+            kw["decoupled_weight_decay"] = draw(st.booleans())
+        return kw
+    if name == "Adadelta":
+        return dict(lr=lr * 64, rho=draw(st.sampled_from([0.9, 0.5])), eps=draw(st.sampled_from([1e-6, 1e-3])),
+                    weight_decay=wd, maximize=maximize, capturable=draw(st.booleans()))
+    if name == "ASGD":
+        return dict(lr=lr, lambd=draw(st.sampled_from([1e-4, 0.05])), alpha=draw(st.sampled_from([0.75, 0.5])),
+                    t0=draw(st.sampled_from([0.0, 2.0, 1e6])), weight_decay=wd, maximize=maximize,
+                    capturable=draw(st.booleans()))
+    if name == "Rprop":
+        return dict(lr=lr, etas=draw(st.sampled_from([(0.5, 1.2), (0.25, 2.0)])),
+                    step_sizes=draw(st.sampled_from([(1e-6, 50.0), (2.0**-9, 2.0**-4)])), maximize=maximize,
+                    capturable=draw(st.booleans()))
     kw = dict(lr=lr, betas=draw(st.sampled_from([(0.9, 0.999), (0.8, 0.99)])),
               eps=draw(st.sampled_from([1e-8, 1e-6])), weight_decay=wd, amsgrad=draw(st.booleans()),
               maximize=maximize, capturable=draw(st.booleans()))

@@ -477,6 +477,16 @@ def test_defect_6_meta_parameters_step_like_torch(name: str) -> None:
         kw.update(centered=True, momentum=0.5)
     if name in ("Adam", "AdamW"):
         kw["amsgrad"] = True
+    if name == "ASGD":
+        # torch.optim.ASGD reads its eta with .item(), which meta tensors refuse; fusedtrain steps meta
+        # parameters with torch's implementation, so it raises torch's error
+        with torch.device("meta"):
+            layer = nn.Linear(5, 7)
+        layer(torch.empty(4, 5, device="meta")).sum().backward()
+        for cls in (torch.optim.ASGD, fusedtrain.optim.ASGD):
+            with pytest.raises(RuntimeError, match="cannot be called on meta tensors"):
+                cls(layer.parameters(), **kw, foreach=False).step()
+        return
     runs = []
     for cls, extra in ((getattr(fusedtrain.optim, name), {}), (getattr(torch.optim, name), {"foreach": False})):
         with torch.device("meta"):
@@ -521,6 +531,9 @@ def _dup_runs(name: str, kw: dict[str, Any], make: Callable[[], torch.Tensor]) -
 
 _DUP_KW = {"SGD": dict(lr=0.1, momentum=0.9), "Adagrad": dict(lr=0.1), "RMSprop": dict(lr=0.01, centered=True),
            "Adam": dict(lr=0.01), "AdamW": dict(lr=0.01, amsgrad=True), "NAdam": dict(lr=0.01)}
+# torch.optim's other element-wise optimizers (issue 15)
+_DUP_KW.update({"RAdam": dict(lr=0.01), "Adamax": dict(lr=0.01), "Adadelta": dict(lr=0.5),
+                "ASGD": dict(lr=0.01, t0=1), "Rprop": dict(lr=0.01)})
 
 
 @pytest.mark.parametrize("layout", ["large", "strided"])

@@ -3,8 +3,8 @@
 // Note [CPU augment loop]:
 // An output row of a sample is made in three loops over contiguous memory (compiled per ISA like
 // cpu_driver.h, Note [CPU SIMD dispatch]):
-//   1. vertical lerp of the two source rows the output row needs, over the crop's width, uint8 ->
-//      float into `tmp`, one pixel per 4 floats (R, G, B, 0) whatever the input layout (NCHW planes,
+//   1. vertical lerp of the two source rows the output row needs, over the crop's width, uint8 (or
+//      float32: the loops are instantiated for both input types) -> float into `tmp`, one pixel per 4 floats (R, G, B, 0) whatever the input layout (NCHW planes,
 //      NHWC runs, or any strides): the lerps run over contiguous values into `planes`, then 4-float
 //      shuffles (a 4 x 4 transpose for NCHW, a widening for NHWC) assemble the pixels;
 //   2. horizontal lerp: per output column two 16-byte pixel loads from `tmp` at offsets, and weights,
@@ -13,11 +13,11 @@
 //      with emulated gathers, value by value; a 4-float vector type (GCC's vector extension, so SSE,
 //      AVX and NEON alike, no intrinsics) keeps one pixel per register instead (the whole op went from
 //      16.2 to 13.2 ms per 64 images on one core, benchmarks/NOTES.md);
-//   3. jitter + normalize per pixel, stored plane by plane into the (N, C, size, size) output.
+//   3. jitter + normalize per pixel, stored plane by plane into the (N, C, out_h, out_w) output.
 // One-channel images use 1 float per pixel and plain loops.
 // Contrast needs the mean gray level of the whole sample after brightness. Samples with a contrast
 // factor != 1 therefore run loop 3 in two passes: the first stores the brightness-adjusted values in a
-// per-thread float scratch of one sample (C * size^2 floats, 600 KB at 224^2, so it stays in L2) and
+// per-thread float scratch of one sample (C * out_h * out_w floats, 600 KB at 224^2, so it stays in L2) and
 // adds up gray per row; the second reads the scratch, applies contrast, saturation and normalize and
 // writes the output once. The row sums use 16 fixed partial sums per row and are added in row order
 // in double, so the mean (and the output) does not depend on the thread count or the ISA.
@@ -79,7 +79,7 @@ struct RowJob {
   const SampleDesc* sample;
   const Normalize* norm;
   const ColumnTable* columns;
-  int64_t size;
+  int64_t out_h, out_w;  // output rows and columns
   float* tmp;       // crop width * kLanesPerColumn floats
   float* row;       // size * kLanesPerColumn floats
   float* scratch;   // C * size * size floats (kFirst, kSecond)
@@ -88,6 +88,7 @@ struct RowJob {
   float* planes;    // C * crop width + 1 floats: one row per channel (loop 1, antialias sums)
   float* wy;        // antialias: the row window's weights
   bool antialias;
+  bool float_input;  // float32 images (else uint8): the source rows are read as InT in sample_row
   void* out;        // this sample's (C, size, size) output
 };
 
@@ -145,16 +146,17 @@ FT_INLINE void planes_to_pixels(const float* __restrict__ pl, int64_t w, float* 
   }
 }
 
-template <int C>
+template <int C, typename InT>
 FT_INLINE void sample_row(const RowJob& job, int64_t y) {
   constexpr int L = kLanesPerColumn<C>;
   const ImageDesc& im = *job.image;
   const SampleDesc& s = *job.sample;
-  const int64_t S = job.size;
-  const Tap ty = linear_tap(static_cast<int32_t>(y), static_cast<int32_t>(S), s.height);
+  const int64_t S = job.out_w;
+  const Tap ty = linear_tap(static_cast<int32_t>(y), static_cast<int32_t>(job.out_h), s.height);
   const float wy0 = ty.w0, wy1 = ty.w1;
-  const uint8_t* __restrict__ r0 = im.data + (s.top + ty.i0) * im.stride_h + s.left * im.stride_w;
-  const uint8_t* __restrict__ r1 = im.data + (s.top + ty.i1) * im.stride_h + s.left * im.stride_w;
+  const InT* __restrict__ data = static_cast<const InT*>(im.data);
+  const InT* __restrict__ r0 = data + (s.top + ty.i0) * im.stride_h + s.left * im.stride_w;
+  const InT* __restrict__ r1 = data + (s.top + ty.i1) * im.stride_h + s.left * im.stride_w;
   float* __restrict__ tmp = job.tmp;
   const int64_t w = s.width;
   const int64_t sc = im.stride_c, sw = im.stride_w;
@@ -178,8 +180,8 @@ FT_INLINE void sample_row(const RowJob& job, int64_t y) {
       }
     } else if (sw == 1) {  // NCHW: lerp each plane's row, then transpose 4 pixels at a time
       for (int c = 0; c < 3; ++c) {
-        const uint8_t* __restrict__ a = r0 + c * sc;
-        const uint8_t* __restrict__ b = r1 + c * sc;
+        const InT* __restrict__ a = r0 + c * sc;
+        const InT* __restrict__ b = r1 + c * sc;
         float* __restrict__ q = pl + c * w;
 #pragma GCC ivdep
         for (int64_t k = 0; k < w; ++k) q[k] = lerp2(static_cast<float>(a[k]), static_cast<float>(b[k]), wy0, wy1);
@@ -228,15 +230,16 @@ FT_INLINE void sample_row(const RowJob& job, int64_t y) {
 }
 
 // sample_row with antialias=True: the row's window of source rows, then each column's window.
-template <int C>
+template <int C, typename InT>
 FT_INLINE void sample_row_aa(const RowJob& job, int64_t y) {
   constexpr int L = kLanesPerColumn<C>;
   const ImageDesc& im = *job.image;
   const SampleDesc& s = *job.sample;
-  const int64_t S = job.size;
+  const int64_t S = job.out_w;
   const int64_t w = s.width;
   const int64_t sc = im.stride_c, sw = im.stride_w;
-  const AaAxis ay = aa_axis(s.height, static_cast<int32_t>(S));
+  const InT* __restrict__ data = static_cast<const InT*>(im.data);
+  const AaAxis ay = aa_axis(s.height, static_cast<int32_t>(job.out_h));
   const AaWindow win = aa_window(ay, static_cast<int32_t>(y), s.height);
   float* __restrict__ wy = job.wy;
   for (int32_t j = 0; j < win.count; ++j) wy[j] = aa_weight(ay, win, j);
@@ -246,7 +249,7 @@ FT_INLINE void sample_row_aa(const RowJob& job, int64_t y) {
     float* __restrict__ a = acc + c * w;
     for (int64_t k = 0; k < w; ++k) a[k] = 0.f;
     for (int32_t j = 0; j < win.count; ++j) {
-      const uint8_t* __restrict__ r = im.data + (s.top + win.start + j) * im.stride_h + s.left * sw + c * sc;
+      const InT* __restrict__ r = data + (s.top + win.start + j) * im.stride_h + s.left * sw + c * sc;
       const float wj = wy[j];
       if (sw == 1) {
 #pragma GCC ivdep
@@ -290,18 +293,18 @@ FT_INLINE OutT to_out(float v) {
 template <int C, typename OutT, Stage STAGE, bool SAT>
 FT_INLINE void rows_body(const RowJob& job, int64_t y_begin, int64_t y_end) {
   constexpr int L = kLanesPerColumn<C>;
-  const int64_t S = job.size;
-  const int64_t plane = S * S;
+  const int64_t S = job.out_w;
+  const int64_t plane = job.out_h * S;
   const SampleJitter jit = job.sample->jitter;
   const Normalize nrm = *job.norm;
   OutT* __restrict__ out = static_cast<OutT*>(job.out);
   for (int64_t y = y_begin; y < y_end; ++y) {
     const int64_t base = y * S;
     if constexpr (STAGE != Stage::kSecond) {
-      if (job.antialias) {
-        sample_row_aa<C>(job, y);
+      if (job.float_input) {
+        job.antialias ? sample_row_aa<C, float>(job, y) : sample_row<C, float>(job, y);
       } else {
-        sample_row<C>(job, y);
+        job.antialias ? sample_row_aa<C, uint8_t>(job, y) : sample_row<C, uint8_t>(job, y);
       }
     }
     const float* __restrict__ row = job.row;
@@ -310,7 +313,7 @@ FT_INLINE void rows_body(const RowJob& job, int64_t y_begin, int64_t y_end) {
 #pragma GCC ivdep
       for (int64_t x = 0; x < S; ++x) {
         float v[C];
-        for (int c = 0; c < C; ++c) v[c] = brightness(row[x * L + c], jit.brightness);
+        for (int c = 0; c < C; ++c) v[c] = brightness(row[x * L + c], jit);
         finish_pixel<C, false, SAT>(v, jit, nrm);
         for (int c = 0; c < C; ++c) out[c * plane + base + x] = to_out<OutT>(v[c]);
       }
@@ -320,7 +323,7 @@ FT_INLINE void rows_body(const RowJob& job, int64_t y_begin, int64_t y_end) {
       for (int64_t x = 0; x < S; ++x) {
         float v[C];
         for (int c = 0; c < C; ++c) {
-          v[c] = brightness(row[x * L + c], jit.brightness);
+          v[c] = brightness(row[x * L + c], jit);
           scratch[c * plane + base + x] = v[c];
         }
         g[x] = contrast_source<C>(v);
@@ -396,6 +399,7 @@ RowFns row_fns(bool sat) {
           select_rows<C, OutT, Stage::kSecond, false>()};
 }
 
+// The tables of one sample's `size` output columns.
 void build_columns(const SampleDesc& s, int64_t size, int32_t lanes, bool antialias, ColumnTable& t) {
   if (!antialias) {
     t.off0.resize(size);
@@ -434,10 +438,11 @@ void build_columns(const SampleDesc& s, int64_t size, int32_t lanes, bool antial
   }
 }
 
-double finish_mean(const std::vector<double>& row_sum, int64_t size) {
+// The mean over an out_h x out_w sample from its row sums.
+double finish_mean(const std::vector<double>& row_sum, int64_t out_h, int64_t out_w) {
   double total = 0.0;
-  for (int64_t y = 0; y < size; ++y) total += row_sum[y];
-  return total / static_cast<double>(size * size);
+  for (int64_t y = 0; y < out_h; ++y) total += row_sum[y];
+  return total / (static_cast<double>(out_h) * static_cast<double>(out_w));
 }
 
 // Thread-private buffers of one sample's rows.
@@ -448,27 +453,28 @@ struct Buffers {
 template <int C, typename OutT>
 void run(const Plan& plan, at::Tensor& out) {
   const int64_t n = static_cast<int64_t>(plan.samples.size());
-  const int64_t S = plan.size;
-  const int64_t sample_elems = C * S * S;
+  const int64_t SH = plan.out_h, SW = plan.out_w;
+  const int64_t sample_elems = C * SH * SW;
   const RowFns fns = row_fns<C, OutT>(plan.any_saturation);
   OutT* out_base = out.data_ptr<OutT>();
   int64_t max_width = 1, max_row_taps = 1;
   for (const SampleDesc& s : plan.samples) {
     max_width = std::max<int64_t>(max_width, s.width);
-    if (plan.antialias) max_row_taps = std::max<int64_t>(max_row_taps, aa_max_taps(s.height, static_cast<int32_t>(S)));
+    if (plan.antialias) max_row_taps = std::max<int64_t>(max_row_taps, aa_max_taps(s.height, static_cast<int32_t>(SH)));
   }
 
   auto make_job = [&](int64_t i, ColumnTable& cols, Buffers& buf, float* scratch, double* row_sum) {
     const ImageDesc& im = plan.images[i];
     const SampleDesc& s = plan.samples[i];
-    build_columns(s, S, kLanesPerColumn<C>, plan.antialias, cols);
-    return RowJob{&im, &s, &plan.norm, &cols, S, buf.tmp.data(), buf.row.data(), scratch, row_sum,
-                  buf.gray.data(), buf.planes.data(), buf.wy.data(), plan.antialias, out_base + i * sample_elems};
+    build_columns(s, SW, kLanesPerColumn<C>, plan.antialias, cols);
+    return RowJob{&im, &s, &plan.norm, &cols, SH, SW, buf.tmp.data(), buf.row.data(), scratch, row_sum,
+                  buf.gray.data(), buf.planes.data(), buf.wy.data(), plan.antialias, plan.float_input,
+                  out_base + i * sample_elems};
   };
   auto alloc = [&](Buffers& buf) {
     buf.tmp.resize(max_width * kLanesPerColumn<C>);
-    buf.row.resize(S * kLanesPerColumn<C>);
-    buf.gray.resize(S);
+    buf.row.resize(SW * kLanesPerColumn<C>);
+    buf.gray.resize(SW);
     buf.planes.resize(max_width * C + 1);
     if (plan.antialias) buf.wy.resize(max_row_taps);
   };
@@ -486,23 +492,23 @@ void run(const Plan& plan, at::Tensor& out) {
         const SampleDesc& s = plan.samples[i];
         if (s.jitter.contrast == 1.f) {
           const RowJob job = make_job(i, cols, buf, nullptr, nullptr);
-          fns.direct(job, 0, S);
+          fns.direct(job, 0, SH);
           continue;
         }
         scratch.resize(sample_elems);
-        row_sum.assign(S, 0.0);
+        row_sum.assign(SH, 0.0);
         RowJob job = make_job(i, cols, buf, scratch.data(), row_sum.data());
-        fns.first(job, 0, S);
+        fns.first(job, 0, SH);
         SampleDesc local = s;
-        local.jitter.contrast_rest = contrast_rest(s.jitter.contrast, finish_mean(row_sum, S));
+        local.jitter.contrast_rest = contrast_rest(s.jitter.contrast, finish_mean(row_sum, SH, SW));
         job.sample = &local;
-        fns.second(job, 0, S);
+        fns.second(job, 0, SH);
       }
     });
     return;
   }
   // Few samples: one after the other, rows split between threads.
-  const int64_t row_grain = std::max<int64_t>(1, kMinValuesPerTask / (C * S));
+  const int64_t row_grain = std::max<int64_t>(1, kMinValuesPerTask / (C * SW));
   std::vector<float> scratch;
   std::vector<double> row_sum;
   for (int64_t i = 0; i < n; ++i) {
@@ -510,9 +516,9 @@ void run(const Plan& plan, at::Tensor& out) {
     const bool contrast = s.jitter.contrast != 1.f;
     if (contrast) {
       scratch.resize(sample_elems);
-      row_sum.assign(S, 0.0);
+      row_sum.assign(SH, 0.0);
     }
-    at::parallel_for(0, S, row_grain, [&](int64_t y0, int64_t y1) {
+    at::parallel_for(0, SH, row_grain, [&](int64_t y0, int64_t y1) {
       Buffers buf;
       alloc(buf);
       ColumnTable cols;
@@ -522,12 +528,12 @@ void run(const Plan& plan, at::Tensor& out) {
     });
     if (!contrast) continue;
     SampleDesc local = s;
-    local.jitter.contrast_rest = contrast_rest(s.jitter.contrast, finish_mean(row_sum, S));
-    at::parallel_for(0, S, row_grain, [&](int64_t y0, int64_t y1) {
+    local.jitter.contrast_rest = contrast_rest(s.jitter.contrast, finish_mean(row_sum, SH, SW));
+    at::parallel_for(0, SH, row_grain, [&](int64_t y0, int64_t y1) {
       Buffers buf;  // kSecond reads only the scratch
       ColumnTable cols;
-      RowJob job{&plan.images[i], &local, &plan.norm, &cols, S, nullptr, nullptr, scratch.data(), nullptr,
-                 nullptr, nullptr, nullptr, plan.antialias, out_base + i * sample_elems};
+      RowJob job{&plan.images[i], &local, &plan.norm, &cols, SH, SW, nullptr, nullptr, scratch.data(), nullptr,
+                 nullptr, nullptr, nullptr, plan.antialias, plan.float_input, out_base + i * sample_elems};
       fns.second(job, y0, y1);
     });
   }
@@ -561,11 +567,11 @@ struct CpuDriver {
 };
 
 at::Tensor augment_cpu(at::TensorList images, const at::Tensor& boxes, const at::Tensor& flips,
-                       const at::Tensor& factors, int64_t size, at::ArrayRef<double> mean, at::ArrayRef<double> std,
-                       at::ScalarType out_dtype, bool antialias) {
+                       const at::Tensor& factors, at::IntArrayRef size, at::ArrayRef<double> mean,
+                       at::ArrayRef<double> std, at::ScalarType out_dtype, bool antialias) {
   const Plan plan = make_plan(images, boxes, flips, factors, size, mean, std, out_dtype, antialias);
   const int64_t n = static_cast<int64_t>(plan.samples.size());
-  at::Tensor out = at::empty({n, plan.channels, size, size}, images[0].options().dtype(out_dtype));
+  at::Tensor out = at::empty({n, plan.channels, plan.out_h, plan.out_w}, images[0].options().dtype(out_dtype));
   advise_huge_pages(out);
   run_plan<CpuDriver>(plan, out, out_dtype);
   return out;

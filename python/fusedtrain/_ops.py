@@ -212,19 +212,21 @@ torch.library.register_autograd("fusedtrain::penalty", _penalty_backward, setup_
 # on the host); images may be on CPU or CUDA.
 
 
-def augment(images: TensorSeq, boxes: Tensor, flips: Tensor, factors: Tensor, *, size: int,
+def augment(images: TensorSeq, boxes: Tensor, flips: Tensor, factors: Tensor, *, size: tuple[int, int],
             mean: Sequence[float], std: Sequence[float], out_dtype: torch.dtype, antialias: bool = False) -> Tensor:
-    """Random-resized-crop + flip + colour jitter + normalize of uint8 (C, H, W) images into a new
-    (N, C, size, size) tensor; ``boxes`` int64 (N, 4), ``flips`` bool (N,), ``factors`` float32 (N, 3)."""
-    return _ops.augment(images, boxes, flips, factors, size, list(mean), list(std), out_dtype, antialias)
+    """Random-resized-crop + flip + colour jitter + normalize of uint8 (0..255) or float32 (0..1) (C, H, W)
+    images into a new (N, C, height, width) tensor, ``size`` = (height, width); ``boxes`` int64 (N, 4),
+    ``flips`` bool (N,), ``factors`` float32 (N, 3)."""
+    return _ops.augment(images, boxes, flips, factors, list(size), list(mean), list(std), out_dtype, antialias)
 
 
 @torch.library.register_fake("fusedtrain::augment")
-def _augment_fake(images: TensorSeq, boxes: Tensor, flips: Tensor, factors: Tensor, size: int,
+def _augment_fake(images: TensorSeq, boxes: Tensor, flips: Tensor, factors: Tensor, size: Sequence[int],
                   mean: Sequence[float], std: Sequence[float], out_dtype: torch.dtype,
                   antialias: bool = False) -> Tensor:
     torch._check(len(images) > 0, lambda: "fusedtrain.augment: images is empty")
-    return images[0].new_empty((len(images), images[0].shape[0], size, size), dtype=out_dtype)
+    height, width = size
+    return images[0].new_empty((len(images), images[0].shape[0], height, width), dtype=out_dtype)
 
 
 __all__ += ["augment"]

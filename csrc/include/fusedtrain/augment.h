@@ -3,19 +3,21 @@
 //
 // Note [augment pipeline]:
 // For each sample n with crop box (top, left, h, w), flip flag and jitter factors (b, c, s), the op
-// computes, for every output pixel (y, x) of the size x size output and channel k:
-//   v   = bilinear sample of the crop at (y, flip ? size-1-x : x)  torch's interpolate(mode="bilinear",
-//         align_corners=False, antialias=False) on the cropped region, values in [0, 255]
-//   v   = clamp(b * v, 0, 255)                                     adjust_brightness
-//   v   = clamp(c * v + (1 - c) * m, 0, 255)                       adjust_contrast; m = mean over all
+// computes, for every output pixel (y, x) of the out_h x out_w output and channel k:
+//   v   = bilinear sample of the crop at (y, flip ? out_w-1-x : x)  torch's interpolate(mode="bilinear",
+//         align_corners=False, antialias=False) on the cropped region, values in [0, M]
+//   v   = clamp(b * v, 0, M)                                       adjust_brightness
+//   v   = clamp(c * v + (1 - c) * m, 0, M)                         adjust_contrast; m = mean over all
 //         output pixels of gray(v) (3 channels) or of v (1 channel), after brightness
-//   v   = clamp(s * v + (1 - s) * gray(v), 0, 255)                 adjust_saturation (3 channels only;
+//   v   = clamp(s * v + (1 - s) * gray(v), 0, M)                   adjust_saturation (3 channels only;
 //         one channel is left unchanged, as torchvision and PIL do)
-//   out = v * scale_k + shift_k,  scale_k = 1 / (255 std_k),  shift_k = -mean_k / std_k     normalize
-// with gray(r, g, b) = 0.2989 r + 0.587 g + 0.114 b (torchvision's weights). Everything is computed
-// in float on values in [0, 255], without rounding to integers between the steps (see the Python
-// docstring of fusedtrain.augment.functional.augment for why that, not torchvision's uint8 chain, is
-// the reference).
+//   out = v * scale_k + shift_k,  scale_k = 1 / (M std_k),  shift_k = -mean_k / std_k     normalize
+// with gray(r, g, b) = 0.2989 r + 0.587 g + 0.114 b (torchvision's weights) and M the largest value of
+// the input's convention (torchvision's "bound"): 255 for uint8 images, 1 for float images in [0, 1].
+// Everything is computed in float on the input's own scale, without rounding to integers between the
+// steps (see the Python docstring of fusedtrain.augment.functional.augment for why that, not
+// torchvision's uint8 chain, is the reference). Float input therefore runs torchvision's float chain
+// step for step; uint8 input runs the same chain on values 0..255.
 //
 // Note [bilinear order]:
 // A sample is two vertical lerps (one per source column) followed by one horizontal lerp. The CPU
@@ -35,7 +37,9 @@
 namespace fusedtrain {
 namespace augment {
 
-constexpr float kMaxValue = 255.f;
+// The largest value of each input convention (torchvision's `bound`).
+constexpr float kMaxUint8 = 255.f;
+constexpr float kMaxFloat = 1.f;
 constexpr float kGrayR = 0.2989f;
 constexpr float kGrayG = 0.587f;
 constexpr float kGrayB = 0.114f;
@@ -134,20 +138,21 @@ FT_HD float aa_weight(const AaAxis& a, const AaWindow& win, int32_t j) {
   return aa_filter(a, win, j) / win.total;
 }
 
-FT_HD float clamp_value(float v) {
+// clamp(v, 0, max_value): max_value is kMaxUint8 or kMaxFloat.
+FT_HD float clamp_value(float v, float max_value) {
   v = v < 0.f ? 0.f : v;
-  return v > kMaxValue ? kMaxValue : v;
+  return v > max_value ? max_value : v;
 }
 
 // adjust_brightness: clamp(b * v).
-FT_HD float brightness(float v, float b) {
-  return clamp_value(v * b);
+FT_HD float brightness(float v, float b, float max_value) {
+  return clamp_value(v * b, max_value);
 }
 
 // torchvision's _blend(image1, image2, ratio) = clamp(image1 * ratio + (1 - ratio) * image2), with
 // `rest` = (1 - ratio) * image2 precomputed where image2 is a per-image constant (contrast's mean).
-FT_HD float blend(float v, float ratio, float rest) {
-  return clamp_value(v * ratio + rest);
+FT_HD float blend(float v, float ratio, float rest, float max_value) {
+  return clamp_value(v * ratio + rest, max_value);
 }
 
 // rgb_to_grayscale (torchvision): r * 0.2989 + 0.587 * g + 0.114 * b, summed left to right.
@@ -155,15 +160,21 @@ FT_HD float gray(float r, float g, float b) {
   return r * kGrayR + kGrayG * g + kGrayB * b;
 }
 
-// The jitter and normalization of one sample. `contrast_rest` = (1 - c) * m is filled in once the
-// contrast mean m of the sample is known.
+// The jitter of one sample. `contrast_rest` = (1 - c) * m is filled in once the contrast mean m of the
+// sample is known; `max_value` is the input convention's largest value (kMaxUint8 or kMaxFloat).
 struct SampleJitter {
   float brightness;
   float contrast;
   float contrast_rest;
   float saturation;
   float one_minus_saturation;
+  float max_value;
 };
+
+// adjust_brightness of one sample's value.
+FT_HD float brightness(float v, const SampleJitter& j) {
+  return brightness(v, j.brightness, j.max_value);
+}
 
 // contrast_rest = (1 - c) * m for a sample whose mean is m (torchvision's _blend(image, mean, c) passes
 // alpha = 1.0 - c computed in double; the mean is a float32 tensor there).
@@ -192,12 +203,12 @@ FT_HD float contrast_source(const float* v) {
 template <int C, bool CONTRAST, bool SATURATION>
 FT_HD void finish_pixel(float* v, const SampleJitter& j, const Normalize& nrm) {
   if constexpr (CONTRAST) {
-    for (int k = 0; k < C; ++k) v[k] = blend(v[k], j.contrast, j.contrast_rest);
+    for (int k = 0; k < C; ++k) v[k] = blend(v[k], j.contrast, j.contrast_rest, j.max_value);
   }
   if constexpr (SATURATION && C == 3) {
     const float g = gray(v[0], v[1], v[2]);
     const float rest = j.one_minus_saturation * g;
-    for (int k = 0; k < C; ++k) v[k] = blend(v[k], j.saturation, rest);
+    for (int k = 0; k < C; ++k) v[k] = blend(v[k], j.saturation, rest, j.max_value);
   }
   for (int k = 0; k < C; ++k) v[k] = v[k] * nrm.scale[k] + nrm.shift[k];
 }

@@ -19,10 +19,10 @@
 namespace fusedtrain {
 namespace augment {
 
-// One input image: a (C, H, W) view of uint8 data with arbitrary strides (NCHW, NHWC, a crop of a
-// larger tensor...), in elements.
+// One input image: a (C, H, W) view of uint8 or float32 data (Plan::float_input) with arbitrary strides
+// (NCHW, NHWC, a crop of a larger tensor...), in elements.
 struct ImageDesc {
-  const uint8_t* data;
+  const void* data;
   int64_t height, width;
   int64_t stride_c, stride_h, stride_w;
 };
@@ -36,7 +36,8 @@ struct SampleDesc {
 
 struct Plan {
   int64_t channels = 0;
-  int64_t size = 0;
+  int64_t out_h = 0, out_w = 0;  // output rows and columns
+  bool float_input = false;      // float32 images in [0, 1] (else uint8 in 0..255): Note [augment pipeline]
   std::vector<ImageDesc> images;
   std::vector<SampleDesc> samples;
   Normalize norm{};
@@ -55,17 +56,20 @@ inline bool is_interleaved(const ImageDesc& img, int64_t channels) {
 
 // Checks every argument of fusedtrain::augment and builds the plan. Errors name the argument and the fix.
 inline Plan make_plan(at::TensorList images, const at::Tensor& boxes, const at::Tensor& flips,
-                      const at::Tensor& factors, int64_t size, at::ArrayRef<double> mean, at::ArrayRef<double> std,
-                      at::ScalarType out_dtype, bool antialias) {
+                      const at::Tensor& factors, at::IntArrayRef size, at::ArrayRef<double> mean,
+                      at::ArrayRef<double> std, at::ScalarType out_dtype, bool antialias) {
   const int64_t n = static_cast<int64_t>(images.size());
   TORCH_CHECK(n > 0, "fusedtrain.augment: images is empty; pass at least one image (an empty batch has "
               "nothing to augment: skip the call instead)");
-  TORCH_CHECK(size >= 1 && size <= 32768, "fusedtrain.augment: size must be in [1, 32768], got ", size);
+  TORCH_CHECK(size.size() == 2, "fusedtrain.augment: size must be (height, width), got ", size.size(), " values");
+  TORCH_CHECK(size[0] >= 1 && size[0] <= 32768 && size[1] >= 1 && size[1] <= 32768,
+              "fusedtrain.augment: size (height, width) must be in [1, 32768] each, got ", size);
   TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kHalf || out_dtype == at::kBFloat16,
               "fusedtrain.augment: out_dtype must be torch.float32, torch.float16 or torch.bfloat16, got ",
               out_dtype);
   Plan plan;
-  plan.size = size;
+  plan.out_h = size[0];
+  plan.out_w = size[1];
   plan.antialias = antialias;
   const at::Tensor& first = images[0];
   TORCH_CHECK(first.dim() == 3, "fusedtrain.augment: images[0] must be a (C, H, W) image, got ", first.dim(),
@@ -74,11 +78,14 @@ inline Plan make_plan(at::TensorList images, const at::Tensor& boxes, const at::
   const int64_t c = plan.channels;
   TORCH_CHECK(c == 1 || c == 3, "fusedtrain.augment: images have ", c,
               " channels; only 1 (grayscale) or 3 (RGB) are supported, as in torchvision's colour ops");
+  TORCH_CHECK(first.scalar_type() == at::kByte || first.scalar_type() == at::kFloat, "fusedtrain.augment: images[0] "
+              "has dtype ", first.scalar_type(), "; the op reads uint8 images (0..255) or float32 images (0..1, "
+              "torchvision's float convention). Convert other float dtypes with .float()");
+  plan.float_input = first.scalar_type() == at::kFloat;
   for (int64_t i = 0; i < n; ++i) {
     const at::Tensor& im = images[i];
-    TORCH_CHECK(im.scalar_type() == at::kByte, "fusedtrain.augment: images[", i, "] has dtype ", im.scalar_type(),
-                "; the op reads uint8 images (0..255). Convert with (x * 255).round().to(torch.uint8) or pass "
-                "the decoded uint8 data");
+    TORCH_CHECK(im.scalar_type() == first.scalar_type(), "fusedtrain.augment: images[", i, "] has dtype ",
+                im.scalar_type(), " but images[0] has ", first.scalar_type(), "; pass images of one dtype");
     TORCH_CHECK(im.layout() == at::kStrided, "fusedtrain.augment: images[", i, "] is not a dense (strided) tensor");
     TORCH_CHECK(im.dim() == 3 && im.size(0) == c, "fusedtrain.augment: images[", i, "] has shape ", im.sizes(),
                 " but images[0] has ", c, " channels; all images need the same channel count (C, H, W)");
@@ -86,7 +93,7 @@ inline Plan make_plan(at::TensorList images, const at::Tensor& boxes, const at::
                 " but images[0] is on ", first.device(), "; move all images to one device");
     TORCH_CHECK(im.size(1) >= 1 && im.size(2) >= 1, "fusedtrain.augment: images[", i, "] is empty (shape ",
                 im.sizes(), ")");
-    plan.images.push_back(ImageDesc{im.data_ptr<uint8_t>(), im.size(1), im.size(2), im.stride(0), im.stride(1),
+    plan.images.push_back(ImageDesc{im.const_data_ptr(), im.size(1), im.size(2), im.stride(0), im.stride(1),
                                     im.stride(2)});
   }
   auto check_params = [&](const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t cols) {
@@ -141,6 +148,7 @@ inline Plan make_plan(at::TensorList images, const at::Tensor& boxes, const at::
     s.jitter.saturation = fs;
     // torchvision's _blend passes alpha = 1.0 - ratio, computed in double.
     s.jitter.one_minus_saturation = static_cast<float>(1.0 - static_cast<double>(fs));
+    s.jitter.max_value = plan.float_input ? kMaxFloat : kMaxUint8;
     plan.any_contrast = plan.any_contrast || fc != 1.f;
     plan.any_saturation = plan.any_saturation || (fs != 1.f && c == 3);
     plan.samples.push_back(s);
@@ -151,8 +159,10 @@ inline Plan make_plan(at::TensorList images, const at::Tensor& boxes, const at::
   for (int64_t k = 0; k < c; ++k) {
     TORCH_CHECK(std::isfinite(mean[k]) && std::isfinite(std[k]) && std[k] != 0.0, "fusedtrain.augment: std[", k,
                 "] = ", std[k], " and mean[", k, "] = ", mean[k], " must be finite and std non-zero");
-    // (v / 255 - mean) / std == v * (1 / (255 std)) + (-mean / std), folded in double.
-    plan.norm.scale[k] = static_cast<float>(1.0 / (255.0 * std[k]));
+    // (v / M - mean) / std == v * (1 / (M std)) + (-mean / std), folded in double; M = 255 (uint8) or 1 (float,
+    // where this is torchvision's (v - mean) / std as one multiply-add).
+    const double max_value = plan.float_input ? kMaxFloat : kMaxUint8;
+    plan.norm.scale[k] = static_cast<float>(1.0 / (max_value * std[k]));
     plan.norm.shift[k] = static_cast<float>(-mean[k] / std[k]);
   }
   return plan;

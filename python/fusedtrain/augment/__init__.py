@@ -1,5 +1,5 @@
 """Data augmentation: per-sample random resized crop, flip, colour jitter and normalization of a whole
-uint8 batch in one fused op (CPU and CUDA), cutout, mixup, cutmix and test-time augmentation.
+uint8 or float batch in one fused op (CPU and CUDA), cutout, mixup, cutmix and test-time augmentation.
 
 - :class:`BatchAugment` — torchvision's RandomResizedCrop + RandomHorizontalFlip + ColorJitter(b, c, s) +
   ToDtype + Normalize with independent parameters per sample, one op for the batch.

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as F
-from .functional import AugmentParams, FactorArg, Images
+from .functional import AugmentParams, FactorArg, Images, SizeArg
 
 __all__ = ["BatchAugment"]
 
@@ -27,8 +27,9 @@ class BatchAugment(nn.Module):
 
         out[n] = normalize(saturation(contrast(brightness(flip(resize(crop(img[n])))))))
 
-    computed in float32 from the uint8 input with no intermediate rounding; see
-    :func:`fusedtrain.augment.functional.augment` for the formulas.
+    computed in float32 with no intermediate rounding, from uint8 images (0..255) or float images in [0, 1]
+    (torchvision's two conventions; a float image goes through torchvision's float chain step for step);
+    see :func:`fusedtrain.augment.functional.augment` for the formulas.
 
     Parameters are drawn on the CPU (torch's default CPU generator, which ``torch.manual_seed``
     seeds, or ``generator=`` / ``seed=`` per call), so a seed gives the same augmentation on CPU and
@@ -39,7 +40,7 @@ class BatchAugment(nn.Module):
     :func:`fusedtrain.augment.functional.augment` with fixed boxes (e.g. a central crop).
 
     Args:
-        size: side of the square output.
+        size: the output's (height, width), or an int for a square (as torchvision's ``size``).
         scale: range of the crop area as a fraction of the image area.
         ratio: range of the crop aspect ratio (width / height).
         hflip: probability of a horizontal flip.
@@ -53,17 +54,16 @@ class BatchAugment(nn.Module):
             is the two-tap bilinear (``antialias=False``), cheaper when crops are downscaled a lot.
 
     Returns (forward):
-        The (N, C, size, size) batch, and with ``return_params=True`` also the :class:`AugmentParams`.
+        The (N, C, height, width) batch, and with ``return_params=True`` also the :class:`AugmentParams`.
     """
 
-    def __init__(self, size: int, scale: tuple[float, float] = (0.08, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
-                 hflip: float = 0.5, brightness: FactorArg = 0.0, contrast: FactorArg = 0.0,
-                 saturation: FactorArg = 0.0, mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                 out_dtype: torch.dtype = torch.float32, layout: str = "NCHW",
+    def __init__(self, size: SizeArg, scale: tuple[float, float] = (0.08, 1.0),
+                 ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip: float = 0.5, brightness: FactorArg = 0.0,
+                 contrast: FactorArg = 0.0, saturation: FactorArg = 0.0, mean: Sequence[float] | None = None,
+                 std: Sequence[float] | None = None, out_dtype: torch.dtype = torch.float32, layout: str = "NCHW",
                  generator: torch.Generator | None = None, antialias: bool = False) -> None:
         super().__init__()
-        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
-            raise ValueError(f"size must be a positive int (the output is size x size), got {size!r}")
+        hw = F.output_size(size)
         if not (0 < scale[0] <= scale[1]):
             raise ValueError(f"scale must satisfy 0 < min <= max, got {tuple(scale)}")
         if not (0 < ratio[0] <= ratio[1]):
@@ -81,7 +81,8 @@ class BatchAugment(nn.Module):
             raise ValueError(f"mean has {len(mean)} values but std has {len(std)}; pass one value per channel for both")
         if generator is not None and generator.device.type != "cpu":
             raise ValueError(f"generator must be a CPU torch.Generator, got one on {generator.device}")
-        self.size = size
+        #: the output's (height, width), as torchvision's RandomResizedCrop keeps it
+        self.size: tuple[int, int] = hw
         self.scale = (float(scale[0]), float(scale[1]))
         self.ratio = (float(ratio[0]), float(ratio[1]))
         self.hflip = float(hflip)
@@ -129,13 +130,14 @@ class BatchAugment(nn.Module):
         """Augments the batch with fresh per-sample parameters.
 
         Args:
-            images: uint8 (N, C, H, W) / (N, H, W, C) batch or a sequence of uint8 images of any sizes.
+            images: (N, C, H, W) / (N, H, W, C) batch or a sequence of images of any sizes, uint8 (0..255) or
+                float (0..1).
             generator: CPU generator for this call's draws.
             seed: seed of a fresh generator for this call (reproducible output).
             return_params: also return the parameters that were drawn.
 
         Returns:
-            The (N, C, size, size) output, or (output, params).
+            The (N, C, height, width) output, or (output, params).
 
         Raises:
             RuntimeError: during CUDA graph capture, before anything is drawn (the parameters are drawn and

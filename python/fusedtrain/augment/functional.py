@@ -11,8 +11,10 @@ sample, and puts the only step that needs a statistic of the whole image (contra
 right after the only step before it (brightness), so one cheap reduction pass suffices and saturation
 stays a per-pixel blend.
 
-The pipeline computes in float on values in [0, 255] with no rounding between steps, which equals
-torchvision's v2 functional chain applied to the image converted to float first (``to_dtype(img,
+Inputs are uint8 images (0..255) or float32 images in [0, 1], torchvision's two conventions. A float
+image runs torchvision's float chain step for step (clamps at 1, ``(v - mean) / std``). A uint8 image runs
+the same chain on values in [0, 255] with no rounding between steps, which equals torchvision's v2
+functional chain applied to the image converted to float first (``to_dtype(img,
 torch.float32, scale=True)`` then ``resized_crop``, ``horizontal_flip``, ``adjust_brightness``,
 ``adjust_contrast``, ``adjust_saturation``, ``normalize``) up to float rounding: at most 0.005 / 255
 observed on 256-pixel images, mostly from the source coordinate scale * (x + 0.5) - 0.5, which torch's
@@ -27,6 +29,7 @@ step by step in tests/test_augment.py, `_uint8_chain_bound`).
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Union
@@ -38,10 +41,13 @@ from .. import _ops
 from .._capture import stream_capturing
 
 __all__ = ["AugmentParams", "augment", "sample_params", "sample_crop_boxes", "sample_flips",
-           "sample_jitter_factors", "jitter_range", "as_image_list"]
+           "sample_jitter_factors", "jitter_range", "as_image_list", "output_size"]
 
 Images = Union[Tensor, Sequence[Tensor]]
 FactorArg = Union[float, tuple[float, float], Sequence[float]]
+SizeArg = Union[int, Sequence[int]]
+# The input dtypes the op reads: uint8 in 0..255 and float32 in [0, 1] (other float dtypes are converted).
+_IN_DTYPES = (torch.uint8, torch.float32)
 _LAYOUTS = ("NCHW", "NHWC")
 _OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -103,16 +109,37 @@ def _check_layout(layout: str) -> None:
                          f"got {layout!r}")
 
 
+def output_size(size: SizeArg) -> tuple[int, int]:
+    """The output's (height, width) from ``size`` as torchvision's ``RandomResizedCrop`` takes it: an int is a
+    square, a sequence (h, w) a rectangle, a sequence of one value a square.
+
+    Raises:
+        ValueError: anything else, or a side < 1.
+    """
+    if isinstance(size, Tensor):
+        size = size.tolist()
+    sides = list(size) if isinstance(size, Sequence) and not isinstance(size, str) else [size]
+    try:  # operator.index: ints and integer scalars (numpy, 0-dim tensors), never floats or bools
+        values = [operator.index(v) for v in sides if not isinstance(v, bool)]
+    except TypeError:
+        values = []
+    if len(values) != len(sides) or len(values) not in (1, 2) or min(values) < 1:
+        raise ValueError(f"size must be a positive int (a square output) or a (height, width) pair of positive ints, "
+                         f"got {size!r}")
+    return (values[0], values[-1])
+
+
 def as_image_list(images: Images, layout: str = "NCHW") -> list[Tensor]:
-    """The images as a list of (C, H, W) uint8 views (no copy), checked.
+    """The images as a list of (C, H, W) views (no copy for uint8 and float32), checked.
 
     Args:
-        images: a uint8 batch (N, C, H, W) or (N, H, W, C) as ``layout`` says, or a sequence of uint8
-            images (C, H, W) or (H, W, C), sizes may differ.
+        images: a batch (N, C, H, W) or (N, H, W, C) as ``layout`` says, or a sequence of images (C, H, W) or
+            (H, W, C), sizes may differ; uint8 (0..255) or float in [0, 1] (torchvision's conventions). Float
+            dtypes other than float32 are converted to float32 (a copy).
         layout: ``"NCHW"`` or ``"NHWC"``.
 
     Returns:
-        A list of N tensors of shape (C, H, W) viewing the input.
+        A list of N tensors of shape (C, H, W), all uint8 or all float32.
     """
     _check_layout(layout)
     if isinstance(images, Tensor):
@@ -131,10 +158,14 @@ def as_image_list(images: Images, layout: str = "NCHW") -> list[Tensor]:
     if len(views) == 0:
         raise ValueError("images is empty: an empty batch has nothing to augment; skip the call")
     for i, im in enumerate(views):
-        if im.dtype != torch.uint8:
-            raise TypeError(f"images[{i}] has dtype {im.dtype}; the fused augmentation reads uint8 images "
-                            "(0..255). Convert float images in [0, 1] with (x * 255).round().to(torch.uint8), "
-                            "or pass the decoded uint8 data")
+        if im.dtype not in _IN_DTYPES and not im.dtype.is_floating_point:
+            raise TypeError(f"images[{i}] has dtype {im.dtype}; the fused augmentation reads uint8 images (0..255) "
+                            "or float images in [0, 1] (torchvision's conventions)")
+        if im.dtype.is_floating_point and im.dtype != torch.float32:
+            views[i] = im = im.float()
+        if im.dtype != views[0].dtype:
+            raise TypeError(f"images[{i}] is {im.dtype} but images[0] is {views[0].dtype}; pass all images as uint8 "
+                            "or all as float")
         if im.shape[0] not in (1, 3):
             looks_nhwc = layout == "NCHW" and im.shape[-1] in (1, 3)
             hint = " (is layout right? got NCHW but the data looks NHWC)" if looks_nhwc else ""
@@ -169,7 +200,7 @@ def _mean_std(mean: Sequence[float] | None, std: Sequence[float] | None,
 
 def augment(images: Images, boxes: Tensor | Sequence[Sequence[int]], flips: Tensor | Sequence[bool] | None = None,
             brightness: Tensor | Sequence[float] | None = None, contrast: Tensor | Sequence[float] | None = None,
-            saturation: Tensor | Sequence[float] | None = None, *, size: int, mean: Sequence[float] | None = None,
+            saturation: Tensor | Sequence[float] | None = None, *, size: SizeArg, mean: Sequence[float] | None = None,
             std: Sequence[float] | None = None, out_dtype: torch.dtype = torch.float32,
             layout: str = "NCHW", antialias: bool = False) -> Tensor:
     """Resized crop, horizontal flip, colour jitter and normalization of a batch in one pass.
@@ -177,25 +208,27 @@ def augment(images: Images, boxes: Tensor | Sequence[Sequence[int]], flips: Tens
     For sample n with box (t, l, h, w), flip f and factors (b, c, s), every output pixel is (Note
     [augment pipeline] in csrc/include/fusedtrain/augment.h, Note [jitter order and reference] above)::
 
-        v = bilinear(img[:, t:t+h, l:l+w] -> size x size, align_corners=False, antialias)  # in [0, 255]
+        v = bilinear(img[:, t:t+h, l:l+w] -> out_h x out_w, align_corners=False, antialias)  # in [0, M]
         v = flip(v) if f
-        v = clamp(b * v, 0, 255)
-        v = clamp(c * v + (1 - c) * mean(gray(v)), 0, 255)       # mean over the sample's output
-        v = clamp(s * v + (1 - s) * gray(v), 0, 255)             # 3 channels; 1 channel: unchanged
-        out = (v / 255 - mean[k]) / std[k]
+        v = clamp(b * v, 0, M)
+        v = clamp(c * v + (1 - c) * mean(gray(v)), 0, M)         # mean over the sample's output
+        v = clamp(s * v + (1 - s) * gray(v), 0, M)               # 3 channels; 1 channel: unchanged
+        out = (v / M - mean[k]) / std[k]
 
-    with gray = 0.2989 R + 0.587 G + 0.114 B. This equals torchvision.transforms.v2.functional's
-    ``resized_crop(antialias=antialias)``, ``horizontal_flip``, ``adjust_brightness``, ``adjust_contrast``,
-    ``adjust_saturation``, ``normalize`` on the image as float in [0, 1], up to float rounding.
+    with gray = 0.2989 R + 0.587 G + 0.114 B and M = 255 for uint8 images, 1 for float images (whose values
+    outside [0, 1] the brightness step clamps, even at factor 1). This equals
+    torchvision.transforms.v2.functional's ``resized_crop(antialias=antialias)``, ``horizontal_flip``,
+    ``adjust_brightness``, ``adjust_contrast``, ``adjust_saturation``, ``normalize`` on the image as float
+    in [0, 1], up to float rounding.
 
     Args:
-        images: uint8 batch (N, C, H, W) / (N, H, W, C) or a sequence of uint8 images of any sizes, on CPU
-            or CUDA; C is 1 or 3.
+        images: batch (N, C, H, W) / (N, H, W, C) or a sequence of images of any sizes, on CPU or CUDA; C is
+            1 or 3; uint8 (0..255) or float (0..1; float32 is read in place, other float dtypes converted).
         boxes: (N, 4) integers (top, left, height, width), each box inside its image.
         flips: (N,) booleans, or None for no flips.
         brightness, contrast, saturation: (N,) non-negative factors, or None for 1 (unchanged).
-        size: side of the square output.
-        mean, std: C values each, or None (0 and 1: output v / 255 in [0, 1]).
+        size: the output's (height, width), or one int for a square (torchvision's ``size``).
+        mean, std: C values each, or None (0 and 1: output in [0, 1]).
         out_dtype: torch.float32, torch.float16 or torch.bfloat16 (computed in float32 either way).
         layout: ``"NCHW"`` or ``"NHWC"``: how ``images`` hold their channels.
         antialias: resize as torchvision's ``resized_crop(..., antialias=True)`` (a triangle filter as wide as
@@ -203,7 +236,7 @@ def augment(images: Images, boxes: Tensor | Sequence[Sequence[int]], flips: Tens
             instead of the two-tap bilinear.
 
     Returns:
-        A new contiguous (N, C, size, size) tensor of ``out_dtype`` on the images' device.
+        A new contiguous (N, C, height, width) tensor of ``out_dtype`` on the images' device.
 
     Raises:
         RuntimeError: during CUDA graph capture (the parameters are host data: every replay would repeat
@@ -212,8 +245,7 @@ def augment(images: Images, boxes: Tensor | Sequence[Sequence[int]], flips: Tens
     _refuse_capture("fusedtrain.augment")
     views = as_image_list(images, layout)
     n = len(views)
-    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
-        raise ValueError(f"size must be a positive int (the output is size x size), got {size!r}")
+    hw = output_size(size)
     if out_dtype not in _OUT_DTYPES:
         raise ValueError(f"out_dtype must be torch.float32, torch.float16 or torch.bfloat16, got {out_dtype}")
     b = torch.as_tensor(boxes).detach().to("cpu", torch.int64)
@@ -223,7 +255,7 @@ def augment(images: Images, boxes: Tensor | Sequence[Sequence[int]], flips: Tens
     factors = torch.stack([_per_sample(v, n, name, torch.float32, 1.0) for v, name in
                            ((brightness, "brightness"), (contrast, "contrast"), (saturation, "saturation"))], 1)
     m, s = _mean_std(mean, std, int(views[0].shape[0]))
-    return _ops.augment(views, b, f, factors.contiguous(), size=size, mean=m, std=s, out_dtype=out_dtype,
+    return _ops.augment(views, b, f, factors.contiguous(), size=hw, mean=m, std=s, out_dtype=out_dtype,
                         antialias=bool(antialias))
 
 

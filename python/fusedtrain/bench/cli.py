@@ -22,25 +22,33 @@ from . import host as host_bench
 from . import mixed as mixed_bench
 from . import optim as optim_bench
 from . import train as train_bench
-from .common import format_table, measure_bandwidth
+from .common import PROBE_EXPLANATION, format_table, machine_load, measure_bandwidth, noise_warnings
 from .plot import check_matplotlib, plot_breakdown, plot_ratios
 
 FAMILIES = ["optim", "host", "ema", "clip", "mixed", "dropout", "augment", "train"]
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m fusedtrain.bench",
-                                description="Benchmark fusedtrain against torch on this machine.")
+    p = argparse.ArgumentParser(
+        prog="python -m fusedtrain.bench",
+        description="Benchmark fusedtrain against torch on this machine: each family times fusedtrain and torch's "
+                    "implementations of the same work call by call (interleaved) and prints one row per "
+                    "implementation: median, p20 and p80 in ms, GB/s, % probe, and torch's best time over ours.",
+        epilog=PROBE_EXPLANATION + " Warnings follow the table when the numbers are noise: a row whose p80 / p20 "
+               "spread is wide, or a machine busy with other work (load average above half the CPUs). --quick "
+               "is a first look with few calls per row: on a busy machine every family takes several times "
+               "longer than on an idle one.")
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if available, else cpu)")
     p.add_argument("--family", action="append", choices=FAMILIES, help="benchmark family (repeatable; default all)")
     p.add_argument("--sizes", default=None,
                    help=f"comma-separated parameter sets: {', '.join(optim_bench.PARAM_SETS)}")
     p.add_argument("--optimizers", default=None,
                    help=f"comma-separated optimizers: {', '.join(optim_bench.OPTIMIZERS)}")
-    p.add_argument("--quick", action="store_true", help="fewer repetitions and smaller sets")
+    p.add_argument("--quick", action="store_true",
+                   help="a first look: 5 timed calls per row after 1 warm-up, one parameter set (resnet50), "
+                        "fewer host cases, smaller dropout tensors, tiny train models")
     p.add_argument("--full", action="store_true",
-                   help="every parameter set of every family (on a CPU the default is one set per family, "
-                        "so that the whole run takes about a minute)")
+                   help="every parameter set of every family (on a CPU the default is one set per family)")
     p.add_argument("--reps", type=int, default=None, help="timed repetitions per row")
     p.add_argument("--batch", type=int, default=None,
                    help="augment family: images per call (default 64 on CPU, 256 on CUDA)")
@@ -104,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     reps = args.reps or (5 if args.quick or (device.type == "cpu" and not args.full) else
                          (20 if device.type == "cuda" else 10))
     info = build_info()
-    env = {
+    env: dict[str, Any] = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__,
@@ -114,37 +122,45 @@ def main(argv: list[str] | None = None) -> int:
         "fusedtrain": info,
     }
     print(f"fusedtrain {info['version']} | torch {env['torch']} | {env['device']} | {env['date']}", flush=True)
+    load_before = machine_load()
     bandwidth = measure_bandwidth(device, args.quick)
     env["bandwidth_gbps"] = bandwidth
     what = "device copy" if device.type == "cuda" else "in-place add"
-    print(f"measured bandwidth ({what}, bytes read + written): {bandwidth:.0f} GB/s", flush=True)
+    print(f"bandwidth probe ({what}, bytes read + written): {bandwidth:.0f} GB/s; the '% probe' column is each "
+          "row's GB/s as a percentage of it (--help explains why a row may exceed 100 %)", flush=True)
+    warmup = 1 if args.quick else 3  # untimed calls before each row (the first builds the state)
     results = []
     for family in args.family or FAMILIES:
         if family == "optim":
-            results += optim_bench.run(device, sets, optimizers, reps, warmup=3, bandwidth=bandwidth,
+            results += optim_bench.run(device, sets, optimizers, reps, warmup=warmup, bandwidth=bandwidth,
                                        progress=not args.no_progress)
         elif family == "host":
             counts = host_bench.COUNTS[:2] if args.quick else host_bench.COUNTS
-            results += host_bench.run(device, reps, warmup=3, progress=not args.no_progress, counts=counts)
+            results += host_bench.run(device, reps, warmup=warmup, progress=not args.no_progress, counts=counts)
         elif family == "ema":
-            results += ema_bench.run(device, sets, reps, warmup=3, bandwidth=bandwidth,
+            results += ema_bench.run(device, sets, reps, warmup=warmup, bandwidth=bandwidth,
                                      progress=not args.no_progress)
         elif family == "clip":
-            results += clip_bench.run(device, sets, reps, warmup=3, bandwidth=bandwidth,
+            results += clip_bench.run(device, sets, reps, warmup=warmup, bandwidth=bandwidth,
                                       progress=not args.no_progress)
         elif family == "mixed":
-            results += mixed_bench.run(device, sets, reps, warmup=3, bandwidth=bandwidth,
+            results += mixed_bench.run(device, sets, reps, warmup=warmup, bandwidth=bandwidth,
                                        progress=not args.no_progress)
         elif family == "dropout":
-            results += dropout_bench.run(device, reps, warmup=2, bandwidth=bandwidth, progress=not args.no_progress,
-                                         quick=args.quick)
+            results += dropout_bench.run(device, reps, warmup=max(1, warmup - 1), bandwidth=bandwidth,
+                                         progress=not args.no_progress, quick=args.quick)
         elif family == "augment":
-            results += augment_bench.run(device, reps, warmup=2, bandwidth=bandwidth, progress=not args.no_progress,
-                                         batch=args.batch, layouts=("NCHW", "NHWC"))
+            results += augment_bench.run(device, reps, warmup=max(1, warmup - 1), bandwidth=bandwidth,
+                                         progress=not args.no_progress, batch=args.batch,
+                                         layouts=("NCHW", "NHWC"))
         elif family == "train":
             results += train_bench.run(device, args.reps, progress=not args.no_progress, quick=args.quick,
                                        compile=args.compile)
     print(format_table(results))
+    warnings = noise_warnings(results, load_before, machine_load(), torch.get_num_threads())
+    for line in warnings:
+        print(line)
+    env["warnings"] = warnings
     if args.json_path:
         with open(args.json_path, "w") as f:
             json.dump({"env": env, "results": [r.as_dict() for r in results]}, f, indent=1)

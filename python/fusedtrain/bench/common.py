@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import statistics
 import sys
 import time
@@ -11,7 +12,22 @@ from typing import Any
 
 import torch
 
-__all__ = ["Result", "Progress", "measure", "measure_interleaved", "measure_bandwidth", "format_table", "sync"]
+__all__ = ["Result", "Progress", "measure", "measure_interleaved", "measure_bandwidth", "format_table", "sync",
+           "shorten", "machine_load", "noise_warnings", "PROBE_EXPLANATION", "NOISY_SPREAD",
+           "MAX_NOISY_LINES"]
+
+# What the "% probe" column means, for --help, the header and the table's footnote.
+PROBE_EXPLANATION = (
+    "'% probe' is each row's GB/s (the bytes its step must read and write, divided by its median time) as a "
+    "percentage of the bandwidth probe measured at the start: an in-place add a += b over two large arrays on a "
+    "CPU (2 reads + 1 write per element), a device-to-device copy on a GPU (1 read + 1 write). The probe is a "
+    "reference, not a ceiling: a row that reads more than it writes, or whose data stays in cache between "
+    "calls, can move its bytes faster than the probe (above 100 %); on a busy machine the probe, measured "
+    "once, may also have met a worse moment than the row.")
+# A row whose p80 / p20 exceeds this is timed too noisily for its ratios to be trusted.
+NOISY_SPREAD = 1.25
+# More noisy rows than this are summed up in one warning line instead of one line each.
+MAX_NOISY_LINES = 3
 
 
 @dataclass
@@ -143,7 +159,7 @@ class Progress:
         filled = int(width * self.done / self.total)
         elapsed = time.perf_counter() - self.t0
         sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} "
-                         f"{elapsed:5.1f}s {label[:48]:<48}")
+                         f"{elapsed:5.1f}s {shorten(label, 48):<48}")
         sys.stderr.flush()
         if self.done >= self.total:
             sys.stderr.write("\n")
@@ -153,14 +169,78 @@ def _fmt(x: float | None, spec: str) -> str:
     return "–" if x is None else format(x, spec)
 
 
+def shorten(text: str, width: int) -> str:
+    """``text`` in at most ``width`` characters, cut at a word boundary and ended with "…" when cut (a single
+    word longer than that is cut inside)."""
+    if len(text) <= width:
+        return text
+    cut = text[:width - 1]
+    space = cut.rfind(" ")
+    if space > 0:
+        cut = cut[:space]
+    return cut.rstrip(" ,;:.") + "…"
+
+
 def format_table(results: list[Result]) -> str:
-    header = ["family", "case", "impl", "median ms", "p20", "p80", "GB/s", "% BW", "vs best torch", "note"]
+    """The results as an aligned text table; a row above 100 % of the probe is marked with "*" and a
+    footnote explains the column (:data:`PROBE_EXPLANATION`)."""
+    header = ["family", "case", "impl", "median ms", "p20", "p80", "GB/s", "% probe", "vs best torch", "note"]
     rows = [header]
+    above = False
     for r in results:
+        pct = _fmt(r.pct_bw, ".0f")
+        if r.pct_bw is not None and r.pct_bw > 100:
+            pct, above = pct + "*", True
         rows.append([r.family, r.case, r.impl, _fmt(r.median_ms, ".3f"), _fmt(r.p20_ms, ".3f"),
-                     _fmt(r.p80_ms, ".3f"), _fmt(r.gbps, ".1f"), _fmt(r.pct_bw, ".0f"),
+                     _fmt(r.p80_ms, ".3f"), _fmt(r.gbps, ".1f"), pct,
                      "" if r.vs_best_torch is None else f"{r.vs_best_torch:.2f}x", r.note])
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    if above:
+        lines.append("* above 100 % of the probe: " + PROBE_EXPLANATION)
     return "\n".join(lines)
+
+
+def cpu_count() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def machine_load() -> float | None:
+    """The 1-minute load average (runnable processes), or None where the OS does not report it."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def noise_warnings(results: list[Result], load_before: float | None, load_after: float | None,
+                   threads: int) -> list[str]:
+    """Warning lines for timings that are noise: rows whose spread p80 / p20 exceeds :data:`NOISY_SPREAD`,
+    and a machine busy with other work (the load average before the run, or after it less the benchmark's
+    own ``threads``, above half the CPUs: other processes then take turns with the timed calls)."""
+    lines = []
+    cpus = cpu_count()
+    others = max([x for x in (load_before, None if load_after is None else load_after - threads) if x is not None],
+                 default=None)
+    if others is not None and others > 0.5 * cpus:
+        lines.append(f"warning: the machine is busy: load average {others:.1f} from other processes on {cpus} "
+                     f"CPUs; every timing may include their turns, so the times and ratios are noisy. Rerun when "
+                     f"it is idle.")
+    noisy = sorted((r.p80_ms / r.p20_ms, i, r) for i, r in enumerate(results)
+                   if r.p20_ms and r.p80_ms and r.p80_ms / r.p20_ms > NOISY_SPREAD)
+    if len(noisy) <= MAX_NOISY_LINES:  # one line per row, in table order
+        for spread, _, r in sorted(noisy, key=lambda x: x[1]):
+            lines.append(f"warning: noisy row ({r.family}, {shorten(r.case, 60)}, {r.impl}): p80 / p20 = "
+                         f"{spread:.2f} > {NOISY_SPREAD}; its median is uncertain, rerun with more --reps")
+    else:  # many: one line, naming the worst
+        spread, _, r = noisy[-1]
+        timed = sum(1 for x in results if x.p20_ms and x.p80_ms)
+        lines.append(f"warning: {len(noisy)} of {timed} rows are noisy (p80 / p20 > {NOISY_SPREAD}; worst "
+                     f"{spread:.2f}: {r.family}, {shorten(r.case, 60)}, {r.impl}); their medians and ratios are "
+                     f"uncertain: rerun with more --reps, on an idle machine")
+    return lines

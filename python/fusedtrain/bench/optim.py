@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import gc
+import importlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 
 from .. import optim as ft_optim
-from .common import Progress, Result, measure_interleaved, summarize
+from .common import Progress, Result, measure_interleaved, shorten, summarize
 
-__all__ = ["PARAM_SETS", "OPTIMIZERS", "param_shapes", "param_cases", "run"]
+__all__ = ["OPTIMIZERS", "PARAM_SETS", "REFERENCES", "param_cases", "param_shapes", "run"]
 
 
 def _gpt2_medium() -> list[tuple[int, ...]]:
@@ -65,7 +66,36 @@ OPTIMIZERS: dict[str, tuple[str, dict[str, Any], int]] = {
     "SGD nesterov": ("SGD", dict(lr=1e-2, momentum=0.9, nesterov=True), 20),
     "Adagrad": ("Adagrad", dict(lr=1e-2), 20),
     "RMSprop": ("RMSprop", dict(lr=1e-2), 20),
+    # torch.optim's other element-wise optimizers (issue 15): (p, g, 2 states) read, (p, 2 states) written;
+    # ASGD (p, g, ax) read, (p, ax) written. ASGD with t0=0 so that its averaging pass runs from step 2.
+    "RAdam": ("RAdam", dict(lr=1e-3), 28),
+    "Adamax": ("Adamax", dict(lr=2e-3), 28),
+    "Adadelta": ("Adadelta", dict(lr=1.0), 28),
+    "ASGD": ("ASGD", dict(lr=1e-2, t0=0), 20),
+    "Rprop": ("Rprop", dict(lr=1e-2), 28),
+    # Beyond torch.optim (issue 16): the "torch" rows run the reference implementation (REFERENCES).
+    "Lion": ("Lion", dict(lr=1e-4, weight_decay=0.1), 20),
+    "ScheduleFreeAdamW": ("ScheduleFreeAdamW", dict(lr=2.5e-3), 28),
+    "ScheduleFreeSGD": ("ScheduleFreeSGD", dict(lr=0.1), 20),
+    # three sweeps (Note [Adafactor passes]): read g, p; read g; read g, p, write p (factored parameters)
+    "Adafactor": ("Adafactor", dict(lr=1e-2), 24),
 }
+
+# Optimizers torch.optim does not have: "module:attribute" of the implementation the reference rows run
+# (labelled with its package's name instead of "torch").
+REFERENCES = {
+    "Lion": "timm.optim:Lion",
+    "ScheduleFreeAdamW": "schedulefree:AdamWScheduleFree",
+    "ScheduleFreeSGD": "schedulefree:SGDScheduleFree",
+}
+
+# LAMB / LARS (issue 16): no torch.optim class; timm's implementations are the reference side. Bytes: the
+# global gradient norm (LAMB's max_grad_norm), then the two passes of Note [trust-ratio passes].
+OPTIMIZERS.update({
+    "Lamb": ("Lamb", dict(lr=1e-3), 44),
+    "Lars": ("Lars", dict(lr=0.1, momentum=0.9, weight_decay=1e-4), 28),
+})
+REFERENCES.update({"Lamb": "timm.optim:Lamb", "Lars": "timm.optim:Lars"})
 
 IMPLS = {
     "torch for-loop": dict(foreach=False),
@@ -73,6 +103,14 @@ IMPLS = {
     "torch fused": dict(fused=True),
     "fusedtrain": {},
 }
+
+
+def _reference(cls_name: str) -> type[torch.optim.Optimizer]:
+    """The class of the "torch" rows: torch.optim's, or the reference of an optimizer torch.optim lacks."""
+    if cls_name not in REFERENCES:
+        return getattr(torch.optim, cls_name)
+    module, attr = REFERENCES[cls_name].split(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 def param_shapes(name: str) -> list[tuple[int, ...]]:
@@ -97,11 +135,37 @@ def param_cases(sets: list[str]) -> Iterator[tuple[str, list[tuple[int, ...]], i
         yield set_name, shapes, numel, f"{set_name} ({numel / 1e6:.1f} M, {len(shapes)} tensors)"
 
 
+# Standard-normal values the benchmark tensors are filled from (two pools: parameters and gradients differ).
+_POOL_SIZE = 1 << 20
+_pools: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _filled(shape: tuple[int, ...], device: torch.device, which: int) -> torch.Tensor:
+    """A float32 tensor of ``shape`` holding standard-normal values repeated from a fixed pool of 2^20.
+
+    The step's time does not depend on the values (no data-dependent branches), and copying them is
+    several times faster than drawing them: drawing 2 x 25.6 M values per implementation and optimizer
+    took most of a ``--quick`` run on a busy 2-core CPU."""
+    key = str(device)
+    if key not in _pools:
+        gen = torch.Generator().manual_seed(0)
+        first = torch.randn(_POOL_SIZE, generator=gen).to(device)
+        _pools[key] = (first, torch.randn(_POOL_SIZE, generator=gen).to(device))
+    pool = _pools[key][which]
+    out = torch.empty(shape, device=device)
+    flat = out.view(-1)
+    for start in range(0, flat.numel(), _POOL_SIZE):
+        chunk = flat[start:start + _POOL_SIZE]
+        chunk.copy_(pool[:chunk.numel()])
+    return out
+
+
 def _make(shapes: list[tuple[int, ...]], device: torch.device) -> list[torch.Tensor]:
-    params = [torch.randn(s, device=device) for s in shapes]
+    """Fresh float32 parameters of ``shapes`` with gradients (values: :func:`_filled`)."""
+    params = [_filled(s, device, 0) for s in shapes]
     for p in params:
         p.requires_grad_()
-        p.grad = torch.randn_like(p)
+        p.grad = _filled(p.shape, device, 1)
     return params
 
 
@@ -117,16 +181,20 @@ def run(device: torch.device, sets: list[str] | None, optimizers: list[str] | No
             bar.begin(f"{set_name} {name}")
             rows: dict[str, Result] = {}
             steps: dict[str, Callable[[], Any]] = {}
+            package = REFERENCES.get(cls_name, "torch").split(".")[0].split(":")[0]
             for impl, flags in IMPLS.items():
-                rows[impl] = Result("optim", f"{name}, {case_label}", impl, str(device), None,
-                                    bytes_moved=numel * bytes_per_param)
+                label = impl if impl == "fusedtrain" else impl.replace("torch", package, 1)
+                rows[label] = Result("optim", f"{name}, {case_label}", label, str(device), None,
+                                     bytes_moved=numel * bytes_per_param)
                 try:
-                    cls = getattr(ft_optim if impl == "fusedtrain" else torch.optim, cls_name)
+                    cls: Any = getattr(ft_optim, cls_name) if impl == "fusedtrain" else _reference(cls_name)
                     opt = cls(_make(shapes, device), **kwargs, **flags)
+                    if hasattr(opt, "train"):  # schedule-free: steps need training mode
+                        opt.train()
                     opt.step()
-                    steps[impl] = opt.step
-                except (RuntimeError, ValueError, TypeError) as exc:
-                    rows[impl].note = f"not available: {str(exc).splitlines()[0][:60]}"
+                    steps[label] = opt.step
+                except (RuntimeError, ValueError, TypeError, ImportError) as exc:
+                    rows[label].note = "not available: " + shorten(str(exc).splitlines()[0], 60)
             times = measure_interleaved(steps, device, warmup, reps)
             bar.step(f"{set_name} {name}")
             for impl, ts in times.items():

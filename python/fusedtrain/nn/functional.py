@@ -255,8 +255,12 @@ def bias_dropout_add(x: Tensor, bias: Tensor, residual: Tensor, p: float, traini
 
     Args:
         x: ``(..., H)`` float tensor.
-        bias: ``(H,)``, same dtype and device as ``x``.
-        residual: same shape, dtype and device as ``x``.
+        bias: ``(H,)``, on ``x``'s device.
+        residual: ``x``'s shape, on its device.
+
+    Mixed dtypes promote as ``residual + dropout(x + bias)`` does in torch (e.g. under autocast a bfloat16
+    ``x`` from a linear layer with a float32 bias and residual gives a float32 result): the inputs are
+    converted to the promoted dtype first, and their gradients come back in their own dtypes.
         p: dropout probability in [0, 1].
         training: apply dropout if ``True``; otherwise return ``residual + x + bias`` (still one pass).
         seed: fixes the mask (module Note [seeds]).
@@ -267,6 +271,10 @@ def bias_dropout_add(x: Tensor, bias: Tensor, residual: Tensor, p: float, traini
         A new contiguous tensor of ``x``'s shape.
     """
     p = _check_p(p)
+    if isinstance(x, Tensor) and isinstance(bias, Tensor) and isinstance(residual, Tensor) \
+            and not x.dtype == bias.dtype == residual.dtype:
+        dtype = torch.promote_types(torch.promote_types(x.dtype, bias.dtype), residual.dtype)
+        x, bias, residual = x.to(dtype), bias.to(dtype), residual.to(dtype)
     if not training or p == 0.0:
         return _ops.bias_dropout_add(x, bias, residual, _NO_SEED, 0, 0.0)
     return _ops.bias_dropout_add(x, bias, residual, _seed_tensor(seed, generator, x), 0, p)

@@ -156,6 +156,28 @@ class _Plan:
     device: torch.device | None
 
 
+# Note [amp scaling and closures]: ``_step_supports_amp_scaling`` tells torch.amp.GradScaler to hand the step
+# its scale instead of unscaling the gradients in a pass of its own, and tells Lightning (which reads it to
+# decide whether the gradients are still scaled when it clips them) to refuse gradient clipping. The claim
+# only holds where a GradScaler is in use, and none is while step() runs a closure: GradScaler.step refuses
+# closures, so the gradients a closure makes are unscaled. Lightning's bf16-mixed (no GradScaler) and 32-bit
+# steps call step(closure) and clip inside the closure: there the instance declares False, so
+# ``gradient_clip_val`` works, while GradScaler's steps (no closure) keep the in-kernel unscale.
+def _unscaled_closure(opt: Any, closure: Callable[[], Any]) -> Callable[[], Any]:
+    """``closure`` wrapped so that ``opt`` declares no amp-scaling support while it runs."""
+    def run() -> Any:
+        before = opt.__dict__.get("_step_supports_amp_scaling")
+        opt.__dict__["_step_supports_amp_scaling"] = False
+        try:
+            return closure()
+        finally:
+            if before is None:
+                opt.__dict__.pop("_step_supports_amp_scaling", None)
+            else:
+                opt.__dict__["_step_supports_amp_scaling"] = before
+    return run
+
+
 class FusedOptimizerMixin:
     r"""Mixed into subclasses of the torch.optim class of the same name.
 
@@ -200,7 +222,8 @@ class FusedOptimizerMixin:
     defaults: dict[str, Any]
     # torch.amp.GradScaler hands optimizers that declare this its scale and found_inf (as attributes
     # grad_scale / found_inf during step) instead of unscaling the gradients itself; the kernels divide
-    # the gradients by the scale in registers and skip the update when found_inf is set.
+    # the gradients by the scale in registers and skip the update when found_inf is set. False while
+    # step() runs a closure (Note [amp scaling and closures]).
     _step_supports_amp_scaling = True
     #: Clip the joint 2-norm of all gradients of this optimizer to this value inside the step (None: off).
     max_grad_norm: float | None = None
@@ -231,6 +254,24 @@ class FusedOptimizerMixin:
 
     def _hyper(self, group: dict[str, Any]) -> dict[str, Any]:
         """The rule's hyperparameters for ``group``, by name (``fusedtrain._ops.rules()``)."""
+        raise NotImplementedError
+
+    def _unscaled_norm(self, norm: Tensor, grad_scale: Tensor | None) -> Tensor:
+        """The gradients' joint norm ``norm`` (float32 or wider) divided by GradScaler's scale, before any
+        narrowing; kept as ``last_grad_norm``."""
+        if grad_scale is not None:
+            norm = norm / grad_scale.to(norm.device)
+        self.last_grad_norm = norm
+        return norm
+
+    def _rule_max_norm(self) -> float | None:
+        """A rule's own gradient clipping (LAMB's global clipping with timm's semantics): its max norm, or None.
+        The kernels then read ``_rule_clip_coef(norm, max_norm)`` as their clip value (Bound::clip_coef in
+        math.h), with ``norm`` the joint 2-norm of the step's gradients (unscaled, as for ``max_grad_norm``)."""
+        return None
+
+    def _rule_clip_coef(self, norm: Tensor, max_norm: float) -> Tensor:
+        """The clip value the rule's kernels read, from the gradients' joint norm (see ``_rule_max_norm``)."""
         raise NotImplementedError
 
     # -------------------------------------------------------------------------------- construction
@@ -443,6 +484,8 @@ class FusedOptimizerMixin:
         Returns:
             The closure's loss, or None.
         """
+        if closure is not None:
+            closure = _unscaled_closure(self, closure)
         if self._use_torch_step():
             loss = self._torch_step(closure)
             if self.ema is not None:
@@ -478,6 +521,7 @@ class FusedOptimizerMixin:
         groups = self.param_groups
         for _ in range(2):
             plan: _Plan | None = self.__dict__.get("_ft_plan")
+            built = plan is None
             if plan is None:
                 plan = self.__dict__["_ft_plan"] = self._build_plan()
             if plan.device is not None and plan.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
@@ -488,6 +532,19 @@ class FusedOptimizerMixin:
             l1s = [g.get("l1", 0.0) for g in groups]
             clip_coef = None
             max_norm = self.max_grad_norm
+            rule_max = self._rule_max_norm()
+            if rule_max is not None:
+                try:
+                    norm = self._sharded_norm(plan, grad_scale)
+                except RuntimeError:
+                    if built:
+                        raise
+                    self.__dict__["_ft_plan"] = None  # a gradient changed (e.g. sparse): the rebuild's checks name it
+                    continue
+                if norm is None:
+                    continue  # a gradient vanished: rebuild
+                self.last_grad_norm = norm
+                clip_coef = self._rule_clip_coef(norm, rule_max)
             if max_norm is not None and plan.sharded:
                 norm = self._sharded_norm(plan, grad_scale)
                 if norm is None:
@@ -743,12 +800,13 @@ class FusedOptimizerMixin:
                 self._prepare_state(group, group["params"][pos])
         segments, fused_ema, fresh = self._segments(collected)
         clip_coef = None
-        if self.max_grad_norm is not None and segments:
-            norm = local(grads_norm([p.grad for seg in segments for p in seg.params]))
-            if grad_scale is not None:
-                norm = norm / grad_scale.to(norm.device)
-            self.last_grad_norm = norm
-            clip_coef = clip_coefficient(norm, self.max_grad_norm)
+        rule_max = self._rule_max_norm()
+        if segments and (rule_max is not None or self.max_grad_norm is not None):
+            norm = self._unscaled_norm(local(grads_norm([p.grad for seg in segments for p in seg.params])), grad_scale)
+            if rule_max is not None:
+                clip_coef = self._rule_clip_coef(norm, rule_max)
+            if self.max_grad_norm is not None:
+                clip_coef = clip_coefficient(norm, self.max_grad_norm)
         ema = self.ema
         weight, weight_tensor = 0.0, None
         if ema is not None and fused_ema:

@@ -12,7 +12,40 @@ from ._base import FusedOptimizerMixin, to_scalar
 __all__ = ["SGD"]
 
 
-class SGD(FusedOptimizerMixin, torch.optim.SGD):
+class MomentumBufferState:
+    """The ``momentum_buffer`` state of SGD-style momentum (SGD, and LARS in lamb.py), for a
+    FusedOptimizerMixin class whose groups have a ``momentum`` entry.
+
+    A new buffer starts from the gradient (torch clones the gradient on the first step): the kernel writes
+    b <- g on a parameter's first update (the rule's first_step flag, Note [the step]). It is made as zeros,
+    not empty: if GradScaler's found_inf skips that update on the device, the next
+    b <- mu*0 + (1 - dampening)*g is still defined.
+    """
+
+    state: Any
+
+    def _state_keys(self, group: dict[str, Any]) -> list[str]:
+        return ["momentum_buffer"] if group["momentum"] != 0 else []
+
+    def _init_state(self, group: dict[str, Any], p: Tensor) -> None:
+        state = self.state[p]
+        if group["momentum"] != 0 and state.get("momentum_buffer") is None:
+            state["momentum_buffer"] = self._zeros(p)  # type: ignore[attr-defined]
+            self.__dict__.setdefault("_ft_fresh", set()).add(id(p))
+
+    def _fresh_params(self, group: dict[str, Any], params: list[Tensor]) -> set[int]:
+        if group["momentum"] == 0:
+            return set()
+        fresh = self.__dict__.get("_ft_fresh", set())
+        return {id(p) for p in params if id(p) in fresh}
+
+    def _after_update(self, fresh: list[Tensor]) -> None:
+        done = self.__dict__.get("_ft_fresh", set())
+        for p in fresh:
+            done.discard(id(p))
+
+
+class SGD(MomentumBufferState, FusedOptimizerMixin, torch.optim.SGD):
     r"""Stochastic gradient descent with optional momentum, a drop-in for :class:`torch.optim.SGD`.
 
     With :math:`g = \nabla f(\theta) + \lambda\theta` (weight decay :math:`\lambda`):
@@ -58,29 +91,6 @@ class SGD(FusedOptimizerMixin, torch.optim.SGD):
         self._init_extras(ema, max_grad_norm, l1, master_weights, stochastic_rounding, state_dtype, state_bits,
                           min_8bit_size)
 
-    def _state_keys(self, group: dict[str, Any]) -> list[str]:
-        return ["momentum_buffer"] if group["momentum"] != 0 else []
-
-    def _init_state(self, group: dict[str, Any], p: Tensor) -> None:
-        # A new buffer starts from the gradient (torch clones the gradient on the first step): the kernel
-        # writes b <- g on a parameter's first update (the rule's first_step flag, Note [the step]). It is
-        # made as zeros, not empty: if GradScaler's found_inf skips that update on the device, the next
-        # b <- mu*0 + (1 - dampening)*g is still defined.
-        state = self.state[p]
-        if group["momentum"] != 0 and state.get("momentum_buffer") is None:
-            state["momentum_buffer"] = self._zeros(p)
-            self.__dict__.setdefault("_ft_fresh", set()).add(id(p))
-
-    def _fresh_params(self, group: dict[str, Any], params: list[Tensor]) -> set[int]:
-        if group["momentum"] == 0:
-            return set()
-        fresh = self.__dict__.get("_ft_fresh", set())
-        return {id(p) for p in params if id(p) in fresh}
-
-    def _after_update(self, fresh: list[Tensor]) -> None:
-        done = self.__dict__.get("_ft_fresh", set())
-        for p in fresh:
-            done.discard(id(p))
 
     def _sparse_refusal(self, group: dict[str, Any]) -> str | None:
         # torch's single-tensor SGD adds the decay with add(sparse, dense), which ATen refuses

@@ -1,0 +1,234 @@
+"""LAMB and LARS (layer-wise trust ratios) on fusedtrain's fused kernels, with timm's arguments and results.
+
+The rules run two passes per step (Note [trust-ratio passes] in csrc/include/fusedtrain/rules_trust.h): the
+first reduces each tensor's norms, the second applies the update scaled by its trust ratio.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .._dtensor import is_dtensor
+from ._base import FusedOptimizerMixin, _Collected, new_step, to_scalar, where
+from .sgd import MomentumBufferState
+
+__all__ = ["Lamb", "Lars"]
+
+
+def _validate_scalar(name: str, value: float | Tensor, min_value: float = 0.0) -> None:
+    """timm.optim._helpers._validate_scalar's check and message."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a scalar or scalar tensor.")
+        value_float = float(value.detach().cpu())
+    else:
+        value_float = float(value)
+    if value_float < min_value:
+        raise ValueError(f"Invalid {name}: {value}")
+
+
+class _TrustMixin(FusedOptimizerMixin):
+    """What LAMB and LARS share: no torch.optim counterpart, so no torch step to fall back on."""
+
+    _torch_cls = torch.optim.Optimizer
+    _reference = ""  # the reference implementation, named in errors
+
+    def _collect(self) -> _Collected:
+        collected = super()._collect()
+        for gi, positions in collected.external:
+            raise RuntimeError(
+                f"fusedtrain.optim.{self._opt_name}: {where(gi, positions[0])} is on the meta device; "
+                f"{self._reference} has no implementation for it either. Materialize the parameters "
+                "(e.g. model.to_empty(device=...)) before the first step.")
+        for gi, positions in enumerate(collected.fused):
+            for pos in positions:
+                if is_dtensor(self.param_groups[gi]["params"][pos]):
+                    raise RuntimeError(
+                        f"fusedtrain.optim.{self._opt_name}: {where(gi, pos)} is a DTensor (FSDP2 / tensor "
+                        "parallel); the trust ratio needs the norms of the whole tensor, which the fused kernels "
+                        "do not reduce across shards yet. Use it with replicated (DDP) parameters.")
+        return collected
+
+
+class Lamb(_TrustMixin, torch.optim.Optimizer):
+    r"""LAMB (You et al., 2020) with the arguments, defaults and results of :class:`timm.optim.Lamb`
+    (NVIDIA's FusedLAMB variant), on fused kernels.
+
+    .. math::
+        g &\leftarrow g / \max(1, \lVert g_{\text{all}}\rVert / \text{max\_grad\_norm}),\qquad
+        m \leftarrow \beta_1 m + \beta_3 g,\qquad v \leftarrow \beta_2 v + (1-\beta_2) g^2 \\
+        u &= \frac{m / (1-\beta_1^t)}{\sqrt{v / (1-\beta_2^t)} + \epsilon} + \lambda\theta,\qquad
+        \theta \leftarrow \theta - \eta\, r\, u,\qquad r = \lVert\theta\rVert / \lVert u\rVert
+
+    with :math:`\beta_3 = 1-\beta_1` (``grad_averaging``) or 1, :math:`r = 1` where a norm is 0, and the trust
+    ratio only where ``weight_decay != 0`` or ``always_adapt``. ``decoupled_decay`` decays
+    :math:`\theta \leftarrow \theta - \eta\lambda\theta` first instead (``corrected_weight_decay``: by
+    :math:`\eta^2\lambda/\eta_{\max}`); ``trust_clip`` clips :math:`r` at 1 (LAMBC); ``caution`` masks the
+    update where its sign disagrees with the gradient's (Cautious Optimizers).
+
+    Args:
+        params, lr, bias_correction, betas, eps, weight_decay, grad_averaging, trust_clip, always_adapt, caution,
+            decoupled_decay, corrected_weight_decay: as in timm.optim.Lamb (same defaults and errors).
+        max_grad_norm: timm's global clipping (default 1.0, None: off): every gradient is *divided* by
+            :math:`\max(1, \lVert g_{\text{all}}\rVert/\text{max\_grad\_norm})` before the moments, with the joint
+            2-norm of all gradients of this optimizer (unscaled under GradScaler). This is timm's meaning of the
+            name, which replaces fusedtrain's ``max_grad_norm`` option (the same clipping up to the 1e-6 of
+            ``clip_grad_norm_``); the norm is kept in ``last_grad_norm``.
+        foreach: accepted and recorded as timm does; the fused kernels always run.
+        ema, l1, master_weights, stochastic_rounding, state_dtype: the options fusedtrain adds to every
+            optimizer; see :class:`~fusedtrain.optim._base.FusedOptimizerMixin`.
+
+    State: ``exp_avg``, ``exp_avg_sq`` (timm's keys) and a per-parameter ``step`` counter. timm counts steps
+    per param group (``param_groups[i]['step']``); the two agree whenever every parameter of a group has a
+    gradient at every step. A timm checkpoint loads (its group counters become the parameters' counters).
+
+    Not supported: DTensor (FSDP2) parameters, parameters on the meta device, sparse gradients.
+    """
+
+    _opt_name = "Lamb"
+    _rule = "lamb"
+    _reference = "timm.optim.Lamb"
+
+    def __init__(self, params: Any, lr: float | Tensor = 1e-3, bias_correction: bool = True,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6, weight_decay: float = 0.01,
+                 grad_averaging: bool = True, max_grad_norm: float | None = 1.0, trust_clip: bool = False,
+                 always_adapt: bool = False, caution: bool = False, decoupled_decay: bool = False,
+                 corrected_weight_decay: bool = False, foreach: bool | None = None, *, ema: Any = None,
+                 l1: float = 0.0, master_weights: bool = False, stochastic_rounding: bool = False,
+                 state_dtype: torch.dtype | None = None) -> None:
+        _validate_scalar("learning rate", lr)
+        _validate_scalar("epsilon", eps)
+        _validate_scalar("weight_decay", weight_decay)
+        if max_grad_norm is not None and (isinstance(max_grad_norm, bool)
+                                          or not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0)):
+            raise ValueError(f"Invalid max_grad_norm: {max_grad_norm!r}; pass a positive number, or None to turn "
+                             "the global gradient clipping off")
+        max_lr = float(lr.detach()) if isinstance(lr, Tensor) else float(lr)
+        if corrected_weight_decay and max_lr <= 0:
+            raise ValueError(f"Corrected weight decay requires a positive max lr, got {max_lr}. Construct the "
+                             "optimizer with the peak lr.")
+        defaults = dict(lr=lr, bias_correction=bias_correction, betas=betas, eps=eps, weight_decay=weight_decay,
+                        grad_averaging=grad_averaging, trust_clip=trust_clip, always_adapt=always_adapt,
+                        caution=caution, decoupled_decay=decoupled_decay,
+                        corrected_weight_decay=corrected_weight_decay, max_lr_snapshot=max_lr, foreach=foreach)
+        super().__init__(params, defaults)
+        self._init_extras(ema, None, l1, master_weights, stochastic_rounding, state_dtype)
+        # timm records its max_grad_norm in the defaults (and so in every group) but reads only the defaults';
+        # recorded after _init_extras, which refuses fusedtrain's optimizer-wide max_grad_norm in a group.
+        self.defaults["max_grad_norm"] = max_grad_norm
+        for group in self.param_groups:
+            group.setdefault("max_grad_norm", max_grad_norm)
+
+    def _rule_max_norm(self) -> float | None:
+        value = self.defaults.get("max_grad_norm")
+        return None if value is None else float(value)
+
+    def _rule_clip_coef(self, norm: Tensor, max_norm: float) -> Tensor:
+        # timm: grad / (global_norm / max_grad_norm).clamp(min=1); the kernels divide by this value
+        return (norm / max_norm).clamp_(min=1.0)
+
+    def _state_keys(self, group: dict[str, Any]) -> list[str]:
+        return ["exp_avg", "exp_avg_sq"]
+
+    def _init_state(self, group: dict[str, Any], p: Tensor) -> None:
+        state = self.state[p]
+        if "step" not in state:  # (a master copy may exist already)
+            state["step"] = new_step(self._step_device(group, p))
+            if "exp_avg" not in state:
+                state["exp_avg"] = self._zeros(p)
+                state["exp_avg_sq"] = self._zeros(p)
+
+    def _hyper(self, group: dict[str, Any]) -> dict[str, Any]:
+        beta1, beta2 = group["betas"]
+        decoupled = bool(group.get("decoupled_decay", False))
+        corrected = decoupled and bool(group.get("corrected_weight_decay", False))
+        return dict(beta1=to_scalar(beta1, "betas[0]"), beta2=to_scalar(beta2, "betas[1]"), eps=group["eps"],
+                    weight_decay=to_scalar(group["weight_decay"], "weight_decay"),
+                    grad_averaging=group["grad_averaging"], bias_correction=group["bias_correction"],
+                    decoupled_decay=decoupled, max_lr=group["max_lr_snapshot"] if corrected else 0.0,
+                    trust_clip=group["trust_clip"], always_adapt=group["always_adapt"],
+                    caution=group.get("caution", False))
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.defaults.setdefault("max_lr_snapshot", float(self.defaults["lr"]))
+        for group in self.param_groups:
+            for key, value in (("caution", False), ("decoupled_decay", False), ("corrected_weight_decay", False),
+                               ("max_lr_snapshot", self.defaults["max_lr_snapshot"]), ("foreach", None)):
+                group.setdefault(key, value)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Also loads a timm.optim.Lamb checkpoint: its per-group ``step`` becomes the step counter of every
+        parameter of the group that has state."""
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            step = group.pop("step", None)
+            if step is None:
+                continue
+            for p in group["params"]:
+                entry = self.state.get(p)
+                if entry and "exp_avg" in entry and "step" not in entry:
+                    entry["step"] = new_step(self._step_device(group, p)).fill_(float(step))
+
+
+class Lars(MomentumBufferState, _TrustMixin, torch.optim.Optimizer):
+    r"""LARS / LARC (You et al., 2017) with the arguments, defaults and results of :class:`timm.optim.Lars`,
+    on fused kernels.
+
+    Where ``weight_decay != 0`` or ``always_adapt``, the gradient is scaled by the layer's trust ratio
+    :math:`r = c\,\lVert\theta\rVert / (\lVert g\rVert + \lambda\lVert\theta\rVert + \epsilon)` (1 where a norm is 0;
+    ``trust_clip``: :math:`\min(r/\eta, 1)`, LARC): :math:`g \leftarrow (g + \lambda\theta)\, r`; then SGD with
+    momentum :math:`b \leftarrow \mu b + (1-\tau) g` (:math:`b = g` on the first step), Nesterov
+    :math:`g + \mu b`, and :math:`\theta \leftarrow \theta - \eta g`.
+
+    Args:
+        params, lr, momentum, dampening, weight_decay, nesterov, trust_coeff, eps, trust_clip, always_adapt:
+            as in timm.optim.Lars (same defaults and errors).
+        foreach: accepted and recorded as timm does; the fused kernels always run.
+        ema, max_grad_norm, l1, master_weights, stochastic_rounding, state_dtype: the options fusedtrain adds
+            to every optimizer; see :class:`~fusedtrain.optim._base.FusedOptimizerMixin` (the trust ratio sees
+            the clipped, L1-augmented gradient).
+
+    State: ``momentum_buffer`` when momentum is non-zero (timm's key).
+
+    Not supported: DTensor (FSDP2) parameters, parameters on the meta device, sparse gradients.
+    """
+
+    _opt_name = "Lars"
+    _rule = "lars"
+    _reference = "timm.optim.Lars"
+
+    def __init__(self, params: Any, lr: float | Tensor = 1.0, momentum: float = 0, dampening: float = 0,
+                 weight_decay: float = 0, nesterov: bool = False, trust_coeff: float = 0.001, eps: float = 1e-8,
+                 trust_clip: bool = False, always_adapt: bool = False, foreach: bool | None = None, *,
+                 ema: Any = None, max_grad_norm: float | None = None, l1: float = 0.0, master_weights: bool = False,
+                 stochastic_rounding: bool = False, state_dtype: torch.dtype | None = None) -> None:
+        if lr < 0.0:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if momentum < 0.0:
+            raise ValueError(f"Invalid momentum value: {momentum}")
+        if weight_decay < 0.0:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
+                        trust_coeff=trust_coeff, eps=eps, trust_clip=trust_clip, always_adapt=always_adapt,
+                        foreach=foreach)
+        super().__init__(params, defaults)
+        self._init_extras(ema, max_grad_norm, l1, master_weights, stochastic_rounding, state_dtype)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("nesterov", False)
+            group.setdefault("foreach", None)
+
+
+    def _hyper(self, group: dict[str, Any]) -> dict[str, Any]:
+        return dict(momentum=group["momentum"], dampening=group["dampening"],
+                    weight_decay=to_scalar(group["weight_decay"], "weight_decay"), nesterov=group["nesterov"],
+                    trust_coeff=group["trust_coeff"], eps=group["eps"], trust_clip=group["trust_clip"],
+                    always_adapt=group["always_adapt"], first_step=False)

@@ -1,0 +1,400 @@
+"""Muon on batched Newton-Schulz matmuls and fusedtrain's fused element-wise kernels.
+
+Note [Muon's step]:
+torch.optim.Muon updates one matrix at a time: a momentum pass, five Newton-Schulz iterations of three
+matmuls each (in bfloat16 on every device), a weight-decay pass and an update pass. Here:
+
+1. one fused element-wise pass per group of parameters ("muon_momentum", csrc/include/fusedtrain/
+   rules_muon.h) updates the momentum buffers and writes the Nesterov update straight into the batch
+   tensor of the Newton-Schulz input (bfloat16 from float32 parameters, as torch's ``.bfloat16()`` rounds
+   it), transposed where torch transposes (a tall matrix is orthogonalized as its transpose);
+2. the parameters of one (device, dtype, oriented shape) are orthogonalized together: torch.bmm and
+   torch.baddbmm over the batch, the same three products per iteration as torch's mm / addmm;
+3. one fused element-wise pass per learning rate ("muon_update") applies the decoupled weight decay and
+   the shape-adjusted update.
+
+Newton-Schulz precision (``ns_dtype``): bfloat16 (torch's) by default. A bfloat16 product of bfloat16
+matrices is, on every backend torch uses, the float32 sum of exact products rounded to bfloat16 once. On
+the GPU it runs in bfloat16 (tensor cores). On the CPU, where torch's bfloat16 GEMM is a slow fallback
+unless the CPU has bfloat16 instructions, the same products are computed by float32 GEMMs on the
+bfloat16 values and each result is rounded to bfloat16: the same numbers, up to the order of the float32
+summation (results agree with torch to bfloat16 rounding). ``ns_dtype=torch.float32`` (or float64) runs the
+iteration in that dtype: a more exact orthogonalization than torch's, at the cost of parity.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .. import _ops
+from ..clip import clip_coefficient, grads_norm
+from ._base import check_param, new_step, where
+
+__all__ = ["Muon"]
+
+_torch_muon: Any = getattr(torch.optim, "Muon", None)
+if _torch_muon is None:  # torch < 2.9: fusedtrain.optim does not export Muon (see optim/__init__.py)
+    raise ImportError("torch.optim.Muon is not available in this version of torch")
+
+from torch.optim import _muon as _tm  # noqa: E402  (torch's defaults and lr adjustment: one source of truth)
+try:  # torch's conversion of a tensor hyperparameter (a 1-element tensor becomes 0-dim), where it has one
+    from torch.optim.optimizer import _to_scalar
+except ImportError:  # pragma: no cover
+    def _to_scalar(x: Any) -> Any:  # type: ignore[no-redef]
+        return x.squeeze() if isinstance(x, Tensor) and x.dim() != 0 else x
+
+_NS_DTYPES = (torch.bfloat16, torch.float32, torch.float64)
+#: fusedtrain options of other optimizers that Muon does not take, with their "off" values
+_REFUSED = dict(capturable=False, l1=0.0, master_weights=False, stochastic_rounding=False, state_dtype=None)
+
+
+def _shape2d(p: Tensor) -> tuple[int, int]:
+    """The matrix a parameter is orthogonalized as: itself (2-D), or flattened to (shape[0], rest) (timm)."""
+    return p.shape[0], math.prod(p.shape[1:])
+
+
+def _grad(p: Tensor) -> Tensor:
+    """The gradient of a parameter the step takes (one with a gradient)."""
+    assert p.grad is not None
+    return p.grad
+
+
+def _round_bf16_(t: Tensor) -> Tensor:
+    """Rounds a float32 tensor to bfloat16 values (round to nearest even), in place."""
+    return t.copy_(t.to(torch.bfloat16))
+
+
+def newton_schulz(x: Tensor, ns_coefficients: tuple[float, float, float], ns_steps: int, eps: float,
+                  emulate_bf16: bool = False) -> Tensor:
+    r"""torch.optim.Muon's Newton-Schulz orthogonalization of a batch of short-wide matrices ``x``
+    (``[B, r, c]``, ``r <= c``), in ``x``'s dtype: :math:`X \leftarrow X/\max(\lVert X\rVert_F, \epsilon)`, then
+    ``ns_steps`` times :math:`G = XX^T,\ X \leftarrow aX + (bG + cG^2)X`.
+
+    ``emulate_bf16``: ``x`` holds bfloat16 values in float32; every product is computed in float32 and
+    rounded to bfloat16, as a bfloat16 GEMM with float32 accumulation computes it (Note [Muon's step]).
+    Returns a new tensor (bfloat16 values in float32 when emulating)."""
+    a, b, c = ns_coefficients
+    if emulate_bf16:
+        xb = x.to(torch.bfloat16)
+        # torch: ortho_grad.div_(ortho_grad.norm().clamp(min=eps)), all in bfloat16
+        xb = xb / torch.linalg.vector_norm(xb, dim=(-2, -1), keepdim=True).clamp(min=eps)
+        x = xb.to(torch.float32)
+    else:
+        x = x / torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True).clamp(min=eps)
+    for _ in range(ns_steps):
+        gram = torch.bmm(x, x.mT)
+        if emulate_bf16:
+            _round_bf16_(gram)
+        update = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
+        if emulate_bf16:
+            _round_bf16_(update)
+        x = torch.baddbmm(x, update, x, beta=a)
+        if emulate_bf16:
+            _round_bf16_(x)
+    return x
+
+
+class Muon(_torch_muon):  # type: ignore[misc,valid-type]
+    r"""Muon (Jordan et al. 2024: momentum orthogonalized by Newton-Schulz), a drop-in for
+    :class:`torch.optim.Muon` that orthogonalizes all matrices of one shape in batched matmuls and runs
+    everything else in fused element-wise kernels (Note [Muon's step] in ``fusedtrain/optim/muon.py``).
+
+    .. math::
+        B_t = \mu B_{t-1} + (1-\mu) g_t,\quad \tilde B_t = (1-\mu) g_t + \mu B_t \text{ (nesterov) or } B_t,\quad
+        \theta_t = \theta_{t-1}(1-\eta\lambda) - \eta\,s(A, B)\,\mathrm{NS}_k^{(a,b,c)}(\tilde B_t)
+
+    (torch's parametrization: ``buf.lerp_(grad, 1 - momentum)``; :math:`s` is ``adjust_lr_fn``'s ratio).
+
+    Args:
+        params, lr, weight_decay, momentum, nesterov, ns_coefficients, eps, ns_steps, adjust_lr_fn: as in
+            torch.optim.Muon (same defaults, validation errors and state: ``momentum_buffer``).
+        flatten: orthogonalize >= 3-D parameters (conv kernels ``[out, in, kh, kw]``) as the matrix
+            ``[out, in*kh*kw]``, as timm's Muon does (``adjust_lr_fn`` sees that 2-D shape). Default False:
+            like torch, only 2-D parameters are accepted.
+        ns_dtype: dtype of the Newton-Schulz iteration: ``torch.bfloat16`` (torch's, default), ``torch.float32``
+            or ``torch.float64``.
+        adamw_betas, adamw_eps: AdamW's betas and eps for the parameter groups with ``use_muon=False``.
+        foreach, fused: validated as torch validates them elsewhere (``fused`` with ``foreach`` is an error)
+            and otherwise ignored: the batched kernels always run.
+        ema: a :class:`fusedtrain.ensemble.EMA` updated after every step (``ema.update()``; not fused here).
+        max_grad_norm: clip the joint 2-norm of all gradients of this optimizer (Muon and AdamW groups)
+            inside the step; the clip factor is applied in the fused momentum / AdamW passes. The norm is kept
+            in ``last_grad_norm``.
+
+    GradScaler: supported (``scaler.step(opt)`` hands the scale to the fused passes; a step with
+    ``found_inf`` is skipped, read on the host). Not supported, refused with an error naming them:
+    ``differentiable``, ``capturable``, ``l1``, ``master_weights``, ``stochastic_rounding``, ``state_dtype``.
+
+    **Muon and AdamW in one optimizer.** Muon is meant for the 2-D matrices of hidden layers; biases,
+    norms' weights (0-D / 1-D) and, by the usual recipe, embeddings and the output head are trained with
+    AdamW. A parameter group with ``use_muon=False`` is updated by fusedtrain's fused AdamW (same results
+    as :class:`torch.optim.AdamW` with ``amsgrad=False``), with the group's ``lr`` and ``weight_decay`` and
+    its ``adamw_betas`` / ``adamw_eps``; such groups take parameters of any shape and keep AdamW's state
+    (``step``, ``exp_avg``, ``exp_avg_sq``)::
+
+        hidden = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n and "head" not in n]
+        others = [p for n, p in model.named_parameters() if p.ndim < 2 or "embed" in n or "head" in n]
+        opt = fusedtrain.optim.Muon([
+            dict(params=hidden),                                            # Muon, lr=0.02
+            dict(params=others, use_muon=False, lr=3e-4, weight_decay=0.0,  # fused AdamW
+                 adamw_betas=(0.9, 0.95)),
+        ], lr=0.02, weight_decay=0.01, flatten=True)
+    """
+
+    _opt_name = "Muon"
+    # torch.amp.GradScaler hands its scale and found_inf (attributes grad_scale / found_inf during step)
+    _step_supports_amp_scaling = True
+
+    def __init__(self, params: Any, lr: float | Tensor = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
+                 nesterov: bool = True,
+                 ns_coefficients: tuple[float, float, float] = (_tm.DEFAULT_A, _tm.DEFAULT_B, _tm.DEFAULT_C),
+                 eps: float = _tm.EPS, ns_steps: int = _tm.DEFAULT_NS_STEPS, adjust_lr_fn: str | None = None, *,
+                 flatten: bool = False, ns_dtype: torch.dtype = torch.bfloat16,
+                 adamw_betas: tuple[float, float] = (0.9, 0.999), adamw_eps: float = 1e-8,
+                 foreach: bool | None = None, fused: bool | None = None, differentiable: bool = False,
+                 ema: Any = None, max_grad_norm: float | None = None, **refused: Any) -> None:
+        if fused and foreach:
+            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+        if fused and differentiable:
+            raise RuntimeError("`fused` does not support `differentiable`")
+        if differentiable:
+            raise ValueError("fusedtrain.optim.Muon: differentiable=True is not supported (torch.optim.Muon has no "
+                             "differentiable implementation either)")
+        for name, value in refused.items():
+            if name not in _REFUSED:
+                raise TypeError(f"Muon.__init__() got an unexpected keyword argument '{name}'")
+            if value != _REFUSED[name]:
+                raise ValueError(f"fusedtrain.optim.Muon: {name}={value!r} is not supported by Muon; leave it at "
+                                 f"{_REFUSED[name]!r}")
+        if ns_dtype not in _NS_DTYPES:
+            raise ValueError(f"Invalid ns_dtype: {ns_dtype}; use torch.bfloat16 (torch's), torch.float32 or "
+                             "torch.float64")
+        if max_grad_norm is not None and (isinstance(max_grad_norm, bool)
+                                          or not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0)):
+            raise ValueError(f"Invalid max_grad_norm: {max_grad_norm!r}; pass a positive number, or None to turn "
+                             "clipping off")
+        # torch's own validation of its hyperparameters (same errors, same order), on a stand-in matrix
+        _torch_muon([torch.empty(0, 0)], lr, weight_decay, momentum, nesterov, ns_coefficients, eps, ns_steps,
+                    adjust_lr_fn)
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+                        ns_coefficients=ns_coefficients, eps=eps, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn,
+                        use_muon=True, flatten=bool(flatten), ns_dtype=ns_dtype, adamw_betas=tuple(adamw_betas),
+                        adamw_eps=adamw_eps)
+        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        self.ema = ema
+        self.last_grad_norm: Tensor | None = None
+        torch.optim.Optimizer.__init__(self, params, defaults)
+
+    # ------------------------------------------------------------------------------- param groups
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """torch's add_param_group; a Muon group (``use_muon`` True, the default) takes 2-D parameters only
+        (>= 2-D with ``flatten``), checked before the group is added."""
+        use_muon = param_group.get("use_muon", self.defaults["use_muon"])
+        flatten = param_group.get("flatten", self.defaults["flatten"])
+        params = param_group["params"]
+        listed = [params] if isinstance(params, Tensor) else list(params)
+        param_group = dict(param_group, params=listed)
+        if use_muon:
+            for p in listed:
+                t = p[1] if isinstance(p, tuple) else p
+                if not isinstance(t, Tensor):
+                    continue  # torch's add_param_group gives its own error
+                if t.ndim != 2 and not (flatten and t.ndim > 2):
+                    raise ValueError(
+                        f"Muon only supports 2D parameters whereas we found a parameter with size: {t.size()}; "
+                        "put biases, norms and other 0-D/1-D parameters in a param group with use_muon=False "
+                        "(updated by a fused AdamW), and pass flatten=True for conv kernels")
+        super().add_param_group(param_group)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._fill_group_defaults()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's load_state_dict (a torch.optim.Muon state dict loads, and ours loads into torch's); the
+        fusedtrain group keys a torch state dict lacks take this optimizer's defaults."""
+        super().load_state_dict(state_dict)
+        self._fill_group_defaults()
+
+    def _fill_group_defaults(self) -> None:
+        defaults = getattr(self, "defaults", {})
+        for group in self.param_groups:
+            for key in ("use_muon", "flatten", "ns_dtype", "adamw_betas", "adamw_eps"):
+                if key in defaults:
+                    group.setdefault(key, defaults[key])
+
+    # ------------------------------------------------------------------------------------- step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One Muon step (Note [Muon's step]); AdamW for the groups with ``use_muon=False``. Every check
+        runs before the first write: a refused step changes nothing.
+
+        Args:
+            closure: a callable that re-evaluates the model and returns the loss (optional).
+
+        Returns:
+            The closure's loss, or None.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grad_scale: Tensor | None = getattr(self, "grad_scale", None)
+        found_inf: Tensor | None = getattr(self, "found_inf", None)
+        plans = [self._collect(gi, group) for gi, group in enumerate(self.param_groups)]
+        if found_inf is not None and float(found_inf) != 0.0:
+            return loss  # GradScaler found an inf/NaN: the step is skipped, as torch's fused optimizers do
+        fused = [p for plan in plans for p in plan["params"]]
+        clip_coef = None
+        if self.max_grad_norm is not None and fused:
+            norm = grads_norm([_grad(p) for p in fused])
+            if grad_scale is not None:
+                norm = norm / grad_scale.to(norm.device)
+            self.last_grad_norm = norm
+            clip_coef = clip_coefficient(norm, self.max_grad_norm)
+        for group, plan in zip(self.param_groups, plans):
+            if group["use_muon"]:
+                self._muon_group(group, plan, grad_scale, clip_coef)
+            else:
+                self._adamw_group(group, plan, grad_scale, clip_coef)
+            if plan["meta"]:
+                self._meta_step(group, plan["meta"])
+        if self.ema is not None:
+            self.ema.update()
+        return loss
+
+    def _collect(self, gi: int, group: dict[str, Any]) -> dict[str, Any]:
+        """A group's parameters with gradients, checked (torch's errors first); nothing is written."""
+        params, meta = [], []
+        for pos, p in enumerate(group["params"]):
+            if p.grad is None:
+                continue
+            if torch.is_complex(p):
+                raise RuntimeError("Muon does not support complex parameters")
+            if p.grad.is_sparse:
+                raise RuntimeError("Muon does not support sparse gradients")
+            if p.device.type == "meta":
+                meta.append(p)
+                continue
+            check_param(self._opt_name, p, where(gi, pos))
+            params.append(p)
+        plan: dict[str, Any] = dict(params=params, meta=meta)
+        if group["use_muon"]:
+            ns_coefficients, ns_steps = group["ns_coefficients"], group["ns_steps"]
+            if ns_steps >= 100:
+                raise ValueError("Number of steps must be less than 100 for computational efficiency")
+            if len(ns_coefficients) != 3:
+                raise ValueError("Coefficients must be a tuple of exactly 3 values")
+            if group["ns_dtype"] not in _NS_DTYPES:
+                raise ValueError(f"Invalid ns_dtype: {group['ns_dtype']}; use torch.bfloat16, torch.float32 or "
+                                 "torch.float64")
+            for p in params + meta:
+                if p.ndim != 2 and not (group["flatten"] and p.ndim > 2):
+                    raise ValueError("Param gradient must be a 2D matrix")
+            # torch's arithmetic of the step sizes, in Python (a tensor lr stays a tensor there and rounds
+            # them to its dtype); _adjust_lr raises torch's error for an (n, 0) matrix here, before any write
+            lr = _to_scalar(group["lr"])
+            plan["decay"] = float(1 - lr * group["weight_decay"])
+            plan["adjusted"] = [float(_tm._adjust_lr(lr, group["adjust_lr_fn"], torch.Size(_shape2d(p))))
+                                for p in params]
+        return plan
+
+    def _muon_group(self, group: dict[str, Any], plan: dict[str, Any], grad_scale: Tensor | None,
+                    clip_coef: Tensor | None) -> None:
+        params: list[Tensor] = plan["params"]
+        if not params:
+            return
+        ns_dtype: torch.dtype = group["ns_dtype"]
+        batches: dict[tuple[Any, ...], list[int]] = {}
+        for i, p in enumerate(params):
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(_grad(p), memory_format=torch.preserve_format)
+            m, n = _shape2d(p)
+            batches.setdefault((p.device, p.dtype, min(m, n), max(m, n)), []).append(i)
+        hyper = _ops.hyper_list("muon_momentum", dict(momentum=group["momentum"], nesterov=group["nesterov"]))
+        for (device, dtype, rows, cols), idx in batches.items():
+            ps = [params[i] for i in idx]
+            emulate = ns_dtype == torch.bfloat16 and device.type == "cpu"
+            # the dtype the momentum pass writes: the Newton-Schulz input itself where a layout allows it
+            # (bfloat16 from float32: torch's .bfloat16() of the float32 update), else the parameter's, converted
+            # after (float64 -> bfloat16 rounds once, as torch does)
+            direct = ns_dtype == dtype or (dtype == torch.float32 and ns_dtype == torch.bfloat16)
+            u = torch.empty(len(ps), rows, cols, dtype=ns_dtype if direct else dtype, device=device)
+            views = [self._as_param(u[k], p) for k, p in enumerate(ps)]
+            kw: dict[str, Any] = {}
+            if grad_scale is not None:
+                kw["grad_scale"] = grad_scale if device.type == "cpu" else grad_scale.to(device)
+            if clip_coef is not None:
+                kw["clip_coef"] = clip_coef if clip_coef.device == device else clip_coef.to(device)
+            _ops.step_("muon_momentum", hyper, [self.state[p]["momentum_buffer"] for p in ps],
+                       [_grad(p) for p in ps], views, **kw)
+            x = u if u.dtype == ns_dtype else u.to(ns_dtype)
+            if emulate:
+                x = x.to(torch.float32)
+            out = newton_schulz(x, group["ns_coefficients"], group["ns_steps"], group["eps"], emulate)
+            out = out.to(dtype)  # exact for bfloat16 values into float32/float64
+            by_lr: dict[float, list[int]] = {}
+            for k, i in enumerate(idx):
+                by_lr.setdefault(plan["adjusted"][i], []).append(k)
+            for adjusted, ks in by_lr.items():
+                _ops.step_("muon_update", [plan["decay"]], [ps[k] for k in ks],
+                           [self._as_param(out[k], ps[k]) for k in ks], [], lr=adjusted)
+
+    @staticmethod
+    def _as_param(matrix: Tensor, p: Tensor) -> Tensor:
+        """A batch entry (the oriented matrix: short-wide) as a view of ``p``'s shape: transposed back for a
+        tall matrix, unflattened for a conv kernel."""
+        m, n = _shape2d(p)
+        return (matrix.mT if m > n else matrix).view(p.shape)
+
+    def _adamw_group(self, group: dict[str, Any], plan: dict[str, Any], grad_scale: Tensor | None,
+                     clip_coef: Tensor | None) -> None:
+        params: list[Tensor] = plan["params"]
+        for p in params:
+            state = self.state[p]
+            if "step" not in state:
+                state["step"] = new_step()
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        beta1, beta2 = group["adamw_betas"]
+        hyper = _ops.hyper_list("adam", dict(beta1=beta1, beta2=beta2, eps=group["adamw_eps"],
+                                             weight_decay=group["weight_decay"], amsgrad=False, maximize=False,
+                                             decoupled_weight_decay=True))
+        splits: dict[tuple[Any, ...], list[Tensor]] = {}
+        for p in params:
+            splits.setdefault((p.device, p.dtype), []).append(p)
+        lr = group["lr"]
+        for (device, _), ps in splits.items():
+            states = [self.state[p] for p in ps]
+            kw: dict[str, Any] = {}
+            if isinstance(lr, Tensor) and device.type == "cuda":
+                kw["lr_tensor"] = lr.to(device)
+            else:
+                kw["lr"] = float(lr)
+            if grad_scale is not None:
+                kw["grad_scale"] = grad_scale if device.type == "cpu" else grad_scale.to(device)
+            if clip_coef is not None:
+                kw["clip_coef"] = clip_coef if clip_coef.device == device else clip_coef.to(device)
+            _ops.step_("adam", hyper, ps, [_grad(p) for p in ps],
+                       [s["exp_avg"] for s in states] + [s["exp_avg_sq"] for s in states],
+                       [s["step"] for s in states], **kw)
+
+    def _meta_step(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        """Parameters on the meta device (model-building flows): their state is made as torch makes it; the
+        values do not exist, so the step is a no-op on them, as torch's is."""
+        for p in params:
+            state = self.state[p]
+            if group["use_muon"]:
+                state.setdefault("momentum_buffer", torch.zeros_like(_grad(p), memory_format=torch.preserve_format))
+            else:
+                if "step" not in state:
+                    state["step"] = new_step()
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["step"] += 1
