@@ -132,9 +132,13 @@ def _reference_step(p_before: torch.Tensor, grad: torch.Tensor, state: dict[str,
     op = torch.float64 if p_before.dtype == torch.float64 else torch.float32
     p = p_before.detach().to(op).clone().requires_grad_()
     p.grad = grad.detach().to(op).clone()
-    cls = getattr(torch.optim, kind)
+    # torch's class, or (Lion: timm's, not in torch) fusedtrain's float-state class, tested against timm's elsewhere
+    cls = getattr(torch.optim, kind, None) or getattr(fusedtrain.optim, kind)
     opt = cls([p], foreach=False, **kw)
     st: dict[str, Any] = {"step": state["step"].clone().float()} if "step" in state else {}
+    for key, value in state.items():  # tensor scalars (NAdam's mu_product)
+        if key not in SIGNED and key != "step" and not key.endswith("_absmax"):
+            st[key] = value.clone()
     for key in SIGNED:
         if key in state:
             value = state[key]
@@ -148,7 +152,7 @@ def _reference_step(p_before: torch.Tensor, grad: torch.Tensor, state: dict[str,
 SIZES = [1, 255, 256, 257, 4097]
 # state key -> whether it is stored with signed (int8) codes
 SIGNED = {"exp_avg": True, "exp_avg_sq": False, "max_exp_avg_sq": False, "momentum_buffer": True, "sum": False,
-          "square_avg": False, "grad_avg": True}
+          "square_avg": False, "grad_avg": True, "exp_inf": False, "acc_delta": False}
 CASES: list[tuple[str, dict[str, Any]]] = [
     ("Adam", dict(lr=0.01)),
     ("AdamW", dict(lr=0.01, weight_decay=0.1)),
@@ -159,6 +163,14 @@ CASES: list[tuple[str, dict[str, Any]]] = [
     ("Adagrad", dict(lr=0.1, lr_decay=0.01, initial_accumulator_value=0.1)),
     ("RMSprop", dict(lr=0.01)),
     ("RMSprop", dict(lr=0.01, momentum=0.9, centered=True)),
+    # the optimizers added after the first 8-bit rules (rules_quant_more.h)
+    ("NAdam", dict(lr=0.01)),
+    ("NAdam", dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True, maximize=True)),
+    ("RAdam", dict(lr=0.01)),
+    ("RAdam", dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True)),
+    ("Adamax", dict(lr=0.01, weight_decay=0.1)),
+    ("Adadelta", dict(lr=1.0, weight_decay=0.01)),
+    ("Lion", dict(lr=0.01, weight_decay=0.1)),
 ]
 
 
@@ -311,9 +323,43 @@ def test_bad_options_are_refused() -> None:
         fusedtrain.optim.AdamW(p, state_bits=8, differentiable=True)
     with pytest.raises(ValueError, match="min_8bit_size"):
         fusedtrain.optim.AdamW(p, state_bits=8, min_8bit_size=-1)
-    nadam = fusedtrain.optim.NAdam(p)  # no 8-bit rule: the mixin refuses state_bits=8
-    with pytest.raises(ValueError, match="no 8-bit states"):
-        nadam._init_state_bits(8, 4096, None)
+
+
+# optimizers without an 8-bit rule refuse state_bits=8 in the constructor, naming the argument
+REFUSING: list[tuple[str, dict[str, Any]]] = [
+    ("ASGD", {}), ("Rprop", {}), ("Lamb", {}), ("Lars", {}), ("ScheduleFreeAdamW", {}), ("ScheduleFreeSGD", {}),
+    ("Muon", {}), ("Adafactor", {}),
+]
+
+
+@pytest.mark.parametrize("case", REFUSING, ids=lambda c: c[0])
+def test_optimizers_without_8bit_states_refuse_state_bits_8(case: tuple[str, dict[str, Any]]) -> None:
+    name, kw = case
+    if not hasattr(fusedtrain.optim, name):
+        pytest.skip(f"fusedtrain.optim.{name} needs a newer torch")
+    cls = getattr(fusedtrain.optim, name)
+    p = torch.zeros(64, 64, requires_grad=True)
+    with pytest.raises(ValueError, match="state_bits=(8|32)"):
+        cls([p], state_bits=8, **kw)
+    opt = cls([p], state_bits=32, **kw)  # the default is accepted
+    assert getattr(opt, "state_bits", 32) == 32
+
+
+def test_8bit_optimizers_list() -> None:
+    """Every optimizer class with per-element state either has an 8-bit rule or is in REFUSING."""
+    have = {name for name in fusedtrain.optim.__all__
+            if isinstance(getattr(fusedtrain.optim, name), type)
+            and getattr(getattr(fusedtrain.optim, name), "_rule_8bit", None) is not None}
+    assert have >= {"SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "NAdam", "RAdam", "Adamax", "Adadelta", "Lion",
+                    "Adam8bit", "AdamW8bit"}
+    others = {getattr(fusedtrain.optim, name) for name in fusedtrain.optim.__all__
+              if isinstance(getattr(fusedtrain.optim, name), type)
+              and issubclass(getattr(fusedtrain.optim, name), torch.optim.Optimizer) and name not in have}
+    refusing = {getattr(fusedtrain.optim, name) for name, _ in REFUSING if hasattr(fusedtrain.optim, name)}
+    assert others <= refusing, others - refusing
+    for name in have:
+        assert fusedtrain._ops.RULES[getattr(fusedtrain.optim, name)._rule_8bit]["hyper"] == \
+            fusedtrain._ops.RULES[getattr(fusedtrain.optim, name)._rule]["hyper"]
 
 
 def test_op_refuses_bad_quantized_lists_and_writes_nothing() -> None:

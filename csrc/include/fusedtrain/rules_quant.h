@@ -57,9 +57,10 @@ struct Driver;
 template <class Float>
 rules::Names quantized_names(const double* h) {
   rules::Names out;
+  // (Names hold string literals: every state list name of a quantized rule has its "_absmax" here.)
   static const char* const kAbsmax[] = {"exp_avgs_absmax",   "exp_avg_sqs_absmax", "max_exp_avg_sqs_absmax",
                                        "momentum_buffers_absmax", "state_sums_absmax", "square_avgs_absmax",
-                                       "grad_avgs_absmax"};
+                                       "grad_avgs_absmax", "exp_infs_absmax", "acc_deltas_absmax"};
   for (const char* name : Float::states(h)) {
     out.push_back(name);
     const std::string want = std::string(name) + "_absmax";

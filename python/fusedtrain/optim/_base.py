@@ -204,7 +204,8 @@ class FusedOptimizerMixin:
     - ``state_dtype``: ``torch.bfloat16`` keeps the states of float32 (or master-weight) parameters in
       bfloat16 (half the state memory and traffic); None: the parameter's dtype (float32 with master
       weights), as torch does.
-    - ``state_bits`` (optimizers with an 8-bit rule: Adam, AdamW, SGD, Adagrad, RMSprop): 8 stores the states
+    - ``state_bits`` (optimizers with an 8-bit rule: Adam, AdamW, SGD, Adagrad, RMSprop, NAdam, RAdam, Adamax,
+      Adadelta, Lion; the others refuse 8 with a ValueError that says why): 8 stores the states
       of every real parameter with at least ``min_8bit_size`` elements (default 4096) as blockwise-quantized
       8-bit codes plus one float32 absmax per 256 elements (Note [8-bit states in the optimizers]); 32 (the
       default): float states.
@@ -242,6 +243,8 @@ class FusedOptimizerMixin:
     # (int8 codes on the signed map; the others get uint8 codes on the unsigned map).
     _rule_8bit: str | None = None
     _signed_states: frozenset[str] = frozenset()
+    # Why an optimizer without an 8-bit rule has none (the state_bits=8 error says it).
+    _no_8bit_reason: str = ""
 
     # ------------------------------------------------------------------ what each optimizer declares
     def _state_keys(self, group: dict[str, Any]) -> list[str]:
@@ -312,7 +315,10 @@ class FusedOptimizerMixin:
                              "elements keep float32 states)")
         if state_bits == 8:
             if self._rule_8bit is None:
-                raise ValueError(f"fusedtrain.optim.{name} has no 8-bit states; use state_bits=32")
+                reason = f": {self._no_8bit_reason}" if self._no_8bit_reason else ""
+                raise ValueError(f"Invalid state_bits: 8; fusedtrain.optim.{name} has no 8-bit states{reason}. Use "
+                                 "state_bits=32, or an optimizer with 8-bit states (Note [8-bit states in the "
+                                 "optimizers]: docs/optim.md, \"8-bit states\")")
             if state_dtype is not None:
                 raise ValueError("state_bits=8 and state_dtype both set the states' precision; pass only one")
             if any(g.get("differentiable", False) for g in self.param_groups):
