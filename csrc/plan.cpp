@@ -741,6 +741,21 @@ void bind(py::module& m) {
         return out;
       },
       "The optimizer rules of this build: {name: {hyper, counts_steps, mixed_precision}} (Note [optimizer rules])");
+  // Note [8-bit optimizer states] (quant.h): the tables Python quantizes and dequantizes with, so that a
+  // state converted there (a torch.optim checkpoint loaded into an 8-bit optimizer) gets the kernels' codes.
+  m.def(
+      "quant_maps",
+      [] {
+        const quant::Maps& q = quant::kMaps;
+        py::dict d;
+        d["block"] = quant::kBlock;
+        d["unsigned_value"] = std::vector<float>(q.unsigned_value, q.unsigned_value + 256);
+        d["unsigned_mid"] = std::vector<float>(q.unsigned_mid, q.unsigned_mid + 255);
+        d["signed_value"] = std::vector<float>(q.signed_value, q.signed_value + 128);
+        d["signed_mid"] = std::vector<float>(q.signed_mid, q.signed_mid + 127);
+        return d;
+      },
+      "The 8-bit state code maps: block size, values and midpoints (Note [8-bit optimizer states] in quant.h)");
 }
 
 }  // namespace plan

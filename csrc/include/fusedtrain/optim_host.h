@@ -27,6 +27,7 @@
 
 #include "fusedtrain/cuda_arch.h"
 #include "fusedtrain/math.h"
+#include "fusedtrain/quant.h"
 #include "fusedtrain/rounding.h"
 #include "fusedtrain/rules.h"
 #include "fusedtrain/work.h"
@@ -416,6 +417,9 @@ struct RuleEntry {
   bool counts_steps = false;
   bool mixed_precision = false;
   rules::Names (*states)(const double*) = nullptr;
+  // Rules with quantized states (Note [quantized state lists]) say what each state list holds; null for
+  // rules whose states are element-wise tensors like the parameters.
+  std::vector<int> (*state_kinds)(const double*) = nullptr;
   std::array<RunFn, kNumBackends> run{};
   std::array<AuxFn, kNumBackends> advance_aux{};
 };
@@ -514,6 +518,10 @@ template <class R, class = void>
 struct HasAux : std::false_type {};
 template <class R>
 struct HasAux<R, std::void_t<decltype(R::kAux)>> : std::true_type {};
+template <class R, class = void>
+struct HasStateKinds : std::false_type {};
+template <class R>
+struct HasStateKinds<R, std::void_t<decltype(&R::state_kinds)>> : std::true_type {};
 template <class R, class B, class = void>
 struct HasOwnRun : std::false_type {};
 template <class R, class B>
@@ -530,6 +538,10 @@ struct RegisterRule {
     e.counts_steps = Rule::kCountsSteps;
     e.mixed_precision = Rule::kMixedPrecision;
     e.states = &rule_states<Rule>;
+    if constexpr (HasStateKinds<Rule>::value) {
+      static_assert(HasOwnRun<Rule, Backend>::value, "a rule with quantized states brings its own run<Backend>");
+      e.state_kinds = &Rule::state_kinds;
+    }
     if constexpr (HasOwnRun<Rule, Backend>::value) {
       e.run[b] = &Rule::template run<Backend>;
     } else {
@@ -542,6 +554,44 @@ struct RegisterRule {
     }
   }
 };
+
+// Note [quantized state lists]:
+// A rule with 8-bit states (Note [8-bit optimizer states] in quant.h) declares
+//   static std::vector<int> state_kinds(const double* hyper)
+// beside states(): per state list, quant::kSignedCodes (int8), quant::kUnsignedCodes (uint8), both of the
+// parameter's shape, or quant::kScales (float32, one-dimensional, one value per block of the parameter's
+// elements in row-major order). Such a rule brings its own backend function (the generic run_rule knows
+// element-wise states only), and its lists bypass the dtype and shape rules of checked(); they are checked
+// here instead, before anything is written. The work list carries them after (params, grads) in the
+// rule's order, like any state list, so the step plan and prepare() need no change: codes and scales are
+// contiguous as created, and a tuple that is not dense gets contiguous temporaries as usual (Note [dense
+// tuples]), which walk the parameter in row-major order, the order the blocks are defined in.
+inline void check_quantized(const char* op, const rules::Names& names, const std::vector<int>& kinds,
+                            at::TensorList states, at::TensorList params) {
+  TORCH_CHECK(kinds.size() == names.size(), "fusedtrain.", op, ": a rule's state_kinds and states disagree");
+  const size_t n = params.size();
+  for (size_t k = 0; k < names.size(); ++k) {
+    for (size_t i = 0; i < n; ++i) {
+      const at::Tensor& t = states[k * n + i];
+      const at::Tensor& p = params[i];
+      TORCH_CHECK(t.defined() && t.layout() == at::kStrided && t.device() == p.device(), "fusedtrain.", op, ": ",
+                  names[k], "[", i, "] must be a dense tensor on ", p.device());
+      if (kinds[k] == quant::kScales) {
+        const int64_t blocks = quant::num_blocks(p.numel());
+        TORCH_CHECK(t.scalar_type() == at::kFloat && t.dim() == 1 && t.numel() == blocks, "fusedtrain.", op, ": ",
+                    names[k], "[", i, "] (", t.scalar_type(), " ", t.sizes(), ") must be float32 of shape [", blocks,
+                    "]: one absmax per block of ", quant::kBlock, " elements of params[", i, "] (", p.numel(),
+                    " elements)");
+      } else {
+        const at::ScalarType want = kinds[k] == quant::kSignedCodes ? at::kChar : at::kByte;
+        TORCH_CHECK(t.scalar_type() == want && t.sizes() == p.sizes(), "fusedtrain.", op, ": ", names[k], "[", i,
+                    "] (", t.scalar_type(), " ", t.sizes(), ") must hold ", want, " codes of the shape of params[", i,
+                    "] (", p.sizes(), ")");
+      }
+      if (p.numel() > 0) check_not_overlapping(op, names[k], i, t);
+    }
+  }
+}
 
 // ---------------------------------------------------------------------------------- one call
 // The lists of one call, in register order, and the layout they were checked for.
@@ -565,11 +615,23 @@ inline CallLists check_call(const RuleEntry& rule, const char* op, at::ArrayRef<
               " tensors each, concatenated: ", names.size() * n, " tensors, got ", states.size());
   TORCH_CHECK(rule.mixed_precision || (ema.empty() && copies.empty() && !stochastic), "fusedtrain.", op, ": rule '",
               rule.name, "' takes no ema_params, param_copies or stochastic_rounding");
+  const bool quantized = rule.state_kinds != nullptr;
+  TORCH_CHECK(!quantized || ema.empty(), "fusedtrain.", op, ": ema_params cannot be fused with quantized states; "
+              "update the averages in a separate ema_ call");
   Named named{{"params", params}, {"grads", grads}};
-  for (size_t k = 0; k < names.size(); ++k) named.emplace_back(names[k], states.slice(k * n, n));
+  if (!quantized) {
+    for (size_t k = 0; k < names.size(); ++k) named.emplace_back(names[k], states.slice(k * n, n));
+  }
   CallLists call;
   call.prec.stochastic = stochastic;
   call.lists = checked(op, std::move(named), ema, copies, call.prec);
+  if (quantized) {
+    const std::vector<int> kinds = rule.state_kinds(hyper.data());
+    check_quantized(op, names, kinds, states, params);
+    for (size_t k = 0; k < names.size(); ++k) {
+      call.lists.insert(call.lists.begin() + 2 + static_cast<std::ptrdiff_t>(k), states.slice(k * n, n));
+    }
+  }
   call.with_ema = !ema.empty();
   if (call.with_ema) call.lists.push_back(ema);
   if (call.prec.copies) call.lists.push_back(copies);

@@ -14,8 +14,10 @@
 
 namespace fusedtrain {
 
-// param, grad, up to three states, an EMA average, and the low-precision copy of a master weight
-constexpr int kMaxDepth = 7;
+// param, grad, up to three states, an EMA average, and the low-precision copy of a master weight (7);
+// quantized rules (Note [quantized state lists] in optim_host.h): param, grad, up to three (codes, absmax)
+// pairs and the copy (9)
+constexpr int kMaxDepth = 9;
 
 // A scalar the kernels read either as a host value or from device memory (capturable mode, a tensor
 // lr, GradScaler's scale on the GPU, a clip coefficient computed on the GPU). `ptr` wins when set.

@@ -2,7 +2,8 @@
 
 from . import functional
 from .adagrad import Adagrad
-from .adam import Adam, AdamW
+from ._quant import to_torch_state_dict
+from .adam import Adam, Adam8bit, AdamW, AdamW8bit
 from .captured import CapturedStep
 from .factory import create_optimizer, list_optimizers, param_groups_weight_decay
 from .nadam import NAdam
@@ -28,7 +29,9 @@ LAMB, LARS = Lamb, Lars
 __all__ = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "NAdam", "CapturedStep", "functional",
            "RAdam", "Adamax", "Adadelta", "ASGD", "Rprop",
            "Lion", "ScheduleFreeAdamW", "ScheduleFreeSGD", "Lamb", "Lars", "LAMB", "LARS",
-           "create_optimizer", "list_optimizers", "param_groups_weight_decay"]
+           "create_optimizer", "list_optimizers", "param_groups_weight_decay",
+           # 8-bit states (issue 17)
+           "Adam8bit", "AdamW8bit", "to_torch_state_dict"]
 
 # Optimizers whose torch.optim class only newer torch versions have (torch >= 2.6 still imports fusedtrain).
 import torch as _torch

@@ -30,6 +30,7 @@ from .. import _ops
 from .._build import has_cuda_kernels
 from .._dtensor import check_local_pair, is_dtensor, local, refuse_partitioned_extras
 from ..clip import clip_coefficient, grads_norm
+from . import _quant
 from ._groups import real_view
 from .functional import draw_sr_seed
 
@@ -45,7 +46,8 @@ _COMPLEX, _DTENSOR = 1, 2
 _STALE, _UPDATED, _SKIPPED = 0, 1, 2
 
 # fusedtrain's own options, kept by copies and pickles (Note [copies keep the options]).
-_OPTION_KEYS = ("max_grad_norm", "master_weights", "stochastic_rounding", "state_dtype", "_ft_ema", "ema")
+_OPTION_KEYS = ("max_grad_norm", "master_weights", "stochastic_rounding", "state_dtype", "_ft_ema", "ema", "state_bits",
+                "min_8bit_size")
 
 
 class KeepsOptions:
@@ -151,6 +153,7 @@ class _Segment:
     kind: str  # "plain", "master" or "stochastic" (see FusedOptimizerMixin._kind)
     averages: list[Tensor] | None  # the EMA averages fused into the update
     first: bool  # the parameters' first update of a kind the rule treats specially (SGD's buffers)
+    rule: str = ""  # the optimizer's rule, or its 8-bit variant (Note [8-bit states in the optimizers])
 
 
 @dataclass
@@ -214,6 +217,11 @@ class FusedOptimizerMixin(KeepsOptions):
     - ``state_dtype``: ``torch.bfloat16`` keeps the states of float32 (or master-weight) parameters in
       bfloat16 (half the state memory and traffic); None: the parameter's dtype (float32 with master
       weights), as torch does.
+    - ``state_bits`` (optimizers with an 8-bit rule: Adam, AdamW, SGD, Adagrad, RMSprop, NAdam, RAdam, Adamax,
+      Adadelta, Lion; the others refuse 8 with a ValueError that says why): 8 stores the states
+      of every real parameter with at least ``min_8bit_size`` elements (default 4096) as blockwise-quantized
+      8-bit codes plus one float32 absmax per 256 elements (Note [8-bit states in the optimizers]); 32 (the
+      default): float states.
 
     Copies (``copy.deepcopy``, ``pickle``, ``torch.save``) keep these options and step exactly as the
     original (a deepcopy of ``(model, opt)`` together keeps the EMA attached to the copied model).
@@ -240,6 +248,16 @@ class FusedOptimizerMixin(KeepsOptions):
     stochastic_rounding: bool = False
     #: dtype of the optimizer states (None: torch's choice; see ``_state_dtype_for``).
     state_dtype: torch.dtype | None = None
+    #: bits per state element: 32 (float states) or 8 (Note [8-bit states in the optimizers]).
+    state_bits: int = 32
+    #: at state_bits=8, parameters with fewer elements keep float states (as bitsandbytes does).
+    min_8bit_size: int = 4096
+    # The rule's 8-bit variant (None: the optimizer has none) and which of its states can be negative
+    # (int8 codes on the signed map; the others get uint8 codes on the unsigned map).
+    _rule_8bit: str | None = None
+    _signed_states: frozenset[str] = frozenset()
+    # Why an optimizer without an 8-bit rule has none (the state_bits=8 error says it).
+    _no_8bit_reason: str = ""
 
     # ------------------------------------------------------------------ what each optimizer declares
     def _state_keys(self, group: dict[str, Any]) -> list[str]:
@@ -274,13 +292,15 @@ class FusedOptimizerMixin(KeepsOptions):
 
     # -------------------------------------------------------------------------------- construction
     def _init_extras(self, ema: Any, max_grad_norm: float | None, l1: float, master_weights: bool = False,
-                     stochastic_rounding: bool = False, state_dtype: torch.dtype | None = None) -> None:
+                     stochastic_rounding: bool = False, state_dtype: torch.dtype | None = None,
+                     state_bits: int = 32, min_8bit_size: int = 4096) -> None:
         """The options fusedtrain adds to torch's: ``ema``, ``max_grad_norm``, ``master_weights``,
-        ``stochastic_rounding``, ``state_dtype`` (optimizer-wide) and ``l1`` (a param-group option like
-        ``weight_decay``, recorded in every group and in ``defaults``)."""
+        ``stochastic_rounding``, ``state_dtype``, ``state_bits``, ``min_8bit_size`` (optimizer-wide) and ``l1``
+        (a param-group option like ``weight_decay``, recorded in every group and in ``defaults``)."""
         if state_dtype not in (None, torch.float32, torch.bfloat16):
             raise ValueError(f"Invalid state_dtype: {state_dtype}; use None (torch's choice), torch.float32 or "
                              "torch.bfloat16")
+        self._init_state_bits(state_bits, min_8bit_size, state_dtype)
         self.master_weights = bool(master_weights)
         self.stochastic_rounding = bool(stochastic_rounding)
         self.state_dtype = state_dtype
@@ -296,6 +316,80 @@ class FusedOptimizerMixin(KeepsOptions):
             group.setdefault("l1", l1)
             if not (isinstance(group["l1"], (int, float)) and group["l1"] >= 0):
                 raise ValueError(f"Invalid l1 value: {group['l1']!r}; the L1 coefficient must be a number >= 0")
+
+    def _init_state_bits(self, state_bits: int, min_8bit_size: int, state_dtype: torch.dtype | None) -> None:
+        """Checks and records ``state_bits`` / ``min_8bit_size`` (Note [8-bit states in the optimizers])."""
+        name = self._opt_name
+        if isinstance(state_bits, bool) or state_bits not in (8, 32):
+            raise ValueError(f"Invalid state_bits: {state_bits!r}; use 32 (float states) or 8 (blockwise-quantized "
+                             "8-bit states)")
+        if isinstance(min_8bit_size, bool) or not isinstance(min_8bit_size, int) or min_8bit_size < 0:
+            raise ValueError(f"Invalid min_8bit_size: {min_8bit_size!r}; pass an int >= 0 (parameters with fewer "
+                             "elements keep float32 states)")
+        if state_bits == 8:
+            if self._rule_8bit is None:
+                reason = f": {self._no_8bit_reason}" if self._no_8bit_reason else ""
+                raise ValueError(f"Invalid state_bits: 8; fusedtrain.optim.{name} has no 8-bit states{reason}. Use "
+                                 "state_bits=32, or an optimizer with 8-bit states (Note [8-bit states in the "
+                                 "optimizers]: docs/optim.md, \"8-bit states\")")
+            if state_dtype is not None:
+                raise ValueError("state_bits=8 and state_dtype both set the states' precision; pass only one")
+            if any(g.get("differentiable", False) for g in self.param_groups):
+                raise ValueError("state_bits=8 cannot be differentiable (torch's implementation, which "
+                                 "differentiable=True runs, keeps float states); use state_bits=32")
+        self.state_bits = int(state_bits)
+        self.min_8bit_size = int(min_8bit_size)
+
+    # Note [8-bit states in the optimizers]:
+    # With state_bits=8, a real, non-DTensor parameter with at least min_8bit_size elements is updated by
+    # the rule's 8-bit variant (_rule_8bit, e.g. "adam8bit": Note [quantized rules] in
+    # csrc/include/fusedtrain/rules_quant.h); its state keeps torch's keys for the codes (exp_avg: int8
+    # codes of the parameter's shape; exp_avg_sq: uint8) and adds "<key>_absmax" (float32, one per block of
+    # 256 elements), see optim/_quant.py. Smaller parameters keep float32 states (as bitsandbytes does: the
+    # scales would cost more than the codes save), in segments of the float rule. Float states met where
+    # codes are wanted (a torch.optim checkpoint, a state_bits=32 run) are quantized, and codes met where
+    # floats are wanted are dequantized, at load_state_dict and before a parameter's first update.
+    def _quantized(self, p: Tensor) -> bool:
+        """Whether ``p``'s states are 8-bit (Note [8-bit states in the optimizers])."""
+        return (self.state_bits == 8 and not p.is_complex() and not is_dtensor(p)
+                and p.numel() >= self.min_8bit_size)
+
+    def _rule_of(self, p: Tensor) -> str:
+        """The rule that updates ``p``: the optimizer's, or its 8-bit variant."""
+        return self._rule_8bit if self._quantized(p) and self._rule_8bit is not None else self._rule
+
+    def _rule_state_keys(self, group: dict[str, Any], rule: str) -> list[str]:
+        """The state keys of ``rule``'s state lists: ``_state_keys``, each followed by its ``_absmax`` for the
+        8-bit rule."""
+        keys = self._state_keys(group)
+        if rule == self._rule:
+            return keys
+        return [k for key in keys for k in (key, key + _quant.ABSMAX_SUFFIX)]
+
+    def _convert_state(self, group: dict[str, Any], p: Tensor, key: str) -> None:
+        """State ``key`` of ``p`` into the form its rule updates: codes and absmax (8-bit), or a float tensor
+        of the state dtype (Note [mixed-precision layouts])."""
+        state = self.state[p]
+        value = state[key]
+        if not isinstance(value, Tensor):  # (SGD's momentum_buffer may be None in torch's state)
+            return
+        absmax_key = key + _quant.ABSMAX_SUFFIX
+        if self._quantized(p):
+            if not _quant.is_codes(value):
+                codes, absmax = _quant.quantize(value, key in self._signed_states)
+                state[key], state[absmax_key] = codes, absmax
+            elif absmax_key not in state:
+                raise RuntimeError(f"fusedtrain.optim.{self._opt_name}: the state '{key}' holds 8-bit codes but "
+                                   f"'{absmax_key}' is missing")
+            return
+        want = self._state_dtype_for(p)
+        if _quant.is_codes(value):
+            if absmax_key not in state:
+                raise RuntimeError(f"fusedtrain.optim.{self._opt_name}: the state '{key}' holds 8-bit codes but "
+                                   f"'{absmax_key}' is missing")
+            state[key] = _quant.dequantize(value, state.pop(absmax_key), want).to(p.device)
+        elif value.dtype != want:
+            state[key] = self._state_in(group, p, key, want)
 
     @staticmethod
     def _check_compat_flags(foreach: bool | None, fused: bool | None, differentiable: bool) -> None:
@@ -338,7 +432,8 @@ class FusedOptimizerMixin(KeepsOptions):
         advance them (the CPU, or the parameter's device for a capturable group)."""
         super().load_state_dict(state_dict)  # type: ignore[misc]
         self.__dict__["_ft_plan"] = None
-        if self.master_weights or self.state_dtype is not None:
+        has_codes = any(_quant.is_codes(v) for entry in state_dict["state"].values() for v in entry.values())
+        if self.master_weights or self.state_dtype is not None or has_codes:
             self._restore_state_dtypes(state_dict)
         if not self._use_torch_step():
             for group in self.param_groups:
@@ -346,10 +441,15 @@ class FusedOptimizerMixin(KeepsOptions):
                     entry = self.state.get(p)
                     if entry and "step" in entry:
                         self._home_counters(entry, self._step_device(group, p))
+                    if entry and not p.is_complex() and (has_codes or self.state_bits != 32):
+                        for key in self._state_keys(group):  # Note [8-bit states in the optimizers]
+                            if key in entry:
+                                self._convert_state(group, p, key)
 
     def _restore_state_dtypes(self, state_dict: dict[str, Any]) -> None:
-        """torch's load_state_dict casts every floating state to its parameter's dtype; master weights and
-        ``state_dtype`` states are taken again from the saved tensors in their own dtype (no precision lost)."""
+        """torch's load_state_dict casts every state to its parameter's dtype; master weights, ``state_dtype``
+        states and 8-bit codes with their absmax are taken again from the saved tensors in their own dtype (no
+        precision lost)."""
         id_map = {pid: p for saved, group in zip(state_dict["param_groups"], self.param_groups)
                   for pid, p in zip(saved["params"], group["params"])}
         for pid, entry in state_dict["state"].items():
@@ -358,7 +458,13 @@ class FusedOptimizerMixin(KeepsOptions):
                 continue
             mine = self.state[p]
             for key, value in entry.items():
-                if key == "step" or not isinstance(value, Tensor) or not value.is_floating_point():
+                if key == "step" or not isinstance(value, Tensor):
+                    continue
+                if _quant.is_codes(value) or (key.endswith(_quant.ABSMAX_SUFFIX)
+                                              and _quant.is_codes(entry.get(key[:-len(_quant.ABSMAX_SUFFIX)]))):
+                    mine[key] = value.to(device=p.device, copy=True)
+                    continue
+                if not value.is_floating_point():
                     continue
                 want = torch.float32 if key == "master_param" else self._state_dtype_for(p)
                 if mine[key].dtype != want:
@@ -577,11 +683,9 @@ class FusedOptimizerMixin(KeepsOptions):
         state = self.state[p]
         if "step" in state:
             self._home_counters(state, self._step_device(group, p))
-        want = self._state_dtype_for(p)
         if not p.is_complex():
             for key in self._state_keys(group):
-                if state[key].dtype != want:
-                    state[key] = self._state_in(group, p, key, want)
+                self._convert_state(group, p, key)
 
     def _home_counters(self, state: dict[str, Any], device: torch.device | None) -> None:
         """The step counter and the rule's tensor scalars where the kernels advance them (Note [step counters]
@@ -630,11 +734,12 @@ class FusedOptimizerMixin(KeepsOptions):
                     # (torch collects every occurrence's buffer before updating: each occurrence of a new
                     # parameter starts from its gradient, the last one's buffer is kept)
                     first = id(p) in fresh
-                    split.setdefault((self._kind(p), p.device, real, first), []).append(pos)
-                for (kind, _device, _dtype, first), idx in split.items():
+                    split.setdefault((self._kind(p), p.device, real, first, self._rule_of(p)), []).append(pos)
+                for (kind, _device, _dtype, first, rule), idx in split.items():
                     ps = [params[i] for i in idx]
                     averages = None
-                    if (ema is not None and kind == "plain" and not any(id(p) in repeated for p in ps)
+                    if (ema is not None and kind == "plain" and rule == self._rule
+                            and not any(id(p) in repeated for p in ps)
                             and all(self._state_dtype_for(p) == p.dtype for p in ps)):
                         averages = ema.averages_for(ps)
                         if averages is not None and not all(local(a).device == local(p).device
@@ -642,18 +747,18 @@ class FusedOptimizerMixin(KeepsOptions):
                             averages = None
                     if averages is not None:
                         fused_ema += ps
-                    segments.append(_Segment(gi, idx, ps, kind, averages, first))
+                    segments.append(_Segment(gi, idx, ps, kind, averages, first, rule))
         return segments, fused_ema, fresh_all
 
     def _seg_overrides(self, seg: _Segment) -> list[tuple[int, float]]:
-        return [(_ops.RULES[self._rule]["hyper"].index("first_step"), 1.0)] if seg.first else []
+        return [(_ops.RULES[seg.rule]["hyper"].index("first_step"), 1.0)] if seg.first else []
 
     def _seg_states(self, seg: _Segment, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
         """The segment's state lists (concatenated, as the kernels see them), step counters and tensor
         scalars (Note [tensor scalars] in csrc/include/fusedtrain/rules.h, concatenated)."""
         states = [self.state[p] for p in seg.params]
-        flat = [real_view(local(s[key])) for key in self._state_keys(group) for s in states]
-        rule = _ops.RULES[self._rule]
+        flat = [real_view(local(s[key])) for key in self._rule_state_keys(group, seg.rule) for s in states]
+        rule = _ops.RULES[seg.rule]
         steps = [s["step"] for s in states] if rule["counts_steps"] else []
         aux = [s[key] for key in rule["aux"] for s in states]
         return flat, steps, aux
@@ -664,13 +769,13 @@ class FusedOptimizerMixin(KeepsOptions):
         group = self.param_groups[seg.group]
         states, steps, aux = self._seg_states(seg, group)
         return {
-            "rule": self._rule, "group": seg.group, "positions": seg.positions,
+            "rule": seg.rule, "group": seg.group, "positions": seg.positions,
             "kinds": [(_COMPLEX if p.is_complex() else 0) | (_DTENSOR if is_dtensor(p) else 0) for p in seg.params],
             "averages": list(seg.averages) if seg.averages is not None else [],
             "masters": [local(self.state[p]["master_param"]) for p in seg.params] if seg.kind == "master" else [],
             "states": states, "steps": steps, "aux": aux, "stochastic": seg.kind == "stochastic",
             "overrides": self._seg_overrides(seg),
-            "hyper": _ops.hyper_list(self._rule, self._hyper(group)),
+            "hyper": _ops.hyper_list(seg.rule, self._hyper(group)),
         }
 
     def _fresh_params(self, group: dict[str, Any], params: list[Tensor]) -> set[int]:
@@ -719,7 +824,7 @@ class FusedOptimizerMixin(KeepsOptions):
             weight, weight_tensor = ema.weight_args(segments[0].params[0].device, found_inf)
         for seg in segments:
             group = self.param_groups[seg.group]
-            hyper = _ops.hyper_list(self._rule, self._hyper(group))
+            hyper = _ops.hyper_list(seg.rule, self._hyper(group))
             for i, v in self._seg_overrides(seg):
                 hyper[i] = v
             states, steps, aux = self._seg_states(seg, group)
@@ -739,7 +844,7 @@ class FusedOptimizerMixin(KeepsOptions):
                           ema_weight_tensor=weight_tensor)
             if seg.kind == "master":
                 kw["param_copies"] = [local(p) for p in seg.params]
-            _ops.step_(self._rule, hyper, targets, grads, states, steps, l1=float(group.get("l1", 0.0)),
+            _ops.step_(seg.rule, hyper, targets, grads, states, steps, l1=float(group.get("l1", 0.0)),
                        aux_states=aux, **kw)
         self._after_update(fresh)
         if collected.external:

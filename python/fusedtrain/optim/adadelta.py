@@ -32,6 +32,8 @@ class Adadelta(FusedOptimizerMixin, torch.optim.Adadelta):
         differentiable: runs torch.optim.Adadelta's own implementation.
         ema, max_grad_norm, l1, master_weights, stochastic_rounding, state_dtype: the options fusedtrain
             adds to every optimizer; see :class:`~fusedtrain.optim._base.FusedOptimizerMixin`.
+        state_bits, min_8bit_size: ``state_bits=8`` keeps ``square_avg`` and ``acc_delta`` (uint8 codes) of parameters with at least
+            ``min_8bit_size`` elements blockwise-quantized (Note [8-bit states in the optimizers]).
 
     State: torch's keys, ``step``, ``square_avg``, ``acc_delta``.
     """
@@ -39,17 +41,21 @@ class Adadelta(FusedOptimizerMixin, torch.optim.Adadelta):
     _torch_cls = torch.optim.Adadelta
     _opt_name = "Adadelta"
     _rule = "adadelta"
+    _rule_8bit = "adadelta8bit"
+    _signed_states = frozenset()
 
     def __init__(self, params: Any, lr: float | Tensor = 1.0, rho: float = 0.9, eps: float = 1e-6,
                  weight_decay: float = 0, foreach: bool | None = None, *, capturable: bool = False,
                  maximize: bool = False, differentiable: bool = False, fused: bool | None = None,
                  ema: Any = None, max_grad_norm: float | None = None, l1: float = 0.0,
                  master_weights: bool = False, stochastic_rounding: bool = False,
-                 state_dtype: torch.dtype | None = None) -> None:
+                 state_dtype: torch.dtype | None = None, state_bits: int = 32,
+                 min_8bit_size: int = 4096) -> None:
         self._check_compat_flags(foreach, fused, differentiable)
         super().__init__(params, lr, rho, eps, weight_decay, foreach, capturable=capturable, maximize=maximize,
                          differentiable=differentiable)
-        self._init_extras(ema, max_grad_norm, l1, master_weights, stochastic_rounding, state_dtype)
+        self._init_extras(ema, max_grad_norm, l1, master_weights, stochastic_rounding, state_dtype, state_bits,
+                          min_8bit_size)
 
     def _state_keys(self, group: dict[str, Any]) -> list[str]:
         return ["square_avg", "acc_delta"]

@@ -35,7 +35,8 @@ def _adafactor_fake(*args: object, **kwargs: object) -> None:
 
 
 #: fusedtrain options of other optimizers that Adafactor does not take, with their "off" values
-_REFUSED = dict(capturable=False, l1=0.0, master_weights=False, stochastic_rounding=False, state_dtype=None)
+_REFUSED = dict(capturable=False, l1=0.0, master_weights=False, stochastic_rounding=False, state_dtype=None,
+                state_bits=32)
 
 
 #: parameter dtypes the op updates (others get check_param's error)

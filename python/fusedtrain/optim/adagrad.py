@@ -27,6 +27,8 @@ class Adagrad(FusedOptimizerMixin, torch.optim.Adagrad):
         differentiable: runs torch.optim.Adagrad's own step.
         ema, max_grad_norm, l1, master_weights, stochastic_rounding, state_dtype: the options fusedtrain
             adds to every optimizer; see :class:`~fusedtrain.optim._base.FusedOptimizerMixin`.
+        state_bits, min_8bit_size: ``state_bits=8`` keeps ``sum`` (uint8 codes) of parameters with at least
+            ``min_8bit_size`` elements blockwise-quantized (Note [8-bit states in the optimizers]).
 
     State: ``step`` (CPU float tensor) and ``sum``, created in the constructor as torch does.
     Sparse gradients (``nn.Embedding(sparse=True)``) are updated by torch.optim.Adagrad's own implementation,
@@ -36,6 +38,8 @@ class Adagrad(FusedOptimizerMixin, torch.optim.Adagrad):
     _torch_cls = torch.optim.Adagrad
     _opt_name = "Adagrad"
     _rule = "adagrad"
+    _rule_8bit = "adagrad8bit"
+    _signed_states = frozenset()
     _supports_sparse = True
 
     def __init__(self, params: Any, lr: float | Tensor = 1e-2, lr_decay: float = 0, weight_decay: float = 0,
@@ -43,10 +47,12 @@ class Adagrad(FusedOptimizerMixin, torch.optim.Adagrad):
                  maximize: bool = False, differentiable: bool = False, fused: bool | None = None,
                  ema: Any = None, max_grad_norm: float | None = None, l1: float = 0.0,
                  master_weights: bool = False, stochastic_rounding: bool = False,
-                 state_dtype: torch.dtype | None = None) -> None:
+                 state_dtype: torch.dtype | None = None, state_bits: int = 32,
+                 min_8bit_size: int = 4096) -> None:
         super().__init__(params, lr, lr_decay, weight_decay, initial_accumulator_value, eps, foreach,
                          maximize=maximize, differentiable=differentiable, fused=fused)
-        self._init_extras(ema, max_grad_norm, l1, master_weights, stochastic_rounding, state_dtype)
+        self._init_extras(ema, max_grad_norm, l1, master_weights, stochastic_rounding, state_dtype, state_bits,
+                          min_8bit_size)
 
     def _state_keys(self, group: dict[str, Any]) -> list[str]:
         return ["sum"]

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ._base import FusedOptimizerMixin, new_step, to_scalar
 
-__all__ = ["Adam", "AdamW"]
+__all__ = ["Adam", "AdamW", "Adam8bit", "AdamW8bit"]
 
 _TORCH_ADAM_HAS_DECOUPLED = "decoupled_weight_decay" in inspect.signature(torch.optim.Adam.__init__).parameters
 
@@ -40,14 +40,21 @@ class Adam(FusedOptimizerMixin, torch.optim.Adam):
         differentiable: runs torch.optim.Adam's own implementation (same state keys).
         ema, max_grad_norm, l1, master_weights, stochastic_rounding, state_dtype: the options fusedtrain
             adds to every optimizer; see :class:`~fusedtrain.optim._base.FusedOptimizerMixin`.
+        state_bits: 8 keeps ``exp_avg`` (int8 codes), ``exp_avg_sq`` and ``max_exp_avg_sq`` (uint8 codes) of
+            parameters with at least ``min_8bit_size`` elements blockwise-quantized, with one float32 absmax
+            per 256 elements under ``<key>_absmax``: about 2 bytes of state per parameter instead of 8.
+        min_8bit_size: smaller parameters keep float32 states at ``state_bits=8`` (default 4096).
 
     The state keys (``step`` as a CPU float tensor, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``) are
-    torch's, so ``state_dict()`` loads into torch.optim.Adam and back.
+    torch's, so ``state_dict()`` loads into torch.optim.Adam and back (at ``state_bits=8`` through
+    :func:`fusedtrain.optim.to_torch_state_dict`; a torch.optim state_dict loads directly and is quantized).
     """
 
     _torch_cls = torch.optim.Adam
     _opt_name = "Adam"
     _rule = "adam"
+    _rule_8bit = "adam8bit"
+    _signed_states = frozenset({"exp_avg"})
     _decoupled_default = False
 
     def __init__(self, params: Any, lr: float | Tensor = 1e-3,
@@ -57,7 +64,7 @@ class Adam(FusedOptimizerMixin, torch.optim.Adam):
                  fused: bool | None = None, decoupled_weight_decay: bool = False, ema: Any = None,
                  max_grad_norm: float | None = None, l1: float = 0.0,
                  master_weights: bool = False, stochastic_rounding: bool = False,
-                 state_dtype: torch.dtype | None = None) -> None:
+                 state_dtype: torch.dtype | None = None, state_bits: int = 32, min_8bit_size: int = 4096) -> None:
         kwargs: dict[str, Any] = dict(foreach=foreach, maximize=maximize, capturable=capturable,
                                       differentiable=differentiable, fused=fused)
         if _TORCH_ADAM_HAS_DECOUPLED:
@@ -67,7 +74,8 @@ class Adam(FusedOptimizerMixin, torch.optim.Adam):
             self.defaults["decoupled_weight_decay"] = decoupled_weight_decay
             for group in self.param_groups:
                 group.setdefault("decoupled_weight_decay", decoupled_weight_decay)
-        self._init_extras(ema, max_grad_norm, l1, master_weights, stochastic_rounding, state_dtype)
+        self._init_extras(ema, max_grad_norm, l1, master_weights, stochastic_rounding, state_dtype, state_bits,
+                          min_8bit_size)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -115,11 +123,36 @@ class AdamW(Adam, torch.optim.AdamW):
                  differentiable: bool = False, fused: bool | None = None, ema: Any = None,
                  max_grad_norm: float | None = None, l1: float = 0.0,
                  master_weights: bool = False, stochastic_rounding: bool = False,
-                 state_dtype: torch.dtype | None = None) -> None:
+                 state_dtype: torch.dtype | None = None, state_bits: int = 32, min_8bit_size: int = 4096) -> None:
         torch.optim.AdamW.__init__(self, params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
                                    foreach=foreach, capturable=capturable, differentiable=differentiable,
                                    fused=fused)
         self.defaults["decoupled_weight_decay"] = True
         for group in self.param_groups:
             group["decoupled_weight_decay"] = True
-        self._init_extras(ema, max_grad_norm, l1, master_weights, stochastic_rounding, state_dtype)
+        self._init_extras(ema, max_grad_norm, l1, master_weights, stochastic_rounding, state_dtype, state_bits,
+                          min_8bit_size)
+
+
+class Adam8bit(Adam):
+    """:class:`Adam` with 8-bit states: ``Adam(..., state_bits=8)`` (the class name of bitsandbytes and
+    torchao). Parameters with fewer than ``min_8bit_size`` elements keep float32 states."""
+
+    def __init__(self, params: Any, lr: float | Tensor = 1e-3,
+                 betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0, amsgrad: bool = False, *, state_bits: int = 8, min_8bit_size: int = 4096,
+                 **kwargs: Any) -> None:
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, state_bits=state_bits,
+                         min_8bit_size=min_8bit_size, **kwargs)
+
+
+class AdamW8bit(AdamW):
+    """:class:`AdamW` with 8-bit states: ``AdamW(..., state_bits=8)`` (the class name of bitsandbytes and
+    torchao). Parameters with fewer than ``min_8bit_size`` elements keep float32 states."""
+
+    def __init__(self, params: Any, lr: float | Tensor = 1e-3,
+                 betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, amsgrad: bool = False, *, state_bits: int = 8,
+                 min_8bit_size: int = 4096, **kwargs: Any) -> None:
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, state_bits=state_bits,
+                         min_8bit_size=min_8bit_size, **kwargs)

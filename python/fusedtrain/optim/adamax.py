@@ -31,6 +31,8 @@ class Adamax(FusedOptimizerMixin, torch.optim.Adamax):
         differentiable: runs torch.optim.Adamax's own implementation.
         ema, max_grad_norm, l1, master_weights, stochastic_rounding, state_dtype: the options fusedtrain
             adds to every optimizer; see :class:`~fusedtrain.optim._base.FusedOptimizerMixin`.
+        state_bits, min_8bit_size: ``state_bits=8`` keeps ``exp_avg`` (int8 codes) and ``exp_inf`` (uint8) of parameters with at least
+            ``min_8bit_size`` elements blockwise-quantized (Note [8-bit states in the optimizers]).
 
     State: torch's keys, ``step``, ``exp_avg``, ``exp_inf``.
     """
@@ -38,17 +40,21 @@ class Adamax(FusedOptimizerMixin, torch.optim.Adamax):
     _torch_cls = torch.optim.Adamax
     _opt_name = "Adamax"
     _rule = "adamax"
+    _rule_8bit = "adamax8bit"
+    _signed_states = frozenset({"exp_avg"})
 
     def __init__(self, params: Any, lr: float | Tensor = 2e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0, foreach: bool | None = None, *,
                  maximize: bool = False, differentiable: bool = False, capturable: bool = False,
                  fused: bool | None = None, ema: Any = None, max_grad_norm: float | None = None, l1: float = 0.0,
                  master_weights: bool = False, stochastic_rounding: bool = False,
-                 state_dtype: torch.dtype | None = None) -> None:
+                 state_dtype: torch.dtype | None = None, state_bits: int = 32,
+                 min_8bit_size: int = 4096) -> None:
         self._check_compat_flags(foreach, fused, differentiable)
         super().__init__(params, lr, betas, eps, weight_decay, foreach, maximize=maximize,
                          differentiable=differentiable, capturable=capturable)
-        self._init_extras(ema, max_grad_norm, l1, master_weights, stochastic_rounding, state_dtype)
+        self._init_extras(ema, max_grad_norm, l1, master_weights, stochastic_rounding, state_dtype, state_bits,
+                          min_8bit_size)
 
     def _state_keys(self, group: dict[str, Any]) -> list[str]:
         return ["exp_avg", "exp_inf"]

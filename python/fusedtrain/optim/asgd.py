@@ -42,16 +42,18 @@ class ASGD(FusedOptimizerMixin, torch.optim.ASGD):
     _torch_cls = torch.optim.ASGD
     _opt_name = "ASGD"
     _rule = "asgd"
+    _no_8bit_reason = ("its state ax is a running average of the parameters, which 8-bit codes cannot hold "
+                       "to the parameters' precision")
 
     def __init__(self, params: Any, lr: float | Tensor = 1e-2, lambd: float = 1e-4, alpha: float = 0.75,
                  t0: float = 1e6, weight_decay: float = 0, foreach: bool | None = None, maximize: bool = False,
                  differentiable: bool = False, capturable: bool = False, *, fused: bool | None = None,
                  ema: Any = None, max_grad_norm: float | None = None, l1: float = 0.0,
                  master_weights: bool = False, stochastic_rounding: bool = False,
-                 state_dtype: torch.dtype | None = None) -> None:
+                 state_dtype: torch.dtype | None = None, state_bits: int = 32) -> None:
         self._check_compat_flags(foreach, fused, differentiable)
         super().__init__(params, lr, lambd, alpha, t0, weight_decay, foreach, maximize, differentiable, capturable)
-        self._init_extras(ema, max_grad_norm, l1, master_weights, stochastic_rounding, state_dtype)
+        self._init_extras(ema, max_grad_norm, l1, master_weights, stochastic_rounding, state_dtype, state_bits)
 
     def _state_keys(self, group: dict[str, Any]) -> list[str]:
         return ["ax"]

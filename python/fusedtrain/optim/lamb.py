@@ -98,6 +98,8 @@ class Lamb(_TrustMixin, torch.optim.Optimizer):
 
     _opt_name = "Lamb"
     _rule = "lamb"
+    _no_8bit_reason = ("its update runs in its own multi-pass kernels (a per-tensor trust ratio between the "
+                       "passes), which have no 8-bit state layout")
     _reference = "timm.optim.Lamb"
 
     def __init__(self, params: Any, lr: float | Tensor = 1e-3, bias_correction: bool = True,
@@ -106,7 +108,7 @@ class Lamb(_TrustMixin, torch.optim.Optimizer):
                  always_adapt: bool = False, caution: bool = False, decoupled_decay: bool = False,
                  corrected_weight_decay: bool = False, foreach: bool | None = None, *, ema: Any = None,
                  l1: float = 0.0, master_weights: bool = False, stochastic_rounding: bool = False,
-                 state_dtype: torch.dtype | None = None) -> None:
+                 state_dtype: torch.dtype | None = None, state_bits: int = 32) -> None:
         _validate_scalar("learning rate", lr)
         _validate_scalar("epsilon", eps)
         _validate_scalar("weight_decay", weight_decay)
@@ -123,7 +125,7 @@ class Lamb(_TrustMixin, torch.optim.Optimizer):
                         caution=caution, decoupled_decay=decoupled_decay,
                         corrected_weight_decay=corrected_weight_decay, max_lr_snapshot=max_lr, foreach=foreach)
         super().__init__(params, defaults)
-        self._init_extras(ema, None, l1, master_weights, stochastic_rounding, state_dtype)
+        self._init_extras(ema, None, l1, master_weights, stochastic_rounding, state_dtype, state_bits)
         # timm records its max_grad_norm in the defaults (and so in every group) but reads only the defaults';
         # recorded after _init_extras, which refuses fusedtrain's optimizer-wide max_grad_norm in a group.
         self.defaults["max_grad_norm"] = max_grad_norm
@@ -210,13 +212,16 @@ class Lars(MomentumBufferState, _TrustMixin, torch.optim.Optimizer):
 
     _opt_name = "Lars"
     _rule = "lars"
+    _no_8bit_reason = ("its update runs in its own multi-pass kernels (a per-tensor trust ratio between the "
+                       "passes), which have no 8-bit state layout")
     _reference = "timm.optim.Lars"
 
     def __init__(self, params: Any, lr: float | Tensor = 1.0, momentum: float = 0, dampening: float = 0,
                  weight_decay: float = 0, nesterov: bool = False, trust_coeff: float = 0.001, eps: float = 1e-8,
                  trust_clip: bool = False, always_adapt: bool = False, foreach: bool | None = None, *,
                  ema: Any = None, max_grad_norm: float | None = None, l1: float = 0.0, master_weights: bool = False,
-                 stochastic_rounding: bool = False, state_dtype: torch.dtype | None = None) -> None:
+                 stochastic_rounding: bool = False, state_dtype: torch.dtype | None = None,
+                 state_bits: int = 32) -> None:
         if lr < 0.0:
             raise ValueError(f"Invalid learning rate: {lr}")
         if momentum < 0.0:
@@ -229,7 +234,7 @@ class Lars(MomentumBufferState, _TrustMixin, torch.optim.Optimizer):
                         trust_coeff=trust_coeff, eps=eps, trust_clip=trust_clip, always_adapt=always_adapt,
                         foreach=foreach)
         super().__init__(params, defaults)
-        self._init_extras(ema, max_grad_norm, l1, master_weights, stochastic_rounding, state_dtype)
+        self._init_extras(ema, max_grad_norm, l1, master_weights, stochastic_rounding, state_dtype, state_bits)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)

@@ -62,12 +62,15 @@ class Lion(StandaloneFusedOptimizer):
 
     _opt_name = "Lion"
     _rule = "lion"
+    _rule_8bit = "lion8bit"
+    _signed_states = frozenset({"exp_avg"})
 
     def __init__(self, params: Any, lr: float | Tensor = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
                  weight_decay: float = 0.0, caution: bool = False, corrected_weight_decay: bool = False,
                  maximize: bool = False, foreach: bool | None = None, *, ema: Any = None,
                  max_grad_norm: float | None = None, l1: float = 0.0, master_weights: bool = False,
-                 stochastic_rounding: bool = False, state_dtype: torch.dtype | None = None) -> None:
+                 stochastic_rounding: bool = False, state_dtype: torch.dtype | None = None,
+                 state_bits: int = 32, min_8bit_size: int = 4096) -> None:
         lr_value = float(lr.detach()) if isinstance(lr, Tensor) else float(lr)
         if isinstance(lr, Tensor) and lr.numel() != 1:
             raise ValueError("learning rate must be a scalar or scalar tensor.")
@@ -82,7 +85,8 @@ class Lion(StandaloneFusedOptimizer):
                         max_lr_snapshot=_max_lr_snapshot(lr, corrected_weight_decay), foreach=foreach,
                         maximize=maximize)
         super().__init__(params, defaults)
-        self._init_extras(ema, max_grad_norm, l1, master_weights, stochastic_rounding, state_dtype)
+        self._init_extras(ema, max_grad_norm, l1, master_weights, stochastic_rounding, state_dtype, state_bits,
+                          min_8bit_size)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)

@@ -50,7 +50,8 @@ except ImportError:  # pragma: no cover
 
 _NS_DTYPES = (torch.bfloat16, torch.float32, torch.float64)
 #: fusedtrain options of other optimizers that Muon does not take, with their "off" values
-_REFUSED = dict(capturable=False, l1=0.0, master_weights=False, stochastic_rounding=False, state_dtype=None)
+_REFUSED = dict(capturable=False, l1=0.0, master_weights=False, stochastic_rounding=False, state_dtype=None,
+                state_bits=32)
 
 
 def _shape2d(p: Tensor) -> tuple[int, int]:

@@ -35,6 +35,8 @@ class NAdam(FusedOptimizerMixin, torch.optim.NAdam):
         differentiable: runs torch.optim.NAdam's own implementation.
         ema, max_grad_norm, l1, master_weights, stochastic_rounding, state_dtype: the options fusedtrain
             adds to every optimizer; see :class:`~fusedtrain.optim._base.FusedOptimizerMixin`.
+        state_bits, min_8bit_size: ``state_bits=8`` keeps ``exp_avg`` (int8 codes) and ``exp_avg_sq`` (uint8) of parameters with at least
+            ``min_8bit_size`` elements blockwise-quantized (Note [8-bit states in the optimizers]).
 
     State: torch's keys, ``step``, ``mu_product`` (a one-element tensor advanced with the step counter, in
     its dtype, as torch does: Note [tensor scalars] in csrc/include/fusedtrain/rules.h), ``exp_avg``,
@@ -44,6 +46,8 @@ class NAdam(FusedOptimizerMixin, torch.optim.NAdam):
     _torch_cls = torch.optim.NAdam
     _opt_name = "NAdam"
     _rule = "nadam"
+    _rule_8bit = "nadam8bit"
+    _signed_states = frozenset({"exp_avg"})
 
     def __init__(self, params: Any, lr: float | Tensor = 2e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0, momentum_decay: float = 4e-3,
@@ -51,11 +55,13 @@ class NAdam(FusedOptimizerMixin, torch.optim.NAdam):
                  capturable: bool = False, differentiable: bool = False, fused: bool | None = None,
                  ema: Any = None, max_grad_norm: float | None = None, l1: float = 0.0,
                  master_weights: bool = False, stochastic_rounding: bool = False,
-                 state_dtype: torch.dtype | None = None) -> None:
+                 state_dtype: torch.dtype | None = None, state_bits: int = 32,
+                 min_8bit_size: int = 4096) -> None:
         self._check_compat_flags(foreach, fused, differentiable)
         super().__init__(params, lr, betas, eps, weight_decay, momentum_decay, decoupled_weight_decay,
                          foreach=foreach, maximize=maximize, capturable=capturable, differentiable=differentiable)
-        self._init_extras(ema, max_grad_norm, l1, master_weights, stochastic_rounding, state_dtype)
+        self._init_extras(ema, max_grad_norm, l1, master_weights, stochastic_rounding, state_dtype, state_bits,
+                          min_8bit_size)
 
     def _state_keys(self, group: dict[str, Any]) -> list[str]:
         return ["exp_avg", "exp_avg_sq"]

@@ -36,6 +36,8 @@ class RAdam(FusedOptimizerMixin, torch.optim.RAdam):
         differentiable: runs torch.optim.RAdam's own implementation.
         ema, max_grad_norm, l1, master_weights, stochastic_rounding, state_dtype: the options fusedtrain
             adds to every optimizer; see :class:`~fusedtrain.optim._base.FusedOptimizerMixin`.
+        state_bits, min_8bit_size: ``state_bits=8`` keeps ``exp_avg`` (int8 codes) and ``exp_avg_sq`` (uint8) of parameters with at least
+            ``min_8bit_size`` elements blockwise-quantized (Note [8-bit states in the optimizers]).
 
     State: torch's keys, ``step``, ``exp_avg``, ``exp_avg_sq``.
     """
@@ -43,17 +45,21 @@ class RAdam(FusedOptimizerMixin, torch.optim.RAdam):
     _torch_cls = torch.optim.RAdam
     _opt_name = "RAdam"
     _rule = "radam"
+    _rule_8bit = "radam8bit"
+    _signed_states = frozenset({"exp_avg"})
 
     def __init__(self, params: Any, lr: float | Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0, decoupled_weight_decay: bool = False, *,
                  foreach: bool | None = None, maximize: bool = False, capturable: bool = False,
                  differentiable: bool = False, fused: bool | None = None, ema: Any = None,
                  max_grad_norm: float | None = None, l1: float = 0.0, master_weights: bool = False,
-                 stochastic_rounding: bool = False, state_dtype: torch.dtype | None = None) -> None:
+                 stochastic_rounding: bool = False, state_dtype: torch.dtype | None = None,
+                 state_bits: int = 32, min_8bit_size: int = 4096) -> None:
         self._check_compat_flags(foreach, fused, differentiable)
         super().__init__(params, lr, betas, eps, weight_decay, decoupled_weight_decay, foreach=foreach,
                          maximize=maximize, capturable=capturable, differentiable=differentiable)
-        self._init_extras(ema, max_grad_norm, l1, master_weights, stochastic_rounding, state_dtype)
+        self._init_extras(ema, max_grad_norm, l1, master_weights, stochastic_rounding, state_dtype, state_bits,
+                          min_8bit_size)
 
     def _state_keys(self, group: dict[str, Any]) -> list[str]:
         return ["exp_avg", "exp_avg_sq"]

@@ -34,6 +34,9 @@ class RMSprop(FusedOptimizerMixin, torch.optim.RMSprop):
         capturable: ``step`` counters on the parameters' device, read by the kernels (see Adam).
         ema, max_grad_norm, l1, master_weights, stochastic_rounding, state_dtype: the options fusedtrain
             adds to every optimizer; see :class:`~fusedtrain.optim._base.FusedOptimizerMixin`.
+        state_bits, min_8bit_size: ``state_bits=8`` keeps ``square_avg`` (uint8 codes), ``grad_avg`` and
+            ``momentum_buffer`` (int8 codes) of parameters with at least ``min_8bit_size`` elements
+            blockwise-quantized (Note [8-bit states in the optimizers]).
 
     State: ``step``, ``square_avg``, ``momentum_buffer`` (momentum > 0), ``grad_avg`` (centered).
     """
@@ -41,17 +44,21 @@ class RMSprop(FusedOptimizerMixin, torch.optim.RMSprop):
     _torch_cls = torch.optim.RMSprop
     _opt_name = "RMSprop"
     _rule = "rmsprop"
+    _rule_8bit = "rmsprop8bit"
+    _signed_states = frozenset({"grad_avg", "momentum_buffer"})
 
     def __init__(self, params: Any, lr: float | Tensor = 1e-2, alpha: float = 0.99, eps: float = 1e-8,
                  weight_decay: float = 0, momentum: float = 0, centered: bool = False, capturable: bool = False,
                  foreach: bool | None = None, maximize: bool = False, differentiable: bool = False, *,
                  fused: bool | None = None, ema: Any = None, max_grad_norm: float | None = None, l1: float = 0.0,
                  master_weights: bool = False, stochastic_rounding: bool = False,
-                 state_dtype: torch.dtype | None = None) -> None:
+                 state_dtype: torch.dtype | None = None, state_bits: int = 32,
+                 min_8bit_size: int = 4096) -> None:
         self._check_compat_flags(foreach, fused, differentiable)
         super().__init__(params, lr, alpha, eps, weight_decay, momentum, centered, capturable=capturable,
                          foreach=foreach, maximize=maximize, differentiable=differentiable)
-        self._init_extras(ema, max_grad_norm, l1, master_weights, stochastic_rounding, state_dtype)
+        self._init_extras(ema, max_grad_norm, l1, master_weights, stochastic_rounding, state_dtype, state_bits,
+                          min_8bit_size)
 
     def _state_keys(self, group: dict[str, Any]) -> list[str]:
         keys = ["square_avg"]

@@ -42,17 +42,19 @@ class Rprop(FusedOptimizerMixin, torch.optim.Rprop):
     _torch_cls = torch.optim.Rprop
     _opt_name = "Rprop"
     _rule = "rprop"
+    _no_8bit_reason = ("its step sizes are multiplied by etaplus / etaminus every step, so a quantization "
+                       "error would compound from step to step instead of averaging out")
 
     def __init__(self, params: Any, lr: float | Tensor = 1e-2, etas: tuple[float, float] = (0.5, 1.2),
                  step_sizes: tuple[float, float] = (1e-6, 50), *, capturable: bool = False,
                  foreach: bool | None = None, maximize: bool = False, differentiable: bool = False,
                  fused: bool | None = None, ema: Any = None, max_grad_norm: float | None = None, l1: float = 0.0,
                  master_weights: bool = False, stochastic_rounding: bool = False,
-                 state_dtype: torch.dtype | None = None) -> None:
+                 state_dtype: torch.dtype | None = None, state_bits: int = 32) -> None:
         self._check_compat_flags(foreach, fused, differentiable)
         super().__init__(params, lr, etas, step_sizes, capturable=capturable, foreach=foreach, maximize=maximize,
                          differentiable=differentiable)
-        self._init_extras(ema, max_grad_norm, l1, master_weights, stochastic_rounding, state_dtype)
+        self._init_extras(ema, max_grad_norm, l1, master_weights, stochastic_rounding, state_dtype, state_bits)
 
     def _state_keys(self, group: dict[str, Any]) -> list[str]:
         return ["prev", "step_size"]

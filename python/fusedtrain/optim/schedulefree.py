@@ -66,19 +66,22 @@ class _ScheduleFree(StandaloneFusedOptimizer):
     # GradScaler the scaler therefore unscales the gradients and skips step() on inf/NaN itself, as it does
     # for torch.optim's non-fused optimizers, so a skipped step leaves the schedule alone.
     _step_supports_amp_scaling = False
+    _no_8bit_reason = ("its state z is the optimization iterate itself (the parameter is an interpolation "
+                       "toward it), which 8-bit codes cannot hold to the parameters' precision")
 
     def _momentum(self, group: dict[str, Any]) -> float:
         """beta1 (AdamW) or momentum (SGD): the weight of x in y."""
         raise NotImplementedError
 
     def _finish_init(self, ema: Any, max_grad_norm: float | None, l1: float, master_weights: bool,
-                     stochastic_rounding: bool, state_dtype: torch.dtype | None, model: nn.Module | None) -> None:
+                     stochastic_rounding: bool, state_dtype: torch.dtype | None, model: nn.Module | None,
+                     state_bits: int = 32) -> None:
         if state_dtype not in (None, torch.float32):
             raise ValueError(
                 f"fusedtrain.optim.{self._opt_name}: state_dtype={state_dtype} is not supported: the state z is the "
                 "optimization iterate itself (the parameter is an interpolation toward it), and rounding it to a "
                 "low precision every step loses the updates; keep state_dtype=None")
-        self._init_extras(ema, max_grad_norm, l1, master_weights, stochastic_rounding, state_dtype)
+        self._init_extras(ema, max_grad_norm, l1, master_weights, stochastic_rounding, state_dtype, state_bits)
         if model is not None:
             self.tie_to(model)
 
@@ -213,12 +216,14 @@ class ScheduleFreeAdamW(_ScheduleFree):
                  eps: float = 1e-8, weight_decay: float = 0, warmup_steps: int = 0, r: float = 0.0,
                  weight_lr_power: float = 2.0, foreach: bool | None = True, *, model: nn.Module | None = None,
                  ema: Any = None, max_grad_norm: float | None = None, l1: float = 0.0, master_weights: bool = False,
-                 stochastic_rounding: bool = False, state_dtype: torch.dtype | None = None) -> None:
+                 stochastic_rounding: bool = False, state_dtype: torch.dtype | None = None,
+                 state_bits: int = 32) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, r=r, k=0, warmup_steps=warmup_steps, train_mode=False,
                         weight_sum=0.0, lr_max=-1.0, scheduled_lr=0.0, weight_lr_power=weight_lr_power,
                         weight_decay=weight_decay, foreach=foreach)
         super().__init__(params, defaults)
-        self._finish_init(ema, max_grad_norm, l1, master_weights, stochastic_rounding, state_dtype, model)
+        self._finish_init(ema, max_grad_norm, l1, master_weights, stochastic_rounding, state_dtype, model,
+                          state_bits)
 
     def _check_group(self, gi: int, group: dict[str, Any]) -> None:
         if any(p.is_complex() for p in group["params"]):
@@ -278,7 +283,7 @@ class ScheduleFreeSGD(_ScheduleFree):
                  warmup_steps: int = 0, r: float = 0.0, weight_lr_power: float = 2, foreach: bool | None = True, *,
                  model: nn.Module | None = None, ema: Any = None, max_grad_norm: float | None = None, l1: float = 0.0,
                  master_weights: bool = False, stochastic_rounding: bool = False,
-                 state_dtype: torch.dtype | None = None) -> None:
+                 state_dtype: torch.dtype | None = None, state_bits: int = 32) -> None:
         if lr < 0.0:
             raise ValueError(f"Invalid learning rate: {lr}")
         if weight_decay < 0.0:
@@ -289,7 +294,8 @@ class ScheduleFreeSGD(_ScheduleFree):
                         weight_sum=0.0, lr_max=-1.0, scheduled_lr=0.0, weight_lr_power=weight_lr_power,
                         weight_decay=weight_decay, foreach=foreach)
         super().__init__(params, defaults)
-        self._finish_init(ema, max_grad_norm, l1, master_weights, stochastic_rounding, state_dtype, model)
+        self._finish_init(ema, max_grad_norm, l1, master_weights, stochastic_rounding, state_dtype, model,
+                          state_bits)
 
     def _momentum(self, group: dict[str, Any]) -> float:
         return group["momentum"]

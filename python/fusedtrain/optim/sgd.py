@@ -65,6 +65,8 @@ class SGD(MomentumBufferState, FusedOptimizerMixin, torch.optim.SGD):
         differentiable: runs torch.optim.SGD's own step.
         ema, max_grad_norm, l1, master_weights, stochastic_rounding, state_dtype: the options fusedtrain
             adds to every optimizer; see :class:`~fusedtrain.optim._base.FusedOptimizerMixin`.
+        state_bits, min_8bit_size: ``state_bits=8`` keeps ``momentum_buffer`` (int8 codes) of parameters with at least
+            ``min_8bit_size`` elements blockwise-quantized (Note [8-bit states in the optimizers]).
 
     State: ``momentum_buffer`` when momentum is non-zero, as in torch. Sparse gradients
     (``nn.Embedding(sparse=True)``) are updated by torch.optim.SGD's own implementation, as torch does.
@@ -73,6 +75,8 @@ class SGD(MomentumBufferState, FusedOptimizerMixin, torch.optim.SGD):
     _torch_cls = torch.optim.SGD
     _opt_name = "SGD"
     _rule = "sgd"
+    _rule_8bit = "sgd8bit"
+    _signed_states = frozenset({"momentum_buffer"})
     _supports_sparse = True
 
     def __init__(self, params: Any, lr: float | Tensor = 1e-3, momentum: float = 0, dampening: float = 0,
@@ -80,10 +84,12 @@ class SGD(MomentumBufferState, FusedOptimizerMixin, torch.optim.SGD):
                  foreach: bool | None = None, differentiable: bool = False, fused: bool | None = None,
                  ema: Any = None, max_grad_norm: float | None = None, l1: float = 0.0,
                  master_weights: bool = False, stochastic_rounding: bool = False,
-                 state_dtype: torch.dtype | None = None) -> None:
+                 state_dtype: torch.dtype | None = None, state_bits: int = 32,
+                 min_8bit_size: int = 4096) -> None:
         super().__init__(params, lr, momentum, dampening, weight_decay, nesterov, maximize=maximize,
                          foreach=foreach, differentiable=differentiable, fused=fused)
-        self._init_extras(ema, max_grad_norm, l1, master_weights, stochastic_rounding, state_dtype)
+        self._init_extras(ema, max_grad_norm, l1, master_weights, stochastic_rounding, state_dtype, state_bits,
+                          min_8bit_size)
 
 
     def _sparse_refusal(self, group: dict[str, Any]) -> str | None:

@@ -1,0 +1,178 @@
+// Rules with 8-bit blockwise-quantized states (Note [8-bit optimizer states] in quant.h): the same
+// per-element functors and hyperparameters as their float rules (rules.h), with each state list replaced
+// by a pair (codes, absmax) (Note [quantized state lists] in optim_host.h).
+//
+// Note [quantized rules]:
+// A quantized rule derives from its float rule (kHyper, kCountsSteps, make<T> are inherited: the update
+// is the same functor) and declares
+//   kName                 "<rule>8bit";
+//   signed_states(hyper)  per element-wise state of the float rule, whether it can be negative (int8 codes,
+//                         the signed map) or is a second moment (uint8 codes of its square root on the
+//                         unsigned map, Note [square-root states]);
+//   states / state_kinds  derived from the float rule's states: "<name>" (codes) then "<name>_absmax";
+//   run<Backend>          run_quantized: instantiates the functor for the layout, as run_rule does, and
+//                         hands it to the backend's block driver, quant::Driver<Backend> (quant_cpu.h,
+//                         quant_cuda.cuh), which processes whole blocks: dequantize, update, requantize.
+// Note [square-root states]:
+// The unsigned states of these rules are second moments (Adam's exp_avg_sq and max_exp_avg_sq, Adagrad's
+// sum, RMSprop's square_avg), which the updates use as sqrt(state) next to a first moment or gradient of
+// about the same relative size: a value v relative to its block's max is about the square of its first
+// moment's. Quantized directly, v would reach the map's floor (1e-7 relative, code 0) while its first moment
+// is still representable (down to 1e-6), and m / (sqrt(0) + eps) throws the parameter far (seen on a digits
+// MLP: weights of rarely active input pixels moved by 8 where float32 states moved them by 0.02). So
+// unsigned codes hold sqrt(state): absmax is the block's max of sqrt(state), and the state reads as
+// (map[code] * absmax)^2 (float32). sqrt(v) then spans the decades of the first moment, and 8 bits give it
+// the relative precision the update's denominator needs.
+//
+// Layouts: uniform parameters of any floating dtype (opmath registers, bfloat16 optionally with
+// stochastic rounding) and master weights (float32 masters, float16/bfloat16 copies). EMA averages are
+// not fused (the optimizer leaves them to the EMA's own pass).
+#pragma once
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+
+#include <array>
+#include <string>
+#include <vector>
+
+#include "fusedtrain/optim_host.h"
+#include "fusedtrain/quant.h"
+#include "fusedtrain/rounding.h"
+#include "fusedtrain/rules.h"
+
+namespace fusedtrain {
+namespace quant {
+
+// Up to three quantized states per rule; lists of one tuple: param, grad, (codes, absmax) per state, then
+// the master weights' copy.
+constexpr int kMaxStates = 3;
+using Signs = std::array<bool, kMaxStates>;
+
+// The block driver of a backend (specialized in quant_cpu.h and quant_cuda.cuh):
+//   template <class L, typename Op> static void apply(const Work&, const Op&, const Signs&);
+template <class Backend>
+struct Driver;
+
+template <class Float>
+rules::Names quantized_names(const double* h) {
+  rules::Names out;
+  // (Names hold string literals: every state list name of a quantized rule has its "_absmax" here.)
+  static const char* const kAbsmax[] = {"exp_avgs_absmax",   "exp_avg_sqs_absmax", "max_exp_avg_sqs_absmax",
+                                       "momentum_buffers_absmax", "state_sums_absmax", "square_avgs_absmax",
+                                       "grad_avgs_absmax", "exp_infs_absmax", "acc_deltas_absmax"};
+  for (const char* name : Float::states(h)) {
+    out.push_back(name);
+    const std::string want = std::string(name) + "_absmax";
+    const char* found = nullptr;
+    for (const char* a : kAbsmax) {
+      if (want == a) found = a;
+    }
+    TORCH_CHECK(found != nullptr, "fusedtrain: no absmax list name for the quantized state '", name, "'");
+    out.push_back(found);
+  }
+  return out;
+}
+
+template <class Rule>
+std::vector<int> kinds_of(const double* h) {
+  const size_t n = Rule::Float::states(h).size();
+  const Signs s = Rule::signed_states(h);
+  std::vector<int> out;
+  for (size_t k = 0; k < n; ++k) {
+    out.push_back(s[k] ? kSignedCodes : kUnsignedCodes);
+    out.push_back(kScales);
+  }
+  return out;
+}
+
+// Note [quantized rules]: the functor of the float rule, for the call's layout, on the block driver.
+template <class Backend, class Rule>
+void run_quantized(const host::RunArgs& a) {
+  using Float = typename Rule::Float;
+  const host::Precision& prec = a.prec;
+  const Work& work = a.work;
+  const Signs sgn = Rule::signed_states(a.hyper);
+  if (prec.copies) {
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(prec.grad, "fusedtrain_quant_master", [&] {
+      Float::template make<float>(a.hyper, a.common, [&](const auto& op) {
+        Driver<Backend>::template apply<Layout<float, scalar_t, float, scalar_t, true, false>>(work, op, sgn);
+      });
+    });
+    return;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, prec.param, "fusedtrain_quant", [&] {
+    using T = at::opmath_type<scalar_t>;
+    Float::template make<T>(a.hyper, a.common, [&](const auto& op) {
+      if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+        if (prec.stochastic) return Driver<Backend>::template apply<Uniform<scalar_t, true>>(work, op, sgn);
+      }
+      Driver<Backend>::template apply<Uniform<scalar_t, false>>(work, op, sgn);
+    });
+  });
+}
+
+}  // namespace quant
+
+namespace rules {
+
+// Adam / AdamW with 8-bit states: exp_avg signed, exp_avg_sq (and amsgrad's max_exp_avg_sq) unsigned.
+struct Adam8bit : Adam {
+  using Float = Adam;
+  static constexpr const char* kName = "adam8bit";
+  static quant::Signs signed_states(const double*) { return {true, false, false}; }
+  static Names states(const double* h) { return quant::quantized_names<Adam>(h); }
+  static std::vector<int> state_kinds(const double* h) { return quant::kinds_of<Adam8bit>(h); }
+  template <class Backend>
+  static void run(const host::RunArgs& a) {
+    quant::run_quantized<Backend, Adam8bit>(a);
+  }
+};
+
+// SGD with an 8-bit momentum buffer (signed); without momentum there is no state to quantize.
+struct Sgd8bit : Sgd {
+  using Float = Sgd;
+  static constexpr const char* kName = "sgd8bit";
+  static quant::Signs signed_states(const double*) { return {true, false, false}; }
+  static Names states(const double* h) { return quant::quantized_names<Sgd>(h); }
+  static std::vector<int> state_kinds(const double* h) { return quant::kinds_of<Sgd8bit>(h); }
+  template <class Backend>
+  static void run(const host::RunArgs& a) {
+    quant::run_quantized<Backend, Sgd8bit>(a);
+  }
+};
+
+// Adagrad with an 8-bit sum of squares (unsigned).
+struct Adagrad8bit : Adagrad {
+  using Float = Adagrad;
+  static constexpr const char* kName = "adagrad8bit";
+  static quant::Signs signed_states(const double*) { return {false, false, false}; }
+  static Names states(const double* h) { return quant::quantized_names<Adagrad>(h); }
+  static std::vector<int> state_kinds(const double* h) { return quant::kinds_of<Adagrad8bit>(h); }
+  template <class Backend>
+  static void run(const host::RunArgs& a) {
+    quant::run_quantized<Backend, Adagrad8bit>(a);
+  }
+};
+
+// RMSprop with 8-bit states: square_avg unsigned; grad_avg (centered) and the momentum buffer signed.
+struct Rmsprop8bit : Rmsprop {
+  using Float = Rmsprop;
+  static constexpr const char* kName = "rmsprop8bit";
+  static quant::Signs signed_states(const double* h) {
+    quant::Signs s{false, false, false};
+    int k = 1;
+    if (h[kCentered] != 0.0) s[k++] = true;
+    if (h[kMomentum] > 0.0) s[k++] = true;
+    return s;
+  }
+  static Names states(const double* h) { return quant::quantized_names<Rmsprop>(h); }
+  static std::vector<int> state_kinds(const double* h) { return quant::kinds_of<Rmsprop8bit>(h); }
+  template <class Backend>
+  static void run(const host::RunArgs& a) {
+    quant::run_quantized<Backend, Rmsprop8bit>(a);
+  }
+};
+
+}  // namespace rules
+}  // namespace fusedtrain
