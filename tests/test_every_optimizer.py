@@ -40,6 +40,10 @@ REGISTRY: dict[str, tuple[dict[str, Any], Callable[..., torch.optim.Optimizer] |
     "Muon": (dict(lr=0.02, weight_decay=0.01, ns_dtype=torch.float32), None, True),
     "Adafactor": (dict(lr=1e-2, weight_decay=0.01),
                   lambda params, **kw: torch.optim.Adafactor(params, foreach=False, **kw), False),
+    # 8-bit states on every tensor (min_8bit_size=1); no reference rounds like them: a duplicate is checked
+    # against the same class stepping the parameter twice with one gradient
+    "Adam8bit": (dict(lr=1e-2, min_8bit_size=1), None, False),
+    "AdamW8bit": (dict(lr=1e-2, weight_decay=0.1, min_8bit_size=1), None, False),
 }
 NAMES = list(REGISTRY)
 
@@ -175,7 +179,8 @@ def test_sf_adamw_loop_is_schedulefree_without_duplicates() -> None:
 def test_duplicate_parameter_gives_the_reference_result(name: str) -> None:
     """A parameter listed twice in a group: torch warns, and for-loop optimizers update it twice per step.
     fusedtrain gives the reference implementation's result (Muon, whose bfloat16 Newton-Schulz torch runs
-    cannot be matched bit for bit: the same class stepping the parameter twice per step with one gradient)."""
+    cannot be matched bit for bit, and the 8-bit classes: the same class stepping the parameter twice per step
+    with one gradient)."""
     overrides: dict[str, Any] = {}
     if name == "Lamb":
         # fusedtrain counts LAMB's steps per parameter, timm per group (documented in lamb.py): a parameter

@@ -219,7 +219,10 @@ class Adafactor(KeepsOptions, _torch_adafactor):  # type: ignore[misc,valid-type
         state, made as torch makes it on first use and recorded in ``created``), torch's implementation's
         (CUDA) and meta ones. torch's errors first; cheap checks here, the full ones (check_param) only to
         name what is wrong; the op checks the rest before it writes."""
-        calls: dict[torch.dtype, _Call] = {}
+        # one call per (dtype, pass): a parameter listed twice is updated twice, one update after the other,
+        # as torch's for-loop does (one call must see each tensor once), so its k-th occurrence goes to pass k
+        calls: dict[tuple[torch.dtype, int], _Call] = {}
+        seen: dict[int, int] = {}
         others: list[Tensor] = []
         meta: list[Tensor] = []
         states = self.state
@@ -264,9 +267,11 @@ class Adafactor(KeepsOptions, _torch_adafactor):  # type: ignore[misc,valid-type
             step = state["step"]
             if not isinstance(step, Tensor) or step.device.type != "cpu":
                 step = cpu_step(state)
-            call = calls.get(dtype)
+            k = seen.get(id(p), 0)
+            seen[id(p)] = k + 1
+            call = calls.get((dtype, k))
             if call is None:
-                call = calls[dtype] = _Call(gi)
+                call = calls[(dtype, k)] = _Call(gi)
             call.params.append(p)
             call.grads.append(grad)
             call.steps.append(step)
