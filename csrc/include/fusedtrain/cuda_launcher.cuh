@@ -55,19 +55,28 @@ struct TensorTable {
   Scalars scalars;
 };
 
-// The tensor and element range of global chunk c (binary search over the cumulative chunk counts;
-// uniform across the block, served by the constant cache).
+// The tensor of global unit c (a chunk here, a quantization block in quant_cuda.cuh) and its index within
+// that tensor: a binary search over the cumulative unit counts, uniform across the block, served by the
+// constant cache.
 template <int D>
-__device__ __forceinline__ int find_chunk(const TensorTable<D>& table, int32_t c, int64_t* start, int64_t* len) {
+__device__ __forceinline__ int find_unit(const TensorTable<D>& table, int32_t c, int64_t* local) {
   int lo = 0, hi = table.count - 1;
   while (lo < hi) {
     const int mid = (lo + hi) >> 1;
     if (table.chunk_end[mid] > c) hi = mid;
     else lo = mid + 1;
   }
-  *start = static_cast<int64_t>(c - (lo > 0 ? table.chunk_end[lo - 1] : 0)) * kChunk;
-  *len = min(kChunk, table.numel[lo] - *start);
+  *local = static_cast<int64_t>(c - (lo > 0 ? table.chunk_end[lo - 1] : 0));
   return lo;
+}
+
+// The tensor and element range of global chunk c.
+template <int D>
+__device__ __forceinline__ int find_chunk(const TensorTable<D>& table, int32_t c, int64_t* start, int64_t* len) {
+  const int t = find_unit(table, c, start);
+  *start *= kChunk;
+  *len = min(kChunk, table.numel[t] - *start);
+  return t;
 }
 
 template <typename S, int N>

@@ -23,18 +23,6 @@ namespace cuda_impl {
 
 static __constant__ Maps kDeviceMaps = kMaps;
 
-template <int N>
-__device__ __forceinline__ int find_block(const cuda::TensorTable<N>& table, int32_t c, int64_t* block) {
-  int lo = 0, hi = table.count - 1;
-  while (lo < hi) {
-    const int mid = (lo + hi) >> 1;
-    if (table.chunk_end[mid] > c) hi = mid;
-    else lo = mid + 1;
-  }
-  *block = static_cast<int64_t>(c - (lo > 0 ? table.chunk_end[lo - 1] : 0));
-  return lo;
-}
-
 // max(a, b) that keeps a NaN from either side
 template <typename T>
 __device__ __forceinline__ T nan_max(T a, T b) {
@@ -64,7 +52,7 @@ __global__ void __launch_bounds__(kBlock) quant_kernel(const __grid_constant__ c
   const int i = threadIdx.x, lane = i & 31, warp = i >> 5;
   for (int32_t c = blockIdx.x; c < total; c += gridDim.x) {
     int64_t b;
-    const int t = find_block(table, c, &b);
+    const int t = cuda::find_unit(table, c, &b);
     const math::Bound bd = bound_for(table.scalars, table.step[t], table.has_aux ? table.aux[t] : nullptr);
     if (!math::same(bd, bound)) {
       bound = bd;
