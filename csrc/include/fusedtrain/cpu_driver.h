@@ -111,6 +111,49 @@ LoopFn<Op> select_loop() {
 // to split a 100 KB tensor between two cores.
 constexpr int64_t kGrain = 16384;
 
+// The functor of one tensor: `op` bound to the tensor's values (Note [per-tensor binding] in math.h), rebound
+// only when they differ from the last tensor's. bind() costs two pow() for Adam, and consecutive tensors are
+// usually at the same step: 2004 small tensors bind once per range, not 2004 times. Used by every CPU driver.
+template <typename Op>
+class Rebound {
+ public:
+  explicit Rebound(const Op& op) : op_(op), bound_(op) {}
+  const Op& for_tensor(const Work& work, size_t i) {
+    const math::Bound b = bound_for(work.scalars, work.step[i], work.aux.empty() ? nullptr : work.aux[i].data());
+    if (!math::same(b, last_)) {
+      last_ = b;
+      bound_ = op_;
+      bound_.bind(b);
+    }
+    return bound_;
+  }
+
+ private:
+  const Op& op_;
+  Op bound_;
+  math::Bound last_{-1.0, 0.0, 0.0, 0.0, 0.0};
+};
+
+// offset[i]: the units (elements, blocks) of the tuples before tuple i, offset[n]: all of them.
+template <typename Units>
+std::vector<int64_t> cumulative(const Work& work, Units units) {
+  std::vector<int64_t> offset(work.size() + 1, 0);
+  for (size_t i = 0; i < work.size(); ++i) offset[i + 1] = offset[i] + units(work.numel[i]);
+  return offset;
+}
+
+// fn(i, lo, hi) for each tuple i with units in [begin, end), lo and hi counted in tuple i's own units.
+template <typename Fn>
+inline void for_each_piece(const std::vector<int64_t>& offset, int64_t begin, int64_t end, Fn&& fn) {
+  const size_t n = offset.size() - 1;
+  size_t i = std::upper_bound(offset.begin(), offset.end(), begin) - offset.begin() - 1;
+  for (; i < n && offset[i] < end; ++i) {
+    const int64_t lo = std::max(begin, offset[i]) - offset[i];
+    const int64_t hi = std::min(end, offset[i + 1]) - offset[i];
+    if (hi > lo) fn(i, lo, hi);
+  }
+}
+
 // Every tuple of `work` is non-overlapping-and-dense with equal strides (optim_host.h guarantees it),
 // so memory order is a valid element order for all lists of the tuple. Each piece's functor is
 // bound to its tensor's step and the call's scalars first (Note [per-tensor binding]). found_inf is
@@ -118,37 +161,22 @@ constexpr int64_t kGrain = 16384;
 template <class L, typename Op>
 void multi_tensor_apply(const Work& work, const Op& op) {
   constexpr int N = Op::depth + (L::kCopy ? 1 : 0);
-  const size_t n = work.size();
-  std::vector<int64_t> offset(n + 1, 0);
-  for (size_t i = 0; i < n; ++i) offset[i + 1] = offset[i] + work.numel[i];
-  const int64_t total = offset[n];
+  const std::vector<int64_t> offset = cumulative(work, [](int64_t numel) { return numel; });
+  const int64_t total = offset.back();
   if (total == 0) return;
   const LoopFn<Op> loop = select_loop<L, Op>();
   const uint64_t seed = L::kStochastic ? read_seed(work.scalars) : 0;
   at::parallel_for(0, total, kGrain, [&](int64_t begin, int64_t end) {
-    // bind() costs two pow() for Adam: rebind only when a piece's values differ from the last piece's
-    // (2004 small tensors at one step count: once per range, not 2004 times).
-    Op bound = op;
-    math::Bound last{-1.0, 0.0, 0.0, 0.0, 0.0};
-    size_t i = std::upper_bound(offset.begin(), offset.end(), begin) - offset.begin() - 1;
-    for (; i < n && offset[i] < end; ++i) {
-      const int64_t lo = std::max(begin, offset[i]) - offset[i];
-      const int64_t hi = std::min(end, offset[i + 1]) - offset[i];
-      if (hi <= lo) continue;
+    Rebound<Op> rebound(op);
+    for_each_piece(offset, begin, end, [&](size_t i, int64_t lo, int64_t hi) {
       void* piece[N];
       piece[0] = static_cast<typename L::P*>(work.ptr[i][0]) + lo;
       piece[1] = static_cast<typename L::G*>(work.ptr[i][1]) + lo;
       for (int k = 2; k < Op::depth; ++k) piece[k] = static_cast<typename L::St*>(work.ptr[i][k]) + lo;
       if constexpr (L::kCopy) piece[Op::depth] = static_cast<typename L::O*>(work.ptr[i][Op::depth]) + lo;
-      const math::Bound b = bound_for(work.scalars, work.step[i], work.aux.empty() ? nullptr : work.aux[i].data());
-      if (!math::same(b, last)) {
-        last = b;
-        bound = op;
-        bound.bind(b);
-      }
       const uint32_t key = L::kStochastic ? rounding::tensor_key(seed, work.ordinal[i]) : 0u;
-      loop(piece, hi - lo, bound, lo, key);
-    }
+      loop(piece, hi - lo, rebound.for_tensor(work, i), lo, key);
+    });
   });
 }
 

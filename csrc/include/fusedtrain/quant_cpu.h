@@ -206,34 +206,21 @@ struct Driver<cpu::Backend> {
     if constexpr (2 + 2 * S + (L::kCopy ? 1 : 0) > kMaxDepth || S > kMaxStates) {
       TORCH_CHECK(false, "fusedtrain: too many quantized state lists for one tuple");
     } else {
-      const size_t n = work.size();
-      std::vector<int64_t> offset(n + 1, 0);  // in blocks
-      for (size_t i = 0; i < n; ++i) offset[i + 1] = offset[i] + num_blocks(work.numel[i]);
-      const int64_t total = offset[n];
+      const std::vector<int64_t> offset = cpu::cumulative(work, [](int64_t numel) { return num_blocks(numel); });
+      const int64_t total = offset.back();  // in blocks
       if (total == 0) return;
       const cpu_impl::BlockFn<L, Op> fn = cpu_impl::select_block<L, Op>();
       const uint64_t seed = L::kStochastic ? read_seed(work.scalars) : 0;
       at::parallel_for(0, total, cpu::kGrain / kBlock, [&](int64_t begin, int64_t end) {
-        Op bound = op;
-        math::Bound last{-1.0, 0.0, 0.0, 0.0, 0.0};
-        size_t i = std::upper_bound(offset.begin(), offset.end(), begin) - offset.begin() - 1;
-        for (; i < n && offset[i] < end; ++i) {
-          const int64_t lo = std::max(begin, offset[i]) - offset[i];
-          const int64_t hi = std::min(end, offset[i + 1]) - offset[i];
-          if (hi <= lo) continue;
-          const math::Bound bd =
-              bound_for(work.scalars, work.step[i], work.aux.empty() ? nullptr : work.aux[i].data());
-          if (!math::same(bd, last)) {
-            last = bd;
-            bound = op;
-            bound.bind(bd);
-          }
+        cpu::Rebound<Op> rebound(op);
+        cpu::for_each_piece(offset, begin, end, [&](size_t i, int64_t lo, int64_t hi) {
+          const Op& bound = rebound.for_tensor(work, i);
           const uint32_t key = L::kStochastic ? rounding::tensor_key(seed, work.ordinal[i]) : 0u;
           void* const* ptr = work.ptr[i].data();
           for (int64_t b = lo; b < hi; ++b) {
             fn(ptr, b, std::min<int64_t>(kBlock, work.numel[i] - b * kBlock), bound, key, sgn);
           }
-        }
+        });
       });
     }
   }

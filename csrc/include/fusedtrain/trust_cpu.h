@@ -132,8 +132,7 @@ template <class L, typename Op>
 std::vector<double> pass(const Work& work, const Op& op) {
   constexpr int N = Op::depth + 1;
   const size_t n = work.size();
-  std::vector<int64_t> offset(n + 1, 0);
-  for (size_t i = 0; i < n; ++i) offset[i + 1] = offset[i] + work.numel[i];
+  const std::vector<int64_t> offset = cpu::cumulative(work, [](int64_t numel) { return numel; });
   const int64_t total = offset[n];
   std::vector<double> sums(2 * n, 0.0);
   if (total == 0) return sums;
@@ -162,9 +161,7 @@ std::vector<double> pass(const Work& work, const Op& op) {
   const BodyFn<Op> loop = select_body<L, Op>();
   const uint64_t seed = L::kStochastic ? read_seed(work.scalars) : 0;
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    Op bound = op;
-    math::Bound last{-1.0, 0.0, 0.0, 0.0, 0.0};
-    size_t last_tensor = SIZE_MAX;
+    cpu::Rebound<Op> rebound(op);
     for (size_t k = first[b0]; k < first[b1]; ++k) {
       const Piece& pc = pieces[k];
       const size_t i = pc.tensor;
@@ -173,18 +170,9 @@ std::vector<double> pass(const Work& work, const Op& op) {
       piece[1] = static_cast<typename L::G*>(work.ptr[i][1]) + pc.lo;
       for (int j = 2; j < Op::depth; ++j) piece[j] = static_cast<typename L::St*>(work.ptr[i][j]) + pc.lo;
       piece[Op::depth] = L::kCopy ? static_cast<typename L::O*>(work.ptr[i][Op::depth]) + pc.lo : nullptr;
-      if (i != last_tensor) {
-        last_tensor = i;
-        const math::Bound b = bound_for(work.scalars, work.step[i], work.aux.empty() ? nullptr : work.aux[i].data());
-        if (!math::same(b, last)) {
-          last = b;
-          bound = op;
-          bound.bind(b);
-        }
-      }
       const uint32_t key = L::kStochastic ? rounding::tensor_key(seed, work.ordinal[i]) : 0u;
       double s[2];
-      loop(piece, pc.hi - pc.lo, bound, pc.lo, key, s);
+      loop(piece, pc.hi - pc.lo, rebound.for_tensor(work, i), pc.lo, key, s);
       if constexpr (Op::kSums > 0) {
         partial[2 * k] = s[0];
         partial[2 * k + 1] = s[1];
