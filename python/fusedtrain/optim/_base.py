@@ -50,6 +50,40 @@ _OPTION_KEYS = ("max_grad_norm", "master_weights", "stochastic_rounding", "state
                 "min_8bit_size")
 
 
+#: fusedtrain options of the fused optimizers that the classes with a step of their own (Muon, Adafactor)
+#: do not take, with their "off" values
+OPTIONS_OFF: dict[str, Any] = dict(capturable=False, l1=0.0, master_weights=False, stochastic_rounding=False,
+                                   state_dtype=None, state_bits=32)
+
+
+def check_max_grad_norm(value: float | None, off: str = "clipping") -> float | None:
+    """``max_grad_norm`` as a float, or None (``off`` is off); a ValueError for a bool, a non-number or a
+    value that is not positive."""
+    if value is not None and (isinstance(value, bool) or not (isinstance(value, (int, float)) and value > 0)):
+        raise ValueError(f"Invalid max_grad_norm: {value!r}; pass a positive number, or None to turn {off} off")
+    return None if value is None else float(value)
+
+
+def check_own_step_options(name: str, foreach: bool | None, fused: bool | None, differentiable: bool,
+                           refused: dict[str, Any]) -> None:
+    """The constructor checks of a class with a step of its own (Muon, Adafactor): torch's flag errors, no
+    ``differentiable`` (torch has no such implementation of these either), and the fusedtrain options it does
+    not take (:data:`OPTIONS_OFF`: accepted at their "off" values, refused otherwise, unknown names a TypeError)."""
+    if fused and foreach:
+        raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+    if fused and differentiable:
+        raise RuntimeError("`fused` does not support `differentiable`")
+    if differentiable:
+        raise ValueError(f"fusedtrain.optim.{name}: differentiable=True is not supported (torch.optim.{name} has no "
+                         "differentiable implementation either)")
+    for key, value in refused.items():
+        if key not in OPTIONS_OFF:
+            raise TypeError(f"{name}.__init__() got an unexpected keyword argument '{key}'")
+        if value != OPTIONS_OFF[key]:
+            raise ValueError(f"fusedtrain.optim.{name}: {key}={value!r} is not supported by {name}; leave it at "
+                             f"{OPTIONS_OFF[key]!r}")
+
+
 class KeepsOptions:
     """Note [copies keep the options]: torch.optim's ``__getstate__`` keeps ``defaults``, ``state`` and
     ``param_groups`` only; fusedtrain's options live on the object and go with it (deepcopy, pickle,
@@ -304,11 +338,7 @@ class FusedOptimizerMixin(KeepsOptions):
         self.master_weights = bool(master_weights)
         self.stochastic_rounding = bool(stochastic_rounding)
         self.state_dtype = state_dtype
-        if max_grad_norm is not None and (isinstance(max_grad_norm, bool)
-                                          or not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0)):
-            raise ValueError(f"Invalid max_grad_norm: {max_grad_norm!r}; pass a positive number, or None to turn "
-                             "clipping off")
-        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        self.max_grad_norm = check_max_grad_norm(max_grad_norm)
         refuse_partitioned_extras(self.param_groups)
         self.ema = ema
         self.defaults["l1"] = l1

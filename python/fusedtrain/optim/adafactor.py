@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from ..clip import clip_coefficient, grads_norm
-from ._base import KeepsOptions, check_param, cpu_step, new_step, where
+from ._base import KeepsOptions, check_max_grad_norm, check_own_step_options, check_param, cpu_step, new_step, where
 
 __all__ = ["Adafactor"]
 
@@ -34,9 +34,6 @@ def _adafactor_fake(*args: object, **kwargs: object) -> None:
     return None
 
 
-#: fusedtrain options of other optimizers that Adafactor does not take, with their "off" values
-_REFUSED = dict(capturable=False, l1=0.0, master_weights=False, stochastic_rounding=False, state_dtype=None,
-                state_bits=32)
 
 
 #: parameter dtypes the op updates (others get check_param's error)
@@ -104,24 +101,8 @@ class Adafactor(KeepsOptions, _torch_adafactor):  # type: ignore[misc,valid-type
                  foreach: bool | None = None, maximize: bool = False, fused: bool | None = None,
                  differentiable: bool = False, ema: Any = None, max_grad_norm: float | None = None,
                  **refused: Any) -> None:
-        if fused and foreach:
-            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
-        if fused and differentiable:
-            raise RuntimeError("`fused` does not support `differentiable`")
-        if differentiable:
-            raise ValueError("fusedtrain.optim.Adafactor: differentiable=True is not supported (torch.optim.Adafactor "
-                             "has no differentiable implementation either)")
-        for name, value in refused.items():
-            if name not in _REFUSED:
-                raise TypeError(f"Adafactor.__init__() got an unexpected keyword argument '{name}'")
-            if value != _REFUSED[name]:
-                raise ValueError(f"fusedtrain.optim.Adafactor: {name}={value!r} is not supported by Adafactor; "
-                                 f"leave it at {_REFUSED[name]!r}")
-        if max_grad_norm is not None and (isinstance(max_grad_norm, bool)
-                                          or not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0)):
-            raise ValueError(f"Invalid max_grad_norm: {max_grad_norm!r}; pass a positive number, or None to turn "
-                             "clipping off")
-        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        check_own_step_options("Adafactor", foreach, fused, differentiable, refused)
+        self.max_grad_norm = check_max_grad_norm(max_grad_norm)
         self.ema = ema
         self.last_grad_norm: Tensor | None = None
         self._plans: dict[int, tuple[Any, ...]] = {}  # group index -> _plan's cached lists

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from ._across import across_shards, refuse_traced, refuse_unplaced
-from ._base import FusedOptimizerMixin, _Collected, _Segment, new_step, to_scalar, where
+from ._base import FusedOptimizerMixin, _Collected, check_max_grad_norm, _Segment, new_step, to_scalar, where
 from .sgd import MomentumBufferState
 
 __all__ = ["Lamb", "Lars"]
@@ -112,10 +112,7 @@ class Lamb(_TrustMixin, torch.optim.Optimizer):
         _validate_scalar("learning rate", lr)
         _validate_scalar("epsilon", eps)
         _validate_scalar("weight_decay", weight_decay)
-        if max_grad_norm is not None and (isinstance(max_grad_norm, bool)
-                                          or not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0)):
-            raise ValueError(f"Invalid max_grad_norm: {max_grad_norm!r}; pass a positive number, or None to turn "
-                             "the global gradient clipping off")
+        check_max_grad_norm(max_grad_norm, off="the global gradient clipping")
         max_lr = float(lr.detach()) if isinstance(lr, Tensor) else float(lr)
         if corrected_weight_decay and max_lr <= 0:
             raise ValueError(f"Corrected weight decay requires a positive max lr, got {max_lr}. Construct the "

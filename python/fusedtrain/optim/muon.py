@@ -33,7 +33,7 @@ from torch import Tensor
 
 from .. import _ops
 from ..clip import clip_coefficient, grads_norm
-from ._base import KeepsOptions, check_param, new_step, where
+from ._base import KeepsOptions, check_max_grad_norm, check_own_step_options, check_param, new_step, where
 
 __all__ = ["Muon"]
 
@@ -49,9 +49,6 @@ except ImportError:  # pragma: no cover
         return x.squeeze() if isinstance(x, Tensor) and x.dim() != 0 else x
 
 _NS_DTYPES = (torch.bfloat16, torch.float32, torch.float64)
-#: fusedtrain options of other optimizers that Muon does not take, with their "off" values
-_REFUSED = dict(capturable=False, l1=0.0, master_weights=False, stochastic_rounding=False, state_dtype=None,
-                state_bits=32)
 
 
 def _shape2d(p: Tensor) -> tuple[int, int]:
@@ -178,26 +175,11 @@ class Muon(KeepsOptions, _torch_muon):  # type: ignore[misc,valid-type]
                  adamw_betas: tuple[float, float] = (0.9, 0.999), adamw_eps: float = 1e-8,
                  foreach: bool | None = None, fused: bool | None = None, differentiable: bool = False,
                  ema: Any = None, max_grad_norm: float | None = None, **refused: Any) -> None:
-        if fused and foreach:
-            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
-        if fused and differentiable:
-            raise RuntimeError("`fused` does not support `differentiable`")
-        if differentiable:
-            raise ValueError("fusedtrain.optim.Muon: differentiable=True is not supported (torch.optim.Muon has no "
-                             "differentiable implementation either)")
-        for name, value in refused.items():
-            if name not in _REFUSED:
-                raise TypeError(f"Muon.__init__() got an unexpected keyword argument '{name}'")
-            if value != _REFUSED[name]:
-                raise ValueError(f"fusedtrain.optim.Muon: {name}={value!r} is not supported by Muon; leave it at "
-                                 f"{_REFUSED[name]!r}")
+        check_own_step_options("Muon", foreach, fused, differentiable, refused)
         if ns_dtype not in _NS_DTYPES:
             raise ValueError(f"Invalid ns_dtype: {ns_dtype}; use torch.bfloat16 (torch's), torch.float32 or "
                              "torch.float64")
-        if max_grad_norm is not None and (isinstance(max_grad_norm, bool)
-                                          or not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0)):
-            raise ValueError(f"Invalid max_grad_norm: {max_grad_norm!r}; pass a positive number, or None to turn "
-                             "clipping off")
+        max_grad_norm = check_max_grad_norm(max_grad_norm)
         # torch's own validation of its hyperparameters (same errors, same order), on a stand-in matrix
         _torch_muon([torch.empty(0, 0)], lr, weight_decay, momentum, nesterov, ns_coefficients, eps, ns_steps,
                     adjust_lr_fn)
@@ -205,7 +187,7 @@ class Muon(KeepsOptions, _torch_muon):  # type: ignore[misc,valid-type]
                         ns_coefficients=ns_coefficients, eps=eps, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn,
                         use_muon=True, flatten=bool(flatten), ns_dtype=ns_dtype, adamw_betas=tuple(adamw_betas),
                         adamw_eps=adamw_eps)
-        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        self.max_grad_norm = max_grad_norm
         self.ema = ema
         self.last_grad_norm: Tensor | None = None
         torch.optim.Optimizer.__init__(self, params, defaults)
