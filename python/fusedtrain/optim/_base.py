@@ -85,9 +85,10 @@ def check_own_step_options(name: str, foreach: bool | None, fused: bool | None, 
 
 
 class KeepsOptions:
-    """Note [copies keep the options]: torch.optim's ``__getstate__`` keeps ``defaults``, ``state`` and
-    ``param_groups`` only; fusedtrain's options live on the object and go with it (deepcopy, pickle,
-    torch.save). Mixed into every fusedtrain optimizer class before its torch base class."""
+    """What every fusedtrain optimizer class shares, mixed in before its torch base class (also by Muon and
+    Adafactor, whose steps are their own): Note [copies keep the options] (torch.optim's ``__getstate__``
+    keeps ``defaults``, ``state`` and ``param_groups`` only; fusedtrain's options live on the object and go
+    with it: deepcopy, pickle, torch.save), GradScaler's attributes, and the unscaled gradient norm."""
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()  # type: ignore[misc]
@@ -95,6 +96,18 @@ class KeepsOptions:
             if key in self.__dict__:
                 state[key] = self.__dict__[key]
         return state
+
+    def _amp(self) -> tuple[Tensor | None, Tensor | None]:
+        """GradScaler's grad_scale / found_inf (set on the optimizer during ``scaler.step``)."""
+        return getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+
+    def _unscaled_norm(self, norm: Tensor, grad_scale: Tensor | None) -> Tensor:
+        """The gradients' joint norm ``norm`` (float32 or wider) divided by GradScaler's scale, before any
+        narrowing; kept as ``last_grad_norm``."""
+        if grad_scale is not None:
+            norm = norm / grad_scale.to(norm.device)
+        self.last_grad_norm = norm
+        return norm
 
 
 def to_scalar(x: float | Tensor, name: str = "hyperparameter") -> float:
@@ -305,14 +318,6 @@ class FusedOptimizerMixin(KeepsOptions):
     def _hyper(self, group: dict[str, Any]) -> dict[str, Any]:
         """The rule's hyperparameters for ``group``, by name (``fusedtrain._ops.rules()``)."""
         raise NotImplementedError
-
-    def _unscaled_norm(self, norm: Tensor, grad_scale: Tensor | None) -> Tensor:
-        """The gradients' joint norm ``norm`` (float32 or wider) divided by GradScaler's scale, before any
-        narrowing; kept as ``last_grad_norm``."""
-        if grad_scale is not None:
-            norm = norm / grad_scale.to(norm.device)
-        self.last_grad_norm = norm
-        return norm
 
     def _rule_max_norm(self) -> float | None:
         """A rule's own gradient clipping (LAMB's global clipping with timm's semantics): its max norm, or None.
@@ -551,10 +556,6 @@ class FusedOptimizerMixin(KeepsOptions):
     @last_grad_norm.setter
     def last_grad_norm(self, value: Tensor | None) -> None:
         self.__dict__["_ft_last_norm"] = value
-
-    def _amp(self) -> tuple[Tensor | None, Tensor | None]:
-        """GradScaler's grad_scale / found_inf (set on the optimizer during ``scaler.step``)."""
-        return getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
 
     def _step_planned(self) -> None:
         grad_scale, found_inf = self._amp()

@@ -123,8 +123,7 @@ class Adafactor(KeepsOptions, _torch_adafactor):  # type: ignore[misc,valid-type
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        grad_scale: Tensor | None = getattr(self, "grad_scale", None)
-        found_inf: Tensor | None = getattr(self, "found_inf", None)
+        grad_scale, found_inf = self._amp()
         created: list[Tensor] = []  # parameters whose state this step made: dropped again if the step is refused
         try:
             plans = [self._plan(gi, group, created) for gi, group in enumerate(self.param_groups)]
@@ -144,10 +143,7 @@ class Adafactor(KeepsOptions, _torch_adafactor):  # type: ignore[misc,valid-type
         clip = 1.0
         if self.max_grad_norm is not None and (calls or any(torch_params for _, torch_params, _ in plans)):
             grads = [g for _, call in calls for g in call.grads] + [_grad(p) for _, tp, _ in plans for p in tp]
-            norm = grads_norm(grads)
-            if grad_scale is not None:
-                norm = norm / grad_scale.to(norm.device)
-            self.last_grad_norm = norm
+            norm = self._unscaled_norm(grads_norm(grads), grad_scale)
             clip = float(clip_coefficient(norm, self.max_grad_norm))
         for group, (group_calls, torch_params, meta) in zip(self.param_groups, plans):
             for call in group_calls:

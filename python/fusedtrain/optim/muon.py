@@ -246,18 +246,14 @@ class Muon(KeepsOptions, _torch_muon):  # type: ignore[misc,valid-type]
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        grad_scale: Tensor | None = getattr(self, "grad_scale", None)
-        found_inf: Tensor | None = getattr(self, "found_inf", None)
+        grad_scale, found_inf = self._amp()
         plans = [self._collect(gi, group) for gi, group in enumerate(self.param_groups)]
         if found_inf is not None and float(found_inf) != 0.0:
             return loss  # GradScaler found an inf/NaN: the step is skipped, as torch's fused optimizers do
         fused = [p for plan in plans for p in plan["params"]]
         clip_coef = None
         if self.max_grad_norm is not None and fused:
-            norm = grads_norm([_grad(p) for p in fused])
-            if grad_scale is not None:
-                norm = norm / grad_scale.to(norm.device)
-            self.last_grad_norm = norm
+            norm = self._unscaled_norm(grads_norm([_grad(p) for p in fused]), grad_scale)
             clip_coef = clip_coefficient(norm, self.max_grad_norm)
         for group, plan in zip(self.param_groups, plans):
             for part in _passes(plan):
