@@ -756,6 +756,19 @@ void bind(py::module& m) {
         return d;
       },
       "The 8-bit state code maps: block size, values and midpoints (Note [8-bit optimizer states] in quant.h)");
+  m.def(
+      "quant4_maps",
+      [] {
+        const quant::Maps4& q = quant::kMaps4;
+        py::dict d;
+        d["block"] = quant::kBlock4;
+        d["signed_value"] = std::vector<float>(q.signed_value, q.signed_value + 16);
+        d["signed_mid"] = std::vector<float>(q.signed_mid, q.signed_mid + 15);
+        d["unsigned_value"] = std::vector<float>(q.unsigned_value, q.unsigned_value + 16);
+        d["unsigned_mid"] = std::vector<float>(q.unsigned_mid, q.unsigned_mid + 15);
+        return d;
+      },
+      "The 4-bit state code maps: block size, values and midpoints (Note [4-bit optimizer states] in quant4.h)");
 }
 
 }  // namespace plan

@@ -28,6 +28,7 @@
 #include "fusedtrain/cuda_arch.h"
 #include "fusedtrain/math.h"
 #include "fusedtrain/quant.h"
+#include "fusedtrain/quant4.h"
 #include "fusedtrain/rounding.h"
 #include "fusedtrain/rules.h"
 #include "fusedtrain/work.h"
@@ -556,11 +557,13 @@ struct RegisterRule {
 };
 
 // Note [quantized state lists]:
-// A rule with 8-bit states (Note [8-bit optimizer states] in quant.h) declares
+// A rule with 8-bit or 4-bit states (Note [8-bit optimizer states] in quant.h, Note [4-bit optimizer
+// states] in quant4.h) declares
 //   static std::vector<int> state_kinds(const double* hyper)
 // beside states(): per state list, quant::kSignedCodes (int8), quant::kUnsignedCodes (uint8), both of the
 // parameter's shape, or quant::kScales (float32, one-dimensional, one value per block of the parameter's
-// elements in row-major order). Such a rule brings its own backend function (the generic run_rule knows
+// elements in row-major order); at 4 bits kSignedNibbles (int8) / kUnsignedNibbles (uint8), one-dimensional
+// packed bytes, and kScales4. Such a rule brings its own backend function (the generic run_rule knows
 // element-wise states only), and its lists bypass the dtype and shape rules of checked(); they are checked
 // here instead, before anything is written. The work list carries them after (params, grads) in the
 // rule's order, like any state list, so the step plan and prepare() need no change: codes and scales are
@@ -576,12 +579,21 @@ inline void check_quantized(const char* op, const rules::Names& names, const std
       const at::Tensor& p = params[i];
       TORCH_CHECK(t.defined() && t.layout() == at::kStrided && t.device() == p.device(), "fusedtrain.", op, ": ",
                   names[k], "[", i, "] must be a dense tensor on ", p.device());
-      if (kinds[k] == quant::kScales) {
-        const int64_t blocks = quant::num_blocks(p.numel());
+      if (kinds[k] == quant::kScales || kinds[k] == quant::kScales4) {
+        const int block = kinds[k] == quant::kScales ? quant::kBlock : quant::kBlock4;
+        const int64_t blocks = (p.numel() + block - 1) / block;
         TORCH_CHECK(t.scalar_type() == at::kFloat && t.dim() == 1 && t.numel() == blocks, "fusedtrain.", op, ": ",
                     names[k], "[", i, "] (", t.scalar_type(), " ", t.sizes(), ") must be float32 of shape [", blocks,
-                    "]: one absmax per block of ", quant::kBlock, " elements of params[", i, "] (", p.numel(),
+                    "]: one absmax per block of ", block, " elements of params[", i, "] (", p.numel(),
                     " elements)");
+      } else if (kinds[k] == quant::kSignedNibbles || kinds[k] == quant::kUnsignedNibbles) {
+        // Note [4-bit optimizer states] (quant4.h): two codes per byte, one-dimensional
+        const at::ScalarType want = kinds[k] == quant::kSignedNibbles ? at::kChar : at::kByte;
+        const int64_t bytes = quant::num_bytes4(p.numel());
+        TORCH_CHECK(t.scalar_type() == want && t.dim() == 1 && t.numel() == bytes, "fusedtrain.", op, ": ",
+                    names[k], "[", i, "] (", t.scalar_type(), " ", t.sizes(), ") must hold ", want,
+                    " bytes of shape [", bytes, "]: two 4-bit codes per byte for the ", p.numel(),
+                    " elements of params[", i, "]");
       } else {
         const at::ScalarType want = kinds[k] == quant::kSignedCodes ? at::kChar : at::kByte;
         TORCH_CHECK(t.scalar_type() == want && t.sizes() == p.sizes(), "fusedtrain.", op, ": ", names[k], "[", i,

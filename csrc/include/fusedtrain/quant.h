@@ -44,7 +44,16 @@ FT_HD int64_t num_blocks(int64_t n) { return (n + kBlock - 1) / kBlock; }
 
 // What a rule's state list holds (rules declare state_kinds(hyper) next to states(hyper); optim_host.h
 // checks the lists by it).
-enum Kind : int { kSignedCodes = 1, kUnsignedCodes = 2, kScales = 3 };
+// The 4-bit lists (Note [4-bit optimizer states] in quant4.h): packed codes (int8 bytes for the signed map,
+// uint8 for the unsigned one) and one scale per block of quant4.h's kBlock4 elements.
+enum Kind : int {
+  kSignedCodes = 1,
+  kUnsignedCodes = 2,
+  kScales = 3,
+  kSignedNibbles = 4,
+  kUnsignedNibbles = 5,
+  kScales4 = 6
+};
 
 // The tables of both maps (Note [8-bit optimizer states]). Thresholds: mid[k] between entries k and k+1;
 // the unused last slot is +inf-like (never read by the searches below).

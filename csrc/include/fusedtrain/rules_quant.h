@@ -86,8 +86,9 @@ std::vector<int> kinds_of(const double* h) {
   return out;
 }
 
-// Note [quantized rules]: the functor of the float rule, for the call's layout, on the block driver.
-template <class Backend, class Rule>
+// Note [quantized rules]: the functor of the float rule, for the call's layout, on the block driver
+// (Drv: Driver for 8-bit states, Driver4 of rules_quant4.h for 4-bit ones).
+template <class Backend, class Rule, template <class> class Drv = Driver>
 void run_quantized(const host::RunArgs& a) {
   using Float = typename Rule::Float;
   const host::Precision& prec = a.prec;
@@ -96,7 +97,7 @@ void run_quantized(const host::RunArgs& a) {
   if (prec.copies) {
     AT_DISPATCH_REDUCED_FLOATING_TYPES(prec.grad, "fusedtrain_quant_master", [&] {
       Float::template make<float>(a.hyper, a.common, [&](const auto& op) {
-        Driver<Backend>::template apply<Layout<float, scalar_t, float, scalar_t, true, false>>(work, op, sgn);
+        Drv<Backend>::template apply<Layout<float, scalar_t, float, scalar_t, true, false>>(work, op, sgn);
       });
     });
     return;
@@ -105,9 +106,9 @@ void run_quantized(const host::RunArgs& a) {
     using T = at::opmath_type<scalar_t>;
     Float::template make<T>(a.hyper, a.common, [&](const auto& op) {
       if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
-        if (prec.stochastic) return Driver<Backend>::template apply<Uniform<scalar_t, true>>(work, op, sgn);
+        if (prec.stochastic) return Drv<Backend>::template apply<Uniform<scalar_t, true>>(work, op, sgn);
       }
-      Driver<Backend>::template apply<Uniform<scalar_t, false>>(work, op, sgn);
+      Drv<Backend>::template apply<Uniform<scalar_t, false>>(work, op, sgn);
     });
   });
 }

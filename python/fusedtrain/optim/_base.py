@@ -267,8 +267,10 @@ class FusedOptimizerMixin(KeepsOptions):
     - ``state_bits`` (optimizers with an 8-bit rule: Adam, AdamW, SGD, Adagrad, RMSprop, NAdam, RAdam, Adamax,
       Adadelta, Lion; the others refuse 8 with a ValueError that says why): 8 stores the states
       of every real parameter with at least ``min_8bit_size`` elements (default 4096) as blockwise-quantized
-      8-bit codes plus one float32 absmax per 256 elements (Note [8-bit states in the optimizers]); 32 (the
-      default): float states.
+      8-bit codes plus one float32 absmax per 256 elements (Note [8-bit states in the optimizers]); 4 (Adam and
+      AdamW only; the others refuse it) stores them as packed 4-bit codes plus one float32 absmax per 128
+      elements (Note [4-bit optimizer states] in csrc/include/fusedtrain/quant4.h); 32 (the default): float
+      states.
 
     Copies (``copy.deepcopy``, ``pickle``, ``torch.save``) keep these options and step exactly as the
     original (a deepcopy of ``(model, opt)`` together keeps the EMA attached to the copied model).
@@ -295,13 +297,15 @@ class FusedOptimizerMixin(KeepsOptions):
     stochastic_rounding: bool = False
     #: dtype of the optimizer states (None: torch's choice; see ``_state_dtype_for``).
     state_dtype: torch.dtype | None = None
-    #: bits per state element: 32 (float states) or 8 (Note [8-bit states in the optimizers]).
+    #: bits per state element: 32 (float states), 8 or 4 (Note [8-bit states in the optimizers]).
     state_bits: int = 32
-    #: at state_bits=8, parameters with fewer elements keep float states (as bitsandbytes does).
+    #: at state_bits=8 or 4, parameters with fewer elements keep float states (as bitsandbytes does).
     min_8bit_size: int = 4096
     # The rule's 8-bit variant (None: the optimizer has none) and which of its states can be negative
     # (int8 codes on the signed map; the others get uint8 codes on the unsigned map).
     _rule_8bit: str | None = None
+    # The rule's 4-bit variant (None: the optimizer has none; Adam and AdamW have "adam4bit").
+    _rule_4bit: str | None = None
     _signed_states: frozenset[str] = frozenset()
     # Why an optimizer without an 8-bit rule has none (the state_bits=8 error says it).
     _no_8bit_reason: str = ""
@@ -355,22 +359,27 @@ class FusedOptimizerMixin(KeepsOptions):
     def _init_state_bits(self, state_bits: int, min_8bit_size: int, state_dtype: torch.dtype | None) -> None:
         """Checks and records ``state_bits`` / ``min_8bit_size`` (Note [8-bit states in the optimizers])."""
         name = self._opt_name
-        if isinstance(state_bits, bool) or state_bits not in (8, 32):
-            raise ValueError(f"Invalid state_bits: {state_bits!r}; use 32 (float states) or 8 (blockwise-quantized "
-                             "8-bit states)")
+        if isinstance(state_bits, bool) or state_bits not in (4, 8, 32):
+            raise ValueError(f"Invalid state_bits: {state_bits!r}; use 32 (float states), 8 or 4 (blockwise-"
+                             "quantized 8-bit or 4-bit states)")
         if isinstance(min_8bit_size, bool) or not isinstance(min_8bit_size, int) or min_8bit_size < 0:
             raise ValueError(f"Invalid min_8bit_size: {min_8bit_size!r}; pass an int >= 0 (parameters with fewer "
                              "elements keep float32 states)")
-        if state_bits == 8:
-            if self._rule_8bit is None:
+        if state_bits == 4 and self._rule_4bit is None:
+            raise ValueError(f"Invalid state_bits: 4; fusedtrain.optim.{name} has no 4-bit states (only Adam and "
+                             "AdamW have). Use state_bits=32, or state_bits=8 where the optimizer has 8-bit states "
+                             "(docs/optim.md, \"8-bit states\" and \"4-bit states\")")
+        if state_bits in (4, 8):
+            if state_bits == 8 and self._rule_8bit is None:
                 reason = f": {self._no_8bit_reason}" if self._no_8bit_reason else ""
                 raise ValueError(f"Invalid state_bits: 8; fusedtrain.optim.{name} has no 8-bit states{reason}. Use "
                                  "state_bits=32, or an optimizer with 8-bit states (Note [8-bit states in the "
                                  "optimizers]: docs/optim.md, \"8-bit states\")")
             if state_dtype is not None:
-                raise ValueError("state_bits=8 and state_dtype both set the states' precision; pass only one")
+                raise ValueError(f"state_bits={state_bits} and state_dtype both set the states' precision; pass "
+                                 "only one")
             if any(g.get("differentiable", False) for g in self.param_groups):
-                raise ValueError("state_bits=8 cannot be differentiable (torch's implementation, which "
+                raise ValueError(f"state_bits={state_bits} cannot be differentiable (torch's implementation, which "
                                  "differentiable=True runs, keeps float states); use state_bits=32")
         self.state_bits = int(state_bits)
         self.min_8bit_size = int(min_8bit_size)
@@ -384,22 +393,29 @@ class FusedOptimizerMixin(KeepsOptions):
     # scales would cost more than the codes save), in segments of the float rule. Float states met where
     # codes are wanted (a torch.optim checkpoint, a state_bits=32 run) are quantized, and codes met where
     # floats are wanted are dequantized, at load_state_dict and before a parameter's first update.
+    # state_bits=4 (Adam and AdamW: _rule_4bit, "adam4bit") works the same way with the 4-bit format: the
+    # packed codes under the state's key, "<key>_absmax4" and "<key>_shape4" (optim/_quant.py); states of
+    # the other width are converted through their float values.
     def _quantized(self, p: Tensor) -> bool:
-        """Whether ``p``'s states are 8-bit (Note [8-bit states in the optimizers])."""
-        return (self.state_bits == 8 and not p.is_complex() and not is_dtensor(p)
+        """Whether ``p``'s states are 8-bit or 4-bit (Note [8-bit states in the optimizers])."""
+        return (self.state_bits in (4, 8) and not p.is_complex() and not is_dtensor(p)
                 and p.numel() >= self.min_8bit_size)
 
     def _rule_of(self, p: Tensor) -> str:
-        """The rule that updates ``p``: the optimizer's, or its 8-bit variant."""
-        return self._rule_8bit if self._quantized(p) and self._rule_8bit is not None else self._rule
+        """The rule that updates ``p``: the optimizer's, or its 8-bit or 4-bit variant."""
+        if not self._quantized(p):
+            return self._rule
+        quantized = self._rule_4bit if self.state_bits == 4 else self._rule_8bit
+        return quantized if quantized is not None else self._rule
 
     def _rule_state_keys(self, group: dict[str, Any], rule: str) -> list[str]:
         """The state keys of ``rule``'s state lists: ``_state_keys``, each followed by its ``_absmax`` for the
-        8-bit rule."""
+        8-bit rule (``_absmax4`` for the 4-bit one)."""
         keys = self._state_keys(group)
         if rule == self._rule:
             return keys
-        return [k for key in keys for k in (key, key + _quant.ABSMAX_SUFFIX)]
+        suffix = _quant.ABSMAX4_SUFFIX if rule == self._rule_4bit else _quant.ABSMAX_SUFFIX
+        return [k for key in keys for k in (key, key + suffix)]
 
     def _convert_state(self, group: dict[str, Any], p: Tensor, key: str) -> None:
         """State ``key`` of ``p`` into the form its rule updates: codes and absmax (8-bit), or a float tensor
@@ -409,21 +425,32 @@ class FusedOptimizerMixin(KeepsOptions):
         if not isinstance(value, Tensor):  # (SGD's momentum_buffer may be None in torch's state)
             return
         absmax_key = key + _quant.ABSMAX_SUFFIX
+        absmax4_key, shape4_key = key + _quant.ABSMAX4_SUFFIX, key + _quant.SHAPE4_SUFFIX
+        if _quant.is_codes(value):
+            four = absmax4_key in state
+            if (four and shape4_key not in state) or (not four and absmax_key not in state):
+                raise RuntimeError(f"fusedtrain.optim.{self._opt_name}: the state '{key}' holds quantized codes but "
+                                   f"'{absmax4_key}' and '{shape4_key}' (4 bits) or '{absmax_key}' (8 bits) are "
+                                   "missing")
+            bits = 4 if four else 8
+            if self._quantized(p) and bits == self.state_bits:
+                return
+            # the other width, or float states wanted: through the float values
+            if four:
+                value = _quant.dequantize4(value, state.pop(absmax4_key), state.pop(shape4_key), torch.float32)
+            else:
+                value = _quant.dequantize(value, state.pop(absmax_key), torch.float32)
+            state[key] = value = value.to(p.device)
         if self._quantized(p):
-            if not _quant.is_codes(value):
-                codes, absmax = _quant.quantize(value, key in self._signed_states)
-                state[key], state[absmax_key] = codes, absmax
-            elif absmax_key not in state:
-                raise RuntimeError(f"fusedtrain.optim.{self._opt_name}: the state '{key}' holds 8-bit codes but "
-                                   f"'{absmax_key}' is missing")
+            signed = key in self._signed_states
+            if self.state_bits == 4:
+                state[key], state[absmax4_key] = _quant.quantize4(value, signed)
+                state[shape4_key] = tuple(p.shape)
+            else:
+                state[key], state[absmax_key] = _quant.quantize(value, signed)
             return
         want = self._state_dtype_for(p)
-        if _quant.is_codes(value):
-            if absmax_key not in state:
-                raise RuntimeError(f"fusedtrain.optim.{self._opt_name}: the state '{key}' holds 8-bit codes but "
-                                   f"'{absmax_key}' is missing")
-            state[key] = _quant.dequantize(value, state.pop(absmax_key), want).to(p.device)
-        elif value.dtype != want:
+        if value.dtype != want:
             state[key] = self._state_in(group, p, key, want)
 
     @staticmethod
@@ -495,8 +522,8 @@ class FusedOptimizerMixin(KeepsOptions):
             for key, value in entry.items():
                 if key == "step" or not isinstance(value, Tensor):
                     continue
-                if _quant.is_codes(value) or (key.endswith(_quant.ABSMAX_SUFFIX)
-                                              and _quant.is_codes(entry.get(key[:-len(_quant.ABSMAX_SUFFIX)]))):
+                if _quant.is_codes(value) or any(key.endswith(suffix) and _quant.is_codes(entry.get(key[:-len(suffix)]))
+                                                 for suffix in (_quant.ABSMAX_SUFFIX, _quant.ABSMAX4_SUFFIX)):
                     mine[key] = value.to(device=p.device, copy=True)
                     continue
                 if not value.is_floating_point():

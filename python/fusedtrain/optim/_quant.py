@@ -8,10 +8,17 @@ float32 vector ``<key>_absmax`` of ``ceil(n / 256)`` block scales: element i of 
 is ``map[code_i] * absmax_b`` (signed), or ``(map[code_i] * absmax_b) ** 2`` (unsigned: the codes hold the
 square root of the state, Note [square-root states] in csrc/include/fusedtrain/rules_quant.h). :func:`quantize` reproduces the kernels' requantization bit for bit (same
 tables, same float arithmetic), so a converted state is what the kernels would have written.
+
+4-bit states (Adam and AdamW at ``state_bits=4``; Note [4-bit optimizer states] in
+``csrc/include/fusedtrain/quant4.h``) are stored as ``ceil(n / 2)`` bytes of packed codes (one-dimensional;
+``torch.int8`` for signed states, ``torch.uint8`` for second moments), a float32 ``<key>_absmax4`` of
+``ceil(n / 128)`` block scales and ``<key>_shape4``, the parameter's shape as a tuple (the packed codes do not
+carry it, and :func:`to_torch_state_dict` needs it); :func:`quantize4` and :func:`dequantize4` convert them.
 """
 
 from __future__ import annotations
 
+import math
 from functools import cache
 from typing import Any
 
@@ -21,8 +28,15 @@ from torch import Tensor
 from .._build import library
 
 __all__ = [
+    "ABSMAX4_SUFFIX",
     "ABSMAX_SUFFIX",
     "BLOCK",
+    "BLOCK4",
+    "SHAPE4_SUFFIX",
+    "dequantize4",
+    "maps4",
+    "num_blocks4",
+    "quantize4",
     "dequantize",
     "is_codes",
     "maps",
@@ -33,6 +47,9 @@ __all__ = [
 
 BLOCK = 256
 ABSMAX_SUFFIX = "_absmax"
+BLOCK4 = 128
+ABSMAX4_SUFFIX = "_absmax4"
+SHAPE4_SUFFIX = "_shape4"
 
 
 @cache
@@ -45,6 +62,18 @@ def _tables() -> dict[str, Any]:
 @cache
 def _table(name: str, dtype: torch.dtype, device: torch.device) -> Tensor:
     return torch.tensor(_tables()[name], dtype=torch.float32).to(device=device, dtype=dtype)
+
+
+@cache
+def _tables4() -> dict[str, Any]:
+    t = dict(library().quant4_maps())
+    assert t["block"] == BLOCK4, "the Python and C++ 4-bit block sizes disagree"
+    return t
+
+
+@cache
+def _table4(name: str, dtype: torch.dtype, device: torch.device) -> Tensor:
+    return torch.tensor(_tables4()[name], dtype=torch.float32).to(device=device, dtype=dtype)
 
 
 def maps() -> dict[str, Tensor]:
@@ -129,10 +158,10 @@ def dequantize(codes: Tensor, absmax: Tensor, dtype: torch.dtype = torch.float32
 
 
 def to_torch_state_dict(state_dict: dict[str, Any], dtype: torch.dtype = torch.float32) -> dict[str, Any]:
-    """A state_dict of an 8-bit fusedtrain optimizer as torch.optim loads it: every quantized state
-    (codes under the state's own key plus ``<key>_absmax``) becomes a float tensor of ``dtype`` (torch's
-    ``load_state_dict`` then casts it to its parameter's dtype); other entries are kept as they are (not
-    copied). A state_dict without quantized states comes back equal.
+    """A state_dict of an 8-bit or 4-bit fusedtrain optimizer as torch.optim loads it: every quantized state
+    (codes under the state's own key plus ``<key>_absmax``, or ``<key>_absmax4`` and ``<key>_shape4``) becomes a
+    float tensor of ``dtype`` (torch's ``load_state_dict`` then casts it to its parameter's dtype); other entries
+    are kept as they are (not copied). A state_dict without quantized states comes back equal.
 
     Args:
         state_dict: what ``optimizer.state_dict()`` returned.
@@ -147,9 +176,91 @@ def to_torch_state_dict(state_dict: dict[str, Any], dtype: torch.dtype = torch.f
         new = dict(entry)
         for key, value in entry.items():
             scale = entry.get(key + ABSMAX_SUFFIX)
+            scale4 = entry.get(key + ABSMAX4_SUFFIX)
             if is_codes(value) and isinstance(scale, Tensor):
                 new[key] = dequantize(value, scale, dtype)
                 del new[key + ABSMAX_SUFFIX]
+            elif is_codes(value) and isinstance(scale4, Tensor):
+                new[key] = dequantize4(value, scale4, entry[key + SHAPE4_SUFFIX], dtype)
+                del new[key + ABSMAX4_SUFFIX], new[key + SHAPE4_SUFFIX]
         states[pid] = new
     out["state"] = states
     return out
+
+
+# ------------------------------------------------------------------------------------------- 4 bits
+def maps4() -> dict[str, Tensor]:
+    """The 4-bit code maps as float32 tensors of 16 values (code c -> ``map[c]``): ``signed`` (``exp_avg``)
+    and ``unsigned`` (square roots of second moments), Note [4-bit optimizer states]."""
+    return {"signed": _table4("signed_value", torch.float32, torch.device("cpu")).clone(),
+            "unsigned": _table4("unsigned_value", torch.float32, torch.device("cpu")).clone()}
+
+
+def num_blocks4(numel: int) -> int:
+    """Block scales of a 4-bit state of ``numel`` elements."""
+    return (numel + BLOCK4 - 1) // BLOCK4
+
+
+def quantize4(x: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
+    """Quantizes a float state to 4 bits as the kernels do: y = x (signed) or sqrt(x) (unsigned), in x's
+    opmath type; per block of 128 row-major elements, absmax = max|y| (rounded to float32), code = the number
+    of the map's midpoints strictly below y * (1/absmax) (0 for a NaN); codes packed two per byte, element
+    2k in the low nibble of byte k.
+
+    Args:
+        x: the state (any shape, any floating dtype).
+        signed: codes on the signed map (``torch.int8`` bytes), else codes of sqrt(x) on the unsigned map
+            (``torch.uint8`` bytes).
+
+    Returns:
+        ``(codes, absmax)``: codes of shape ``[ceil(n / 2)]``, float32 absmax of shape ``[ceil(n / 128)]``.
+    """
+    if signed is False and x.numel() > 0 and bool((x < 0).any()):
+        raise ValueError("fusedtrain: a state with negative values cannot be stored with unsigned codes")
+    op = _opmath(x.dtype)
+    n = x.numel()
+    blocks = num_blocks4(n)
+    flat = x.detach().reshape(-1).to(op)
+    if not signed:
+        flat = flat.sqrt()
+    padded = torch.zeros(blocks * BLOCK4, dtype=op, device=x.device)
+    padded[:n] = flat
+    mag = padded.abs().view(blocks, BLOCK4)
+    bad = mag.isnan().any(dim=1)
+    absmax = mag.amax(dim=1).to(torch.float32)
+    absmax = torch.where(bad, torch.full_like(absmax, float("nan")), absmax)
+    inv = torch.where(absmax > 0, 1.0 / absmax.to(op), torch.zeros((), dtype=op, device=x.device))
+    xn = (padded.view(blocks, BLOCK4) * inv[:, None]).reshape(-1)[:n]
+    mid = _table4("signed_mid" if signed else "unsigned_mid", op, x.device)
+    c = torch.searchsorted(mid, xn.contiguous())  # midpoints strictly below x
+    c = torch.where(xn.isnan(), torch.zeros_like(c), c)
+    pairs = torch.zeros(2 * ((n + 1) // 2), dtype=torch.int64, device=x.device)
+    pairs[:n] = c
+    pairs = pairs.view(-1, 2)
+    codes = (pairs[:, 0] | (pairs[:, 1] << 4)).to(torch.uint8)
+    return (codes.view(torch.int8) if signed else codes), absmax
+
+
+def dequantize4(codes: Tensor, absmax: Tensor, shape: tuple[int, ...] | torch.Size,
+                dtype: torch.dtype = torch.float32) -> Tensor:
+    """The float state of 4-bit ``(codes, absmax)`` as the kernels read it (``map[code] * absmax``, squared
+    for unsigned codes, in float32), of ``shape``, converted to ``dtype``; the codes' dtype says the map
+    (int8 signed, uint8 unsigned)."""
+    if not is_codes(codes) or codes.dim() != 1:
+        raise TypeError(f"fusedtrain: 4-bit codes must be a one-dimensional int8 or uint8 tensor, got {codes.dtype} "
+                        f"{tuple(codes.shape)}")
+    n = math.prod(shape)
+    if codes.numel() != (n + 1) // 2:
+        raise ValueError(f"fusedtrain: {codes.numel()} bytes of 4-bit codes cannot hold a state of shape "
+                         f"{tuple(shape)} ({(n + 1) // 2} bytes)")
+    if absmax.dtype != torch.float32 or absmax.dim() != 1 or absmax.numel() != num_blocks4(n):
+        raise ValueError(f"fusedtrain: absmax must be float32 of shape [{num_blocks4(n)}] for {n} elements, got "
+                         f"{absmax.dtype} {tuple(absmax.shape)}")
+    signed = codes.dtype == torch.int8
+    table = _table4("signed_value" if signed else "unsigned_value", torch.float32, codes.device)
+    b = codes.view(torch.uint8).long()
+    idx = torch.stack([b & 15, b >> 4], dim=1).reshape(-1)[:n]
+    value = table[idx] * absmax.repeat_interleave(BLOCK4)[:n]
+    if not signed:
+        value = value * value
+    return value.view(tuple(shape)).to(dtype)
