@@ -1,5 +1,6 @@
-"""8-bit optimizer states (state_bits=8): state memory per parameter and step time against float32 states,
-measured interleaved in one run (benchmarks/NOTES.md, "8-bit optimizer states").
+"""8-bit and 4-bit optimizer states (state_bits=8, 4): state memory per parameter and step time against float32
+states, measured interleaved in one run (benchmarks/NOTES.md, "8-bit optimizer states", "4-bit optimizer
+states").
 
     PYTHONPATH=python python benchmarks/bench_8bit.py --sizes resnet50 --reps 15
 
@@ -45,6 +46,7 @@ def main() -> None:
     impls: dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer]] = {
         "fusedtrain 32-bit states": lambda ps: getattr(fusedtrain.optim, args.optimizer)(ps, lr=1e-3),
         "fusedtrain 8-bit states": lambda ps: getattr(fusedtrain.optim, args.optimizer)(ps, lr=1e-3, state_bits=8),
+        "fusedtrain 4-bit states": lambda ps: getattr(fusedtrain.optim, args.optimizer)(ps, lr=1e-3, state_bits=4),
         "torch fused (32-bit)": lambda ps: getattr(torch.optim, args.optimizer)(ps, lr=1e-3, fused=True),
     }
     try:
