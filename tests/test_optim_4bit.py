@@ -392,6 +392,28 @@ def test_master_weights_update_the_master_as_a_float32_parameter() -> None:
         assert torch.equal(st[key], o32.state[p32][key]), key
 
 
+@pytest.mark.parametrize("opts", [dict(stochastic_rounding=True), dict()])
+def test_bfloat16_params_keep_the_float32_states(opts: dict[str, Any]) -> None:
+    """Without weight decay Adam's states depend on the gradients alone: a bfloat16 parameter (stochastic
+    rounding or not) gets exactly the codes and scales of a float32 parameter with the same gradients, and
+    stays within bfloat16 rounding of it."""
+    torch.manual_seed(5)
+    p32 = torch.randn(4096 + 3).to(torch.bfloat16).float().requires_grad_()
+    p16 = p32.detach().to(torch.bfloat16).requires_grad_()
+    o16 = fusedtrain.optim.Adam([p16], lr=1e-2, state_bits=4, **opts)
+    o32 = fusedtrain.optim.Adam([p32], lr=1e-2, state_bits=4)
+    for _ in range(5):
+        gr = torch.randn(p16.shape).to(torch.bfloat16)
+        p16.grad, p32.grad = gr.clone(), gr.float()
+        o16.step()
+        o32.step()
+    for key in ("exp_avg", "exp_avg_absmax4", "exp_avg_sq", "exp_avg_sq_absmax4"):
+        assert torch.equal(o16.state[p16][key], o32.state[p32][key]), key
+    # 5 roundings of at most one bfloat16 ulp (<= 2^-7 relative) of values within 5 lr of the final one
+    bound = 5 * 2 ** -7 * (p32.detach().abs() + 5e-2)
+    assert bool(((p16.detach().float() - p32.detach()).abs() <= bound).all())
+
+
 # --------------------------------------------------------------------------------- checkpoints
 def _run(opt: torch.optim.Optimizer, params: list[torch.Tensor], grads: list[list[torch.Tensor]]) -> None:
     for gs in grads:
