@@ -325,7 +325,7 @@ def test_other_optimizers_refuse_state_bits_4(name: str) -> None:
 def test_4bit_optimizers_list() -> None:
     have = {name for name in fusedtrain.optim.__all__ if isinstance(getattr(fusedtrain.optim, name), type)
             and getattr(getattr(fusedtrain.optim, name), "_rule_4bit", None) is not None}
-    assert {"Adam", "AdamW"} <= have and have <= {"Adam", "AdamW", "Adam8bit", "AdamW8bit"}
+    assert {"Adam", "AdamW"} <= have <= {"Adam", "AdamW", "Adam8bit", "AdamW8bit"}
     assert fusedtrain._ops.RULES["adam4bit"]["hyper"] == fusedtrain._ops.RULES["adam"]["hyper"]
 
 
