@@ -24,11 +24,12 @@
 //    the map has no -1, so a block whose absmax is a negative value stores it 11 % small);
 //  - unsigned (the square roots of second moments, Note [square-root states] in rules_quant.h): code c ->
 //    (c + 1) / 16, a linear map without zero. With a zero code a small second moment rounds to 0 and
-//    m / (sqrt(0) + eps) throws the parameter (the "zero-point problem" of Li et al.; a run of the digits
-//    MLP of tests/test_optim_4bit.py diverged to a loss of 4e16 with (0 .. 15) / 15); without it a small
-//    state reads up to 1/16 of the block's max root, which only shrinks its update. Square roots rather
-//    than the states themselves (torchao quantizes exp_avg_sq directly): the same run ended 11-13 % above
-//    float32 with the states, within 3 % with their roots (benchmarks/NOTES.md, "4-bit optimizer states").
+//    m / (sqrt(0) + eps) throws the parameter (the "zero-point problem" of Li et al.; simulated on the
+//    digits MLP of tests/test_optim_4bit.py, the map (0 .. 15) / 15 diverged to a loss of 5e16); without it
+//    a small state reads up to 1/16 of the block's max root, which only shrinks its update. Square roots
+//    rather than the states themselves (torchao quantizes exp_avg_sq directly): on the CI batch order that
+//    run ended 11-13 % above float32 with the states, within 3 % with their roots (benchmarks/NOTES.md,
+//    "4-bit optimizer states", which also has the spread over other batch orders).
 #pragma once
 
 #include <cstdint>
