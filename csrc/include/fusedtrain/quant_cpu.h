@@ -1,7 +1,8 @@
 // The CPU block driver of the quantized rules (Note [quantized rules] in rules_quant.h).
 //
 // Note [CPU block split]:
-// As Note [CPU work split] (cpu_driver.h), with blocks of quant::kBlock elements in place of elements:
+// As Note [CPU work split] (cpu_driver.h), with blocks (of up to quant::kBlock elements of one row, Note
+// [row blocks] in quant.h) in place of elements:
 // the blocks of all tensors of a call are laid end to end, one at::parallel_for region splits them into
 // equal ranges, and a block is never split (its absmax depends on all its elements). Per block, four
 // loops over at most 256 elements, each compiled for the ISA picked at run time like loop_body:
@@ -89,16 +90,15 @@ inline constexpr std::array<float, 256> kSignedByByte = make_signed_by_byte();
 template <typename T>
 using BitsOf = std::conditional_t<sizeof(T) == 8, int64_t, int32_t>;
 
-// One block of n (<= kBlock) elements starting at element e0 = b * kBlock of its tensor.
-// ptr: the tuple's lists (param, grad, (codes, absmax) per state, copy).
+// Block b (its absmax index) of its tensor: n (<= kBlock) elements starting at element e0 (Note [row blocks]
+// in quant.h). ptr: the tuple's lists (param, grad, (codes, absmax) per state, copy).
 template <class L, typename Op>
-inline __attribute__((always_inline)) void block_body(void* const* ptr, int64_t b, int64_t n, const Op& op_in,
-                                                      uint32_t key, const Signs& sgn) {
+inline __attribute__((always_inline)) void block_body(void* const* ptr, int64_t b, int64_t e0, int64_t n,
+                                                      const Op& op_in, uint32_t key, const Signs& sgn) {
   using T = at::opmath_type<typename L::P>;
   using Bits = BitsOf<T>;
   constexpr int D = Op::depth, S = D - 2;
   const Op op = op_in;
-  const int64_t e0 = b * kBlock;
   typename L::P* __restrict__ p = static_cast<typename L::P*>(ptr[0]) + e0;
   const typename L::G* __restrict__ g = static_cast<const typename L::G*>(ptr[1]) + e0;
   typename L::O* __restrict__ out = L::kCopy ? static_cast<typename L::O*>(ptr[2 + 2 * S]) + e0 : nullptr;
@@ -161,23 +161,24 @@ inline __attribute__((always_inline)) void block_body(void* const* ptr, int64_t 
 }
 
 template <class L, typename Op>
-using BlockFn = void (*)(void* const*, int64_t, int64_t, const Op&, uint32_t, const Signs&);
+using BlockFn = void (*)(void* const*, int64_t, int64_t, int64_t, const Op&, uint32_t, const Signs&);
 
 #ifdef FT_HAVE_X86_DISPATCH
 template <class L, typename Op>
 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c"))) void block_avx512(
-    void* const* ptr, int64_t b, int64_t n, const Op& op, uint32_t key, const Signs& sgn) {
-  block_body<L, Op>(ptr, b, n, op, key, sgn);
+    void* const* ptr, int64_t b, int64_t e0, int64_t n, const Op& op, uint32_t key, const Signs& sgn) {
+  block_body<L, Op>(ptr, b, e0, n, op, key, sgn);
 }
 template <class L, typename Op>
-__attribute__((target("avx2,fma,f16c"))) void block_avx2(void* const* ptr, int64_t b, int64_t n, const Op& op,
-                                                          uint32_t key, const Signs& sgn) {
-  block_body<L, Op>(ptr, b, n, op, key, sgn);
+__attribute__((target("avx2,fma,f16c"))) void block_avx2(void* const* ptr, int64_t b, int64_t e0, int64_t n,
+                                                          const Op& op, uint32_t key, const Signs& sgn) {
+  block_body<L, Op>(ptr, b, e0, n, op, key, sgn);
 }
 #endif
 template <class L, typename Op>
-void block_baseline(void* const* ptr, int64_t b, int64_t n, const Op& op, uint32_t key, const Signs& sgn) {
-  block_body<L, Op>(ptr, b, n, op, key, sgn);
+void block_baseline(void* const* ptr, int64_t b, int64_t e0, int64_t n, const Op& op, uint32_t key,
+                    const Signs& sgn) {
+  block_body<L, Op>(ptr, b, e0, n, op, key, sgn);
 }
 
 template <class L, typename Op>
@@ -206,8 +207,9 @@ struct Driver<cpu::Backend> {
     if constexpr (2 + 2 * S + (L::kCopy ? 1 : 0) > kMaxDepth || S > kMaxStates) {
       TORCH_CHECK(false, "fusedtrain: too many quantized state lists for one tuple");
     } else {
-      const std::vector<int64_t> offset = cpu::cumulative(work, [](int64_t numel) { return num_blocks(numel); });
-      const int64_t total = offset.back();  // in blocks
+      std::vector<int64_t> offset(work.size() + 1, 0);  // in blocks (Note [row blocks] in quant.h)
+      for (size_t i = 0; i < work.size(); ++i) offset[i + 1] = offset[i] + tensor_blocks(work.numel[i], work.row[i]);
+      const int64_t total = offset.back();
       if (total == 0) return;
       const cpu_impl::BlockFn<L, Op> fn = cpu_impl::select_block<L, Op>();
       const uint64_t seed = L::kStochastic ? read_seed(work.scalars) : 0;
@@ -217,8 +219,11 @@ struct Driver<cpu::Backend> {
           const Op& bound = rebound.for_tensor(work, i);
           const uint32_t key = L::kStochastic ? rounding::tensor_key(seed, work.ordinal[i]) : 0u;
           void* const* ptr = work.ptr[i].data();
+          const int64_t row = work.row[i], per_row = num_blocks(row);
           for (int64_t b = lo; b < hi; ++b) {
-            fn(ptr, b, std::min<int64_t>(kBlock, work.numel[i] - b * kBlock), bound, key, sgn);
+            const int64_t k = b % per_row;  // the block's position in its row
+            fn(ptr, b, (b / per_row) * row + k * kBlock, std::min<int64_t>(kBlock, row - k * kBlock), bound, key,
+               sgn);
           }
         });
       });
