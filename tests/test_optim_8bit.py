@@ -286,7 +286,8 @@ def _check_against_reference(kind: str, kw: dict[str, Any], params: list[torch.T
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_kernel_matches_torch_on_dequantized_states(case: tuple[str, dict[str, Any]], dtype: torch.dtype) -> None:
     torch.manual_seed(0)
-    params = [torch.randn(n, dtype=torch.float64).to(dtype).requires_grad_() for n in SIZES]
+    # (1, n): one row of n elements, the flat blocks (1-D parameters keep float32 states)
+    params = [torch.randn(1, n, dtype=torch.float64).to(dtype).requires_grad_() for n in SIZES]
     params.append(torch.randn(70, 40, dtype=torch.float64).to(dtype).t().requires_grad_())  # non-contiguous
     params.append(torch.randn(30, 40, dtype=torch.float64).to(dtype)[:, ::2].requires_grad_())  # not dense
     _check_against_reference(case[0], case[1], params)
@@ -389,7 +390,7 @@ def test_cuda_row_blocks_equal_cpu(case: tuple[str, dict[str, Any]]) -> None:
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_params(dtype: torch.dtype) -> None:
     torch.manual_seed(1)
-    params = [torch.randn(n).to(dtype).requires_grad_() for n in (257, 4097)]
+    params = [torch.randn(1, n).to(dtype).requires_grad_() for n in (257, 4097)]
     _check_against_reference("AdamW", dict(lr=0.01), params)
 
 
@@ -409,10 +410,11 @@ def test_kernel_codes_at_every_midpoint(dtype: torch.dtype) -> None:
     g = torch.cat([g, -g])
     n = g.numel()
     blocks = math.ceil(n / (BLOCK - 1))
-    full = torch.ones(blocks * BLOCK, dtype=dtype)  # element 0 of every block is 1
-    body = full.view(blocks, BLOCK)[:, 1:].reshape(-1)
+    full = torch.ones(blocks, BLOCK, dtype=dtype)  # element 0 of every block (row) is 1
+    body = full[:, 1:].reshape(-1)
     body[:n] = g
     body[n:] = 0
+    full[:, 1:] = body.view(blocks, BLOCK - 1)
     p = torch.zeros_like(full, requires_grad=True)
     p.grad = full.clone()
     opt = fusedtrain.optim.Adam([p], lr=0.0, betas=(0.0, 0.0), state_bits=8, min_8bit_size=0)
@@ -447,12 +449,14 @@ def test_small_params_keep_float_states_and_memory() -> None:
     big = torch.randn(512, 300, requires_grad=True)
     narrow = torch.randn(512, 64, requires_grad=True)
     small = torch.randn(100, requires_grad=True)
-    opt = fusedtrain.optim.AdamW8bit([big, narrow, small], lr=1e-3)
+    vector = torch.randn(5000, requires_grad=True)  # 1-D: float32 states (Note [8-bit states in the optimizers])
+    opt = fusedtrain.optim.AdamW8bit([big, narrow, small, vector], lr=1e-3)
     assert opt.state_bits == 8 and opt.min_8bit_size == 4096
-    for p in (big, narrow, small):
+    for p in (big, narrow, small, vector):
         p.grad = torch.randn_like(p)
     opt.step()
-    assert opt.state[small]["exp_avg"].dtype == torch.float32 and "exp_avg_absmax" not in opt.state[small]
+    for p in (small, vector):
+        assert opt.state[p]["exp_avg"].dtype == torch.float32 and "exp_avg_absmax" not in opt.state[p]
     for p in (big, narrow):
         nbytes = sum(v.numel() * v.element_size() for k, v in opt.state[p].items() if k != "step")
         # two states: one byte each per element, and 4 bytes per block of up to 256 elements of a row
@@ -466,12 +470,12 @@ def test_small_params_keep_float_states_and_memory() -> None:
 
 def test_aliases_equal_state_bits_8() -> None:
     torch.manual_seed(3)
-    a = torch.randn(5000, requires_grad=True)
+    a = torch.randn(50, 100, requires_grad=True)
     b = a.detach().clone().requires_grad_()
     oa = fusedtrain.optim.AdamW8bit([a], lr=0.01)
     ob = fusedtrain.optim.AdamW([b], lr=0.01, state_bits=8)
     for _ in range(3):
-        g = torch.randn(5000)
+        g = torch.randn(50, 100)
         a.grad, b.grad = g.clone(), g.clone()
         oa.step()
         ob.step()
@@ -553,7 +557,7 @@ def test_op_refuses_bad_quantized_lists_and_writes_nothing() -> None:
 @pytest.mark.parametrize("opts", [dict(master_weights=True), dict(stochastic_rounding=True), dict()])
 def test_bfloat16_options_run_and_track_float_states(opts: dict[str, Any]) -> None:
     torch.manual_seed(4)
-    p32 = torch.randn(4096 * 2, requires_grad=True)
+    p32 = torch.randn(64, 128, requires_grad=True)
     p8 = p32.detach().to(torch.bfloat16).requires_grad_()
     ref = p32.detach().to(torch.bfloat16).requires_grad_()
     start = p8.detach().float().clone()
@@ -602,7 +606,7 @@ def test_ema_is_not_fused_but_still_updated() -> None:
 
 def test_traced_step_equals_planned_step() -> None:
     torch.manual_seed(6)
-    a = [torch.randn(5000, requires_grad=True), torch.randn(10, requires_grad=True)]
+    a = [torch.randn(50, 100, requires_grad=True), torch.randn(10, requires_grad=True)]
     b = [t.detach().clone().requires_grad_() for t in a]
     oa = fusedtrain.optim.AdamW(a, lr=0.01, state_bits=8)
     ob = fusedtrain.optim.AdamW(b, lr=0.01, state_bits=8)
@@ -640,9 +644,10 @@ def test_checkpoint_resumes_bit_exactly() -> None:
     _run(opt, params, grads[:5])
     buf = io.BytesIO()
     torch.save({"params": [p.detach().clone() for p in params], "opt": opt.state_dict()}, buf)
-    sd = opt.state_dict()["state"][0]
+    sd = opt.state_dict()["state"][1]
     assert sd["exp_avg"].dtype == torch.int8 and sd["exp_avg_sq"].dtype == torch.uint8
-    assert sd["exp_avg_absmax"].dtype == torch.float32 and sd["exp_avg_absmax"].shape == (20,)
+    assert sd["exp_avg_absmax"].dtype == torch.float32 and sd["exp_avg_absmax"].shape == (64, 1)
+    assert opt.state_dict()["state"][0]["exp_avg"].dtype == torch.float32  # 1-D
     assert opt.state_dict()["state"][2]["exp_avg"].dtype == torch.float32  # below min_8bit_size
     _run(opt, params, grads[5:])
     buf.seek(0)
@@ -650,8 +655,8 @@ def test_checkpoint_resumes_bit_exactly() -> None:
     resumed = [p.clone().requires_grad_() for p in saved["params"]]
     opt2 = fusedtrain.optim.AdamW(resumed, lr=0.01, state_bits=8)
     opt2.load_state_dict(saved["opt"])
-    assert opt2.state[resumed[0]]["exp_avg"].dtype == torch.int8
-    assert opt2.state[resumed[0]]["exp_avg_absmax"].dtype == torch.float32
+    assert opt2.state[resumed[1]]["exp_avg"].dtype == torch.int8
+    assert opt2.state[resumed[1]]["exp_avg_absmax"].dtype == torch.float32
     _run(opt2, resumed, grads[5:])
     for p, q in zip(params, resumed):
         assert torch.equal(p, q)
@@ -672,11 +677,11 @@ def test_to_torch_state_dict_loads_into_torch() -> None:
     tparams = [p.detach().clone().requires_grad_() for p in params]
     topt = torch.optim.AdamW(tparams, lr=0.01)
     topt.load_state_dict(sd)
-    want = _quant.dequantize(opt.state[params[0]]["exp_avg"], opt.state[params[0]]["exp_avg_absmax"])
-    assert torch.equal(topt.state[tparams[0]]["exp_avg"], want)
+    want = _quant.dequantize(opt.state[params[1]]["exp_avg"], opt.state[params[1]]["exp_avg_absmax"])
+    assert torch.equal(topt.state[tparams[1]]["exp_avg"], want)
     _run(topt, tparams, grads[:1])  # torch steps from it
     # the input is left as it was
-    assert opt.state_dict()["state"][0]["exp_avg"].dtype == torch.int8
+    assert opt.state_dict()["state"][1]["exp_avg"].dtype == torch.int8
 
 
 def test_torch_state_dict_is_quantized_on_load_and_codes_dequantized_for_32_bits() -> None:
@@ -688,8 +693,8 @@ def test_torch_state_dict_is_quantized_on_load_and_codes_dequantized_for_32_bits
     mine = [p.detach().clone().requires_grad_() for p in params]
     opt = fusedtrain.optim.AdamW(mine, lr=0.01, state_bits=8)
     opt.load_state_dict(topt.state_dict())
-    st = opt.state[mine[0]]
-    codes, absmax = _quant.quantize(topt.state[params[0]]["exp_avg"], True)
+    st = opt.state[mine[1]]
+    codes, absmax = _quant.quantize(topt.state[params[1]]["exp_avg"], True)
     assert torch.equal(st["exp_avg"], codes) and torch.equal(st["exp_avg_absmax"], absmax)
     assert opt.state[mine[2]]["exp_avg"].dtype == torch.float32
     _run(opt, mine, grads[:1])
@@ -697,14 +702,14 @@ def test_torch_state_dict_is_quantized_on_load_and_codes_dequantized_for_32_bits
     plain = [p.detach().clone().requires_grad_() for p in mine]
     opt32 = fusedtrain.optim.AdamW(plain, lr=0.01)
     opt32.load_state_dict(opt.state_dict())
-    st32 = opt32.state[plain[0]]
+    st32 = opt32.state[plain[1]]
     assert st32["exp_avg"].dtype == torch.float32 and "exp_avg_absmax" not in st32
     torch.testing.assert_close(st32["exp_avg"], _quant.dequantize(st["exp_avg"], st["exp_avg_absmax"]))
     _run(opt32, plain, grads[:1])
 
 
 def test_deepcopy_keeps_state_bits() -> None:
-    p = [torch.randn(5000, requires_grad=True)]
+    p = [torch.randn(50, 100, requires_grad=True)]
     opt = fusedtrain.optim.AdamW(p, lr=0.01, state_bits=8, min_8bit_size=100)
     c = copy.deepcopy(opt)
     assert c.state_bits == 8 and c.min_8bit_size == 100

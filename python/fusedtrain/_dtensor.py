@@ -70,7 +70,7 @@ def shard_mesh_dims(t: Tensor) -> tuple[int, ...] | None:
     return tuple(dims)
 
 
-def rows_kept_whole(t: Tensor) -> bool:
+def rows_kept_whole(t: Any) -> bool:
     """Whether every dim-0 slice ("row") of a DTensor lies whole on one rank: it has >= 2 dims and each
     placement is ``Replicate`` or ``Shard(0)`` (FSDP2's, and tensor parallelism's row-wise sharding), or it is
     replicated. Then the 8-bit states' row blocks of its local tensor are blocks of the global tensor (Note
@@ -85,7 +85,7 @@ def rows_kept_whole(t: Tensor) -> bool:
     return True
 
 
-def from_local_like(local_tensor: Tensor, like: Tensor, shape: Sequence[int]) -> Tensor:
+def from_local_like(local_tensor: Tensor, like: Any, shape: Sequence[int]) -> Tensor:
     """A DTensor of global ``shape`` (contiguous) with ``like``'s mesh and placements whose rank-local piece is
     ``local_tensor`` (no communication: the shape is given)."""
     stride = [1] * len(shape)

@@ -148,8 +148,10 @@ def dequantize(codes: Tensor, absmax: Tensor, dtype: torch.dtype = torch.float32
     if not is_codes(codes):
         raise TypeError(f"fusedtrain: codes must be int8 or uint8, got {codes.dtype}")
     if is_dtensor(codes) or is_dtensor(absmax):
-        if not (is_dtensor(codes) and is_dtensor(absmax) and codes.device_mesh == absmax.device_mesh
-                and tuple(codes.placements) == tuple(absmax.placements)):
+        dc: Any = codes
+        da: Any = absmax
+        if not (is_dtensor(dc) and is_dtensor(da) and dc.device_mesh == da.device_mesh
+                and tuple(dc.placements) == tuple(da.placements)):
             raise ValueError("fusedtrain: DTensor codes need DTensor absmax on the same mesh with the same "
                              "placements (as the optimizer's state_dict holds them)")
         return from_local_like(dequantize(local(codes), local(absmax), dtype), codes, codes.shape)

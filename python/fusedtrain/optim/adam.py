@@ -41,8 +41,9 @@ class Adam(FusedOptimizerMixin, torch.optim.Adam):
         ema, max_grad_norm, l1, master_weights, stochastic_rounding, state_dtype: the options fusedtrain
             adds to every optimizer; see :class:`~fusedtrain.optim._base.FusedOptimizerMixin`.
         state_bits: 8 keeps ``exp_avg`` (int8 codes), ``exp_avg_sq`` and ``max_exp_avg_sq`` (uint8 codes) of
-            parameters with at least ``min_8bit_size`` elements blockwise-quantized, with one float32 absmax
-            per 256 elements under ``<key>_absmax``: about 2 bytes of state per parameter instead of 8.
+            parameters of >= 2 dims with at least ``min_8bit_size`` elements blockwise-quantized, with one float32
+            absmax per block of up to 256 elements of each dim-0 slice under ``<key>_absmax``: about 2 bytes of
+            state per parameter instead of 8.
         min_8bit_size: smaller parameters keep float32 states at ``state_bits=8`` (default 4096).
 
     The state keys (``step`` as a CPU float tensor, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``) are
