@@ -302,11 +302,49 @@ def case_dtensor_8bit(device: str, rank: int, world: int) -> dict[str, Any]:
                     and v.to_local().shape == local_state_shape(k, p)
                     for p in params for k, v in opt.state[p].items() if k != "step")
     converted = fusedtrain.optim.to_torch_state_dict(opt.state_dict())
+    # Shard(1) cuts the rows: float states (rows_kept_whole), even though a plain [4, 300] would get 8 bits
+    cut = nn.Parameter(distribute_tensor(full_params[0][:4].to(device), mesh, [Shard(1)]))
+    cut.grad = distribute_tensor(full_grads[0][0][:4].to(device), mesh, [Shard(1)])
+    opt_cut = fusedtrain.optim.AdamW8bit([cut], **DTENSOR_8BIT_KW)
+    opt_cut.step()
     return {"params": [full(p) for p in params], "state": state_of(opt, params), "layout_ok": layout_ok,
+            "shard1_state": {k: (type(v).__name__, v.dtype) for k, v in opt_cut.state[cut].items() if k != "step"},
             "local_numel": [p.to_local().numel() for p in params],
             "torch_state": [{k: full(v) for k, v in entry.items()} for entry in converted["state"].values()],
             "torch_state_is_dtensor": all(type(v).__name__ == "DTensor" for entry in converted["state"].values()
                                           for k, v in entry.items() if k != "step")}
+
+
+def case_dcp_one_to_fsdp_8bit(device: str, rank: int, world: int, ckpt: str) -> dict[str, Any]:
+    """The other direction of test_dcp_fsdp_checkpoint_reshards_to_one_process: rank 0 trains the unsharded
+    model with AdamW8bit for RESUME_AT steps and saves a DCP checkpoint (plain codes and absmax); every rank
+    loads it into an FSDP2 model and a fresh optimizer (its codes and absmax are DTensor shards) and resumes."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    name, kw = "AdamW8bit", dict(CONFIGS)["AdamW8bit"]
+    data = make_data(device)
+    if rank == 0:
+        model = make_model(device)
+        opt = make_optimizer(name, model.parameters(), **kw)
+        train(model, opt, data, range(RESUME_AT), 0, 1)
+        msd, osd = get_state_dict(model, opt)
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=ckpt, no_dist=True)
+        saved = {k: full(v) for k, v in opt.state[next(iter(model.parameters()))].items()}
+    else:
+        saved = {}
+    dist.barrier()
+    model = shard(make_model(device, seed=7))
+    opt = make_optimizer(name, model.parameters(), **kw)
+    msd, osd = get_state_dict(model, opt)
+    state = {"model": msd, "optim": osd}
+    dcp.load(state, checkpoint_id=ckpt)
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    first = next(iter(model.parameters()))
+    loaded = {k: full(v) for k, v in opt.state[first].items()}
+    sharded = all(type(v).__name__ == "DTensor" for k, v in opt.state[first].items() if k != "step")
+    train(model, opt, data, range(RESUME_AT, STEPS), rank, world)
+    return {"params": [full(p) for p in model.parameters()], "saved": saved, "loaded": loaded, "sharded": sharded}
 
 
 def case_norm(device: str, rank: int, world: int) -> dict[str, Any]:
@@ -392,6 +430,9 @@ def run_cases(rank: int, world: int, device: str, out_dir: str) -> dict[str, Any
             continue
         ckpt = os.path.join(out_dir, f"ckpt-{engine}-{name}")
         record(f"dcp/{engine}/{name}", lambda: case_dcp(engine, name, kw, device, rank, world, ckpt))
+    if fsdp_skip is None:
+        ckpt_one = os.path.join(out_dir, "ckpt-one-AdamW8bit")
+        record("dcp/fsdp_from_one", lambda: case_dcp_one_to_fsdp_8bit(device, rank, world, ckpt_one))
     if fsdp_skip is None:
         record("fsdp_ema_update", lambda: case_fsdp_ema_update(device, rank, world))
         record("norm", lambda: case_norm(device, rank, world))

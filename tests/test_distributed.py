@@ -234,6 +234,20 @@ def test_dcp_fsdp_checkpoint_reshards_to_one_process(dist: dict[str, Any], name:
     _close([full(a) for a in ema._averages], ref["ema"], "ema")
 
 
+def test_dcp_one_process_8bit_checkpoint_reshards_to_fsdp2(dist: dict[str, Any]) -> None:
+    """A single-process AdamW8bit checkpoint (plain codes and absmax) loads into an FSDP2 model's optimizer
+    (DTensor shards by rows) with the same values, and the run resumes on the single-process trajectory."""
+    name, kw = "AdamW8bit", dict(CONFIGS)["AdamW8bit"]
+    ref = _single(name, kw, dist["device"], fused_clip=False, ema_decay=None)
+    results = _case(dist, "dcp/fsdp_from_one")
+    saved = results[0]["saved"]
+    assert saved["exp_avg"].dtype == torch.int8
+    for res in results:
+        assert res["sharded"]
+        torch.testing.assert_close(res["loaded"], saved, rtol=0, atol=0)
+        _close(res["params"], ref["params"], "params")
+
+
 def test_fsdp2_ema_update_swap_and_state(dist: dict[str, Any]) -> None:
     """EMA.update() on a sharded model, average_parameters() swapping the shards in and out, and the
     sharded state dict under the model's names."""
@@ -315,6 +329,7 @@ def test_dtensor_8bit_states_match_single_process(dist: dict[str, Any]) -> None:
             for k in ref:
                 assert torch.equal(got[k], ref[k]), k
         assert res["torch_state_is_dtensor"]
+        assert res["shard1_state"] == {k: ("DTensor", params[0].dtype) for k in ("exp_avg", "exp_avg_sq")}
         for got, ref in zip(res["torch_state"], want):
             assert not any(k.endswith("_absmax") for k in got)
             for k in ("exp_avg", "exp_avg_sq"):
