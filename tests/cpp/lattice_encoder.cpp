@@ -14,7 +14,7 @@ template <bool kSigned, bool kVector>
 inline __attribute__((always_inline)) long check(uint32_t end_bits, uint32_t stride, bool negative) {
   long bad = 0, total = 0;
   float x[q::kBlock];
-  int32_t code[q::kBlock];
+  q::cpu_impl::CodeOf<kSigned> code[q::kBlock];
   uint64_t bits = 0;
   while (bits < end_bits) {
     int n = 0;
@@ -39,13 +39,13 @@ inline __attribute__((always_inline)) long check(uint32_t end_bits, uint32_t str
 template <bool kVector>
 inline __attribute__((always_inline)) long check_nan() {  // NaN of either sign: code 0 (two full vectors)
   float nan[16];
-  int32_t code[16];
+  int8_t signed_code[16];
+  uint8_t unsigned_code[16];
   long bad = 0;
   for (int i = 0; i < 16; ++i) nan[i] = (i % 2) ? __builtin_nanf("") : -__builtin_nanf("");
-  q::cpu_impl::encode_block<float, true, kVector>(nan, 1.0f, 16, code);
-  for (int i = 0; i < 16; ++i) bad += code[i] != 0;
-  q::cpu_impl::encode_block<float, false, kVector>(nan, 1.0f, 16, code);
-  for (int i = 0; i < 16; ++i) bad += code[i] != 0;
+  q::cpu_impl::encode_block<float, true, kVector>(nan, 1.0f, 16, signed_code);
+  q::cpu_impl::encode_block<float, false, kVector>(nan, 1.0f, 16, unsigned_code);
+  for (int i = 0; i < 16; ++i) bad += (signed_code[i] != 0) + (unsigned_code[i] != 0);
   return bad;
 }
 

@@ -72,6 +72,9 @@ struct Lattice {
   static constexpr T kMid0 = static_cast<T>(kSigned ? kMaps.signed_mid[0] : kMaps.unsigned_mid[0]);
 };
 
+template <bool kSigned>
+using CodeOf = std::conditional_t<kSigned, int8_t, uint8_t>;  // the byte type of a map's codes
+
 // Note [lattice encoder]: the code estimate of x >= 0 and the fraction of t (the specification the vector
 // version below computes operation for operation).
 template <typename T, bool kSigned>
@@ -128,7 +131,7 @@ static_assert(lattice_margin_ok<float, false>() && lattice_margin_ok<float, true
 // Returns how many values it did (a multiple of 8); the caller finishes the rest with lattice_code.
 template <bool kSigned>
 __attribute__((target("avx2,fma"))) inline int64_t encode_avx2(const float* __restrict__ x, float inv, int64_t n,
-                                                             int32_t* __restrict__ code,
+                                                             CodeOf<kSigned>* __restrict__ code,
                                                              int32_t* __restrict__ mark, int32_t& near) {
   using Lat = Lattice<float, kSigned>;
   const __m256 vinv = _mm256_set1_ps(inv), scales = _mm256_loadu_ps(Lat::kScale),
@@ -159,7 +162,10 @@ __attribute__((target("avx2,fma"))) inline int64_t encode_avx2(const float* __re
     if constexpr (kSigned) c = _mm256_sign_epi32(c, _mm256_castps_si256(v));
     const __m256i m = _mm256_castps_si256(
         _mm256_or_ps(_mm256_cmp_ps(frac, lo, _CMP_LT_OQ), _mm256_cmp_ps(frac, hi, _CMP_GT_OQ)));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(code + i), c);
+    // 8 int32 codes (-127..255) to 8 bytes: saturating packs leave them unchanged
+    const __m128i words = _mm_packs_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(code + i),
+                     kSigned ? _mm_packs_epi16(words, words) : _mm_packus_epi16(words, words));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(mark + i), m);
     any = _mm256_or_si256(any, m);
   }
@@ -168,11 +174,11 @@ __attribute__((target("avx2,fma"))) inline int64_t encode_avx2(const float* __re
 }
 #endif
 
-// Note [lattice encoder]: the codes of x[0..n) * inv into code[] (int32), exactly quant.h's encode_signed /
+// Note [lattice encoder]: the codes of x[0..n) * inv into code[], exactly quant.h's encode_signed /
 // encode_unsigned: the lattice for all, then the search for the values it marked near a midpoint.
 template <typename T, bool kSigned, bool kVector>
 inline __attribute__((always_inline)) void encode_block(const T* __restrict__ x, T inv, int64_t n,
-                                                        int32_t* __restrict__ code) {
+                                                        CodeOf<kSigned>* __restrict__ code) {
   int32_t mark[kBlock];
   int32_t near = 0;
   int64_t i = 0;
@@ -183,7 +189,7 @@ inline __attribute__((always_inline)) void encode_block(const T* __restrict__ x,
     const T v = x[i] * inv;
     T frac = 0;
     const int a = lattice_code<T, kSigned>(v < T(0) ? -v : v, frac);
-    code[i] = v < T(0) ? -a : a;
+    code[i] = static_cast<CodeOf<kSigned>>(v < T(0) ? -a : a);
     const int32_t m = near_integer(frac) ? 1 : 0;
     mark[i] = m;
     near |= m;
@@ -191,8 +197,11 @@ inline __attribute__((always_inline)) void encode_block(const T* __restrict__ x,
   if (near) {
     for (int64_t j = 0; j < n; ++j) {
       if (!mark[j]) continue;
-      code[j] = kSigned ? static_cast<int32_t>(encode_signed(x[j] * inv, kMaps.signed_mid))
-                        : static_cast<int32_t>(encode_unsigned(x[j] * inv, kMaps.unsigned_mid));
+      if constexpr (kSigned) {
+        code[j] = encode_signed(x[j] * inv, kMaps.signed_mid);
+      } else {
+        code[j] = encode_unsigned(x[j] * inv, kMaps.unsigned_mid);
+      }
     }
   }
 }
@@ -207,8 +216,8 @@ inline __attribute__((always_inline)) void encode_block(const T* __restrict__ x,
 //    non-negative floats the bit order is the value order, and every NaN pattern lies above +inf, so a NaN
 //    anywhere in the block wins the max (Note [8-bit optimizer states]: a diverged block stays visible)
 //    without a separate flag;
-//  - encoding writes int32 codes and near-midpoint marks into local buffers (Note [lattice encoder]), then
-//    narrows the codes into the byte codes in a second loop.
+//  - encoding writes the byte codes directly and near-midpoint marks into a local buffer (Note [lattice
+//    encoder]).
 inline constexpr std::array<float, 256> make_signed_by_byte() {
   std::array<float, 256> t{};
   for (int b = 0; b < 256; ++b) {
@@ -264,7 +273,6 @@ inline __attribute__((always_inline)) void block_body(void* const* ptr, int64_t 
     for (int s = 0; s < S; ++s) st[s][i] = r[2 + s];
     if constexpr (L::kCopy) out[i] = static_cast<typename L::O>(r[0]);
   }
-  int32_t code[kBlock];
   for (int s = 0; s < S; ++s) {
     T* __restrict__ x = st[s];
     if (!sgn[s]) {
@@ -279,13 +287,9 @@ inline __attribute__((always_inline)) void block_body(void* const* ptr, int64_t 
     static_cast<float*>(ptr[3 + 2 * s])[b] = absmax;
     const T inv = absmax > 0.0f ? T(1) / static_cast<T>(absmax) : T(0);
     if (sgn[s]) {
-      encode_block<T, true, kVector>(x, inv, n, code);
-      int8_t* __restrict__ c = static_cast<int8_t*>(ptr[2 + 2 * s]) + e0;
-      for (int64_t i = 0; i < n; ++i) c[i] = static_cast<int8_t>(code[i]);
+      encode_block<T, true, kVector>(x, inv, n, static_cast<int8_t*>(ptr[2 + 2 * s]) + e0);
     } else {
-      encode_block<T, false, kVector>(x, inv, n, code);
-      uint8_t* __restrict__ c = static_cast<uint8_t*>(ptr[2 + 2 * s]) + e0;
-      for (int64_t i = 0; i < n; ++i) c[i] = static_cast<uint8_t>(code[i]);
+      encode_block<T, false, kVector>(x, inv, n, static_cast<uint8_t*>(ptr[2 + 2 * s]) + e0);
     }
   }
 }
