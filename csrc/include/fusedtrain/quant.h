@@ -111,8 +111,9 @@ constexpr Maps make_maps() {
 inline constexpr Maps kMaps = make_maps();
 
 // Nearest code of x (already divided by the block's absmax; x may exceed 1 by rounding). Branch-free
-// binary searches over the midpoints: CUDA threads do not diverge (the CPU driver uses an equivalent closed
-// form with fewer gathers, Note [closed-form encoder] in quant_cpu.h). A NaN gets code 0.
+// binary searches over the midpoints: CUDA threads do not diverge (the CPU driver computes the same codes
+// without tables and asks these only for values near a midpoint, Note [lattice encoder] in quant_cpu.h). A NaN
+// gets code 0.
 #if defined(__CUDACC__)
 #define FT_QUANT_UNROLL _Pragma("unroll")
 #else
