@@ -493,6 +493,7 @@ class StepPlanImpl {
         for (size_t k = 0; k < lists.size(); ++k) ptr[k] = lists[k][i].data_ptr();
         s.work.ptr.push_back(ptr);
         s.work.numel.push_back(targets[i].numel());
+        s.work.row.push_back(row_length(targets[i]));
         s.work.step.push_back(Scalar{});
         s.work.ordinal.push_back(static_cast<uint32_t>(i));
         s.work.device = s.device;

@@ -39,7 +39,34 @@ CONFIGS: list[tuple[str, dict[str, Any]]] = [
     ("Lamb", dict(lr=0.05, weight_decay=0.1, caution=True)),
     ("Lars", dict(lr=0.1, momentum=0.9, weight_decay=0.01, nesterov=True)),
     ("Lion", dict(lr=0.01, weight_decay=0.1, caution=True)),
+    # 8-bit states (issue 17): the weights' codes and absmax are DTensors sharded like them (Note [row blocks])
+    ("AdamW8bit", dict(lr=0.05, weight_decay=0.1, min_8bit_size=0)),
 ]
+
+# 8-bit states on DTensor parameters placed by hand (case_dtensor_8bit): rows that are not a multiple of 256
+# and split unevenly (9 -> 5 + 4, 3 -> 2 + 1), an empty shard (1 -> 1 + 0), a replicated matrix, and 1-D
+# parameters (float32 states). The gradients are the same tensors on every rank and in the single-process
+# reference, so the two runs must agree bit for bit.
+DTENSOR_8BIT: list[tuple[tuple[int, ...], str]] = [((9, 300), "shard"), ((4, 3, 100), "shard"),
+                                                   ((6, 600), "replicate"), ((3, 257), "shard"), ((1, 300), "shard"),
+                                                   ((50,), "shard"), ((40,), "replicate")]
+DTENSOR_8BIT_KW: dict[str, Any] = dict(lr=0.05, weight_decay=0.1, min_8bit_size=0)
+
+
+def dtensor_8bit_data() -> tuple[list[Tensor], list[list[Tensor]]]:
+    """The full parameters and, per step, the full gradients of case_dtensor_8bit."""
+    g = torch.Generator().manual_seed(321)
+    params = [torch.randn(shape, generator=g, dtype=DTYPE) for shape, _ in DTENSOR_8BIT]
+    grads = [[torch.randn(shape, generator=g, dtype=DTYPE) for shape, _ in DTENSOR_8BIT] for _ in range(STEPS)]
+    return params, grads
+
+
+def local_state_shape(key: str, p: Tensor) -> tuple[int, ...]:
+    """The local shape of state ``key`` of DTensor parameter p: its shard's, or (8-bit absmax) the block scales'
+    of its shard."""
+    from fusedtrain.optim import _quant
+    shape = tuple(p.to_local().shape)
+    return _quant.absmax_shape(shape) if key.endswith(_quant.ABSMAX_SUFFIX) else shape
 
 
 def make_model(device: str, seed: int = 0) -> nn.Sequential:
@@ -139,7 +166,8 @@ def case_fsdp(name: str, kw: dict[str, Any], device: str, rank: int, world: int)
           after_step=lambda: norms.append(full(opt.last_grad_norm)))
     params = list(model.parameters())
     # the state is made as torch.optim makes it: DTensors sharded like the parameter, local shape = shard
-    layout_ok = all(type(v) is type(p) and v.placements == p.placements and v.to_local().shape == p.to_local().shape
+    layout_ok = all(type(v) is type(p) and v.placements == p.placements
+                    and v.to_local().shape == local_state_shape(k, p)
                     for p in params for k, v in opt.state[p].items() if k != "step")
     return {"params": [full(p) for p in params], "state": state_of(opt, params), "norms": norms,
             "ema": [full(a) for a in ema._averages], "ema_module_is_none": ema.module is None,
@@ -256,6 +284,69 @@ def case_dcp(engine: str, name: str, kw: dict[str, Any], device: str, rank: int,
             "step_is_cpu": all(s["step"].device.type == "cpu" for s in opt2.state.values() if "step" in s)}
 
 
+def case_dtensor_8bit(device: str, rank: int, world: int) -> dict[str, Any]:
+    """AdamW8bit on DTensor parameters (DTENSOR_8BIT): the states' layout, the parameters and states after
+    STEPS steps, and to_torch_state_dict of the DTensor state_dict."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    mesh = init_device_mesh(device, (world,))
+    full_params, full_grads = dtensor_8bit_data()
+    params = [nn.Parameter(distribute_tensor(t.to(device), mesh, [Shard(0)] if kind == "shard" else [Replicate()]))
+              for t, (_, kind) in zip(full_params, DTENSOR_8BIT)]
+    opt = fusedtrain.optim.AdamW8bit(params, **DTENSOR_8BIT_KW)
+    for grads in full_grads:
+        for p, g in zip(params, grads):
+            p.grad = distribute_tensor(g.to(device), mesh, p.placements)
+        opt.step()
+    layout_ok = all(type(v) is type(p) and v.placements == p.placements
+                    and v.to_local().shape == local_state_shape(k, p)
+                    for p in params for k, v in opt.state[p].items() if k != "step")
+    converted = fusedtrain.optim.to_torch_state_dict(opt.state_dict())
+    # Shard(1) cuts the rows: float states (rows_kept_whole), even though a plain [4, 300] would get 8 bits
+    cut = nn.Parameter(distribute_tensor(full_params[0][:4].to(device), mesh, [Shard(1)]))
+    cut.grad = distribute_tensor(full_grads[0][0][:4].to(device), mesh, [Shard(1)])
+    opt_cut = fusedtrain.optim.AdamW8bit([cut], **DTENSOR_8BIT_KW)
+    opt_cut.step()
+    return {"params": [full(p) for p in params], "state": state_of(opt, params), "layout_ok": layout_ok,
+            "shard1_state": {k: (type(v).__name__, v.dtype) for k, v in opt_cut.state[cut].items() if k != "step"},
+            "local_numel": [p.to_local().numel() for p in params],
+            "torch_state": [{k: full(v) for k, v in entry.items()} for entry in converted["state"].values()],
+            "torch_state_is_dtensor": all(type(v).__name__ == "DTensor" for entry in converted["state"].values()
+                                          for k, v in entry.items() if k != "step")}
+
+
+def case_dcp_one_to_fsdp_8bit(device: str, rank: int, world: int, ckpt: str) -> dict[str, Any]:
+    """The other direction of test_dcp_fsdp_checkpoint_reshards_to_one_process: rank 0 trains the unsharded
+    model with AdamW8bit for RESUME_AT steps and saves a DCP checkpoint (plain codes and absmax); every rank
+    loads it into an FSDP2 model and a fresh optimizer (its codes and absmax are DTensor shards) and resumes."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    name, kw = "AdamW8bit", dict(CONFIGS)["AdamW8bit"]
+    data = make_data(device)
+    if rank == 0:
+        model = make_model(device)
+        opt = make_optimizer(name, model.parameters(), **kw)
+        train(model, opt, data, range(RESUME_AT), 0, 1)
+        msd, osd = get_state_dict(model, opt)
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=ckpt, no_dist=True)
+        saved = {k: full(v) for k, v in opt.state[next(iter(model.parameters()))].items()}
+    else:
+        saved = {}
+    dist.barrier()
+    model = shard(make_model(device, seed=7))
+    opt = make_optimizer(name, model.parameters(), **kw)
+    msd, osd = get_state_dict(model, opt)
+    state = {"model": msd, "optim": osd}
+    dcp.load(state, checkpoint_id=ckpt)
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    first = next(iter(model.parameters()))
+    loaded = {k: full(v) for k, v in opt.state[first].items()}
+    sharded = all(type(v).__name__ == "DTensor" for k, v in opt.state[first].items() if k != "step")
+    train(model, opt, data, range(RESUME_AT, STEPS), rank, world)
+    return {"params": [full(p) for p in model.parameters()], "saved": saved, "loaded": loaded, "sharded": sharded}
+
+
 def case_norm(device: str, rank: int, world: int) -> dict[str, Any]:
     """Norms of FSDP2 gradients (Shard) and of replicated / plain tensors, against torch's DTensor norm."""
     from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
@@ -332,15 +423,21 @@ def run_cases(rank: int, world: int, device: str, out_dir: str) -> dict[str, Any
             record(f"fsdp/{name}", lambda: case_fsdp(name, kw, device, rank, world))
     record("zero_refuses", lambda: case_zero_refuses(device, rank, world))
     record("zero_checkpoint", lambda: case_zero_checkpoint(device, rank, world))
-    for engine, (name, kw) in [("ddp", CONFIGS[3]), ("fsdp", CONFIGS[3]), ("fsdp", CONFIGS[1]), ("fsdp", CONFIGS[0])]:
+    eight_bit = dict(CONFIGS)["AdamW8bit"]
+    for engine, (name, kw) in [("ddp", CONFIGS[3]), ("fsdp", CONFIGS[3]), ("fsdp", CONFIGS[1]), ("fsdp", CONFIGS[0]),
+                               ("fsdp", ("AdamW8bit", eight_bit))]:
         if engine == "fsdp" and fsdp_skip is not None:
             continue
         ckpt = os.path.join(out_dir, f"ckpt-{engine}-{name}")
         record(f"dcp/{engine}/{name}", lambda: case_dcp(engine, name, kw, device, rank, world, ckpt))
     if fsdp_skip is None:
+        ckpt_one = os.path.join(out_dir, "ckpt-one-AdamW8bit")
+        record("dcp/fsdp_from_one", lambda: case_dcp_one_to_fsdp_8bit(device, rank, world, ckpt_one))
+    if fsdp_skip is None:
         record("fsdp_ema_update", lambda: case_fsdp_ema_update(device, rank, world))
         record("norm", lambda: case_norm(device, rank, world))
         record("partial_grad_refused", lambda: case_partial_grad_refused(device, rank, world))
+    record("dtensor_8bit", lambda: case_dtensor_8bit(device, rank, world))
     return results
 
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from fusedtrain.bench import cli
 
@@ -53,6 +54,26 @@ def test_ema_family_rows(tmp_path) -> None:
                          "fusedtrain Adam alone (no EMA)", "fusedtrain Adam(ema=)"}
     assert rows["fusedtrain Adam(ema=)"]["note"].endswith("over the step alone")
     assert all(r["median_ms"] > 0 for r in rows.values())
+
+
+def test_lowbit_family_rows(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """The state-bits rows: each names its state bytes per parameter, measured from the optimizer's state."""
+    from fusedtrain.bench import lowbit
+    from fusedtrain.bench import optim as optim_bench
+
+    monkeypatch.setitem(optim_bench.PARAM_SETS, "tiny", lambda: [(3, 4096), (37, 5), (1,)])
+    results = lowbit.run(torch.device("cpu"), ["tiny"], reps=2, warmup=1, bandwidth=0.0, progress=False)
+    rows = {r.impl: r for r in results}
+    assert {"torch fused (32-bit states)", "fusedtrain 32-bit states", "fusedtrain 8-bit states"} <= set(rows)
+    numel = 4096 * 3 + 37 * 5 + 1
+    # float32 states: 8 B per parameter; 8-bit: the 3x4096 matrix in codes (2 B) plus an absmax per 256 per state,
+    # the two small tensors in float32 (below min_8bit_size)
+    want8 = (2 * 4096 * 3 + 2 * 4 * 48 + 8 * (37 * 5 + 1)) / numel
+    assert rows["fusedtrain 32-bit states"].extra["state_bytes_per_param"] == pytest.approx(8.0)
+    assert rows["fusedtrain 8-bit states"].extra["state_bytes_per_param"] == pytest.approx(want8)
+    assert rows["fusedtrain 8-bit states"].note.startswith(f"state {want8:.3f} B/param, ")
+    assert all(r.median_ms > 0 and r.family == "lowbit" for r in results)
+    assert rows["fusedtrain 8-bit states"].vs_best_torch is not None
 
 
 def test_more_bad_arguments_fail_clearly(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:

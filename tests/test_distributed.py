@@ -23,8 +23,8 @@ import torch
 from torch import Tensor
 
 import fusedtrain
-from _dist_worker import (CONFIGS, MAX_NORM, RESUME_AT, STEPS, backward, full, make_data, make_model,
-                          make_optimizer)
+from _dist_worker import (CONFIGS, DTENSOR_8BIT, DTENSOR_8BIT_KW, MAX_NORM, RESUME_AT, STEPS, backward,
+                          dtensor_8bit_data, full, make_data, make_model, make_optimizer)
 from conftest import DEVICES
 from fusedtrain.ensemble import EMA
 
@@ -180,7 +180,7 @@ def test_zero_checkpoint_resumes(dist: dict[str, Any]) -> None:
         torch.testing.assert_close(res["resumed"], res["params"], rtol=0, atol=1e-14)
 
 
-DCP_CASES = ["ddp/Adam", "fsdp/Adam", "fsdp/Adagrad", "fsdp/SGD"]
+DCP_CASES = ["ddp/Adam", "fsdp/Adam", "fsdp/Adagrad", "fsdp/SGD", "fsdp/AdamW8bit"]
 
 
 @pytest.mark.parametrize("case", DCP_CASES)
@@ -197,16 +197,22 @@ def test_dcp_round_trip_resumes(dist: dict[str, Any], case: str) -> None:
         torch.testing.assert_close(res["ema_resumed"], res["ema"], rtol=0, atol=1e-14)
         torch.testing.assert_close(res["loaded_state"][0], res["saved_first_state"], rtol=0, atol=0)
         assert res["step_is_cpu"]
+        if name.endswith("8bit"):  # the codes and scales came back as saved, and the resumed run is the same run
+            assert res["saved_first_state"]["exp_avg"].dtype == torch.int8
+            assert res["saved_first_state"]["exp_avg_absmax"].dtype == torch.float32
+            torch.testing.assert_close(res["resumed"], res["params"], rtol=0, atol=0)
 
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
-def test_dcp_fsdp_checkpoint_reshards_to_one_process(dist: dict[str, Any]) -> None:
-    """The FSDP2 checkpoint (DTensor state of 2 ranks) loads into an unsharded model and a fusedtrain
-    optimizer in this process, and the run resumes on the single-process trajectory."""
+@pytest.mark.parametrize("name", ["Adam", "AdamW8bit"])
+def test_dcp_fsdp_checkpoint_reshards_to_one_process(dist: dict[str, Any], name: str) -> None:
+    """The FSDP2 checkpoint (DTensor state of 2 ranks; with 8-bit states, codes and absmax sharded by rows)
+    loads into an unsharded model and a fusedtrain optimizer in this process, and the run resumes on the
+    single-process trajectory."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-    _case(dist, "dcp/fsdp/Adam")
-    name, kw = "Adam", dict(CONFIGS)["Adam"]
+    saved = _case(dist, f"dcp/fsdp/{name}")[0]["saved_first_state"]
+    kw = dict(CONFIGS)[name]
     device = dist["device"]
     ref = _single(name, kw, device, fused_clip=False)
     model = make_model(device, seed=7)
@@ -218,12 +224,28 @@ def test_dcp_fsdp_checkpoint_reshards_to_one_process(dist: dict[str, Any]) -> No
     set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
     ema.load_state_dict(state["ema"])
     assert ema.num_updates == RESUME_AT
+    first = opt.state[next(iter(model.parameters()))]
+    torch.testing.assert_close({k: full(v) for k, v in first.items()}, saved, rtol=0, atol=0)
     for x, y in make_data(device)[RESUME_AT:]:
         backward(model, x, y)
         opt.step()
         opt.zero_grad()
     _close([full(p) for p in model.parameters()], ref["params"], "params")
     _close([full(a) for a in ema._averages], ref["ema"], "ema")
+
+
+def test_dcp_one_process_8bit_checkpoint_reshards_to_fsdp2(dist: dict[str, Any]) -> None:
+    """A single-process AdamW8bit checkpoint (plain codes and absmax) loads into an FSDP2 model's optimizer
+    (DTensor shards by rows) with the same values, and the run resumes on the single-process trajectory."""
+    name, kw = "AdamW8bit", dict(CONFIGS)["AdamW8bit"]
+    ref = _single(name, kw, dist["device"], fused_clip=False, ema_decay=None)
+    results = _case(dist, "dcp/fsdp_from_one")
+    saved = results[0]["saved"]
+    assert saved["exp_avg"].dtype == torch.int8
+    for res in results:
+        assert res["sharded"]
+        torch.testing.assert_close(res["loaded"], saved, rtol=0, atol=0)
+        _close(res["params"], ref["params"], "params")
 
 
 def test_fsdp2_ema_update_swap_and_state(dist: dict[str, Any]) -> None:
@@ -279,3 +301,39 @@ def test_partial_gradient_refused(dist: dict[str, Any]) -> None:
     for res in _case(dist, "partial_grad_refused"):
         assert "redistribute" in res["error_text"] and "Partial" in res["error_text"], res["error_text"]
         assert res["unchanged"] and res["no_state"]
+
+
+def test_dtensor_8bit_states_match_single_process(dist: dict[str, Any]) -> None:
+    """AdamW8bit on DTensor parameters (Shard(0) with uneven and empty shards, Replicate; rows of 300, 257 and
+    600 elements): codes and absmax are DTensors placed like the parameter, and with the same gradients the
+    parameters and states equal the single-process run bit for bit (blocks never straddle shards); 1-D
+    parameters keep float states; to_torch_state_dict gives float32 DTensors equal to the dequantized states."""
+    from fusedtrain.optim import _quant
+    params, grads = dtensor_8bit_data()
+    params = [t.to(dist["device"]).requires_grad_() for t in params]
+    opt = fusedtrain.optim.AdamW8bit(params, **DTENSOR_8BIT_KW)
+    for gs in grads:
+        for p, g in zip(params, gs):
+            p.grad = g.to(p.device)
+        opt.step()
+    want = [{k: full(v) for k, v in opt.state[p].items()} for p in params]
+    for (shape, _), st in zip(DTENSOR_8BIT, want):
+        assert st["exp_avg"].dtype == (torch.int8 if len(shape) >= 2 else params[0].dtype), shape
+    results = _case(dist, "dtensor_8bit")
+    for res in results:
+        assert res["layout_ok"], "8-bit states must be DTensors placed like their parameter, sharded by rows"
+        for got, ref in zip(res["params"], params):
+            assert torch.equal(got, full(ref))
+        for got, ref in zip(res["state"], want):
+            assert sorted(got) == sorted(ref)
+            for k in ref:
+                assert torch.equal(got[k], ref[k]), k
+        assert res["torch_state_is_dtensor"]
+        assert res["shard1_state"] == {k: ("DTensor", params[0].dtype) for k in ("exp_avg", "exp_avg_sq")}
+        for got, ref in zip(res["torch_state"], want):
+            assert not any(k.endswith("_absmax") for k in got)
+            for k in ("exp_avg", "exp_avg_sq"):
+                expected = _quant.dequantize(ref[k], ref[k + "_absmax"]) if _quant.is_codes(ref[k]) else ref[k]
+                assert got[k].dtype == expected.dtype and torch.equal(got[k], expected), k  # (float32 if 8-bit)
+    if dist["world"] == 2:
+        assert 0 in results[1]["local_numel"], "rank 1 should hold an empty shard"

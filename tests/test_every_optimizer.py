@@ -40,7 +40,8 @@ REGISTRY: dict[str, tuple[dict[str, Any], Callable[..., torch.optim.Optimizer] |
     "Muon": (dict(lr=0.02, weight_decay=0.01, ns_dtype=torch.float32), None, True),
     "Adafactor": (dict(lr=1e-2, weight_decay=0.01),
                   lambda params, **kw: torch.optim.Adafactor(params, foreach=False, **kw), False),
-    # 8-bit states on every tensor (min_8bit_size=1); no reference rounds like them: a duplicate is checked
+    # 8-bit states on every tensor of >= 2 dims (min_8bit_size=1; 0-D and 1-D ones keep float states, Note [8-bit
+    # states in the optimizers]); no reference rounds like them: a duplicate is checked
     # against the same class stepping the parameter twice with one gradient
     "Adam8bit": (dict(lr=1e-2, min_8bit_size=1), None, False),
     "AdamW8bit": (dict(lr=1e-2, weight_decay=0.1, min_8bit_size=1), None, False),

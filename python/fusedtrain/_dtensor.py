@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["DTensor", "Replicate", "is_dtensor", "local", "local_list", "shard_mesh_dims", "is_fsdp_module",
-           "check_local_pair", "refuse_partitioned_extras"]
+__all__ = ["DTensor", "Replicate", "is_dtensor", "local", "local_list", "shard_mesh_dims", "rows_kept_whole",
+           "from_local_like", "is_fsdp_module", "check_local_pair", "refuse_partitioned_extras"]
 
 DTensor: Any = None
 _Shard: Any = None
@@ -68,6 +68,31 @@ def shard_mesh_dims(t: Tensor) -> tuple[int, ...] | None:
         elif not isinstance(placement, Replicate):
             return None
     return tuple(dims)
+
+
+def rows_kept_whole(t: Any) -> bool:
+    """Whether every dim-0 slice ("row") of a DTensor lies whole on one rank: it has >= 2 dims and each
+    placement is ``Replicate`` or ``Shard(0)`` (FSDP2's, and tensor parallelism's row-wise sharding), or it is
+    replicated. Then the 8-bit states' row blocks of its local tensor are blocks of the global tensor (Note
+    [row blocks] in csrc/include/fusedtrain/quant.h). ``_StridedShard`` (FSDP2 over tensor parallelism) and
+    ``Shard(d)`` for d > 0 cut rows, ``Partial`` holds no rows at all."""
+    rowwise = t.dim() >= 2
+    for placement in t.placements:
+        if isinstance(placement, Replicate):
+            continue
+        if not (rowwise and type(placement) is _Shard and placement.dim == 0):
+            return False
+    return True
+
+
+def from_local_like(local_tensor: Tensor, like: Any, shape: Sequence[int]) -> Tensor:
+    """A DTensor of global ``shape`` (contiguous) with ``like``'s mesh and placements whose rank-local piece is
+    ``local_tensor`` (no communication: the shape is given)."""
+    stride = [1] * len(shape)
+    for d in range(len(shape) - 2, -1, -1):
+        stride[d] = stride[d + 1] * max(int(shape[d + 1]), 1)
+    return DTensor.from_local(local_tensor, like.device_mesh, like.placements, run_check=False,
+                              shape=torch.Size(shape), stride=tuple(stride))
 
 
 def is_fsdp_module(module: torch.nn.Module) -> bool:

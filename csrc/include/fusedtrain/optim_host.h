@@ -201,6 +201,7 @@ inline Work prepare(const std::vector<at::TensorList>& lists, const std::vector<
   const size_t n = only.empty() ? lists[0].size() : only.size();
   work.ptr.reserve(n);
   work.numel.reserve(n);
+  work.row.reserve(n);
   work.step.reserve(n);
   work.ordinal.reserve(n);
   for (size_t j = 0; j < n; ++j) {
@@ -224,6 +225,7 @@ inline Work prepare(const std::vector<at::TensorList>& lists, const std::vector<
     }
     work.ptr.push_back(ptr);
     work.numel.push_back(numel);
+    work.row.push_back(row_length(p));
     work.step.push_back(steps.empty() ? Scalar{} : steps[i]);
     work.ordinal.push_back(static_cast<uint32_t>(i));
     if (!aux.empty()) work.aux.push_back(aux[i]);
@@ -561,12 +563,13 @@ struct RegisterRule {
 // states] in quant4.h) declares
 //   static std::vector<int> state_kinds(const double* hyper)
 // beside states(): per state list, quant::kSignedCodes (int8), quant::kUnsignedCodes (uint8), both of the
-// parameter's shape, or quant::kScales (float32, one-dimensional, one value per block of the parameter's
-// elements in row-major order); at 4 bits kSignedNibbles (int8) / kUnsignedNibbles (uint8), one-dimensional
-// packed bytes, and kScales4. Such a rule brings its own backend function (the generic run_rule knows
-// element-wise states only), and its lists bypass the dtype and shape rules of checked(); they are checked
-// here instead, before anything is written. The work list carries them after (params, grads) in the
-// rule's order, like any state list, so the step plan and prepare() need no change: codes and scales are
+// parameter's shape, or quant::kScales (float32, one value per block of the parameter's elements in
+// row-major order: shape [size(0), blocks per row], or [blocks] for 0 or 1 dims, Note [row blocks]); at 4 bits
+// kSignedNibbles (int8) / kUnsignedNibbles (uint8), one-dimensional packed bytes, and kScales4 (one-dimensional).
+// Such a rule brings its own backend function (the generic run_rule knows element-wise states only), and its
+// lists bypass the dtype and shape rules of checked(); they are checked here instead, before anything is
+// written. The work list carries them after (params, grads) in the rule's order, like any state list, so the
+// step plan and prepare() need no change (they record each tuple's row length, Work::row): codes and scales are
 // contiguous as created, and a tuple that is not dense gets contiguous temporaries as usual (Note [dense
 // tuples]), which walk the parameter in row-major order, the order the blocks are defined in.
 inline void check_quantized(const char* op, const rules::Names& names, const std::vector<int>& kinds,
@@ -579,12 +582,19 @@ inline void check_quantized(const char* op, const rules::Names& names, const std
       const at::Tensor& p = params[i];
       TORCH_CHECK(t.defined() && t.layout() == at::kStrided && t.device() == p.device(), "fusedtrain.", op, ": ",
                   names[k], "[", i, "] must be a dense tensor on ", p.device());
-      if (kinds[k] == quant::kScales || kinds[k] == quant::kScales4) {
-        const int block = kinds[k] == quant::kScales ? quant::kBlock : quant::kBlock4;
-        const int64_t blocks = (p.numel() + block - 1) / block;
+      if (kinds[k] == quant::kScales) {
+        // Note [row blocks]: [rows, blocks per row] for >= 2 dims, [blocks] for 0 or 1
+        std::vector<int64_t> want{quant::num_blocks(row_length(p))};
+        if (p.dim() >= 2) want.insert(want.begin(), p.size(0));
+        TORCH_CHECK(t.scalar_type() == at::kFloat && t.sizes() == at::IntArrayRef(want), "fusedtrain.", op, ": ",
+                    names[k], "[", i, "] (", t.scalar_type(), " ", t.sizes(), ") must be float32 of shape ",
+                    at::IntArrayRef(want), ": one absmax per block of up to ", quant::kBlock,
+                    " elements of each dim-0 slice of params[", i, "] (", p.sizes(), ")");
+      } else if (kinds[k] == quant::kScales4) {
+        const int64_t blocks = (p.numel() + quant::kBlock4 - 1) / quant::kBlock4;
         TORCH_CHECK(t.scalar_type() == at::kFloat && t.dim() == 1 && t.numel() == blocks, "fusedtrain.", op, ": ",
                     names[k], "[", i, "] (", t.scalar_type(), " ", t.sizes(), ") must be float32 of shape [", blocks,
-                    "]: one absmax per block of ", block, " elements of params[", i, "] (", p.numel(),
+                    "]: one absmax per block of ", quant::kBlock4, " elements of params[", i, "] (", p.numel(),
                     " elements)");
       } else if (kinds[k] == quant::kSignedNibbles || kinds[k] == quant::kUnsignedNibbles) {
         // Note [4-bit optimizer states] (quant4.h): two codes per byte, one-dimensional

@@ -3,14 +3,24 @@
 // (quant_cuda.cuh) drivers and Python (fusedtrain._C.quant_maps(), optim/_quant.py) all read it from here.
 //
 // Note [8-bit optimizer states]:
-// A state tensor (Adam's exp_avg, exp_avg_sq, ...) of n elements is stored as n one-byte codes plus one
-// float32 scale per block of kBlock = 256 consecutive elements (row-major element order of the parameter,
-// whatever its strides), the block's absolute maximum ("absmax", as in bitsandbytes' blockwise 8-bit
-// optimizers, Dettmers et al. 2022). Element i of block b holds
+// A state tensor (Adam's exp_avg, exp_avg_sq, ...) of n elements is stored as n one-byte codes of the
+// parameter's shape plus one float32 scale per block of up to kBlock = 256 consecutive elements, the
+// block's absolute maximum ("absmax", as in bitsandbytes' blockwise 8-bit optimizers, Dettmers et al.
+// 2022). Element i of block b holds
 //     value = map[code_i] * absmax_b          (float32 arithmetic)
 // (The optimizers store their non-negative second moments through their square root: unsigned codes there
 // hold sqrt(state), and the state reads as value^2; Note [square-root states] in rules_quant.h.)
-// The last block of a tensor may be shorter (a "tail"); its scale covers only its own elements. An update
+// Note [row blocks]: blocks never cross a dim-0 slice ("row") of the parameter. A parameter of >= 2 dims
+// is viewed as [rows = size(0), row = numel / rows] in row-major element order (whatever its strides);
+// each row is cut into ceil(row / 256) blocks from its start, the last one shorter when 256 does not
+// divide row, and absmax has shape [rows, ceil(row / 256)]. A parameter of 0 or 1 dims is one row
+// (absmax of shape [ceil(n / 256)]). Block b (the flat index into absmax) of a tensor covers elements
+// (b / bpr) * row + (b % bpr) * 256 .. + min(256, row - (b % bpr) * 256), bpr = ceil(row / 256).
+// Why rows: FSDP2 and tensor parallelism shard a parameter along dim 0 (Shard(0)) at row boundaries, so
+// codes and absmax shard exactly like the parameter (Shard(0) of both), a block never straddles two
+// ranks, and torch.distributed.checkpoint reshards both as ordinary tensors. When 256 divides row this is
+// the flat layout (blocks of 256 consecutive elements of the whole tensor) with absmax reshaped.
+// A block may be shorter than 256 (a "tail"); its scale covers only its own elements. An update
 // dequantizes a whole block into registers, runs the rule's per-element functor of math.h unchanged,
 // takes the block's new absmax, and requantizes each value x to the code of the nearest map entry of
 // x / absmax (x * (1/absmax) in the opmath type): one read and one write of codes and scales per step.
@@ -41,6 +51,9 @@ namespace quant {
 constexpr int kBlock = 256;  // elements per scale
 
 FT_HD int64_t num_blocks(int64_t n) { return (n + kBlock - 1) / kBlock; }
+
+// Blocks of a tensor of numel elements in rows of `row` elements (Note [row blocks]): rows * ceil(row / 256).
+FT_HD int64_t tensor_blocks(int64_t numel, int64_t row) { return row > 0 ? numel / row * num_blocks(row) : 0; }
 
 // What a rule's state list holds (rules declare state_kinds(hyper) next to states(hyper); optim_host.h
 // checks the lists by it).
@@ -107,8 +120,9 @@ constexpr Maps make_maps() {
 inline constexpr Maps kMaps = make_maps();
 
 // Nearest code of x (already divided by the block's absmax; x may exceed 1 by rounding). Branch-free
-// binary searches over the midpoints: CUDA threads do not diverge (the CPU driver uses an equivalent closed
-// form with fewer gathers, Note [closed-form encoder] in quant_cpu.h). A NaN gets code 0.
+// binary searches over the midpoints: CUDA threads do not diverge (the CPU driver computes the same codes
+// without tables and asks these only for values near a midpoint, Note [lattice encoder] in quant_cpu.h). A NaN
+// gets code 0.
 #if defined(__CUDACC__)
 #define FT_QUANT_UNROLL _Pragma("unroll")
 #else

@@ -1,12 +1,13 @@
 // The CPU block driver of the quantized rules (Note [quantized rules] in rules_quant.h).
 //
 // Note [CPU block split]:
-// As Note [CPU work split] (cpu_driver.h), with blocks of quant::kBlock elements in place of elements:
+// As Note [CPU work split] (cpu_driver.h), with blocks (of up to quant::kBlock elements of one row, Note
+// [row blocks] in quant.h) in place of elements:
 // the blocks of all tensors of a call are laid end to end, one at::parallel_for region splits them into
 // equal ranges, and a block is never split (its absmax depends on all its elements). Per block, four
 // loops over at most 256 elements, each compiled for the ISA picked at run time like loop_body:
 // dequantize the states into a stack buffer (opmath type), run the rule's functor on (param, grad,
-// states) and store the parameter, take each state's absmax, requantize (Note [closed-form encoder]); every
+// states) and store the parameter, take each state's absmax, requantize (Note [lattice encoder]); every
 // loop vectorizes (Note [vectorized block loops]).
 #pragma once
 
@@ -27,40 +28,183 @@
 #include "fusedtrain/rules_quant.h"
 #include "fusedtrain/work.h"
 
+#ifdef FT_HAVE_X86_DISPATCH
+#include <immintrin.h>
+#endif
+
 namespace fusedtrain {
 namespace quant {
 namespace cpu_impl {
 
-// Note [closed-form encoder]:
-// The binary search of quant.h costs 8 (unsigned) or 7 (signed) dependent table gathers per value, which
-// makes the CPU step compute-bound. Both maps are one lattice: decade e (values 10^(e-6) * (0.1 + 0.9 j / F_e),
-// F_e = 2^(e+1) unsigned, 2^e signed) starts at code base_e = F_e - 1, and consecutive decades have
-// consecutive codes (the top entry 1 is decade 7's first, 0 sits below decade 0 / 1). So the decade comes from
-// six comparisons with 10^-6 .. 10^-1 (selects, no gather), the nearest lattice index from
-// j = round((x 10^(6-e) - 0.1) F_e / 0.9), and the estimate c0 = base_e + j is the nearest code or one of its
-// neighbours (rounding near a midpoint or a decade edge). One comparison with each neighbouring midpoint
-// settles it: c = c0 + [mid[c0] < x] - [mid[c0-1] >= x], exactly the binary search's count of midpoints
-// below x (test_optim_8bit.py checks codes at and around every midpoint against it). Two gathers per value.
+// Note [lattice encoder]:
+// The binary search of quant.h costs 8 (unsigned) or 7 (signed) dependent table gathers per value, and even one
+// gather per value makes the CPU step compute-bound (GCC emulates a vector gather with 8 extracts, loads and
+// inserts; Zen 3's native gathers are slower still). Both maps are one lattice: decade e (values
+// 10^(e-6) * (0.1 + 0.9 j / F_e), F_e = 2^(e+1) unsigned, 2^e signed) starts at code F_e - 1, consecutive
+// decades have consecutive codes, and the midpoint between the last entry of a decade and the first of the next
+// sits at j = F_e - 1/2 of the lower decade's lattice. So with the decade picked by comparisons with 10^-6 ..
+// 10^-1 (selects, no table), t = (x 10^(6-e) - 0.1) F_e / 0.9 + 1/2 puts the midpoint below code F_e - 1 + n at
+// t ~ n, and the code is F_e - 1 + floor(t): no table at all. t is computed in T with rounding, and the table's
+// midpoints are rounded too, so a value within a hair of a midpoint may land on the wrong side: where the
+// fraction of t is within kLatticeEps of an integer the block's encode loop marks the value and a scalar pass
+// recomputes it with quant.h's search (the one definition; about 1 value in 2000). Why the rest is exact: each
+// float operation is monotone, so t is a non-decreasing function of x within a decade; lattice_margin_ok()
+// (static_assert below) evaluates t at every midpoint of both maps, for float and double, and checks that it
+// lies within kLatticeEps / 4 of the integer it should; so t(x) >= n + kLatticeEps means x is above the midpoint
+// below code F_e - 1 + n, and t(x) <= n + 1 - kLatticeEps that it is below the next one. Code 0 (below mid[0],
+// outside the lattice) is one exact comparison with mid[0]. A NaN (t clamped to 0, fraction 0) is marked and
+// goes to the search, which gives it code 0. The build rounds every operation as written
+// (-ffp-contract=off), so the vector loop computes the same t as the compile-time check.
+constexpr double kLatticeEps = 1.0 / 4096;
+
+// The decades of a map by k, the number of decade starts (10^-6 unsigned only, 10^-5, ..., 10^-1) at or below
+// x: the scale 10^(6-e), t's slope F_e / 0.9 and the first code F_e - 1.
 template <typename T, bool kSigned>
-inline __attribute__((always_inline)) int encode_closed(T x, const float* mid) {
+struct Lattice {
+  static constexpr int kTop = kSigned ? 127 : 255;
+  static constexpr int kStarts = kSigned ? 5 : 6;
+  static constexpr T kStart[6] = {T(kSigned ? 1e-5 : 1e-6), T(kSigned ? 1e-4 : 1e-5), T(kSigned ? 1e-3 : 1e-4),
+                                  T(kSigned ? 1e-2 : 1e-3), T(kSigned ? 1e-1 : 1e-2), T(1e-1)};
+  static constexpr T kScale[8] = {T(kSigned ? 1e5 : 1e6), T(kSigned ? 1e4 : 1e5), T(kSigned ? 1e3 : 1e4),
+                                  T(kSigned ? 1e2 : 1e3), T(kSigned ? 1e1 : 1e2), T(kSigned ? 1 : 1e1), T(1), T(1)};
+  static constexpr T slope(int k) { return static_cast<T>(2 << k) * T(1.0 / 0.9); }
+  static constexpr T kSlope[8] = {slope(0), slope(1), slope(2), slope(3), slope(4), slope(5), slope(6), slope(6)};
+  static constexpr int kFirst[8] = {1, 3, 7, 15, 31, 63, 127, 127};
+  static constexpr T kMid0 = static_cast<T>(kSigned ? kMaps.signed_mid[0] : kMaps.unsigned_mid[0]);
+};
+
+template <bool kSigned>
+using CodeOf = std::conditional_t<kSigned, int8_t, uint8_t>;  // the byte type of a map's codes
+
+// Note [lattice encoder]: the code estimate of x >= 0 and the fraction of t (the specification the vector
+// version below computes operation for operation).
+template <typename T, bool kSigned>
+constexpr inline __attribute__((always_inline)) int lattice_code(T x, T& frac) {
+  using Lat = Lattice<T, kSigned>;
+  T scale = Lat::kScale[0], slope = Lat::kSlope[0];
+  int first = Lat::kFirst[0];
+  for (int k = 0; k < Lat::kStarts; ++k) {  // selects, not table loads: the loop vectorizes
+    const bool up = x >= Lat::kStart[k];
+    scale = up ? Lat::kScale[k + 1] : scale;
+    slope = up ? Lat::kSlope[k + 1] : slope;
+    first = up ? Lat::kFirst[k + 1] : first;
+  }
+  T t = (x * scale - T(0.1)) * slope + T(0.5);
+  t = t > T(0) ? t : T(0);  // also NaN
+  t = t < T(300) ? t : T(300);
+  const int n = static_cast<int>(t);  // floor: t >= 0
+  frac = t - static_cast<T>(n);
+  int c = first + n;
+  c = c < Lat::kTop ? c : Lat::kTop;
+  return x > Lat::kMid0 ? c : 0;
+}
+
+template <typename T>
+constexpr inline __attribute__((always_inline)) bool near_integer(T frac) {
+  return frac < T(kLatticeEps) || frac > T(1.0 - kLatticeEps);
+}
+
+// Note [lattice encoder]: at midpoint k (between codes k and k + 1) t must be within kLatticeEps / 4 of an
+// integer, from above with the estimate k + 1 or from below with the estimate k.
+template <typename T, bool kSigned>
+constexpr bool lattice_margin_ok() {
   constexpr int kTop = kSigned ? 127 : 255;
-  const int e = (kSigned ? 1 : (x >= T(1e-6) ? 1 : 0)) + (x >= T(1e-5) ? 1 : 0) + (x >= T(1e-4) ? 1 : 0) +
-                (x >= T(1e-3) ? 1 : 0) + (x >= T(1e-2) ? 1 : 0) + (x >= T(1e-1) ? 1 : 0);
-  T scale = kSigned ? T(1e5) : T(1e6);  // 10^(6-e)
-  scale = x >= T(1e-6) ? T(1e5) : scale;
-  scale = x >= T(1e-5) ? T(1e4) : scale;
-  scale = x >= T(1e-4) ? T(1e3) : scale;
-  scale = x >= T(1e-3) ? T(1e2) : scale;
-  scale = x >= T(1e-2) ? T(1e1) : scale;
-  scale = x >= T(1e-1) ? T(1) : scale;
-  const int f = kSigned ? (1 << e) : (2 << e);
-  T j = (x * scale - T(0.1)) * (static_cast<T>(f) * T(1.0 / 0.9)) + T(0.5);
-  j = j > T(-2) ? j : T(-2);  // also NaN: the conversion below stays defined
-  j = j < T(300) ? j : T(300);
-  int c = f - 1 + static_cast<int>(std::floor(j));
-  c = c < 1 ? 1 : (c > kTop - 1 ? kTop - 1 : c);
-  c += (static_cast<T>(mid[c]) < x ? 1 : 0) - (static_cast<T>(mid[c - 1]) >= x ? 1 : 0);
-  return x > T(0) ? c : 0;
+  const T d = T(kLatticeEps / 4);
+  for (int k = 1; k < kTop; ++k) {
+    const T m = static_cast<T>(kSigned ? kMaps.signed_mid[k] : kMaps.unsigned_mid[k]);
+    T frac = 0;
+    const int c = lattice_code<T, kSigned>(m, frac);
+    if (!((frac <= d && c == k + 1) || (frac >= T(1) - d && c == k))) return false;
+  }
+  return true;
+}
+static_assert(lattice_margin_ok<float, false>() && lattice_margin_ok<float, true>() &&
+                  lattice_margin_ok<double, false>() && lattice_margin_ok<double, true>(),
+              "Note [lattice encoder]: a midpoint lies too far from its lattice point; raise kLatticeEps");
+
+#ifdef FT_HAVE_X86_DISPATCH
+// Note [lattice encoder]: lattice_code<float> on 8 values at a time (AVX2). GCC vectorizes the scalar loop
+// with three blends per decade start and clamps folded into integer blends, ~75 instructions per 8 values;
+// here k is a compare-and-subtract per decade start, the decade's constants are in-register permutes
+// (vpermps / vpermd of the Lattice tables), and t is the same four operations in the same order, ~35
+// instructions. The clamps of the scalar version are no-ops for x >= 0 (t > 1/4), and a NaN ends at code 0
+// either way: its t is clamped to 300 (marked, so the search gives it 0) and x > mid[0] is false.
+// Returns how many values it did (a multiple of 8); the caller finishes the rest with lattice_code.
+template <bool kSigned>
+__attribute__((target("avx2,fma"))) inline int64_t encode_avx2(const float* __restrict__ x, float inv, int64_t n,
+                                                             CodeOf<kSigned>* __restrict__ code,
+                                                             int32_t* __restrict__ mark, int32_t& near) {
+  using Lat = Lattice<float, kSigned>;
+  const __m256 vinv = _mm256_set1_ps(inv), scales = _mm256_loadu_ps(Lat::kScale),
+               slopes = _mm256_loadu_ps(Lat::kSlope), tenth = _mm256_set1_ps(0.1f), half = _mm256_set1_ps(0.5f),
+               cap = _mm256_set1_ps(300.0f), mid0 = _mm256_set1_ps(Lat::kMid0),
+               lo = _mm256_set1_ps(static_cast<float>(kLatticeEps)),
+               hi = _mm256_set1_ps(static_cast<float>(1.0 - kLatticeEps)),
+               magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  const __m256i firsts = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(Lat::kFirst)),
+                top = _mm256_set1_epi32(Lat::kTop);
+  __m256i any = _mm256_setzero_si256();
+  const int64_t n8 = n & ~int64_t(7);
+  for (int64_t i = 0; i < n8; i += 8) {
+    const __m256 v = _mm256_mul_ps(_mm256_loadu_ps(x + i), vinv);
+    const __m256 a = kSigned ? _mm256_and_ps(v, magnitude) : v;
+    __m256i k = _mm256_setzero_si256();
+    for (int d = 0; d < Lat::kStarts; ++d) {
+      const __m256 up = _mm256_cmp_ps(a, _mm256_set1_ps(Lat::kStart[d]), _CMP_GE_OQ);
+      k = _mm256_sub_epi32(k, _mm256_castps_si256(up));
+    }
+    const __m256 scale = _mm256_permutevar8x32_ps(scales, k), slope = _mm256_permutevar8x32_ps(slopes, k);
+    __m256 t = _mm256_add_ps(_mm256_mul_ps(_mm256_sub_ps(_mm256_mul_ps(a, scale), tenth), slope), half);
+    t = _mm256_min_ps(t, cap);
+    const __m256i whole = _mm256_cvttps_epi32(t);
+    const __m256 frac = _mm256_sub_ps(t, _mm256_cvtepi32_ps(whole));
+    __m256i c = _mm256_min_epi32(_mm256_add_epi32(_mm256_permutevar8x32_epi32(firsts, k), whole), top);
+    c = _mm256_and_si256(c, _mm256_castps_si256(_mm256_cmp_ps(a, mid0, _CMP_GT_OQ)));
+    if constexpr (kSigned) c = _mm256_sign_epi32(c, _mm256_castps_si256(v));
+    const __m256i m = _mm256_castps_si256(
+        _mm256_or_ps(_mm256_cmp_ps(frac, lo, _CMP_LT_OQ), _mm256_cmp_ps(frac, hi, _CMP_GT_OQ)));
+    // 8 int32 codes (-127..255) to 8 bytes: saturating packs leave them unchanged
+    const __m128i words = _mm_packs_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(code + i),
+                     kSigned ? _mm_packs_epi16(words, words) : _mm_packus_epi16(words, words));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(mark + i), m);
+    any = _mm256_or_si256(any, m);
+  }
+  near |= _mm256_testz_si256(any, any) ? 0 : 1;
+  return n8;
+}
+#endif
+
+// Note [lattice encoder]: the codes of x[0..n) * inv into code[], exactly quant.h's encode_signed /
+// encode_unsigned: the lattice for all, then the search for the values it marked near a midpoint.
+template <typename T, bool kSigned, bool kVector>
+inline __attribute__((always_inline)) void encode_block(const T* __restrict__ x, T inv, int64_t n,
+                                                        CodeOf<kSigned>* __restrict__ code) {
+  int32_t mark[kBlock];
+  int32_t near = 0;
+  int64_t i = 0;
+#ifdef FT_HAVE_X86_DISPATCH
+  if constexpr (kVector && std::is_same_v<T, float>) i = encode_avx2<kSigned>(x, inv, n, code, mark, near);
+#endif
+  for (; i < n; ++i) {
+    const T v = x[i] * inv;
+    T frac = 0;
+    const int a = lattice_code<T, kSigned>(v < T(0) ? -v : v, frac);
+    code[i] = static_cast<CodeOf<kSigned>>(v < T(0) ? -a : a);
+    const int32_t m = near_integer(frac) ? 1 : 0;
+    mark[i] = m;
+    near |= m;
+  }
+  if (near) {
+    for (int64_t j = 0; j < n; ++j) {
+      if (!mark[j]) continue;
+      if constexpr (kSigned) {
+        code[j] = encode_signed(x[j] * inv, kMaps.signed_mid);
+      } else {
+        code[j] = encode_unsigned(x[j] * inv, kMaps.unsigned_mid);
+      }
+    }
+  }
 }
 
 // Note [vectorized block loops]:
@@ -73,8 +217,8 @@ inline __attribute__((always_inline)) int encode_closed(T x, const float* mid) {
 //    non-negative floats the bit order is the value order, and every NaN pattern lies above +inf, so a NaN
 //    anywhere in the block wins the max (Note [8-bit optimizer states]: a diverged block stays visible)
 //    without a separate flag;
-//  - encoding writes int32 codes into a local buffer (the closed form of Note [closed-form encoder]), then
-//    narrows them into the byte codes in a second loop.
+//  - encoding writes the byte codes directly and near-midpoint marks into a local buffer (Note [lattice
+//    encoder]).
 inline constexpr std::array<float, 256> make_signed_by_byte() {
   std::array<float, 256> t{};
   for (int b = 0; b < 256; ++b) {
@@ -89,16 +233,16 @@ inline constexpr std::array<float, 256> kSignedByByte = make_signed_by_byte();
 template <typename T>
 using BitsOf = std::conditional_t<sizeof(T) == 8, int64_t, int32_t>;
 
-// One block of n (<= kBlock) elements starting at element e0 = b * kBlock of its tensor.
-// ptr: the tuple's lists (param, grad, (codes, absmax) per state, copy).
-template <class L, typename Op>
-inline __attribute__((always_inline)) void block_body(void* const* ptr, int64_t b, int64_t n, const Op& op_in,
-                                                      uint32_t key, const Signs& sgn) {
+// Block b (its absmax index) of its tensor: n (<= kBlock) elements starting at element e0 (Note [row blocks]
+// in quant.h). ptr: the tuple's lists (param, grad, (codes, absmax) per state, copy).
+// kVector: compiled for AVX2 or above (Note [lattice encoder]).
+template <class L, typename Op, bool kVector>
+inline __attribute__((always_inline)) void block_body(void* const* ptr, int64_t b, int64_t e0, int64_t n,
+                                                      const Op& op_in, uint32_t key, const Signs& sgn) {
   using T = at::opmath_type<typename L::P>;
   using Bits = BitsOf<T>;
   constexpr int D = Op::depth, S = D - 2;
   const Op op = op_in;
-  const int64_t e0 = b * kBlock;
   typename L::P* __restrict__ p = static_cast<typename L::P*>(ptr[0]) + e0;
   const typename L::G* __restrict__ g = static_cast<const typename L::G*>(ptr[1]) + e0;
   typename L::O* __restrict__ out = L::kCopy ? static_cast<typename L::O*>(ptr[2 + 2 * S]) + e0 : nullptr;
@@ -129,7 +273,6 @@ inline __attribute__((always_inline)) void block_body(void* const* ptr, int64_t 
     for (int s = 0; s < S; ++s) st[s][i] = r[2 + s];
     if constexpr (L::kCopy) out[i] = static_cast<typename L::O>(r[0]);
   }
-  int32_t code[kBlock];
   for (int s = 0; s < S; ++s) {
     T* __restrict__ x = st[s];
     if (!sgn[s]) {
@@ -143,41 +286,33 @@ inline __attribute__((always_inline)) void block_body(void* const* ptr, int64_t 
     const float absmax = static_cast<float>(__builtin_bit_cast(T, top));
     static_cast<float*>(ptr[3 + 2 * s])[b] = absmax;
     const T inv = absmax > 0.0f ? T(1) / static_cast<T>(absmax) : T(0);
-    // Note [closed-form encoder]: the same codes as quant.h's encode_signed / encode_unsigned
     if (sgn[s]) {
-      for (int64_t i = 0; i < n; ++i) {
-        const T v = x[i] * inv;
-        const int a = encode_closed<T, true>(v < T(0) ? -v : v, kMaps.signed_mid);
-        code[i] = v < T(0) ? -a : a;
-      }
-      int8_t* __restrict__ c = static_cast<int8_t*>(ptr[2 + 2 * s]) + e0;
-      for (int64_t i = 0; i < n; ++i) c[i] = static_cast<int8_t>(code[i]);
+      encode_block<T, true, kVector>(x, inv, n, static_cast<int8_t*>(ptr[2 + 2 * s]) + e0);
     } else {
-      for (int64_t i = 0; i < n; ++i) code[i] = encode_closed<T, false>(x[i] * inv, kMaps.unsigned_mid);
-      uint8_t* __restrict__ c = static_cast<uint8_t*>(ptr[2 + 2 * s]) + e0;
-      for (int64_t i = 0; i < n; ++i) c[i] = static_cast<uint8_t>(code[i]);
+      encode_block<T, false, kVector>(x, inv, n, static_cast<uint8_t*>(ptr[2 + 2 * s]) + e0);
     }
   }
 }
 
 template <class L, typename Op>
-using BlockFn = void (*)(void* const*, int64_t, int64_t, const Op&, uint32_t, const Signs&);
+using BlockFn = void (*)(void* const*, int64_t, int64_t, int64_t, const Op&, uint32_t, const Signs&);
 
 #ifdef FT_HAVE_X86_DISPATCH
 template <class L, typename Op>
 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c"))) void block_avx512(
-    void* const* ptr, int64_t b, int64_t n, const Op& op, uint32_t key, const Signs& sgn) {
-  block_body<L, Op>(ptr, b, n, op, key, sgn);
+    void* const* ptr, int64_t b, int64_t e0, int64_t n, const Op& op, uint32_t key, const Signs& sgn) {
+  block_body<L, Op, true>(ptr, b, e0, n, op, key, sgn);
 }
 template <class L, typename Op>
-__attribute__((target("avx2,fma,f16c"))) void block_avx2(void* const* ptr, int64_t b, int64_t n, const Op& op,
-                                                          uint32_t key, const Signs& sgn) {
-  block_body<L, Op>(ptr, b, n, op, key, sgn);
+__attribute__((target("avx2,fma,f16c"))) void block_avx2(void* const* ptr, int64_t b, int64_t e0, int64_t n,
+                                                          const Op& op, uint32_t key, const Signs& sgn) {
+  block_body<L, Op, true>(ptr, b, e0, n, op, key, sgn);
 }
 #endif
 template <class L, typename Op>
-void block_baseline(void* const* ptr, int64_t b, int64_t n, const Op& op, uint32_t key, const Signs& sgn) {
-  block_body<L, Op>(ptr, b, n, op, key, sgn);
+void block_baseline(void* const* ptr, int64_t b, int64_t e0, int64_t n, const Op& op, uint32_t key,
+                    const Signs& sgn) {
+  block_body<L, Op, false>(ptr, b, e0, n, op, key, sgn);
 }
 
 template <class L, typename Op>
@@ -206,8 +341,9 @@ struct Driver<cpu::Backend> {
     if constexpr (2 + 2 * S + (L::kCopy ? 1 : 0) > kMaxDepth || S > kMaxStates) {
       TORCH_CHECK(false, "fusedtrain: too many quantized state lists for one tuple");
     } else {
-      const std::vector<int64_t> offset = cpu::cumulative(work, [](int64_t numel) { return num_blocks(numel); });
-      const int64_t total = offset.back();  // in blocks
+      std::vector<int64_t> offset(work.size() + 1, 0);  // in blocks (Note [row blocks] in quant.h)
+      for (size_t i = 0; i < work.size(); ++i) offset[i + 1] = offset[i] + tensor_blocks(work.numel[i], work.row[i]);
+      const int64_t total = offset.back();
       if (total == 0) return;
       const cpu_impl::BlockFn<L, Op> fn = cpu_impl::select_block<L, Op>();
       const uint64_t seed = L::kStochastic ? read_seed(work.scalars) : 0;
@@ -217,8 +353,11 @@ struct Driver<cpu::Backend> {
           const Op& bound = rebound.for_tensor(work, i);
           const uint32_t key = L::kStochastic ? rounding::tensor_key(seed, work.ordinal[i]) : 0u;
           void* const* ptr = work.ptr[i].data();
+          const int64_t row = work.row[i], per_row = num_blocks(row);
           for (int64_t b = lo; b < hi; ++b) {
-            fn(ptr, b, std::min<int64_t>(kBlock, work.numel[i] - b * kBlock), bound, key, sgn);
+            const int64_t k = b % per_row;  // the block's position in its row
+            fn(ptr, b, (b / per_row) * row + k * kBlock, std::min<int64_t>(kBlock, row - k * kBlock), bound, key,
+               sgn);
           }
         });
       });

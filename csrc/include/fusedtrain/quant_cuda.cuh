@@ -2,7 +2,8 @@
 //
 // Note [CUDA block launch]:
 // The tensor table of the element-wise launcher (cuda_launcher.cuh: addresses in the kernel's parameter
-// space, no copy, capturable) with chunk_end counting quantization blocks instead of chunks. One CUDA
+// space, no copy, capturable) with chunk_end counting quantization blocks instead of chunks, and numel[t]
+// holding the tensor's row length (the kernel needs no other size: Note [row blocks] in quant.h). One CUDA
 // block of quant::kBlock (256) threads handles one quantization block at a time, one element per thread,
 // and strides over the blocks of all tensors (a persistent grid). Per block: each thread dequantizes its
 // element's states (the maps are copied once per CUDA block from __constant__ memory into shared
@@ -60,8 +61,10 @@ __global__ void __launch_bounds__(kBlock) quant_kernel(const __grid_constant__ c
       op.bind(bd);
     }
     const uint32_t key = L::kStochastic ? rounding::tensor_key(sr_seed, table.ordinal[t]) : 0u;
-    const int64_t e = b * kBlock + i;
-    const bool active = e < table.numel[t];
+    const int64_t row = table.numel[t], per_row = num_blocks(row);  // Note [row blocks]
+    const int64_t in_row = (b % per_row) * kBlock + i;                // the element's position in its row
+    const int64_t e = (b / per_row) * row + in_row;
+    const bool active = in_row < row;
     T r[D];
 #pragma unroll
     for (int k = 0; k < D; ++k) r[k] = T(0);
@@ -160,19 +163,19 @@ struct Driver<cuda::Backend> {
         blocks = 0;
       };
       for (size_t i = 0; i < work.size(); ++i) {
-        const int64_t tensor_blocks = num_blocks(work.numel[i]);
-        TORCH_CHECK(tensor_blocks <= INT32_MAX, "fusedtrain: a tensor of ", work.numel[i],
+        const int64_t own = tensor_blocks(work.numel[i], work.row[i]);
+        TORCH_CHECK(own <= INT32_MAX, "fusedtrain: a tensor of ", work.numel[i],
                     " elements has too many 8-bit blocks for one launch");
-        if (table.count == Table::kMax || blocks + tensor_blocks > INT32_MAX) flush();
+        if (table.count == Table::kMax || blocks + own > INT32_MAX) flush();
         for (int k = 0; k < N; ++k) table.ptr[k][table.count] = work.ptr[i][k];
-        table.numel[table.count] = work.numel[i];
+        table.numel[table.count] = work.row[i];  // Note [CUDA block launch]: the row length
         table.step[table.count] = work.step[i];
         table.ordinal[table.count] = work.ordinal[i];
         if (table.has_aux) {
           table.aux[table.count][0] = work.aux[i][0];
           table.aux[table.count][1] = work.aux[i][1];
         }
-        blocks += tensor_blocks;
+        blocks += own;
         table.chunk_end[table.count] = static_cast<int32_t>(blocks);  // cumulative quantization blocks
         ++table.count;
       }

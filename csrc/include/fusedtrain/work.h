@@ -69,10 +69,20 @@ struct AuxArgs {
   std::vector<at::Tensor>* keep = nullptr;  // device buffers the out scalars point into
 };
 
+// Elements per dim-0 slice of t: the product of sizes[1:] for >= 2 dims, numel for 0 or 1 dims (one row).
+inline int64_t row_length(const at::Tensor& t) {
+  int64_t row = 1;
+  for (int64_t d = t.dim() >= 2 ? 1 : 0; d < t.dim(); ++d) row *= t.size(d);
+  return row;
+}
+
 struct Work {
   c10::Device device{c10::kCPU};
   std::vector<std::array<void*, kMaxDepth>> ptr;  // ptr[i][k]: list k of tuple i
   std::vector<int64_t> numel;                     // elements of tuple i (> 0)
+  // Elements per dim-0 slice of tuple i's parameter (row_length): the block rows of the quantized rules
+  // (Note [row blocks] in quant.h); the element-wise drivers do not read it.
+  std::vector<int64_t> row;
   std::vector<Scalar> step;                       // step count of tuple i (host value or device counter)
   std::vector<std::array<Scalar, 2>> aux;          // tuple i's bound scalar states; empty for most rules
   // Tuple i's position in its call (empty tuples included): keys its stochastic-rounding bits, so they

@@ -19,13 +19,14 @@ from . import dropout as dropout_bench
 from . import augment as augment_bench
 from . import ema as ema_bench
 from . import host as host_bench
+from . import lowbit as lowbit_bench
 from . import mixed as mixed_bench
 from . import optim as optim_bench
 from . import train as train_bench
 from .common import PROBE_EXPLANATION, format_table, machine_load, measure_bandwidth, noise_warnings
 from .plot import check_matplotlib, plot_breakdown, plot_ratios
 
-FAMILIES = ["optim", "host", "ema", "clip", "mixed", "dropout", "augment", "train"]
+FAMILIES = ["optim", "lowbit", "host", "ema", "clip", "mixed", "dropout", "augment", "train"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -137,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
         if family == "optim":
             results += optim_bench.run(device, sets, optimizers, reps, warmup=warmup, bandwidth=bandwidth,
                                        progress=not args.no_progress)
+        elif family == "lowbit":
+            results += lowbit_bench.run(device, sets, reps, warmup=warmup, bandwidth=bandwidth,
+                                        progress=not args.no_progress)
         elif family == "host":
             counts = host_bench.COUNTS[:2] if args.quick else host_bench.COUNTS
             results += host_bench.run(device, reps, warmup=warmup, progress=not args.no_progress, counts=counts)

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from .. import _ops
 from .._build import has_cuda_kernels
-from .._dtensor import check_local_pair, is_dtensor, local, refuse_partitioned_extras
+from .._dtensor import check_local_pair, is_dtensor, local, refuse_partitioned_extras, rows_kept_whole
 from ..clip import clip_coefficient, grads_norm
 from . import _quant
 from ._groups import real_view
@@ -266,9 +266,11 @@ class FusedOptimizerMixin(KeepsOptions):
       weights), as torch does.
     - ``state_bits`` (optimizers with an 8-bit rule: Adam, AdamW, SGD, Adagrad, RMSprop, NAdam, RAdam, Adamax,
       Adadelta, Lion; the others refuse 8 with a ValueError that says why): 8 stores the states
-      of every real parameter with at least ``min_8bit_size`` elements (default 4096) as blockwise-quantized
-      8-bit codes plus one float32 absmax per 256 elements (Note [8-bit states in the optimizers]); 4 (Adam and
-      AdamW only; the others refuse it) stores them as packed 4-bit codes plus one float32 absmax per 128
+      of every real parameter of >= 2 dims with at least ``min_8bit_size`` elements (default 4096) as
+      blockwise-quantized 8-bit codes plus one float32 absmax per block of up to 256 elements of a dim-0 slice
+      (Note [8-bit states in the optimizers]; DTensor parameters sharded along dim 0, as FSDP2 shards them,
+      included); 4 (Adam and AdamW only; the others refuse it) stores the states of every real, non-DTensor
+      parameter with at least ``min_8bit_size`` elements as packed 4-bit codes plus one float32 absmax per 128
       elements (Note [4-bit optimizer states] in csrc/include/fusedtrain/quant4.h); 32 (the default): float
       states.
 
@@ -385,11 +387,19 @@ class FusedOptimizerMixin(KeepsOptions):
         self.min_8bit_size = int(min_8bit_size)
 
     # Note [8-bit states in the optimizers]:
-    # With state_bits=8, a real, non-DTensor parameter with at least min_8bit_size elements is updated by
+    # With state_bits=8, a real parameter of >= 2 dims with at least min_8bit_size elements is updated by
     # the rule's 8-bit variant (_rule_8bit, e.g. "adam8bit": Note [quantized rules] in
     # csrc/include/fusedtrain/rules_quant.h); its state keeps torch's keys for the codes (exp_avg: int8
     # codes of the parameter's shape; exp_avg_sq: uint8) and adds "<key>_absmax" (float32, one per block of
-    # 256 elements), see optim/_quant.py. Smaller parameters keep float32 states (as bitsandbytes does: the
+    # up to 256 elements of one dim-0 slice: Note [row blocks] in quant.h), see optim/_quant.py. A DTensor
+    # parameter qualifies when its rows are whole on each rank (rows_kept_whole: placements Shard(0) /
+    # Replicate, as FSDP2 shards): its codes and absmax are DTensors placed like it (what
+    # torch.distributed.checkpoint saves and reshards), and the kernels update the local shards. Other
+    # DTensors (Shard(d > 0), _StridedShard) keep float32 states, since their blocks would straddle ranks.
+    # Parameters of 0 or 1 dims (biases, norms) keep float32 states everywhere: FSDP2 cuts a 1-D parameter
+    # anywhere, so its blocks could not stay on one rank, and quantizing it only when unsharded would give a
+    # single-process run and an FSDP2 run different state_dict keys, which torch.distributed.checkpoint
+    # cannot load into each other. Smaller parameters keep float32 states (as bitsandbytes does: the
     # scales would cost more than the codes save), in segments of the float rule. Float states met where
     # codes are wanted (a torch.optim checkpoint, a state_bits=32 run) are quantized, and codes met where
     # floats are wanted are dequantized, at load_state_dict and before a parameter's first update.
@@ -398,8 +408,11 @@ class FusedOptimizerMixin(KeepsOptions):
     # the other width are converted through their float values.
     def _quantized(self, p: Tensor) -> bool:
         """Whether ``p``'s states are 8-bit or 4-bit (Note [8-bit states in the optimizers])."""
-        return (self.state_bits in (4, 8) and not p.is_complex() and not is_dtensor(p)
-                and p.numel() >= self.min_8bit_size)
+        if self.state_bits not in (4, 8) or p.is_complex() or p.numel() < self.min_8bit_size:
+            return False
+        if self.state_bits == 4:  # one-dimensional packed codes: plain tensors of any shape, no DTensor layout
+            return not is_dtensor(p)
+        return p.dim() >= 2 and (not is_dtensor(p) or rows_kept_whole(p))
 
     def _rule_of(self, p: Tensor) -> str:
         """The rule that updates ``p``: the optimizer's, or its 8-bit or 4-bit variant."""

@@ -41,11 +41,12 @@ class Adam(FusedOptimizerMixin, torch.optim.Adam):
         ema, max_grad_norm, l1, master_weights, stochastic_rounding, state_dtype: the options fusedtrain
             adds to every optimizer; see :class:`~fusedtrain.optim._base.FusedOptimizerMixin`.
         state_bits: 8 keeps ``exp_avg`` (int8 codes), ``exp_avg_sq`` and ``max_exp_avg_sq`` (uint8 codes) of
-            parameters with at least ``min_8bit_size`` elements blockwise-quantized, with one float32 absmax
-            per 256 elements under ``<key>_absmax``: about 2 bytes of state per parameter instead of 8. 4 keeps
-            them as packed 4-bit codes (``ceil(n / 2)`` bytes, int8 for ``exp_avg``, uint8 for the others) with
-            one float32 absmax per 128 elements under ``<key>_absmax4`` and the shape under ``<key>_shape4``:
-            1.0625 bytes per parameter (Note [4-bit optimizer states] in csrc/include/fusedtrain/quant4.h).
+            parameters of >= 2 dims with at least ``min_8bit_size`` elements blockwise-quantized, with one float32
+            absmax per block of up to 256 elements of each dim-0 slice under ``<key>_absmax``: about 2 bytes of
+            state per parameter instead of 8. 4 keeps them as packed 4-bit codes (``ceil(n / 2)`` bytes, int8 for
+            ``exp_avg``, uint8 for the others) with one float32 absmax per 128 elements under ``<key>_absmax4``
+            and the shape under ``<key>_shape4``: 1.0625 bytes per parameter, at a cost in loss (docs/optim.md,
+            "4-bit states"; Note [4-bit optimizer states] in csrc/include/fusedtrain/quant4.h).
         min_8bit_size: smaller parameters keep float32 states at ``state_bits=8`` or ``4`` (default 4096).
 
     The state keys (``step`` as a CPU float tensor, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``) are
