@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import io
 import pickle
@@ -200,3 +201,33 @@ def roundtrip(obj: Any, how: str) -> Any:
     torch.save(obj, buf)
     buf.seek(0)
     return torch.load(buf, weights_only=False)
+
+
+# ---------------------------------------------------------------------------------- low-bit convergence
+# The digits MLP of the low-bit convergence tests (test_optim_8bit.py, test_optim_4bit.py; the same run as
+# benchmarks/convergence_lowbit.py): 64-256-256-10, AdamW lr 2e-3, weight decay 1e-2, 100 batches of 128 drawn
+# with torch.Generator().manual_seed(order), one initialization for every run.
+DIGITS_ORDERS = (1, 2, 3, 4, 5)
+
+
+@functools.cache
+def digits_loss(state_bits: int, order: int, steps: int = 100) -> float:
+    """The whole-set cross-entropy after training the digits MLP with ``AdamW(state_bits=...)`` on the batch
+    order ``order``; cached, so the float32 runs serve every test."""
+    sklearn = pytest.importorskip("sklearn.datasets")
+    xs, ys = sklearn.load_digits(return_X_y=True)
+    x, y = torch.tensor(xs, dtype=torch.float32) / 16.0, torch.tensor(ys)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256),
+                                torch.nn.ReLU(), torch.nn.Linear(256, 10))
+    g = torch.Generator().manual_seed(order)
+    batches = [torch.randint(0, x.shape[0], (128,), generator=g) for _ in range(steps)]
+    opt = fusedtrain.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-2, state_bits=state_bits)
+    for idx in batches:
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+        opt.step()
+    if state_bits != 32:  # the hidden matrix's states really are codes
+        assert opt.state[model[2].weight]["exp_avg"].dtype == torch.int8
+    with torch.no_grad():
+        return float(torch.nn.functional.cross_entropy(model(x), y))

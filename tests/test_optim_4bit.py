@@ -15,6 +15,8 @@ import pytest
 import torch
 from fusedtrain.optim import _quant
 
+from _helpers import DIGITS_ORDERS, digits_loss
+
 BLOCK = 128
 SIGNED = {"exp_avg": True, "exp_avg_sq": False, "max_exp_avg_sq": False}
 
@@ -532,36 +534,15 @@ def test_deepcopy_and_pickle_keep_state_bits() -> None:
 
 
 # ---------------------------------------------------------------------------------- convergence
-def _digits() -> tuple[torch.Tensor, torch.Tensor]:
-    sklearn = pytest.importorskip("sklearn.datasets")
-    x, y = sklearn.load_digits(return_X_y=True)
-    x = torch.tensor(x, dtype=torch.float32) / 16.0
-    return x, torch.tensor(y)
-
-
-def test_convergence_4bit_within_10_percent_of_float32() -> None:
-    """The MLP and batches of test_optim_8bit.py's convergence test. Measured (benchmarks/NOTES.md, "4-bit
-    optimizer states"): float32 0.0871, 4 bits 0.0862 (-1.1 %) on these batches; 4 bits is not as close as 8 bits
-    in general: over four other batch orders the 4-bit loss after these 100 steps was +4.8 to +19 % above float32
-    (8 bits: -0.2 to +0.9 %). The bound leaves room for numerical changes of the update, not for a broken kernel
-    (a zero code for the second moments diverged, quantizing them without square roots cost 11-13 %)."""
-    x, y = _digits()
-    torch.manual_seed(0)
-    base = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256), torch.nn.ReLU(),
-                               torch.nn.Linear(256, 10))
-    g = torch.Generator().manual_seed(1)
-    batches = [torch.randint(0, x.shape[0], (128,), generator=g) for _ in range(100)]
-    losses = {}
-    for bits in (32, 4):
-        model = copy.deepcopy(base)
-        opt = fusedtrain.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-2, state_bits=bits)
-        for idx in batches:
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
-        if bits == 4:
-            assert opt.state[model[2].weight]["exp_avg"].dtype == torch.int8
-        with torch.no_grad():
-            losses[bits] = float(torch.nn.functional.cross_entropy(model(x), y))
-    assert losses[32] < 0.15, losses  # it learned
-    assert abs(losses[4] - losses[32]) <= 0.10 * losses[32], losses
+def test_convergence_4bit_against_float32() -> None:
+    """The digits MLP of the 8-bit convergence test (tests/_helpers.py: digits_loss), five batch orders. 4 bits is
+    not as close as 8 bits: measured (benchmarks/NOTES.md, "4-bit optimizer states") -1.1, +8.1, +4.8, +17.7 and
+    +19.2 % above float32 after 100 steps (8 bits: within 1 % on each). The bounds guard that, not the 2 % of
+    8 bits: every order within 25 %, the median within 10 % (a zero code for the second moments diverged,
+    quantizing them without square roots cost 11-13 %)."""
+    gaps = []
+    for order in DIGITS_ORDERS:
+        full, low = digits_loss(32, order), digits_loss(4, order)
+        assert full < 0.15, (order, full)  # it learned
+        gaps.append((low - full) / full)
+    assert max(gaps) <= 0.25 and sorted(gaps)[len(gaps) // 2] <= 0.10, gaps

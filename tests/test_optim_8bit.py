@@ -14,6 +14,8 @@ import pytest
 import torch
 from fusedtrain.optim import _quant
 
+from _helpers import DIGITS_ORDERS, digits_loss
+
 BLOCK = 256
 
 
@@ -716,33 +718,12 @@ def test_deepcopy_keeps_state_bits() -> None:
 
 
 # ---------------------------------------------------------------------------------- convergence
-def _digits() -> tuple[torch.Tensor, torch.Tensor]:
-    sklearn = pytest.importorskip("sklearn.datasets")
-    x, y = sklearn.load_digits(return_X_y=True)
-    x = torch.tensor(x, dtype=torch.float32) / 16.0
-    return x, torch.tensor(y)
-
-
 def test_convergence_8bit_within_2_percent_of_float32() -> None:
-    x, y = _digits()
-    torch.manual_seed(0)
-    base = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256), torch.nn.ReLU(),
-                               torch.nn.Linear(256, 10))
-    g = torch.Generator().manual_seed(1)
-    # 100 steps: the loss falls from 2.3 to ~0.09. (Later the two runs keep an absolute gap of ~1e-3 while the
-    # loss nears 0.02, so a relative criterion there measures the noise floor: benchmarks/NOTES.md.)
-    batches = [torch.randint(0, x.shape[0], (128,), generator=g) for _ in range(100)]
-    losses = {}
-    for bits in (32, 8):
-        model = copy.deepcopy(base)
-        opt = fusedtrain.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-2, state_bits=bits)
-        for idx in batches:
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
-        if bits == 8:
-            assert opt.state[model[2].weight]["exp_avg"].dtype == torch.int8
-        with torch.no_grad():
-            losses[bits] = float(torch.nn.functional.cross_entropy(model(x), y))
-    assert losses[32] < 0.15, losses  # it learned
-    assert abs(losses[8] - losses[32]) <= 0.02 * losses[32] + 1e-3, losses
+    """100 steps of the digits MLP (tests/_helpers.py: digits_loss) on five batch orders: the loss falls from
+    2.3 to ~0.09, and the 8-bit run ends within 2 % (+ 1e-3) of the float32 run on every order (measured -0.2 to
+    +0.9 %). (Later the runs keep an absolute gap of ~1e-3 while the loss nears 0.02, where a 0.1 % change of
+    the learning rate alone moves the final loss by 1.4-2 %: benchmarks/NOTES.md.)"""
+    for order in DIGITS_ORDERS:
+        full, low = digits_loss(32, order), digits_loss(8, order)
+        assert full < 0.15, (order, full)  # it learned
+        assert abs(low - full) <= 0.02 * full + 1e-3, (order, full, low)
