@@ -208,8 +208,9 @@ inline __attribute__((always_inline)) void encode_block(const T* __restrict__ x,
 }
 
 // Note [vectorized block loops]:
-// Every loop of block_body compiles to AVX2 / AVX-512 vector code (check with -fopt-info-vec-optimized on
-// optim_adam8bit.cpp; a scalar loop here made the step ~30x slower than the float32 step):
+// Every loop of RowBlocks::body (with update_block and state_absmax) compiles to AVX2 / AVX-512 vector code
+// (check with -fopt-info-vec-optimized on optim_adam8bit.cpp; a scalar loop here made the step ~30x slower than
+// the float32 step):
 //  - decoding reads one 256-entry float table per map indexed by the code's byte (kSignedByByte holds the
 //    signed map at byte (uint8_t)code, so both maps gather through a zero-extended 32-bit index; the same
 //    values as quant.h's decode_signed: negation is exact);
@@ -233,35 +234,26 @@ inline constexpr std::array<float, 256> kSignedByByte = make_signed_by_byte();
 template <typename T>
 using BitsOf = std::conditional_t<sizeof(T) == 8, int64_t, int32_t>;
 
-// Block b (its absmax index) of its tensor: n (<= kBlock) elements starting at element e0 (Note [row blocks]
-// in quant.h). ptr: the tuple's lists (param, grad, (codes, absmax) per state, copy).
-// kVector: compiled for AVX2 or above (Note [lattice encoder]).
-template <class L, typename Op, bool kVector>
-inline __attribute__((always_inline)) void block_body(void* const* ptr, int64_t b, int64_t e0, int64_t n,
-                                                      const Op& op_in, uint32_t key, const Signs& sgn) {
-  using T = at::opmath_type<typename L::P>;
-  using Bits = BitsOf<T>;
+// Note [quantized block formats]:
+// The 8-bit (row blocks of kBlock, one byte per code: here) and 4-bit (flat blocks of kBlock4, packed codes:
+// quant4_cpu.h) CPU drivers share everything but a block's decode and encode: the rule's functor over the
+// block (update_block), the block's new scale (state_absmax), the per-ISA block functions and the parallel walk
+// over the blocks of all tensors (run_blocks). A format F declares
+//   static constexpr int kBlock;                                   elements per block at most
+//   static int64_t blocks(int64_t numel, int64_t row);             blocks of a tensor
+//   static void locate(int64_t b, int64_t numel, int64_t row, int64_t* e0, int64_t* n);   block b's elements
+//   template <class L, typename Op, bool kVector> static void body(void* const* ptr, int64_t b, int64_t e0,
+//       int64_t n, const Op& op, uint32_t key, const Signs& sgn);  one block (kVector: AVX2 or above)
+
+// The rule's functor over the n dequantized elements of one block (st: per state, in place), storing the
+// parameter (and its copy) at elements e0.. of the tuple's lists.
+template <class L, typename Op, typename T, size_t R, size_t N>
+inline __attribute__((always_inline)) void update_block(void* const* ptr, int64_t e0, int64_t n, const Op& op,
+                                                        uint32_t key, T (&st)[R][N]) {
   constexpr int D = Op::depth, S = D - 2;
-  const Op op = op_in;
   typename L::P* __restrict__ p = static_cast<typename L::P*>(ptr[0]) + e0;
   const typename L::G* __restrict__ g = static_cast<const typename L::G*>(ptr[1]) + e0;
   typename L::O* __restrict__ out = L::kCopy ? static_cast<typename L::O*>(ptr[2 + 2 * S]) + e0 : nullptr;
-  T st[S > 0 ? S : 1][kBlock];
-  for (int s = 0; s < S; ++s) {
-    const float absmax = static_cast<const float*>(ptr[3 + 2 * s])[b];
-    const uint8_t* __restrict__ c = static_cast<const uint8_t*>(ptr[2 + 2 * s]) + e0;
-    T* __restrict__ x = st[s];
-    if (sgn[s]) {
-      const float* __restrict__ table = kSignedByByte.data();
-      for (int64_t i = 0; i < n; ++i) x[i] = static_cast<T>(table[c[i]] * absmax);
-    } else {  // Note [square-root states] (rules_quant.h): the codes hold sqrt(state)
-      const float* __restrict__ table = kMaps.unsigned_value;
-      for (int64_t i = 0; i < n; ++i) {
-        const float root = table[c[i]] * absmax;
-        x[i] = static_cast<T>(root * root);
-      }
-    }
-  }
 #pragma GCC ivdep
   for (int64_t i = 0; i < n; ++i) {
     T r[D];
@@ -273,95 +265,146 @@ inline __attribute__((always_inline)) void block_body(void* const* ptr, int64_t 
     for (int s = 0; s < S; ++s) st[s][i] = r[2 + s];
     if constexpr (L::kCopy) out[i] = static_cast<typename L::O>(r[0]);
   }
-  for (int s = 0; s < S; ++s) {
-    T* __restrict__ x = st[s];
-    if (!sgn[s]) {
-      for (int64_t i = 0; i < n; ++i) x[i] = std::sqrt(x[i]);  // Note [square-root states]
+}
+
+// A state's new block scale: the square roots first for an unsigned state (Note [square-root states] in
+// rules_quant.h: its codes hold sqrt(state)), then the largest magnitude as bits (Note [vectorized block
+// loops]: a NaN wins).
+template <typename T>
+inline __attribute__((always_inline)) float state_absmax(T* __restrict__ x, int64_t n, bool is_signed) {
+  using Bits = BitsOf<T>;
+  if (!is_signed) {
+    for (int64_t i = 0; i < n; ++i) x[i] = std::sqrt(x[i]);
+  }
+  Bits top = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const Bits bits = __builtin_bit_cast(Bits, x[i]) & std::numeric_limits<Bits>::max();
+    top = bits > top ? bits : top;
+  }
+  return static_cast<float>(__builtin_bit_cast(T, top));
+}
+
+// 8-bit codes in row blocks (Note [row blocks] in quant.h): block b (its absmax index) of its tensor is the n
+// (<= kBlock) elements from e0. ptr: the tuple's lists (param, grad, (codes, absmax) per state, copy).
+struct RowBlocks {
+  static constexpr int kBlock = quant::kBlock;
+  static int64_t blocks(int64_t numel, int64_t row) { return tensor_blocks(numel, row); }
+  static void locate(int64_t b, int64_t, int64_t row, int64_t* e0, int64_t* n) {
+    const int64_t per_row = num_blocks(row), k = b % per_row;  // the block's position in its row
+    *e0 = (b / per_row) * row + k * kBlock;
+    *n = std::min<int64_t>(kBlock, row - k * kBlock);
+  }
+
+  template <class L, typename Op, bool kVector>
+  static inline __attribute__((always_inline)) void body(void* const* ptr, int64_t b, int64_t e0, int64_t n,
+                                                         const Op& op_in, uint32_t key, const Signs& sgn) {
+    using T = at::opmath_type<typename L::P>;
+    constexpr int S = Op::depth - 2;
+    const Op op = op_in;
+    T st[S > 0 ? S : 1][kBlock];
+    for (int s = 0; s < S; ++s) {
+      const float absmax = static_cast<const float*>(ptr[3 + 2 * s])[b];
+      const uint8_t* __restrict__ c = static_cast<const uint8_t*>(ptr[2 + 2 * s]) + e0;
+      T* __restrict__ x = st[s];
+      if (sgn[s]) {
+        const float* __restrict__ table = kSignedByByte.data();
+        for (int64_t i = 0; i < n; ++i) x[i] = static_cast<T>(table[c[i]] * absmax);
+      } else {  // Note [square-root states] (rules_quant.h): the codes hold sqrt(state)
+        const float* __restrict__ table = kMaps.unsigned_value;
+        for (int64_t i = 0; i < n; ++i) {
+          const float root = table[c[i]] * absmax;
+          x[i] = static_cast<T>(root * root);
+        }
+      }
     }
-    Bits top = 0;  // Note [vectorized block loops]: max of |x| as bits; a NaN wins
-    for (int64_t i = 0; i < n; ++i) {
-      const Bits bits = __builtin_bit_cast(Bits, x[i]) & std::numeric_limits<Bits>::max();
-      top = bits > top ? bits : top;
-    }
-    const float absmax = static_cast<float>(__builtin_bit_cast(T, top));
-    static_cast<float*>(ptr[3 + 2 * s])[b] = absmax;
-    const T inv = absmax > 0.0f ? T(1) / static_cast<T>(absmax) : T(0);
-    if (sgn[s]) {
-      encode_block<T, true, kVector>(x, inv, n, static_cast<int8_t*>(ptr[2 + 2 * s]) + e0);
-    } else {
-      encode_block<T, false, kVector>(x, inv, n, static_cast<uint8_t*>(ptr[2 + 2 * s]) + e0);
+    update_block<L>(ptr, e0, n, op, key, st);
+    for (int s = 0; s < S; ++s) {
+      T* __restrict__ x = st[s];
+      const float absmax = state_absmax(x, n, sgn[s]);
+      static_cast<float*>(ptr[3 + 2 * s])[b] = absmax;
+      const T inv = absmax > 0.0f ? T(1) / static_cast<T>(absmax) : T(0);
+      if (sgn[s]) {
+        encode_block<T, true, kVector>(x, inv, n, static_cast<int8_t*>(ptr[2 + 2 * s]) + e0);
+      } else {
+        encode_block<T, false, kVector>(x, inv, n, static_cast<uint8_t*>(ptr[2 + 2 * s]) + e0);
+      }
     }
   }
-}
+};
 
 template <class L, typename Op>
 using BlockFn = void (*)(void* const*, int64_t, int64_t, int64_t, const Op&, uint32_t, const Signs&);
 
 #ifdef FT_HAVE_X86_DISPATCH
-template <class L, typename Op>
+template <class F, class L, typename Op>
 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c"))) void block_avx512(
     void* const* ptr, int64_t b, int64_t e0, int64_t n, const Op& op, uint32_t key, const Signs& sgn) {
-  block_body<L, Op, true>(ptr, b, e0, n, op, key, sgn);
+  F::template body<L, Op, true>(ptr, b, e0, n, op, key, sgn);
 }
-template <class L, typename Op>
+template <class F, class L, typename Op>
 __attribute__((target("avx2,fma,f16c"))) void block_avx2(void* const* ptr, int64_t b, int64_t e0, int64_t n,
                                                           const Op& op, uint32_t key, const Signs& sgn) {
-  block_body<L, Op, true>(ptr, b, e0, n, op, key, sgn);
+  F::template body<L, Op, true>(ptr, b, e0, n, op, key, sgn);
 }
 #endif
-template <class L, typename Op>
+template <class F, class L, typename Op>
 void block_baseline(void* const* ptr, int64_t b, int64_t e0, int64_t n, const Op& op, uint32_t key,
                     const Signs& sgn) {
-  block_body<L, Op, false>(ptr, b, e0, n, op, key, sgn);
+  F::template body<L, Op, false>(ptr, b, e0, n, op, key, sgn);
 }
 
-template <class L, typename Op>
+template <class F, class L, typename Op>
 BlockFn<L, Op> select_block() {
 #ifdef FT_HAVE_X86_DISPATCH
   switch (cpu::active_isa()) {
     case cpu::Isa::kAvx512:
-      return &block_avx512<L, Op>;
+      return &block_avx512<F, L, Op>;
     case cpu::Isa::kAvx2:
-      return &block_avx2<L, Op>;
+      return &block_avx2<F, L, Op>;
     default:
       break;
   }
 #endif
-  return &block_baseline<L, Op>;
+  return &block_baseline<F, L, Op>;
+}
+
+// Note [CPU block split] over format F's blocks (Note [quantized block formats]). Bound per tensor as
+// multi_tensor_apply binds (Note [per-tensor binding]).
+template <class F, class L, typename Op>
+void run_blocks(const Work& work, const Op& op, const Signs& sgn) {
+  constexpr int S = Op::depth - 2;
+  if constexpr (2 + 2 * S + (L::kCopy ? 1 : 0) > kMaxDepth || S > kMaxStates) {
+    TORCH_CHECK(false, "fusedtrain: too many quantized state lists for one tuple");
+  } else {
+    std::vector<int64_t> offset(work.size() + 1, 0);  // in blocks
+    for (size_t i = 0; i < work.size(); ++i) offset[i + 1] = offset[i] + F::blocks(work.numel[i], work.row[i]);
+    const int64_t total = offset.back();
+    if (total == 0) return;
+    const BlockFn<L, Op> fn = select_block<F, L, Op>();
+    const uint64_t seed = L::kStochastic ? read_seed(work.scalars) : 0;
+    at::parallel_for(0, total, cpu::kGrain / F::kBlock, [&](int64_t begin, int64_t end) {
+      cpu::Rebound<Op> rebound(op);
+      cpu::for_each_piece(offset, begin, end, [&](size_t i, int64_t lo, int64_t hi) {
+        const Op& bound = rebound.for_tensor(work, i);
+        const uint32_t key = L::kStochastic ? rounding::tensor_key(seed, work.ordinal[i]) : 0u;
+        void* const* ptr = work.ptr[i].data();
+        for (int64_t b = lo; b < hi; ++b) {
+          int64_t e0 = 0, n = 0;
+          F::locate(b, work.numel[i], work.row[i], &e0, &n);
+          fn(ptr, b, e0, n, bound, key, sgn);
+        }
+      });
+    });
+  }
 }
 
 }  // namespace cpu_impl
 
 template <>
 struct Driver<cpu::Backend> {
-  // Note [CPU block split]. Bound per tensor as multi_tensor_apply binds (Note [per-tensor binding]).
   template <class L, typename Op>
   static void apply(const Work& work, const Op& op, const Signs& sgn) {
-    constexpr int S = Op::depth - 2;
-    if constexpr (2 + 2 * S + (L::kCopy ? 1 : 0) > kMaxDepth || S > kMaxStates) {
-      TORCH_CHECK(false, "fusedtrain: too many quantized state lists for one tuple");
-    } else {
-      std::vector<int64_t> offset(work.size() + 1, 0);  // in blocks (Note [row blocks] in quant.h)
-      for (size_t i = 0; i < work.size(); ++i) offset[i + 1] = offset[i] + tensor_blocks(work.numel[i], work.row[i]);
-      const int64_t total = offset.back();
-      if (total == 0) return;
-      const cpu_impl::BlockFn<L, Op> fn = cpu_impl::select_block<L, Op>();
-      const uint64_t seed = L::kStochastic ? read_seed(work.scalars) : 0;
-      at::parallel_for(0, total, cpu::kGrain / kBlock, [&](int64_t begin, int64_t end) {
-        cpu::Rebound<Op> rebound(op);
-        cpu::for_each_piece(offset, begin, end, [&](size_t i, int64_t lo, int64_t hi) {
-          const Op& bound = rebound.for_tensor(work, i);
-          const uint32_t key = L::kStochastic ? rounding::tensor_key(seed, work.ordinal[i]) : 0u;
-          void* const* ptr = work.ptr[i].data();
-          const int64_t row = work.row[i], per_row = num_blocks(row);
-          for (int64_t b = lo; b < hi; ++b) {
-            const int64_t k = b % per_row;  // the block's position in its row
-            fn(ptr, b, (b / per_row) * row + k * kBlock, std::min<int64_t>(kBlock, row - k * kBlock), bound, key,
-               sgn);
-          }
-        });
-      });
-    }
+    cpu_impl::run_blocks<cpu_impl::RowBlocks, L>(work, op, sgn);
   }
 };
 
