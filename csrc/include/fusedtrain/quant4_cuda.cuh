@@ -98,21 +98,11 @@ __global__ void __launch_bounds__(kBlock4) quant4_kernel(const __grid_constant__
   }
 }
 
-template <class L, typename Op, int N>
-int quant4_blocks_per_sm() {
-  static const int value = [] {
-    int blocks = 0;
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, quant4_kernel<L, Op, N>, kBlock4, 0));
-    return blocks > 0 ? blocks : 1;
-  }();
-  return value;
-}
-
 }  // namespace cuda4_impl
 
 template <>
 struct Driver4<cuda::Backend> {
-  // Note [CUDA block launch] (quant_cuda.cuh), with blocks of kBlock4 elements.
+  // Note [CUDA block launch] (quant_cuda.cuh), with flat blocks of kBlock4 elements.
   template <class L, typename Op>
   static void apply(const Work& work, const Op& op, const Signs& sgn) {
     constexpr int S = Op::depth - 2;
@@ -120,46 +110,12 @@ struct Driver4<cuda::Backend> {
     if constexpr (N > kMaxDepth || S > kMaxStates) {
       TORCH_CHECK(false, "fusedtrain: too many quantized state lists for one tuple");
     } else {
-      using Table = cuda::TensorTable<N>;
-      static_assert(sizeof(Table) + sizeof(Op) <= 32764, "kernel parameters exceed the 32 KB limit");
       unsigned signs = 0;
       for (int s = 0; s < S; ++s) signs |= sgn[s] ? (1u << s) : 0u;
-      const c10::cuda::CUDAGuard guard(work.device);
-      const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-      int sm_count = 0;
-      C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, work.device.index()));
-      const int64_t max_grid = static_cast<int64_t>(sm_count) * cuda4_impl::quant4_blocks_per_sm<L, Op, N>();
-      Table table;
-      table.count = 0;
-      table.has_aux = work.aux.empty() ? 0 : 1;
-      table.scalars = work.scalars;
-      int64_t blocks = 0;
-      auto flush = [&] {
-        if (table.count == 0) return;
-        const unsigned grid = static_cast<unsigned>(blocks < max_grid ? blocks : max_grid);
-        cuda4_impl::quant4_kernel<L, Op, N><<<grid, kBlock4, 0, stream>>>(table, op, signs);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-        table.count = 0;
-        blocks = 0;
-      };
-      for (size_t i = 0; i < work.size(); ++i) {
-        const int64_t tensor_blocks = num_blocks4(work.numel[i]);
-        TORCH_CHECK(tensor_blocks <= INT32_MAX, "fusedtrain: a tensor of ", work.numel[i],
-                    " elements has too many 4-bit blocks for one launch");
-        if (table.count == Table::kMax || blocks + tensor_blocks > INT32_MAX) flush();
-        for (int k = 0; k < N; ++k) table.ptr[k][table.count] = work.ptr[i][k];
-        table.numel[table.count] = work.numel[i];
-        table.step[table.count] = work.step[i];
-        table.ordinal[table.count] = work.ordinal[i];
-        if (table.has_aux) {
-          table.aux[table.count][0] = work.aux[i][0];
-          table.aux[table.count][1] = work.aux[i][1];
-        }
-        blocks += tensor_blocks;
-        table.chunk_end[table.count] = static_cast<int32_t>(blocks);  // cumulative quantization blocks
-        ++table.count;
-      }
-      flush();
+      cuda_impl::launch_blocks<cuda4_impl::quant4_kernel<L, Op, N>, kBlock4, N>(
+          work, op, signs, "4-bit", [&](size_t i) {
+            return std::pair<int64_t, int64_t>(num_blocks4(work.numel[i]), work.numel[i]);
+          });
     }
   }
 };

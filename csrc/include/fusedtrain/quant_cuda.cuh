@@ -14,6 +14,8 @@
 // CPU/GPU differences (none with -ffp-contract=off / --fmad=false).
 #pragma once
 
+#include <utility>
+
 #include "fusedtrain/cuda_launcher.cuh"
 #include "fusedtrain/quant.h"
 #include "fusedtrain/rules_quant.h"
@@ -118,14 +120,61 @@ __global__ void __launch_bounds__(kBlock) quant_kernel(const __grid_constant__ c
   }
 }
 
-template <class L, typename Op, int N>
-int quant_blocks_per_sm() {
+// CUDA blocks of kernel K (kThreads threads) resident per SM, asked once per kernel.
+template <auto K, int kThreads>
+int blocks_per_sm() {
   static const int value = [] {
     int blocks = 0;
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, quant_kernel<L, Op, N>, kBlock, 0));
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, K, kThreads, 0));
     return blocks > 0 ? blocks : 1;
   }();
   return value;
+}
+
+// Note [CUDA block launch] for a quantized format (8 bits here, 4 bits in quant4_cuda.cuh): fills the tensor
+// table with each tuple's pointers, step, aux and cumulative block count, and launches kernel K (one CUDA block
+// of kThreads threads per quantization block, a persistent grid) whenever the table is full and at the end.
+// blocks_of(i): tuple i's quantization blocks and the value the kernel reads as numel[t].
+template <auto K, int kThreads, int N, typename Op, typename BlocksOf>
+void launch_blocks(const Work& work, const Op& op, unsigned signs, const char* format, const BlocksOf& blocks_of) {
+  using Table = cuda::TensorTable<N>;
+  static_assert(sizeof(Table) + sizeof(Op) <= 32764, "kernel parameters exceed the 32 KB limit");
+  const c10::cuda::CUDAGuard guard(work.device);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  int sm_count = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, work.device.index()));
+  const int64_t max_grid = static_cast<int64_t>(sm_count) * blocks_per_sm<K, kThreads>();
+  Table table;
+  table.count = 0;
+  table.has_aux = work.aux.empty() ? 0 : 1;
+  table.scalars = work.scalars;
+  int64_t blocks = 0;
+  auto flush = [&] {
+    if (table.count == 0) return;
+    const unsigned grid = static_cast<unsigned>(blocks < max_grid ? blocks : max_grid);
+    K<<<grid, kThreads, 0, stream>>>(table, op, signs);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    table.count = 0;
+    blocks = 0;
+  };
+  for (size_t i = 0; i < work.size(); ++i) {
+    const std::pair<int64_t, int64_t> own = blocks_of(i);
+    TORCH_CHECK(own.first <= INT32_MAX, "fusedtrain: a tensor of ", work.numel[i], " elements has too many ", format,
+                " blocks for one launch");
+    if (table.count == Table::kMax || blocks + own.first > INT32_MAX) flush();
+    for (int k = 0; k < N; ++k) table.ptr[k][table.count] = work.ptr[i][k];
+    table.numel[table.count] = own.second;
+    table.step[table.count] = work.step[i];
+    table.ordinal[table.count] = work.ordinal[i];
+    if (table.has_aux) {
+      table.aux[table.count][0] = work.aux[i][0];
+      table.aux[table.count][1] = work.aux[i][1];
+    }
+    blocks += own.first;
+    table.chunk_end[table.count] = static_cast<int32_t>(blocks);  // cumulative quantization blocks
+    ++table.count;
+  }
+  flush();
 }
 
 }  // namespace cuda_impl
@@ -140,46 +189,13 @@ struct Driver<cuda::Backend> {
     if constexpr (N > kMaxDepth || S > kMaxStates) {
       TORCH_CHECK(false, "fusedtrain: too many quantized state lists for one tuple");
     } else {
-      using Table = cuda::TensorTable<N>;
-      static_assert(sizeof(Table) + sizeof(Op) <= 32764, "kernel parameters exceed the 32 KB limit");
       unsigned signs = 0;
       for (int s = 0; s < S; ++s) signs |= sgn[s] ? (1u << s) : 0u;
-      const c10::cuda::CUDAGuard guard(work.device);
-      const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-      int sm_count = 0;
-      C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, work.device.index()));
-      const int64_t max_grid = static_cast<int64_t>(sm_count) * cuda_impl::quant_blocks_per_sm<L, Op, N>();
-      Table table;
-      table.count = 0;
-      table.has_aux = work.aux.empty() ? 0 : 1;
-      table.scalars = work.scalars;
-      int64_t blocks = 0;
-      auto flush = [&] {
-        if (table.count == 0) return;
-        const unsigned grid = static_cast<unsigned>(blocks < max_grid ? blocks : max_grid);
-        cuda_impl::quant_kernel<L, Op, N><<<grid, kBlock, 0, stream>>>(table, op, signs);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-        table.count = 0;
-        blocks = 0;
-      };
-      for (size_t i = 0; i < work.size(); ++i) {
-        const int64_t own = tensor_blocks(work.numel[i], work.row[i]);
-        TORCH_CHECK(own <= INT32_MAX, "fusedtrain: a tensor of ", work.numel[i],
-                    " elements has too many 8-bit blocks for one launch");
-        if (table.count == Table::kMax || blocks + own > INT32_MAX) flush();
-        for (int k = 0; k < N; ++k) table.ptr[k][table.count] = work.ptr[i][k];
-        table.numel[table.count] = work.row[i];  // Note [CUDA block launch]: the row length
-        table.step[table.count] = work.step[i];
-        table.ordinal[table.count] = work.ordinal[i];
-        if (table.has_aux) {
-          table.aux[table.count][0] = work.aux[i][0];
-          table.aux[table.count][1] = work.aux[i][1];
-        }
-        blocks += own;
-        table.chunk_end[table.count] = static_cast<int32_t>(blocks);  // cumulative quantization blocks
-        ++table.count;
-      }
-      flush();
+      // numel[t]: the row length (the kernel needs no other size: Note [row blocks] in quant.h)
+      cuda_impl::launch_blocks<cuda_impl::quant_kernel<L, Op, N>, kBlock, N>(
+          work, op, signs, "8-bit", [&](size_t i) {
+            return std::pair<int64_t, int64_t>(tensor_blocks(work.numel[i], work.row[i]), work.row[i]);
+          });
     }
   }
 };
