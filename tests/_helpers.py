@@ -191,6 +191,14 @@ def assert_same_values(a: Any, b: Any, where: str = "") -> None:
         assert a == b, (where, a, b)
 
 
+def run_grads(opt: torch.optim.Optimizer, params: list[torch.Tensor], grads: list[list[torch.Tensor]]) -> None:
+    """One ``opt.step()`` per entry of ``grads``, with a copy of its gradients set on ``params`` first."""
+    for gs in grads:
+        for p, g in zip(params, gs):
+            p.grad = g.clone()
+        opt.step()
+
+
 def roundtrip(obj: Any, how: str) -> Any:
     """``obj`` through ``copy.deepcopy``, ``pickle`` or ``torch.save`` / ``torch.load`` (``how``)."""
     if how == "deepcopy":

@@ -15,7 +15,7 @@ import pytest
 import torch
 from fusedtrain.optim import _quant
 
-from _helpers import DIGITS_ORDERS, digits_loss
+from _helpers import DIGITS_ORDERS, digits_loss, run_grads
 
 BLOCK = 128
 SIGNED = {"exp_avg": True, "exp_avg_sq": False, "max_exp_avg_sq": False}
@@ -417,13 +417,6 @@ def test_bfloat16_params_keep_the_float32_states(opts: dict[str, Any]) -> None:
 
 
 # --------------------------------------------------------------------------------- checkpoints
-def _run(opt: torch.optim.Optimizer, params: list[torch.Tensor], grads: list[list[torch.Tensor]]) -> None:
-    for gs in grads:
-        for p, g in zip(params, gs):
-            p.grad = g.clone()
-        opt.step()
-
-
 def _model_params(seed: int) -> list[torch.Tensor]:
     torch.manual_seed(seed)
     return [torch.randn(5001, requires_grad=True), torch.randn(64, 81, requires_grad=True),
@@ -435,7 +428,7 @@ def test_checkpoint_resumes_bit_exactly() -> None:
     g = torch.Generator().manual_seed(9)
     grads = [[torch.randn(p.shape, generator=g) for p in params] for _ in range(10)]
     opt = fusedtrain.optim.AdamW(params, lr=0.01, state_bits=4)
-    _run(opt, params, grads[:5])
+    run_grads(opt, params, grads[:5])
     buf = io.BytesIO()
     torch.save({"params": [p.detach().clone() for p in params], "opt": opt.state_dict()}, buf)
     sd = opt.state_dict()["state"]
@@ -444,14 +437,14 @@ def test_checkpoint_resumes_bit_exactly() -> None:
     assert sd[0]["exp_avg_sq"].shape == (2501,) and sd[0]["exp_avg_sq_shape4"] == (5001,)
     assert sd[1]["exp_avg_absmax4"].dtype == torch.float32 and sd[1]["exp_avg_absmax4"].shape == (41,)
     assert opt.state_dict()["state"][2]["exp_avg"].dtype == torch.float32  # below min_8bit_size
-    _run(opt, params, grads[5:])
+    run_grads(opt, params, grads[5:])
     buf.seek(0)
     saved = torch.load(buf)  # (weights_only: the shape tuples load)
     resumed = [p.clone().requires_grad_() for p in saved["params"]]
     opt2 = fusedtrain.optim.AdamW(resumed, lr=0.01, state_bits=4)
     opt2.load_state_dict(saved["opt"])
     assert opt2.state[resumed[0]]["exp_avg"].dtype == torch.int8
-    _run(opt2, resumed, grads[5:])
+    run_grads(opt2, resumed, grads[5:])
     for p, q in zip(params, resumed):
         assert torch.equal(p, q)
         for k, v in opt.state[p].items():
@@ -463,7 +456,7 @@ def test_to_torch_state_dict_loads_into_torch() -> None:
     g = torch.Generator().manual_seed(11)
     grads = [[torch.randn(p.shape, generator=g) for p in params] for _ in range(4)]
     opt = fusedtrain.optim.AdamW(params, lr=0.01, state_bits=4)
-    _run(opt, params, grads)
+    run_grads(opt, params, grads)
     sd = fusedtrain.optim.to_torch_state_dict(opt.state_dict())
     for entry in sd["state"].values():
         assert not any(k.endswith(("_absmax4", "_shape4")) for k in entry)
@@ -474,7 +467,7 @@ def test_to_torch_state_dict_loads_into_torch() -> None:
     st = opt.state[params[1]]
     want = _quant.dequantize4(st["exp_avg_sq"], st["exp_avg_sq_absmax4"], params[1].shape)
     assert torch.equal(topt.state[tparams[1]]["exp_avg_sq"], want)
-    _run(topt, tparams, grads[:1])  # torch steps from it
+    run_grads(topt, tparams, grads[:1])  # torch steps from it
     assert opt.state_dict()["state"][0]["exp_avg"].dtype == torch.int8  # the input is left as it was
 
 
@@ -483,7 +476,7 @@ def test_torch_state_dict_is_quantized_on_load_and_converted_between_widths() ->
     g = torch.Generator().manual_seed(13)
     grads = [[torch.randn(p.shape, generator=g) for p in params] for _ in range(3)]
     topt = torch.optim.AdamW(params, lr=0.01)
-    _run(topt, params, grads)
+    run_grads(topt, params, grads)
     mine = [p.detach().clone().requires_grad_() for p in params]
     opt = fusedtrain.optim.AdamW(mine, lr=0.01, state_bits=4)
     opt.load_state_dict(topt.state_dict())
@@ -492,7 +485,7 @@ def test_torch_state_dict_is_quantized_on_load_and_converted_between_widths() ->
         codes, absmax = _quant.quantize4(topt.state[params[1]][key], SIGNED[key])
         assert torch.equal(st[key], codes) and torch.equal(st[key + "_absmax4"], absmax)
     assert opt.state[mine[2]]["exp_avg"].dtype == torch.float32
-    _run(opt, mine, grads[:1])
+    run_grads(opt, mine, grads[:1])
     # a 4-bit checkpoint loads into a 32-bit optimizer as float states, and into an 8-bit one requantized
     for bits in (32, 8):
         other = [p.detach().clone().requires_grad_() for p in mine]
@@ -506,18 +499,18 @@ def test_torch_state_dict_is_quantized_on_load_and_converted_between_widths() ->
         else:
             codes, absmax = _quant.quantize(floats, True)
             assert torch.equal(so["exp_avg"], codes) and torch.equal(so["exp_avg_absmax"], absmax)
-        _run(o, other, grads[:1])
+        run_grads(o, other, grads[:1])
     # and an 8-bit checkpoint into a 4-bit optimizer
     eight = [p.detach().clone().requires_grad_() for p in mine]
     o8 = fusedtrain.optim.AdamW(eight, lr=0.01, state_bits=8)
-    _run(o8, eight, grads[:2])
+    run_grads(o8, eight, grads[:2])
     back = [p.detach().clone().requires_grad_() for p in eight]
     o4 = fusedtrain.optim.AdamW(back, lr=0.01, state_bits=4)
     o4.load_state_dict(o8.state_dict())
     s8 = o8.state[eight[1]]
     codes, absmax = _quant.quantize4(_quant.dequantize(s8["exp_avg_sq"], s8["exp_avg_sq_absmax"]), False)
     assert torch.equal(o4.state[back[1]]["exp_avg_sq"], codes) and "exp_avg_sq_absmax" not in o4.state[back[1]]
-    _run(o4, back, grads[:1])
+    run_grads(o4, back, grads[:1])
 
 
 def test_deepcopy_and_pickle_keep_state_bits() -> None:

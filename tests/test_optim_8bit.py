@@ -14,7 +14,7 @@ import pytest
 import torch
 from fusedtrain.optim import _quant
 
-from _helpers import DIGITS_ORDERS, digits_loss
+from _helpers import DIGITS_ORDERS, digits_loss, run_grads
 
 BLOCK = 256
 
@@ -625,13 +625,6 @@ def test_traced_step_equals_planned_step() -> None:
 
 
 # --------------------------------------------------------------------------------- checkpoints
-def _run(opt: torch.optim.Optimizer, params: list[torch.Tensor], grads: list[list[torch.Tensor]]) -> None:
-    for gs in grads:
-        for p, g in zip(params, gs):
-            p.grad = g.clone()
-        opt.step()
-
-
 def _model_params(seed: int) -> list[torch.Tensor]:
     torch.manual_seed(seed)
     return [torch.randn(5000, requires_grad=True), torch.randn(64, 80, requires_grad=True),
@@ -643,7 +636,7 @@ def test_checkpoint_resumes_bit_exactly() -> None:
     g = torch.Generator().manual_seed(9)
     grads = [[torch.randn(p.shape, generator=g) for p in params] for _ in range(10)]
     opt = fusedtrain.optim.AdamW(params, lr=0.01, state_bits=8)
-    _run(opt, params, grads[:5])
+    run_grads(opt, params, grads[:5])
     buf = io.BytesIO()
     torch.save({"params": [p.detach().clone() for p in params], "opt": opt.state_dict()}, buf)
     sd = opt.state_dict()["state"][1]
@@ -651,7 +644,7 @@ def test_checkpoint_resumes_bit_exactly() -> None:
     assert sd["exp_avg_absmax"].dtype == torch.float32 and sd["exp_avg_absmax"].shape == (64, 1)
     assert opt.state_dict()["state"][0]["exp_avg"].dtype == torch.float32  # 1-D
     assert opt.state_dict()["state"][2]["exp_avg"].dtype == torch.float32  # below min_8bit_size
-    _run(opt, params, grads[5:])
+    run_grads(opt, params, grads[5:])
     buf.seek(0)
     saved = torch.load(buf)
     resumed = [p.clone().requires_grad_() for p in saved["params"]]
@@ -659,7 +652,7 @@ def test_checkpoint_resumes_bit_exactly() -> None:
     opt2.load_state_dict(saved["opt"])
     assert opt2.state[resumed[1]]["exp_avg"].dtype == torch.int8
     assert opt2.state[resumed[1]]["exp_avg_absmax"].dtype == torch.float32
-    _run(opt2, resumed, grads[5:])
+    run_grads(opt2, resumed, grads[5:])
     for p, q in zip(params, resumed):
         assert torch.equal(p, q)
         for k, v in opt.state[p].items():
@@ -671,7 +664,7 @@ def test_to_torch_state_dict_loads_into_torch() -> None:
     g = torch.Generator().manual_seed(11)
     grads = [[torch.randn(p.shape, generator=g) for p in params] for _ in range(4)]
     opt = fusedtrain.optim.AdamW(params, lr=0.01, state_bits=8)
-    _run(opt, params, grads)
+    run_grads(opt, params, grads)
     sd = fusedtrain.optim.to_torch_state_dict(opt.state_dict())
     for entry in sd["state"].values():
         assert not any(k.endswith("_absmax") for k in entry)
@@ -681,7 +674,7 @@ def test_to_torch_state_dict_loads_into_torch() -> None:
     topt.load_state_dict(sd)
     want = _quant.dequantize(opt.state[params[1]]["exp_avg"], opt.state[params[1]]["exp_avg_absmax"])
     assert torch.equal(topt.state[tparams[1]]["exp_avg"], want)
-    _run(topt, tparams, grads[:1])  # torch steps from it
+    run_grads(topt, tparams, grads[:1])  # torch steps from it
     # the input is left as it was
     assert opt.state_dict()["state"][1]["exp_avg"].dtype == torch.int8
 
@@ -691,7 +684,7 @@ def test_torch_state_dict_is_quantized_on_load_and_codes_dequantized_for_32_bits
     g = torch.Generator().manual_seed(13)
     grads = [[torch.randn(p.shape, generator=g) for p in params] for _ in range(3)]
     topt = torch.optim.AdamW(params, lr=0.01)
-    _run(topt, params, grads)
+    run_grads(topt, params, grads)
     mine = [p.detach().clone().requires_grad_() for p in params]
     opt = fusedtrain.optim.AdamW(mine, lr=0.01, state_bits=8)
     opt.load_state_dict(topt.state_dict())
@@ -699,7 +692,7 @@ def test_torch_state_dict_is_quantized_on_load_and_codes_dequantized_for_32_bits
     codes, absmax = _quant.quantize(topt.state[params[1]]["exp_avg"], True)
     assert torch.equal(st["exp_avg"], codes) and torch.equal(st["exp_avg_absmax"], absmax)
     assert opt.state[mine[2]]["exp_avg"].dtype == torch.float32
-    _run(opt, mine, grads[:1])
+    run_grads(opt, mine, grads[:1])
     # and an 8-bit checkpoint loads into a 32-bit optimizer as float states
     plain = [p.detach().clone().requires_grad_() for p in mine]
     opt32 = fusedtrain.optim.AdamW(plain, lr=0.01)
@@ -707,7 +700,7 @@ def test_torch_state_dict_is_quantized_on_load_and_codes_dequantized_for_32_bits
     st32 = opt32.state[plain[1]]
     assert st32["exp_avg"].dtype == torch.float32 and "exp_avg_absmax" not in st32
     torch.testing.assert_close(st32["exp_avg"], _quant.dequantize(st["exp_avg"], st["exp_avg_absmax"]))
-    _run(opt32, plain, grads[:1])
+    run_grads(opt32, plain, grads[:1])
 
 
 def test_deepcopy_keeps_state_bits() -> None:

@@ -17,7 +17,7 @@ import torch
 
 from ..augment import BatchAugment
 from ..augment import functional as AF
-from .common import Progress, Result, measure_interleaved, summarize
+from .common import Progress, Result, measure_interleaved
 
 __all__ = ["run", "BATCH", "IN_SIZE", "OUT_SIZE"]
 
@@ -105,9 +105,7 @@ def run(device: torch.device, reps: int, warmup: int, bandwidth: float, progress
     rows = []
     for impl, ts in times.items():
         r = Result("augment", case, impl, str(device), None, bytes_moved=n * bytes_per_image)
-        r.median_ms, r.p20_ms, r.p80_ms = summarize(ts)
-        r.gbps = r.bytes_moved / r.median_ms / 1e6
-        r.pct_bw = 100 * r.gbps / bandwidth if bandwidth else None
+        r.record(ts, bandwidth)
         r.extra = {"images_per_s": n / r.median_ms * 1e3, "batch": n, "bytes_per_image": bytes_per_image}
         rows.append(r)
     by = {r.impl: r for r in rows}

@@ -51,6 +51,13 @@ class Result:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def record(self, times: list[float], bandwidth: float) -> None:
+        """Sets the median, p20 and p80 of ``times`` (ms), the GB/s they give ``bytes_moved`` and its
+        percentage of the ``bandwidth`` probe (None without a probe)."""
+        self.median_ms, self.p20_ms, self.p80_ms = summarize(times)
+        self.gbps = self.bytes_moved / self.median_ms / 1e6
+        self.pct_bw = 100 * self.gbps / bandwidth if bandwidth else None
+
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -104,9 +111,7 @@ def timed_rows(family: str, case: str, device: torch.device, numel: int, bandwid
     rows = []
     for impl, ts in times.items():
         r = Result(family, case, impl, str(device), None, bytes_moved=numel * fns[impl][1])
-        r.median_ms, r.p20_ms, r.p80_ms = summarize(ts)
-        r.gbps = r.bytes_moved / r.median_ms / 1e6
-        r.pct_bw = 100 * r.gbps / bandwidth if bandwidth else None
+        r.record(ts, bandwidth)
         rows.append(r)
     return rows
 

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from .. import optim as ft_optim
-from .common import Progress, Result, measure_interleaved, shorten, summarize
+from .common import Progress, Result, measure_interleaved, shorten
 from .optim import _make, param_cases
 
 __all__ = ["DEFAULT_SETS", "run", "state_bytes"]
@@ -79,9 +79,7 @@ def run(device: torch.device, sets: list[str] | None, reps: int, warmup: int, ba
         bar.step(f"{set_name} AdamW state bits")
         for impl, ts in times.items():
             row = rows[impl]
-            row.median_ms, row.p20_ms, row.p80_ms = summarize(ts)
-            row.gbps = row.bytes_moved / row.median_ms / 1e6
-            row.pct_bw = 100 * row.gbps / bandwidth if bandwidth else None
+            row.record(ts, bandwidth)
             row.extra["state_bytes_per_param"] = per_param[impl]
         base = rows["fusedtrain 32-bit states"].median_ms
         best_torch = rows["torch fused (32-bit states)"].median_ms

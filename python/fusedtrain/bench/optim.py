@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from .. import optim as ft_optim
-from .common import Progress, Result, measure_interleaved, shorten, summarize
+from .common import Progress, Result, measure_interleaved, shorten
 
 __all__ = ["OPTIMIZERS", "PARAM_SETS", "REFERENCES", "param_cases", "param_shapes", "run"]
 
@@ -206,9 +206,7 @@ def run(device: torch.device, sets: list[str] | None, optimizers: list[str] | No
             bar.step(f"{set_name} {name}")
             for impl, ts in times.items():
                 row = rows[impl]
-                row.median_ms, row.p20_ms, row.p80_ms = summarize(ts)
-                row.gbps = row.bytes_moved / row.median_ms / 1e6
-                row.pct_bw = 100 * row.gbps / bandwidth if bandwidth else None
+                row.record(ts, bandwidth)
             steps.clear()
             gc.collect()
             if device.type == "cuda":
