@@ -191,24 +191,6 @@ def test_grad_scaler_drives_it() -> None:
         _scaled_close(x, y, rtol=2e-6, atol=2e-6)
 
 
-@pytest.mark.cuda
-def test_cuda_parameters_run_torchs_implementation() -> None:
-    """No fused CUDA kernel yet: CUDA parameters get torch's own step, with the same state and results."""
-    torch.manual_seed(5)
-    pa = [p.detach().cuda().requires_grad_() for p in _params(torch.float32)]
-    pb = _clone(pa)
-    a = fusedtrain.optim.Adafactor(pa, lr=0.01, weight_decay=0.1)
-    b = torch.optim.Adafactor(pb, lr=0.01, weight_decay=0.1, foreach=False)
-    for _ in range(3):
-        for p, q in zip(pa, pb):
-            g = torch.randn(p.shape, device="cuda")
-            p.grad, q.grad = g.clone(), g.clone()
-        a.step()
-        b.step()
-    for x, y in zip(pa, pb):
-        _scaled_close(x, y, **TOL[torch.float32])
-
-
 def test_opcheck() -> None:
     """The op's schema (what it mutates), fake kernel and dispatch, checked by torch.library.opcheck."""
     op = torch.ops.fusedtrain.adafactor_.default
@@ -397,3 +379,129 @@ def test_cached_plan_sees_a_replaced_state_tensor_and_parameter() -> None:
     _run([(a, pa), (b, pb)], 2)
     for x, y in zip(pa, pb):
         _scaled_close(x, y, **TOL[torch.float32])
+
+
+# ---- CUDA (Note [Adafactor on CUDA] in csrc/cuda/optim_adafactor.cu) ----
+
+def _to_cuda(ps: list[torch.Tensor]) -> list[torch.Tensor]:
+    """CUDA twins with the same values (.cuda() keeps a transposed parameter's strides: the op's working copy)."""
+    return [p.detach().cuda().requires_grad_() for p in ps]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_cuda_equals_cpu(dtype: torch.dtype) -> None:
+    """Every block layout of the CPU driver (MIXED) against the CUDA kernels, 4 steps with weight decay and
+    maximize: the same formulas, double sums in another order, so float64 to ~1e-12, float32 to a few ulps and
+    the half types to one ulp of their own."""
+    torch.manual_seed(9)
+    pa = _mixed(dtype)
+    pc = _to_cuda(pa)
+    kw = dict(lr=0.02, weight_decay=0.05, maximize=True)
+    a, c = fusedtrain.optim.Adafactor(pa, **kw), fusedtrain.optim.Adafactor(pc, **kw)
+    tol = TOL.get(dtype, dict(rtol=2 * torch.finfo(dtype).eps, atol=2 * torch.finfo(dtype).eps))
+    for _ in range(4):
+        for p, q in zip(pa, pc):
+            g = torch.randn(p.shape, dtype=torch.float64).to(dtype)
+            p.grad, q.grad = g, g.cuda()
+        a.step()
+        c.step()
+    for x, y in zip(pa, pc):
+        assert y.is_cuda
+        _scaled_close(y.cpu(), x, **tol)
+        assert set(a.state[x]) == set(c.state[y])
+        for key, value in a.state[x].items():
+            other = c.state[y][key]
+            if key == "step":
+                assert other.device.type == "cpu" and float(other) == float(value) == 4.0
+            else:
+                assert other.is_cuda and other.dtype == value.dtype and other.shape == value.shape
+                _scaled_close(other.cpu(), value, **tol)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()) or "default")
+def test_cuda_matches_torch(cfg: dict[str, Any]) -> None:
+    torch.manual_seed(10)
+    pa = [p.detach().cuda().requires_grad_() for p in _params(torch.float32)]
+    pb = _clone(pa)
+    a = fusedtrain.optim.Adafactor(pa, **cfg)
+    b = torch.optim.Adafactor(pb, foreach=False, **cfg)
+    for _ in range(5):
+        for p, q in zip(pa, pb):
+            g = torch.randn(p.shape, device="cuda")
+            p.grad, q.grad = g.clone(), g.clone()
+        a.step()
+        b.step()
+    for x, y in zip(pa, pb):
+        _scaled_close(x, y, **TOL[torch.float32])
+
+
+@pytest.mark.cuda
+def test_cuda_is_deterministic_and_mixes_with_cpu_parameters() -> None:
+    """Fixed-order sums: two runs give the same bits; CPU and CUDA parameters in one group make one op call
+    per device, each equal to an optimizer that holds only its own parameters."""
+    torch.manual_seed(11)
+    ref = _mixed(torch.float32)
+    grads = [torch.randn(p.shape) for p in ref]
+    runs = []
+    for _ in range(2):
+        ps = [p.detach().cuda().requires_grad_() for p in ref]
+        opt = fusedtrain.optim.Adafactor(ps, lr=0.03, weight_decay=0.1)
+        for _ in range(3):
+            for p, g in zip(ps, grads):
+                p.grad = g.cuda()
+            opt.step()
+        runs.append(ps)
+    for x, y in zip(*runs):
+        assert torch.equal(x, y)
+    mixed = [p.detach().clone().requires_grad_() if i % 2 else p.detach().cuda().requires_grad_()
+             for i, p in enumerate(ref)]
+    opt = fusedtrain.optim.Adafactor(mixed, lr=0.03, weight_decay=0.1)
+    for _ in range(3):
+        for p, g in zip(mixed, grads):
+            p.grad = g.to(p.device)
+        opt.step()
+    cpu_only = [p.detach().clone().requires_grad_() for i, p in enumerate(ref) if i % 2]
+    opt = fusedtrain.optim.Adafactor(cpu_only, lr=0.03, weight_decay=0.1)
+    for _ in range(3):
+        for p, g in zip(cpu_only, [g for i, g in enumerate(grads) if i % 2]):
+            p.grad = g.clone()
+        opt.step()
+    for x, y in zip([p for i, p in enumerate(mixed) if i % 2], cpu_only):
+        assert torch.equal(x, y)
+    for x, y in zip([p for i, p in enumerate(mixed) if i % 2 == 0], runs[0]):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.cuda
+def test_cuda_grad_scaler_and_clipping_match_cpu() -> None:
+    torch.manual_seed(12)
+    pa = _mixed(torch.float32, [(33, 17), (70_001,), (4, 3, 3, 3)])
+    pc = [p.detach().cuda().requires_grad_() for p in pa]
+    xs = [torch.randn(p.shape) for p in pa]
+    runs = []
+    for ps, device in ((pa, "cpu"), (pc, "cuda")):
+        opt = fusedtrain.optim.Adafactor(ps, lr=0.02, max_grad_norm=0.5)
+        scaler = torch.amp.GradScaler(device, init_scale=1024.0)
+        for _ in range(3):
+            opt.zero_grad()
+            scaler.scale(sum((p * x.to(device)).sum() for p, x in zip(ps, xs))).backward()
+            scaler.step(opt)
+            scaler.update()
+        runs.append(ps)
+    for x, y in zip(*runs):
+        _scaled_close(y.cpu(), x, **TOL[torch.float32])
+
+
+@pytest.mark.cuda
+def test_cuda_op_refuses_a_cpu_state_and_writes_nothing() -> None:
+    op = torch.ops.fusedtrain.adafactor_
+    p, g = torch.randn(4, 6, device="cuda"), torch.randn(4, 6, device="cuda")
+    rows, cols = torch.rand(4, 1, device="cuda"), torch.rand(1, 6)  # col_var on the wrong device
+    step = torch.tensor(3.0)
+    before = (p.clone(), rows.clone(), cols.clone())
+    with pytest.raises(RuntimeError, match=r"col_vars\[0\] must be a CUDA Float tensor of shape \[1, 6\]"):
+        op([p], [g], [rows], [cols], [], [step], -0.8, 1e-7, 1e-3, 0.01, 1.0, False, 1.0, False)
+    assert torch.equal(p, before[0]) and torch.equal(rows, before[1]) and torch.equal(cols, before[2])
+    assert float(step) == 3.0

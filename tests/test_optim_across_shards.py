@@ -171,3 +171,19 @@ def test_partial_parameters_refused(mesh: Any, name: str) -> None:
     with pytest.raises(RuntimeError, match="Partial"):
         opt.step()
     assert torch.equal(p.to_local(), before) and not opt.state[p]
+
+
+def test_adafactor_refuses_dtensor_parameters_and_writes_nothing(mesh: Any) -> None:
+    """Adafactor's factors are not defined across shards here (torch's own step fails on DTensors): a clear
+    error names the parameter, before any write, and leaves no state behind."""
+    from torch.distributed.tensor import Shard
+    sharded, plain = _params(mesh, Shard(0))
+    _grads(sharded, plain, mesh, Shard(0), seed=3)
+    opt = fusedtrain.optim.Adafactor([plain[2], sharded[2]], lr=0.01)
+    before = [p.detach().full_tensor().clone() if hasattr(p, "full_tensor") else p.detach().clone()
+              for p in (plain[2], sharded[2])]
+    with pytest.raises(RuntimeError, match=r"param_groups\[0\]\['params'\]\[1\] is a DTensor"):
+        opt.step()
+    after = [plain[2].detach(), sharded[2].detach().full_tensor()]
+    assert all(torch.equal(x, y) for x, y in zip(before, after))
+    assert len(opt.state) == 0

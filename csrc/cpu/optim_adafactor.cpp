@@ -16,7 +16,6 @@
 // time (Note [CPU SIMD dispatch] in cpu_driver.h); they write per-element terms into small buffers that
 // separate `omp simd` loops sum (GCC leaves an in-order double reduction scalar otherwise).
 #include <ATen/Dispatch.h>
-#include <ATen/MemoryOverlap.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -30,6 +29,7 @@
 #include <vector>
 
 #include "fusedtrain/adafactor.h"
+#include "fusedtrain/adafactor_host.h"
 #include "fusedtrain/cpu_isa.h"
 
 namespace fusedtrain {
@@ -379,29 +379,22 @@ void for_blocks(const std::vector<int64_t>& ids, const std::vector<int64_t>& siz
   });
 }
 
-// A contiguous tensor to work on, and the original to copy it back into afterwards when they differ.
-struct Dense {
-  at::Tensor original, work;
-  explicit Dense(const at::Tensor& t) : original(t), work(t.contiguous()) {}
-  void finish() const {
-    if (!work.is_same(original)) original.copy_(work);
-  }
+template <typename S>
+struct Driver {
+  static void run(adafactor::Lists& l, const adafactor::Scalars& s);
 };
 
 template <typename S>
-void run(std::vector<Dense>& ps, const std::vector<at::Tensor>& gs, std::vector<Dense>& rows,
-         std::vector<Dense>& cols, std::vector<Dense>& vars, const std::vector<double>& steps, double beta2_decay,
-         double eps1, double eps2, double lr, double decay, double d, double sign, double inv_scale,
-         double clip_coef) {
+void Driver<S>::run(adafactor::Lists& l, const adafactor::Scalars& s) {
   using T = at::opmath_type<S>;
   Ctx<S> c;
-  c.inv = T(inv_scale);
-  c.coef = T(clip_coef);
-  c.sign = T(sign);
-  c.eps1 = T(eps1);
-  c.eps1_sq = T(eps1 * eps1);
-  c.decay = T(decay);
-  const size_t np = ps.size();
+  c.inv = T(s.inv_scale);
+  c.coef = T(s.clip_coef);
+  c.sign = T(s.sign);
+  c.eps1 = T(s.eps1);
+  c.eps1_sq = T(s.eps1 * s.eps1);
+  c.decay = T(s.decay);
+  const size_t np = l.params.size();
   c.params.resize(np);
   // Storage for the column sums of whole-slice blocks, the partial rows of large-slice blocks and R.
   std::vector<int64_t> rmean_at(np, 0);
@@ -409,17 +402,17 @@ void run(std::vector<Dense>& ps, const std::vector<at::Tensor>& gs, std::vector<
   size_t fi = 0, ui = 0;
   for (size_t i = 0; i < np; ++i) {
     Param<S>& t = c.params[i];
-    const at::Tensor& p = ps[i].work;
+    const at::Tensor& p = l.params[i].work;
     t.p = p.data_ptr<S>();
-    t.g = gs[i].data_ptr<S>();
+    t.g = l.grads[i].data_ptr<S>();
     t.numel = p.numel();
-    t.w = T(adafactor::one_minus_beta2(steps[i], beta2_decay));
-    t.rho = adafactor::rho(steps[i], lr);
+    t.w = T(adafactor::one_minus_beta2(s.steps[i], s.beta2_decay));
+    t.rho = adafactor::rho(s.steps[i], s.lr);
     t.row = t.col = t.var = nullptr;
     t.rmean = nullptr;
     if (p.dim() > 1) {
-      t.row = rows[fi].work.data_ptr<S>();
-      t.col = cols[fi].work.data_ptr<S>();
+      t.row = l.rows[fi].work.data_ptr<S>();
+      t.col = l.cols[fi].work.data_ptr<S>();
       ++fi;
       t.n = p.size(-1);
       t.m = p.size(-2);
@@ -450,7 +443,7 @@ void run(std::vector<Dense>& ps, const std::vector<at::Tensor>& gs, std::vector<
         }
       }
     } else {
-      t.var = vars[ui++].work.data_ptr<S>();
+      t.var = l.vars[ui++].work.data_ptr<S>();
       t.m = t.n = 0;
       t.batches = 0;
       for (int64_t lo = 0; lo < t.numel; lo += kBlock) {
@@ -503,104 +496,17 @@ void run(std::vector<Dense>& ps, const std::vector<at::Tensor>& gs, std::vector<
   }
   for (size_t i = 0; i < np; ++i) {
     Param<S>& t = c.params[i];
-    t.step = T(adafactor::step_size<S, T>(p_sq[i], u_sq[i], t.numel, eps2, t.rho, d));
+    t.step = T(adafactor::step_size<S, T>(p_sq[i], u_sq[i], t.numel, s.eps2, t.rho, s.d));
   }
   for_blocks(all, block_size, [&](int64_t k) { kern.region3(c, c.blocks[k]); });
-}
-
-// The value of a one-element step counter (float32 or float64, CPU), checked by the caller.
-double read_step(const at::Tensor& s) {
-  return s.scalar_type() == at::kDouble ? *s.data_ptr<double>() : static_cast<double>(*s.data_ptr<float>());
-}
-
-void write_step(const at::Tensor& s, double v) {
-  if (s.scalar_type() == at::kDouble) {
-    *s.data_ptr<double>() = v;
-  } else {
-    *s.data_ptr<float>() = static_cast<float>(v);
-  }
 }
 
 void adafactor_cpu(at::TensorList params, at::TensorList grads, at::TensorList row_vars, at::TensorList col_vars,
                    at::TensorList variances, at::TensorList state_steps, double beta2_decay, double eps1,
                    double eps2, double lr, double decay, bool apply_decay, double d, bool maximize, double inv_scale,
                    double clip_coef, bool check_only) {
-  const size_t np = params.size();
-  TORCH_CHECK(grads.size() == np && state_steps.size() == np, "fusedtrain.adafactor_: grads (", grads.size(),
-              ") and state_steps (", state_steps.size(), ") must have one entry per param (", np, ")");
-  size_t nf = 0;
-  for (const at::Tensor& p : params) nf += p.dim() > 1 ? 1 : 0;
-  TORCH_CHECK(row_vars.size() == nf && col_vars.size() == nf && variances.size() == np - nf,
-              "fusedtrain.adafactor_: row_vars and col_vars must have one entry per >= 2-D param (", nf,
-              "), variances one per 0-D / 1-D param (", np - nf, "); got ", row_vars.size(), ", ",
-              col_vars.size(), ", ", variances.size());
-  if (np == 0) return;
-  const at::ScalarType dtype = params[0].scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
-              "fusedtrain.adafactor_: params must be float32, float64, float16 or bfloat16, got ", dtype);
-  size_t fi = 0, ui = 0;
-  auto check_state = [&](const at::Tensor& t, const char* name, size_t index, c10::IntArrayRef shape) {
-    TORCH_CHECK(t.defined() && t.scalar_type() == dtype && t.device().is_cpu() && t.sizes() == shape,
-                "fusedtrain.adafactor_: ", name, "[", index, "] must be a CPU ", dtype, " tensor of shape ",
-                shape, ", got ", t.defined() ? c10::str(t.scalar_type(), " ", t.sizes(), " on ", t.device())
-                                             : std::string("an undefined tensor"));
-  };
-  for (size_t i = 0; i < np; ++i) {
-    const at::Tensor& p = params[i];
-    const at::Tensor& g = grads[i];
-    TORCH_CHECK(p.device().is_cpu() && p.scalar_type() == dtype, "fusedtrain.adafactor_: params[", i,
-                "] must be a CPU ", dtype, " tensor like params[0], got ", p.scalar_type(), " on ", p.device());
-    TORCH_CHECK(g.device().is_cpu() && g.scalar_type() == dtype && g.sizes() == p.sizes(),
-                "fusedtrain.adafactor_: grads[", i, "] must match params[", i, "] (", dtype, " ", p.sizes(),
-                " on cpu), got ", g.scalar_type(), " ", g.sizes(), " on ", g.device());
-    TORCH_CHECK(p.numel() > 0, "fusedtrain.adafactor_: params[", i, "] is empty; Adafactor divides by a "
-                "parameter's size (torch.optim.Adafactor raises ZeroDivisionError on it)");
-    TORCH_CHECK(at::has_internal_overlap(p) != at::MemOverlap::Yes, "fusedtrain.adafactor_: params[", i,
-                "] has internally overlapping memory (e.g. an expanded tensor); make it a real tensor (.clone())");
-    const at::Tensor& s = state_steps[i];
-    TORCH_CHECK(s.device().is_cpu() && s.numel() == 1 &&
-                    (s.scalar_type() == at::kFloat || s.scalar_type() == at::kDouble),
-                "fusedtrain.adafactor_: state_steps[", i, "] must be a one-element float32 or float64 CPU tensor");
-    if (p.dim() > 1) {
-      std::vector<int64_t> row_shape = p.sizes().vec(), col_shape = p.sizes().vec();
-      row_shape.back() = 1;
-      col_shape[col_shape.size() - 2] = 1;
-      check_state(row_vars[fi], "row_vars", fi, row_shape);
-      check_state(col_vars[fi], "col_vars", fi, col_shape);
-      ++fi;
-    } else {
-      check_state(variances[ui], "variances", ui, p.sizes());
-      ++ui;
-    }
-  }
-  if (check_only) return;
-  // Every check passed: advance the counters (torch: step_t += 1 before anything else).
-  std::vector<double> steps(np);
-  for (size_t i = 0; i < np; ++i) {
-    const double s = read_step(state_steps[i]) + 1.0;
-    write_step(state_steps[i], s);
-    steps[i] = read_step(state_steps[i]);
-  }
-  std::vector<Dense> ps, rows, cols, vars;
-  std::vector<at::Tensor> gs;
-  ps.reserve(np);
-  gs.reserve(np);
-  for (size_t i = 0; i < np; ++i) {
-    ps.emplace_back(params[i]);
-    gs.push_back(grads[i].contiguous());
-  }
-  for (const at::Tensor& t : row_vars) rows.emplace_back(t);
-  for (const at::Tensor& t : col_vars) cols.emplace_back(t);
-  for (const at::Tensor& t : variances) vars.emplace_back(t);
-  // without weight decay torch skips the multiplication; by exactly 1 it changes nothing either
-  const double decay_used = apply_decay ? decay : 1.0;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "adafactor_cpu", [&] {
-    run<scalar_t>(ps, gs, rows, cols, vars, steps, beta2_decay, eps1, eps2, lr, decay_used, d, maximize ? -1.0 : 1.0,
-                  inv_scale, clip_coef);
-  });
-  for (auto* list : {&ps, &rows, &cols, &vars}) {
-    for (const Dense& t : *list) t.finish();
-  }
+  adafactor::op<Driver>(params, grads, row_vars, col_vars, variances, state_steps, beta2_decay, eps1, eps2, lr, decay,
+                        apply_decay, d, maximize, inv_scale, clip_coef, check_only, c10::DeviceType::CPU);
 }
 
 }  // namespace

@@ -100,7 +100,7 @@ FT_HD T row_mean(double row_sum, int64_t m, T eps1) {
 // to S as torch's .norm() returns them, the rest in double (Python). Python's max(a, b) keeps a unless
 // b > a (a NaN b gives a).
 template <typename S, typename T>
-inline double step_size(double p_sq, double u_sq, int64_t numel, double eps2, double rho, double d) {
+FT_HD double step_size(double p_sq, double u_sq, int64_t numel, double eps2, double rho, double d) {
   const double root = std::sqrt(static_cast<double>(numel));
   const double p_rms = static_cast<double>(rnd<S>(static_cast<T>(std::sqrt(p_sq)))) / root;
   const double alpha = (p_rms > eps2 ? p_rms : eps2) * rho;

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._dtensor import is_dtensor
 from ..clip import clip_coefficient, grads_norm
 from ._base import KeepsOptions, check_max_grad_norm, check_own_step_options, check_param, cpu_step, new_step, where
 
@@ -75,7 +76,10 @@ class Adafactor(KeepsOptions, _torch_adafactor):  # type: ignore[misc,valid-type
     row/column sums and the parameter's norm, the update's norm, the update; the work of all tensors is
     split across threads in fixed blocks (results do not depend on the thread count). The factors follow
     torch's arithmetic and roundings (float32 to a few ulps, float64 to ~1e-15; Note [Adafactor rounding]).
-    CUDA parameters run torch's own implementation (no fused CUDA kernel yet).
+    CUDA parameters take the same op, whose CUDA driver shares the formulas: per tensor, row and column sums,
+    the slices' means, the update's norm and the update, in six launches with deterministic sums and no host
+    synchronisation (Note [Adafactor on CUDA]); one call per (param group, device, dtype). Parameters on other
+    devices and meta tensors run torch's own implementation; DTensor parameters are refused with an error.
 
     Args:
         params, lr, beta2_decay, eps, d, weight_decay, foreach, maximize: as in torch.optim.Adafactor (same
@@ -198,7 +202,7 @@ class Adafactor(KeepsOptions, _torch_adafactor):  # type: ignore[misc,valid-type
         name what is wrong; the op checks the rest before it writes."""
         # one call per (dtype, pass): a parameter listed twice is updated twice, one update after the other,
         # as torch's for-loop does (one call must see each tensor once), so its k-th occurrence goes to pass k
-        calls: dict[tuple[torch.dtype, int], _Call] = {}
+        calls: dict[tuple[torch.device, torch.dtype, int], _Call] = {}
         seen: dict[int, int] = {}
         others: list[Tensor] = []
         meta: list[Tensor] = []
@@ -217,16 +221,21 @@ class Adafactor(KeepsOptions, _torch_adafactor):  # type: ignore[misc,valid-type
                 meta.append(p)
                 continue
             dtype = p.dtype
-            if device != "cpu" or grad.dtype != dtype or grad.shape != p.shape or grad.device.type != "cpu" \
-                    or dtype not in _DTYPES:
-                check_param(self._opt_name, p, where(gi, pos))
+            if device not in ("cpu", "cuda") or grad.dtype != dtype or grad.shape != p.shape \
+                    or grad.device != p.device or dtype not in _DTYPES:
+                check_param(self._opt_name, p, where(gi, pos))  # names what is wrong, or lets a DTensor through
             if p.numel() == 0:
                 raise ZeroDivisionError(f"float division by zero: fusedtrain.optim.Adafactor: {where(gi, pos)} is "
                                         "empty, and Adafactor divides by a parameter's size (torch.optim.Adafactor "
                                         "raises this too); nothing was updated")
             if first_dtype is None:  # torch's for-loop resolves eps1=None once, from the first parameter it steps
                 first_dtype = dtype
-            if device != "cpu":
+            if is_dtensor(p):  # before any write: a refused step changes nothing
+                raise RuntimeError(f"fusedtrain.optim.Adafactor: {where(gi, pos)} is a DTensor (FSDP2 / tensor "
+                                   "parallel); Adafactor's row and column factors are not defined across shards "
+                                   "here (torch.optim.Adafactor fails on DTensors too). Use an element-wise "
+                                   "optimizer (e.g. fusedtrain.optim.AdamW) for sharded parameters.")
+            if device not in ("cpu", "cuda"):
                 others.append(p)
                 continue
             state = states[p]
@@ -246,9 +255,9 @@ class Adafactor(KeepsOptions, _torch_adafactor):  # type: ignore[misc,valid-type
                 step = cpu_step(state)
             k = seen.get(id(p), 0)
             seen[id(p)] = k + 1
-            call = calls.get((dtype, k))
+            call = calls.get((p.device, dtype, k))
             if call is None:
-                call = calls[(dtype, k)] = _Call(gi)
+                call = calls[(p.device, dtype, k)] = _Call(gi)
             call.params.append(p)
             call.grads.append(grad)
             call.steps.append(step)
