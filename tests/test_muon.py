@@ -319,6 +319,61 @@ def test_ema_is_updated_after_the_step() -> None:
     torch.testing.assert_close(ema.module.weight.detach(), start.lerp(model.weight.detach(), 0.25))
 
 
+class _Net(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(6, 5)
+        self.b = torch.nn.Linear(5, 5, bias=False)
+        self.c = torch.nn.Parameter(torch.randn(4))  # not given to the optimizer
+        self.register_buffer("seen", torch.zeros(3))
+
+
+@pytest.mark.parametrize("twice", [False, True])
+def test_fused_ema_equals_step_then_update(twice: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The update kernels move the averages of the Muon and AdamW groups' parameters in their pass; the
+    result equals the step without an EMA followed by ema.update(), bit for bit, over steps with a warmup
+    weight, a buffer and a parameter the optimizer does not hold. A parameter listed twice (updated twice)
+    falls back to ema.update() after the step."""
+    from fusedtrain.optim import muon as muon_module
+    torch.manual_seed(13)
+    nets = [_Net().double() for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    emas = [fusedtrain.ensemble.EMA(n, decay=0.9, warmup=3) for n in nets]
+
+    def groups(n: _Net) -> list[dict[str, Any]]:
+        hidden = [n.a.weight, n.b.weight] + ([n.b.weight] if twice else [])
+        return [dict(params=hidden), dict(params=[n.a.bias], use_muon=False, lr=0.01)]
+
+    fused = fusedtrain.optim.Muon(groups(nets[0]), lr=0.05, ema=emas[0], ns_dtype=torch.float64)
+    plain = fusedtrain.optim.Muon(groups(nets[1]), lr=0.05, ns_dtype=torch.float64)
+    emas[0].module.seen.fill_(1.0)
+    emas[1].module.seen.fill_(1.0)
+    kernel_ema: list[int] = []
+    real = muon_module._ops.step_
+
+    def spy(rule: str, *args: Any, **kw: Any) -> None:
+        kernel_ema.append(len(kw.get("ema_params", ())))
+        real(rule, *args, **kw)
+
+    monkeypatch.setattr(muon_module._ops, "step_", spy)
+    for step in range(4):
+        for n in nets:
+            n.seen.fill_(float(step))
+            torch.manual_seed(100 + step)
+            for p in n.parameters():
+                p.grad = torch.randn_like(p)
+        fused.step()
+        plain.step()
+        emas[1].update()
+    for x, y in zip(list(emas[0].module.parameters()) + list(emas[0].module.buffers()),
+                    list(emas[1].module.parameters()) + list(emas[1].module.buffers())):
+        assert torch.equal(x, y)
+    for x, y in zip(nets[0].parameters(), nets[1].parameters()):
+        assert torch.equal(x, y)
+    assert emas[0].num_updates == emas[1].num_updates == 4
+    assert (sum(kernel_ema) > 0) != twice  # fused unless a parameter is updated twice
+
+
 def test_batched_shapes_and_one_call_per_shape(monkeypatch: pytest.MonkeyPatch) -> None:
     """Parameters of one oriented shape (768x3072 and 3072x768 alike) share one Newton-Schulz batch."""
     from fusedtrain.optim import muon as muon_module

@@ -419,6 +419,7 @@ struct RuleEntry {
   std::vector<std::string> aux;  // tensor scalars (Note [tensor scalars] in rules.h)
   bool counts_steps = false;
   bool mixed_precision = false;
+  bool fused_ema = false;  // the EMA averages may ride on its pass (fuses_ema)
   rules::Names (*states)(const double*) = nullptr;
   // Rules with quantized states (Note [quantized state lists]) say what each state list holds; null for
   // rules whose states are element-wise tensors like the parameters.
@@ -462,6 +463,17 @@ inline RunFn backend_fn(const RuleEntry& rule, const char* op, c10::Device devic
   return rule.run[b];
 }
 
+// Whether a rule's pass may also move the EMA averages (math::WithEma): every rule with the mixed-precision
+// layouts, and a rule that declares `static constexpr bool kFusedEma = true` without them (Muon's update).
+template <class R, class = void>
+struct HasFusedEma : std::false_type {};
+template <class R>
+struct HasFusedEma<R, std::void_t<decltype(R::kFusedEma)>> : std::bool_constant<R::kFusedEma> {};
+template <class R>
+constexpr bool fuses_ema() {
+  return R::kMixedPrecision || HasFusedEma<R>::value;
+}
+
 // Instantiates the rule's functor for the call's storage layout (Note [mixed-precision layouts]) and
 // runs the backend's driver. With EMA averages in the work list the functor is wrapped in math::WithEma:
 // the same pass also moves each average toward its new parameter (uniform layouts only; checked()).
@@ -476,7 +488,7 @@ void run_rule(const RunArgs& a) {
         using Op = std::decay_t<decltype(op)>;
         auto go = [&](auto layout) {
           using L = decltype(layout);
-          if constexpr (Rule::kMixedPrecision) {
+          if constexpr (fuses_ema<Rule>()) {
             if (a.with_ema) return Backend::template apply<L>(work, math::WithEma<scalar_t, T, Op>{op});
           }
           Backend::template apply<L>(work, op);
@@ -540,6 +552,7 @@ struct RegisterRule {
     e.hyper.assign(Rule::kHyper.begin(), Rule::kHyper.end());
     e.counts_steps = Rule::kCountsSteps;
     e.mixed_precision = Rule::kMixedPrecision;
+    e.fused_ema = fuses_ema<Rule>();
     e.states = &rule_states<Rule>;
     if constexpr (HasStateKinds<Rule>::value) {
       static_assert(HasOwnRun<Rule, Backend>::value, "a rule with quantized states brings its own run<Backend>");
@@ -635,8 +648,9 @@ inline CallLists check_call(const RuleEntry& rule, const char* op, at::ArrayRef<
   TORCH_CHECK(states.size() == names.size() * n, "fusedtrain.", op, ": rule '", rule.name, "' with these "
               "hyperparameters keeps ", names.size(), " state lists (", c10::Join(", ", names), ") of ", n,
               " tensors each, concatenated: ", names.size() * n, " tensors, got ", states.size());
-  TORCH_CHECK(rule.mixed_precision || (ema.empty() && copies.empty() && !stochastic), "fusedtrain.", op, ": rule '",
-              rule.name, "' takes no ema_params, param_copies or stochastic_rounding");
+  TORCH_CHECK(rule.mixed_precision || (copies.empty() && !stochastic), "fusedtrain.", op, ": rule '", rule.name,
+              "' takes no param_copies or stochastic_rounding");
+  TORCH_CHECK(rule.fused_ema || ema.empty(), "fusedtrain.", op, ": rule '", rule.name, "' takes no ema_params");
   const bool quantized = rule.state_kinds != nullptr;
   TORCH_CHECK(!quantized || ema.empty(), "fusedtrain.", op, ": ema_params cannot be fused with quantized states; "
               "update the averages in a separate ema_ call");

@@ -75,6 +75,7 @@ struct MuonUpdate {
   static constexpr std::array<const char*, 1> kHyper{"decay"};
   static constexpr bool kCountsSteps = false;
   static constexpr bool kMixedPrecision = false;
+  static constexpr bool kFusedEma = true;  // Muon's ema=: the averages move in this pass (fuses_ema, optim_host.h)
   static Names states(const double*) { return {}; }
 
   template <typename T, typename Launch>

@@ -11,7 +11,8 @@ matmuls each (in bfloat16 on every device), a weight-decay pass and an update pa
 2. the parameters of one (device, dtype, oriented shape) are orthogonalized together: torch.bmm and
    torch.baddbmm over the batch, the same three products per iteration as torch's mm / addmm;
 3. one fused element-wise pass per learning rate ("muon_update") applies the decoupled weight decay and
-   the shape-adjusted update.
+   the shape-adjusted update, and, with ``ema=``, moves the parameters' EMA averages in the same pass (the
+   AdamW groups' pass does the same), so the EMA costs no pass of its own over these parameters.
 
 Newton-Schulz precision (``ns_dtype``): bfloat16 (torch's) by default. A bfloat16 product of bfloat16
 matrices is, on every backend torch uses, the float32 sum of exact products rounded to bfloat16 once. On
@@ -138,7 +139,9 @@ class Muon(KeepsOptions, _torch_muon):  # type: ignore[misc,valid-type]
         adamw_betas, adamw_eps: AdamW's betas and eps for the parameter groups with ``use_muon=False``.
         foreach, fused: validated as torch validates them elsewhere (``fused`` with ``foreach`` is an error)
             and otherwise ignored: the batched kernels always run.
-        ema: a :class:`fusedtrain.ensemble.EMA` updated after every step (``ema.update()``; not fused here).
+        ema: a :class:`fusedtrain.ensemble.EMA` updated with every step: the update kernels move the averages
+            of the parameters they write (the Muon and AdamW passes), one more pass the others and the buffers;
+            equal to ``step()`` then ``ema.update()``.
         max_grad_norm: clip the joint 2-norm of all gradients of this optimizer (Muon and AdamW groups)
             inside the step; the clip factor is applied in the fused momentum / AdamW passes. The norm is kept
             in ``last_grad_norm``.
@@ -255,17 +258,37 @@ class Muon(KeepsOptions, _torch_muon):  # type: ignore[misc,valid-type]
         if self.max_grad_norm is not None and fused:
             norm = self._unscaled_norm(grads_norm([_grad(p) for p in fused]), grad_scale)
             clip_coef = clip_coefficient(norm, self.max_grad_norm)
+        # the EMA rides on the update kernels (Note [Muon's step]) unless a parameter is updated twice in the
+        # step (its average must move toward its final value): then ema.update() runs after the step
+        fused_ema: list[Tensor] | None = None
+        if self.ema is not None and len({id(p) for p in fused}) == len(fused):
+            fused_ema = []
         for group, plan in zip(self.param_groups, plans):
             for part in _passes(plan):
                 if group["use_muon"]:
-                    self._muon_group(group, part, grad_scale, clip_coef)
+                    self._muon_group(group, part, grad_scale, clip_coef, fused_ema)
                 else:
-                    self._adamw_group(group, part, grad_scale, clip_coef)
+                    self._adamw_group(group, part, grad_scale, clip_coef, fused_ema)
             if plan["meta"]:
                 self._meta_step(group, plan["meta"])
         if self.ema is not None:
-            self.ema.update()
+            if fused_ema is None:
+                self.ema.update()
+            else:
+                self.ema.finish_fused_update(fused_ema)  # the averages of the other parameters, the buffers
         return loss
+
+    def _ema_kwargs(self, ps: list[Tensor], fused_ema: list[Tensor] | None) -> dict[str, Any]:
+        """The update kernel's EMA arguments for ``ps`` (recorded in ``fused_ema``), or none where the EMA
+        does not hold them all with their device and dtype (those averages follow in finish_fused_update)."""
+        if fused_ema is None or self.ema is None:
+            return {}
+        averages = self.ema.averages_for(ps)
+        if averages is None or any(a.device != p.device or a.dtype != p.dtype for a, p in zip(averages, ps)):
+            return {}
+        weight, weight_tensor = self.ema.weight_args(ps[0].device)
+        fused_ema.extend(ps)
+        return dict(ema_params=averages, ema_weight=weight, ema_weight_tensor=weight_tensor)
 
     def _collect(self, gi: int, group: dict[str, Any]) -> dict[str, Any]:
         """A group's parameters with gradients, checked (torch's errors first); nothing is written."""
@@ -304,7 +327,7 @@ class Muon(KeepsOptions, _torch_muon):  # type: ignore[misc,valid-type]
         return plan
 
     def _muon_group(self, group: dict[str, Any], plan: dict[str, Any], grad_scale: Tensor | None,
-                    clip_coef: Tensor | None) -> None:
+                    clip_coef: Tensor | None, fused_ema: list[Tensor] | None) -> None:
         params: list[Tensor] = plan["params"]
         if not params:
             return
@@ -342,8 +365,9 @@ class Muon(KeepsOptions, _torch_muon):  # type: ignore[misc,valid-type]
             for k, i in enumerate(idx):
                 by_lr.setdefault(plan["adjusted"][i], []).append(k)
             for adjusted, ks in by_lr.items():
-                _ops.step_("muon_update", [plan["decay"]], [ps[k] for k in ks],
-                           [self._as_param(out[k], ps[k]) for k in ks], [], lr=adjusted)
+                update = [ps[k] for k in ks]
+                _ops.step_("muon_update", [plan["decay"]], update, [self._as_param(out[k], ps[k]) for k in ks], [],
+                           lr=adjusted, **self._ema_kwargs(update, fused_ema))
 
     @staticmethod
     def _as_param(matrix: Tensor, p: Tensor) -> Tensor:
@@ -353,7 +377,7 @@ class Muon(KeepsOptions, _torch_muon):  # type: ignore[misc,valid-type]
         return (matrix.mT if m > n else matrix).view(p.shape)
 
     def _adamw_group(self, group: dict[str, Any], plan: dict[str, Any], grad_scale: Tensor | None,
-                     clip_coef: Tensor | None) -> None:
+                     clip_coef: Tensor | None, fused_ema: list[Tensor] | None) -> None:
         params: list[Tensor] = plan["params"]
         for p in params:
             state = self.state[p]
@@ -382,7 +406,7 @@ class Muon(KeepsOptions, _torch_muon):  # type: ignore[misc,valid-type]
                 kw["clip_coef"] = clip_coef if clip_coef.device == device else clip_coef.to(device)
             _ops.step_("adam", hyper, ps, [_grad(p) for p in ps],
                        [s["exp_avg"] for s in states] + [s["exp_avg_sq"] for s in states],
-                       [s["step"] for s in states], **kw)
+                       [s["step"] for s in states], **kw, **self._ema_kwargs(ps, fused_ema))
 
     def _meta_step(self, group: dict[str, Any], params: list[Tensor]) -> None:
         """Parameters on the meta device (model-building flows): their state is made as torch makes it; the
