@@ -18,7 +18,9 @@ initial weights (one model is built, the other loads its state dict) and read th
     ``fusedtrain.nn.functional.bias_dropout_add(linear_without_bias(h), bias, x, p)`` on the residuals
     (the linear's bias is split out and added inside the fused op, with the same weights);
     ``fusedtrain.optim.AdamW(max_grad_norm=1.0, ema=fusedtrain.ensemble.EMA(model, decay))`` (clip,
-    update and EMA in one step).
+    update and EMA in one step); ``fusedtrain.nn.functional.cross_entropy`` for the loss (the loss and the
+    gradient of the logits in one pass; torch's side: ``F.cross_entropy`` on float32 logits; no label
+    smoothing, so both compute the same loss).
   * Attention-probability dropout is SDPA's ``dropout_p`` on **both** sides: fusedtrain has no fused
     attention, and its dropout on the weights of an explicit softmax path would compare a different
     attention kernel, not a different dropout. That part of the iteration is therefore the same code on
@@ -398,6 +400,12 @@ def _lm_loss(logits: Tensor, targets: Tensor) -> Tensor:
     return TF.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
 
+def _lm_loss_fused(logits: Tensor, targets: Tensor) -> Tensor:
+    """The same loss by fusedtrain's fused cross-entropy: loss and logits gradient in one pass, computed in float32
+    from the logits' own dtype (no float32 copy of bf16 logits; a float32 loss under autocast, like the torch side)."""
+    return ftF.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
 def _make_scaler(device: torch.device, dtype: torch.dtype | None) -> Any:
     return torch.amp.GradScaler(device.type) if dtype == torch.float16 and device.type == "cuda" else None
 
@@ -449,8 +457,9 @@ def transformer_sides(size: TransformerSize, device: torch.device, *, amp: str =
             opt = ft_optim.AdamW(groups, lr=size.lr, betas=(0.9, 0.95), max_grad_norm=1.0, ema=ft_ema)
             step = _fusedtrain_step(opt, scaler)
             averages = list(ft_ema.module.parameters())  # type: ignore[union-attr]
-            parts = "fusedtrain.nn.Dropout + bias_dropout_add; AdamW(max_grad_norm=1.0, ema=EMA)"
-        sides.append(Side(impl, model, _compiled(model, compile), cycle.next, _lm_loss, step,
+            parts = "fusedtrain.nn.Dropout + bias_dropout_add; fused cross_entropy; AdamW(max_grad_norm=1.0, ema=EMA)"
+        loss_fn = _lm_loss_fused if kind == "fusedtrain" else _lm_loss
+        sides.append(Side(impl, model, _compiled(model, compile), cycle.next, loss_fn, step,
                           averages, device, dtype, scaler, parts))
     return sides
 
