@@ -17,7 +17,6 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as TF
-
 from fusedtrain.nn import functional as F
 
 

@@ -13,11 +13,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as TF
+from conftest import DEVICES
 from fusedtrain import _ops
 from fusedtrain import nn as ft_nn
 from fusedtrain.nn import functional as F
-
-from conftest import DEVICES
 
 EPS32 = 2.0**-23
 
@@ -52,7 +51,7 @@ REDUCTIONS = ["mean", "sum", "none"]
 def test_float64_matches_torch(c: int, reduction: str, smoothing: float) -> None:
     x, t = _case(37, c, torch.float64)
     go = torch.rand(37, dtype=torch.float64) + 0.5 if reduction == "none" else None
-    kw = dict(reduction=reduction, label_smoothing=smoothing)
+    kw = {"reduction": reduction, "label_smoothing": smoothing}
     loss, grad = _run(F.cross_entropy, x, t, go, **kw)
     ref_loss, ref_grad = _run(TF.cross_entropy, x, t, go, **kw)
     assert loss.dtype == grad.dtype == torch.float64 and loss.shape == ref_loss.shape
@@ -66,7 +65,7 @@ def test_float64_matches_torch(c: int, reduction: str, smoothing: float) -> None
 def test_float32_against_float64(c: int, reduction: str, smoothing: float) -> None:
     n = 41
     x, t = _case(n, c)
-    kw = dict(reduction=reduction, label_smoothing=smoothing)
+    kw = {"reduction": reduction, "label_smoothing": smoothing}
     loss, grad = _run(F.cross_entropy, x, t, **kw) if reduction != "none" else \
         _run(F.cross_entropy, x, t, torch.ones(n), **kw)
     tl, tg = _run(TF.cross_entropy, x, t, **kw) if reduction != "none" else \
@@ -115,7 +114,7 @@ def test_ignore_index_edges() -> None:
     every = torch.full((6,), -100)
     for reduction in REDUCTIONS:
         for smoothing in (0.0, 0.3):
-            kw = dict(reduction=reduction, label_smoothing=smoothing)
+            kw = {"reduction": reduction, "label_smoothing": smoothing}
             loss, grad = _run(F.cross_entropy, x, every, torch.ones(6, dtype=torch.float64)
                               if reduction == "none" else None, **kw)
             ref = TF.cross_entropy(x, every, **kw)
@@ -124,7 +123,7 @@ def test_ignore_index_edges() -> None:
     # a custom ignore_index, with label smoothing: ignored rows get no loss and no gradient
     x, t = _case(50, 13, torch.float64, ignored=0.5, ignore_index=3)
     for reduction in REDUCTIONS:
-        kw = dict(reduction=reduction, label_smoothing=0.25, ignore_index=3)
+        kw = {"reduction": reduction, "label_smoothing": 0.25, "ignore_index": 3}
         go = torch.rand(50, dtype=torch.float64) if reduction == "none" else None
         loss, grad = _run(F.cross_entropy, x, t, go, **kw)
         rl, rg = _run(TF.cross_entropy, x, t, go, **kw)
@@ -196,7 +195,7 @@ def test_shapes_unbatched_and_spatial() -> None:
     t[0, 1, 1] = -100
     for reduction in REDUCTIONS:
         go = torch.rand(3, 4, 2, dtype=torch.float64) if reduction == "none" else None
-        kw = dict(reduction=reduction, label_smoothing=0.1)
+        kw = {"reduction": reduction, "label_smoothing": 0.1}
         loss, grad = _run(F.cross_entropy, x, t, go, **kw)
         rl, rg = _run(TF.cross_entropy, x, t, go, **kw)
         assert loss.shape == rl.shape
@@ -264,7 +263,7 @@ def test_gradcheck() -> None:
     for reduction in REDUCTIONS:
         for smoothing in (0.0, 0.2):
             assert torch.autograd.gradcheck(
-                lambda v: F.cross_entropy(v, t, reduction=reduction, label_smoothing=smoothing), (x,))
+                lambda v, r=reduction, s=smoothing: F.cross_entropy(v, t, reduction=r, label_smoothing=s), (x,))
 
 
 def test_no_grad_and_eval() -> None:
@@ -354,7 +353,7 @@ def test_torch_compile() -> None:
 def test_cuda_matches_cpu(dtype: torch.dtype, reduction: str) -> None:
     x, t = _case(67, 8193, dtype)
     go = torch.rand(67) if reduction == "none" else None
-    kw = dict(reduction=reduction, label_smoothing=0.1)
+    kw = {"reduction": reduction, "label_smoothing": 0.1}
     lc, gc = _run(F.cross_entropy, x, t, go, **kw)
     ld, gd = _run(F.cross_entropy, x.cuda(), t.cuda(), go.cuda() if go is not None else None, **kw)
     tol = {torch.float64: (1e-12, 1e-15), torch.float32: (1e-5, 1e-8), torch.bfloat16: (1.6e-2, 1e-5)}[dtype]
