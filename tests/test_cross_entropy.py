@@ -97,6 +97,20 @@ def test_half_types_against_float64(dtype: torch.dtype, smoothing: float) -> Non
     assert gerr <= 2 * terr + ulp * rg.abs().max(), (gerr, terr)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_backward_scale_in_every_dtype(dtype: torch.dtype) -> None:
+    """grad_output other than 1 (per row for 'none', a scalar for 'sum'): the backward op scales in float32."""
+    x, t = _case(23, 129, dtype)
+    for reduction, go in (("none", torch.rand(23, dtype=dtype) + 0.5), ("sum", torch.tensor(0.37, dtype=dtype))):
+        _, grad = _run(F.cross_entropy, x, t, go, reduction=reduction, label_smoothing=0.1)
+        _, tg = _run(TF.cross_entropy, x, t, go, reduction=reduction, label_smoothing=0.1)
+        _, rg = _ref(x, t, go, reduction=reduction, label_smoothing=0.1)
+        assert grad.dtype == dtype
+        ulp = torch.finfo(dtype).eps
+        gerr, terr = (grad.double() - rg).abs().max(), (tg.double() - rg).abs().max()
+        assert gerr <= 2 * terr + ulp * rg.abs().max(), (reduction, gerr, terr)
+
+
 def test_autocast_returns_float32_loss_and_input_dtype_grad() -> None:
     x, t = _case(16, 100, torch.bfloat16)
     x.requires_grad_(True)
