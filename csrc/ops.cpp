@@ -78,6 +78,16 @@ TORCH_LIBRARY(fusedtrain, m) {
   // tensor in the accumulation dtype (float32, or float64 for float64 params); backward -> grad * d/dtheta.
   m.def("penalty(Tensor[] params, float l1, float l2) -> Tensor");
   m.def("penalty_backward(Tensor[] params, Tensor grad, float l1, float l2) -> Tensor[]");
+  // Fused softmax cross-entropy over class indices (Note [fused cross-entropy], include/fusedtrain/cross_entropy.h):
+  // input [N, C] (any float dtype), target [N] int64 (ignore_index rows contribute nothing), reduction 'none' |
+  // 'mean' | 'sum'. Returns (loss, grad): the loss in float32 (float64 for float64 input), 0-dim or [N] for
+  // 'none'; grad = d sum(loss) / d input for a grad_output of 1, [N, C] in the input's dtype, computed in the
+  // same pass when compute_grad (else an empty tensor). Targets outside [0, C) throw before anything is written.
+  // The backward pass: cross_entropy_backward(grad, grad_output) = grad * grad_output (one value per row for
+  // 'none', else one), in grad's dtype.
+  m.def("cross_entropy(Tensor input, Tensor target, float label_smoothing=0.0, int ignore_index=-100, "
+        "str reduction=\"mean\", bool compute_grad=True) -> (Tensor, Tensor)");
+  m.def("cross_entropy_backward(Tensor grad, Tensor grad_output) -> Tensor");
 
   // ---- augment (issue 5) ----
   // Note [augment op]: random resized crop + horizontal flip + brightness/contrast/saturation +

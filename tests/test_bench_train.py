@@ -66,6 +66,20 @@ def test_transformer_sides_match_without_dropout() -> None:
     _assert_same_training(sides, losses, rtol=2e-5)
 
 
+def test_fused_loss_matches_torch_loss() -> None:
+    """The fusedtrain side's loss (fused cross-entropy) and the torch side's (F.cross_entropy on float32 logits):
+    the same value and logits gradient, and a finite time difference for the dropout-by-difference column."""
+    logits = torch.randn(3, 16, 97, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 97, (3, 16))
+    a = train._lm_loss(logits, targets)
+    (ga,) = torch.autograd.grad(a, logits)
+    b = train._lm_loss_fused(logits.float(), targets)
+    (gb,) = torch.autograd.grad(b, logits)
+    torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)  # both float32
+    torch.testing.assert_close(gb, ga, rtol=1e-5, atol=1e-8)
+    assert math.isfinite(train.loss_delta_ms(TINY_GPT, CPU, None, reps=2))
+
+
 def test_vision_sides_match_without_augmentation() -> None:
     pytest.importorskip("torchvision")
     sides = train.vision_sides(TINY_CNN, CPU, amp="off", augment=False, seed=4)
@@ -121,6 +135,7 @@ def test_rows_breakdown_and_plot(tmp_path) -> None:
         assert (r.vs_best_torch is not None) == (r.impl == "fusedtrain")
     for r in rows[:2]:
         assert "optimizer_dropout_ema_pct" in r.extra and "dropout_ms" in r.extra
+    assert math.isfinite(rows[1].extra["loss_delta_ms"])  # the fusedtrain side's loss against torch's
     table = train.format_breakdown(rows)
     assert table.count("\n") == len(rows) + 2 and "optimizer" in table
     png = tmp_path / "b.png"

@@ -207,6 +207,91 @@ torch.library.register_autograd("fusedtrain::bias_dropout_add", _bias_dropout_ad
 torch.library.register_autograd("fusedtrain::penalty", _penalty_backward, setup_context=_penalty_setup)
 
 
+# ---- Fused softmax cross-entropy (issue 19). See Note [fused cross-entropy] in
+# csrc/include/fusedtrain/cross_entropy.h: the forward op returns the loss and the gradient of the logits for a
+# grad_output of 1, computed in the same pass; autograd keeps that gradient (the memory torch spends on the
+# log_softmax it keeps) and the backward pass scales it by grad_output.
+
+__all__ += ["cross_entropy", "cross_entropy_backward"]
+
+
+def cross_entropy(input: Tensor, target: Tensor, label_smoothing: float = 0.0, ignore_index: int = -100,
+                  reduction: str = "mean", compute_grad: bool = True) -> tuple[Tensor, Tensor]:
+    """``(loss, grad)`` of the softmax cross-entropy of ``input`` [N, C] against class indices ``target`` [N]
+    (int64); the loss in float32 (float64 for float64 input), 0-dim or [N] for ``reduction="none"``; ``grad``
+    [N, C] in the input's dtype (empty without ``compute_grad``). Differentiable in ``input``."""
+    return _ops.cross_entropy(input, target, label_smoothing, ignore_index, reduction, compute_grad)
+
+
+def cross_entropy_backward(grad: Tensor, grad_output: Tensor) -> Tensor:
+    """``grad * grad_output`` (``grad_output``: one value, or one per row), in ``grad``'s dtype. Not
+    differentiable: the double backward of the fused cross-entropy raises."""
+    return _ops.cross_entropy_backward(grad, grad_output)
+
+
+@torch.library.register_fake("fusedtrain::cross_entropy")
+def _cross_entropy_fake(input: Tensor, target: Tensor, label_smoothing: float = 0.0, ignore_index: int = -100,
+                        reduction: str = "mean", compute_grad: bool = True) -> tuple[Tensor, Tensor]:
+    torch._check(input.dim() == 2, lambda: "fusedtrain.cross_entropy: input must be [N, C]")
+    loss_shape = (input.shape[0],) if reduction == "none" else ()
+    loss = input.new_empty(loss_shape, dtype=_acc_dtype(input.dtype))
+    grad = input.new_empty(input.shape if compute_grad else (0,))
+    return loss, grad
+
+
+@torch.library.register_fake("fusedtrain::cross_entropy_backward")
+def _cross_entropy_backward_fake(grad: Tensor, grad_output: Tensor) -> Tensor:
+    return torch.empty_like(grad, memory_format=torch.contiguous_format)
+
+
+def _cross_entropy_setup(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: tuple) -> None:
+    ctx.save_for_backward(output[1])
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # else autograd fills an [N, C] zero "gradient" of the kept gradient
+
+
+def _is_one(t: Tensor) -> bool:
+    """Whether ``t`` is a real (not traced) one-element CPU tensor equal to 1: the ``loss.backward()`` case."""
+    return (type(t) is Tensor and t.device.type == "cpu" and t.numel() == 1 and not torch.compiler.is_compiling()
+            and bool(t.item() == 1.0))
+
+
+def _cross_entropy_backward(ctx: torch.autograd.function.FunctionCtx, grad_loss: Tensor | None,
+                            _grad_grad: Tensor | None) -> tuple:
+    if grad_loss is None:  # an undefined gradient (materialize_grads is off): zero
+        return None, None, None, None, None, None
+    (grad,) = ctx.saved_tensors
+    if grad.dim() != 2:
+        raise RuntimeError("fusedtrain.cross_entropy: the forward ran with compute_grad=False, so there is no "
+                           "gradient to return; call it with compute_grad=True (fusedtrain.nn.functional."
+                           "cross_entropy does when the input requires grad)")
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        _cross_entropy_backward_backward(ctx)  # create_graph=True: the kept gradient carries no graph to x
+    if not torch.is_grad_enabled() and _is_one(grad_loss):
+        # loss.backward(): the kept gradient is the answer; autograd never writes into a gradient it is handed
+        # (AccumulateGrad copies one that something else still references), so it is returned without a copy.
+        result = grad
+    else:
+        result = cross_entropy_backward(grad, grad_loss)
+    return result, None, None, None, None, None
+
+
+def _cross_entropy_backward_backward(ctx: torch.autograd.function.FunctionCtx, *grads: Tensor) -> tuple:
+    raise RuntimeError("fusedtrain.cross_entropy does not support double backward (its backward pass scales the "
+                       "gradient kept by the forward pass); use torch.nn.functional.cross_entropy for "
+                       "higher-order gradients")
+
+
+def _cross_entropy_backward_setup(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: Tensor) -> None:
+    return None
+
+
+torch.library.register_autograd("fusedtrain::cross_entropy", _cross_entropy_backward,
+                                setup_context=_cross_entropy_setup)
+torch.library.register_autograd("fusedtrain::cross_entropy_backward", _cross_entropy_backward_backward,
+                                setup_context=_cross_entropy_backward_setup)
+
+
 # ---- augment (issue 5) ----
 # See Note [augment op] in csrc/ops.cpp. The per-sample parameters are CPU tensors (the driver reads them
 # on the host); images may be on CPU or CUDA.

@@ -18,7 +18,9 @@ initial weights (one model is built, the other loads its state dict) and read th
     ``fusedtrain.nn.functional.bias_dropout_add(linear_without_bias(h), bias, x, p)`` on the residuals
     (the linear's bias is split out and added inside the fused op, with the same weights);
     ``fusedtrain.optim.AdamW(max_grad_norm=1.0, ema=fusedtrain.ensemble.EMA(model, decay))`` (clip,
-    update and EMA in one step).
+    update and EMA in one step); ``fusedtrain.nn.functional.cross_entropy`` for the loss (the loss and the
+    gradient of the logits in one pass; torch's side: ``F.cross_entropy`` on float32 logits; no label
+    smoothing, so both compute the same loss).
   * Attention-probability dropout is SDPA's ``dropout_p`` on **both** sides: fusedtrain has no fused
     attention, and its dropout on the weights of an explicit softmax path would compare a different
     attention kernel, not a different dropout. That part of the iteration is therefore the same code on
@@ -49,7 +51,9 @@ iteration, the p20/p80 spread and the median of every phase; the fusedtrain row'
 over ours, and ``extra["round_ratios"]`` holds the same ratio for each round (the spread over time).
 For the transformer a third side, torch's parts without any dropout (p = 0 everywhere), runs in the same
 rotation: the difference of its forward + backward to each side's is what dropout costs there, so the
-table can say what share of the iteration the optimizer + dropout + EMA take on each side.
+table can say what share of the iteration the optimizer + dropout + EMA take on each side. That reference
+runs torch's loss, so for the fusedtrain side the difference of the two losses' forward + backward, timed
+apart on logits of the same shape (``loss_delta_ms``, ``extra["loss_delta_ms"]``), is taken out of it.
 ``torch.compile`` variants (``compile=True``, CLI ``--compile``) compile each side's model (the
 optimizer step stays eager) and report the compile time, taken as the warm-up iterations' time beyond
 the steady iterations', separately (``extra["compile_s"]``), with Inductor's on-disk caches off so that it
@@ -106,6 +110,7 @@ __all__ = [
     "VisionSize",
     "amp_dtype",
     "format_breakdown",
+    "loss_delta_ms",
     "measure_sides",
     "run",
     "transformer_sides",
@@ -398,6 +403,33 @@ def _lm_loss(logits: Tensor, targets: Tensor) -> Tensor:
     return TF.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
 
+def _lm_loss_fused(logits: Tensor, targets: Tensor) -> Tensor:
+    """The same loss by fusedtrain's fused cross-entropy: loss and logits gradient in one pass, computed in float32
+    from the logits' own dtype (no float32 copy of bf16 logits; a float32 loss under autocast, like the torch side)."""
+    return ftF.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+def loss_delta_ms(size: TransformerSize, device: torch.device, dtype: torch.dtype | None, reps: int = 5) -> float:
+    """Median forward + backward time of the fusedtrain side's loss minus the torch side's, on random logits of the
+    transformer's shape and dtype, interleaved: the no-dropout reference side runs torch's loss, so the fusedtrain
+    row's "dropout by difference" subtracts this to leave dropout alone."""
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(size.batch, size.seq, size.vocab, generator=gen).to(device, dtype or torch.float32)
+    targets = torch.randint(0, size.vocab, (size.batch, size.seq), generator=gen).to(device)
+    times: dict[str, list[float]] = {"torch": [], "fusedtrain": []}
+    fns = {"torch": _lm_loss, "fusedtrain": _lm_loss_fused}
+    for rep in range(reps + 1):
+        for impl in (list(fns) if rep % 2 == 0 else list(fns)[::-1]):
+            x = logits.detach().requires_grad_(True)
+            sync(device)
+            start = time.perf_counter()
+            fns[impl](x, targets).backward()
+            sync(device)
+            if rep > 0:  # the first round warms up
+                times[impl].append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times["fusedtrain"]) - statistics.median(times["torch"])
+
+
 def _make_scaler(device: torch.device, dtype: torch.dtype | None) -> Any:
     return torch.amp.GradScaler(device.type) if dtype == torch.float16 and device.type == "cuda" else None
 
@@ -449,8 +481,9 @@ def transformer_sides(size: TransformerSize, device: torch.device, *, amp: str =
             opt = ft_optim.AdamW(groups, lr=size.lr, betas=(0.9, 0.95), max_grad_norm=1.0, ema=ft_ema)
             step = _fusedtrain_step(opt, scaler)
             averages = list(ft_ema.module.parameters())  # type: ignore[union-attr]
-            parts = "fusedtrain.nn.Dropout + bias_dropout_add; AdamW(max_grad_norm=1.0, ema=EMA)"
-        sides.append(Side(impl, model, _compiled(model, compile), cycle.next, _lm_loss, step,
+            parts = "fusedtrain.nn.Dropout + bias_dropout_add; fused cross_entropy; AdamW(max_grad_norm=1.0, ema=EMA)"
+        loss_fn = _lm_loss_fused if kind == "fusedtrain" else _lm_loss
+        sides.append(Side(impl, model, _compiled(model, compile), cycle.next, loss_fn, step,
                           averages, device, dtype, scaler, parts))
     return sides
 
@@ -679,7 +712,7 @@ def _quantiles(xs: list[float]) -> tuple[float, float, float]:
 
 
 def _rows(workload: str, case: str, sides: Sequence[Side], times: dict[str, SideTimes], compiled: bool,
-          config: dict[str, Any], device: torch.device) -> list[Result]:
+          config: dict[str, Any], device: torch.device, loss_delta: float = 0.0) -> list[Result]:
     rows: dict[str, Result] = {}
     for side in sides:
         t = times[side.impl]
@@ -717,9 +750,10 @@ def _rows(workload: str, case: str, sides: Sequence[Side], times: dict[str, Side
     reference = rows.get("torch, no dropout (reference)")
     if reference is not None:
         ref_fb = reference.extra["phases_ms"]["forward"] + reference.extra["phases_ms"]["backward"]
-        for row in (torch_row, ours):
+        ours.extra["loss_delta_ms"] = loss_delta  # the reference runs torch's loss; see loss_delta_ms
+        for row, delta in ((torch_row, 0.0), (ours, loss_delta)):
             ph = row.extra["phases_ms"]
-            dropout_ms = ph["forward"] + ph["backward"] - ref_fb
+            dropout_ms = ph["forward"] + ph["backward"] - ref_fb - delta
             row.extra["dropout_ms"] = dropout_ms
             row.extra["optimizer_dropout_ema_pct"] = 100 * (ph["optimizer"] + dropout_ms) / sum(ph.values())
     ours.note += f" | per-round ratios {min(round_ratios):.2f}-{max(round_ratios):.2f}x"
@@ -817,7 +851,8 @@ def _run_variant(device: torch.device, key: str, workloads: Sequence[str], amp: 
         label = f"{workload}{' (compiled)' if compiled else ''}"
         bar.begin(label)
         times = measure_sides(sides, warmup, rounds, per_round, on_iteration=partial(bar.step, label))
-        results += _rows(workload, case, sides, times, compiled, config, device)
+        delta = loss_delta_ms(tsize, device, dtype) if workload == "transformer" else 0.0
+        results += _rows(workload, case, sides, times, compiled, config, device, delta)
         del sides, times
         gc.collect()
         if device.type == "cuda":

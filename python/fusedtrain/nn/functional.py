@@ -1,4 +1,7 @@
-"""Functional dropout family: the forms behind :mod:`fusedtrain.nn`'s modules.
+"""Functional dropout family, and the fused cross-entropy: the forms behind :mod:`fusedtrain.nn`'s modules.
+
+``cross_entropy`` (softmax cross-entropy with label smoothing, loss and gradient in one pass) lives in
+``_cross_entropy.py`` and is re-exported here; everything below is about dropout.
 
 Every function here draws one 63-bit seed per call (Note [seeds] below), and the kernel decides the fate of
 the element of logical row-major index ``i`` from ``(seed, i)`` alone with counter-based Philox-4x32-10
@@ -52,8 +55,9 @@ from torch import Tensor
 
 from .. import _ops
 from .._capture import stream_capturing
+from ._cross_entropy import cross_entropy
 
-__all__ = ["dropout", "dropout2d", "drop_path", "bias_dropout_add", "SeedLike"]
+__all__ = ["dropout", "dropout2d", "drop_path", "bias_dropout_add", "cross_entropy", "SeedLike"]
 
 SeedLike = Union[int, Tensor, None]
 

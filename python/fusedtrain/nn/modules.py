@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from . import functional as F
 
-__all__ = ["Dropout", "Dropout2d", "DropPath", "DropConnect"]
+__all__ = ["Dropout", "Dropout2d", "DropPath", "DropConnect", "CrossEntropyLoss"]
 
 
 class Dropout(nn.Dropout):
@@ -110,3 +110,28 @@ class DropConnect(nn.Module):
 
     def extra_repr(self) -> str:
         return f"p={self.p}, names={self.names}"
+
+
+class CrossEntropyLoss(nn.CrossEntropyLoss):
+    r"""Fused softmax cross-entropy with label smoothing, a drop-in for :class:`torch.nn.CrossEntropyLoss` (and an
+    instance of it) for class-index targets: :func:`fusedtrain.nn.functional.cross_entropy` computes the loss and
+    the gradient of the logits in one pass over each row, and the backward pass only scales that gradient.
+
+    Args:
+        weight: must be None (per-class weights are not supported; a clear error otherwise).
+        size_average, reduce: deprecated, as in torch (folded into ``reduction``).
+        ignore_index: a target value whose rows contribute nothing. Default: -100
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``. Default: ``"mean"``
+        label_smoothing: in [0, 1]. Default: 0.0
+    """
+
+    def __init__(self, weight: Tensor | None = None, size_average: bool | None = None, ignore_index: int = -100,
+                 reduce: bool | None = None, reduction: str = "mean", label_smoothing: float = 0.0) -> None:
+        if weight is not None:
+            raise NotImplementedError("fusedtrain.nn.CrossEntropyLoss: weight= (per-class weights) is not "
+                                      "supported; use torch.nn.CrossEntropyLoss for class weights")
+        super().__init__(None, size_average, ignore_index, reduce, reduction, label_smoothing)
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return F.cross_entropy(input, target, self.weight, ignore_index=self.ignore_index, reduction=self.reduction,
+                               label_smoothing=self.label_smoothing)
