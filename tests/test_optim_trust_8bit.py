@@ -426,6 +426,40 @@ def test_ema_is_updated_by_its_own_pass(name: str) -> None:
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("name", ["Lamb", "Lars"])
+def test_grad_scale_found_inf_and_traced_step(name: str) -> None:
+    """GradScaler's protocol (grad_scale / found_inf): a scaled step equals the unscaled one bit for bit (the scale
+    is a power of two) and a step with found_inf writes nothing; the traced step (torch.compile's path) equals
+    the planned one."""
+    torch.manual_seed(20)
+    pa = [torch.randn(64, 80, dtype=torch.float64, requires_grad=True), torch.randn(7, dtype=torch.float64,
+                                                                                    requires_grad=True)]
+    pb = [p.detach().clone().requires_grad_() for p in pa]
+    pc = [p.detach().clone().requires_grad_() for p in pa]
+    a, b, c = (getattr(fusedtrain.optim, name)(ps, state_bits=8, min_8bit_size=0, **OPTS[name]) for ps in (pa, pb, pc))
+    g = torch.Generator().manual_seed(21)
+    for _ in range(3):
+        grads = [torch.randn(p.shape, generator=g, dtype=torch.float64) for p in pa]
+        for x, y, z, gr in zip(pa, pb, pc, grads):
+            x.grad, y.grad, z.grad = gr * 1024.0, gr.clone(), gr.clone()
+        a.grad_scale, a.found_inf = torch.tensor(1024.0), torch.tensor(0.0)
+        a.step()
+        b.step()
+        c._step_traced()
+    for x, y, z in zip(pa, pb, pc):
+        assert torch.equal(x, y) and torch.equal(x, z)
+        for k, v in b.state[y].items():
+            assert torch.equal(a.state[x][k], v) and torch.equal(c.state[z][k], v), k
+    assert a.state[pa[0]][KEYS[name][0]].dtype == torch.int8
+    before = ([p.detach().clone() for p in pa], [{k: v.clone() for k, v in a.state[p].items()} for p in pa])
+    a.found_inf = torch.tensor(1.0)
+    a.step()
+    for p, old_p, old_st in zip(pa, *before):
+        assert torch.equal(p, old_p)
+        for k, v in old_st.items():
+            assert torch.equal(a.state[p][k], v), k
+
+
 # ------------------------------------------------------------------------------------------------ CUDA
 @pytest.mark.cuda
 @pytest.mark.parametrize("case", CASES, ids=_id)
