@@ -374,6 +374,20 @@ def test_lamb_caution_refuses_state_bits_8() -> None:
     for k, v in before[1].items():
         assert torch.equal(opt.state[p][k], v), k
     fusedtrain.optim.Lamb([p], caution=True, state_bits=32)  # float states: fine
+    # the op refuses it before any write (the step counter included)
+    q, g, step = torch.randn(2, 300), torch.randn(2, 300), torch.tensor(0.0)
+    states = [torch.zeros(2, 300, dtype=torch.int8), torch.zeros(2, 2), torch.zeros(2, 300, dtype=torch.uint8),
+              torch.zeros(2, 2)]
+    hyper = dict(beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.01, grad_averaging=True, bias_correction=True,
+                 decoupled_decay=False, max_lr=0.0, trust_clip=False, always_adapt=False, caution=True)
+    before = q.clone()
+    with pytest.raises(RuntimeError, match="caution"):
+        fusedtrain._ops.step_("lamb8bit", fusedtrain._ops.hyper_list("lamb8bit", hyper), [q], [g], states, [step],
+                              lr=0.1)
+    assert torch.equal(q, before) and float(step) == 0.0 and not any(bool(t.any()) for t in states)
+    hyper["caution"] = False
+    fusedtrain._ops.step_("lamb8bit", fusedtrain._ops.hyper_list("lamb8bit", hyper), [q], [g], states, [step], lr=0.1)
+    assert float(step) == 1.0 and not torch.equal(q, before) and bool(states[0].any())
 
 
 @pytest.mark.parametrize("name", ["Lamb", "Lars"])

@@ -102,14 +102,18 @@ struct Lamb8bit : Lamb {
   using Float = Lamb;
   static constexpr const char* kName = "lamb8bit";
   static quant::Signs signed_states(const double*) { return {true, false, false}; }
-  static Names states(const double* h) { return quant::quantized_names<Lamb>(h); }
+  // (checked here: the call's checks ask for the state lists before anything is written, Note [refused calls])
+  static Names states(const double* h) {
+    TORCH_CHECK(h[kCaution] == 0.0, "fusedtrain: 'lamb8bit' has no caution passes (Note [quantized trust "
+                "passes]); use caution=False, or float states (state_bits=32)");
+    return quant::quantized_names<Lamb>(h);
+  }
   static std::vector<int> state_kinds(const double* h) { return quant::kinds_of<Lamb8bit>(h); }
 
   template <class Backend>
   static void run(const host::RunArgs& a) {
     const double* h = a.hyper;
-    TORCH_CHECK(h[kCaution] == 0.0, "fusedtrain: 'lamb8bit' has no caution passes (Note [quantized trust passes]); "
-                "use caution=False, or float states (state_bits=32)");
+    TORCH_CHECK(h[kCaution] == 0.0, "fusedtrain: 'lamb8bit' has no caution passes");  // (states() refused it)
     const bool adapt = h[kWeightDecay] != 0.0 || h[kAlwaysAdapt] != 0.0, clip = h[kTrustClip] != 0.0;
     const quant::Signs sgn = signed_states(h);
     quant::for_layout(a.prec, [&](auto layout) {
