@@ -14,8 +14,10 @@
 //          in block order (deterministic). Pass 2 decodes m, v (read only: their codes stay as they are) and
 //          applies p' - lr * ratio * u. Without adaptation, one block pass updates m, v and p from the new m, v
 //          in registers, as the other 8-bit rules do.
-//          With caution the mask's count would need a third kind of pass (the count from stored moments):
-//          not done; lamb8bit refuses caution (the optimizer keeps float states there: python/.../lamb.py).
+//          With caution the mask's count would have to come from the stored moments too (a read-only mask op
+//          as the terms of pass 1, a read-only norms pass, and on CUDA the true numel for the finisher): not
+//          done; lamb8bit refuses caution in states() (before any write), and fusedtrain.optim.Lamb refuses
+//          caution=True with state_bits=8 (python/fusedtrain/optim/lamb.py).
 // The states' storage type of the ops is the opmath type: the 8-bit ops see decoded values, never a float16 or
 // bfloat16 state. The trust ratios' finishers see each tensor's sums as in the float rules (across shards too:
 // Note [sums across shards]); on CUDA their numel is the row length (quant_cuda.cuh's table), which the LAMB
