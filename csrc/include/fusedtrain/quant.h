@@ -42,6 +42,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "fusedtrain/math.h"
 
@@ -67,6 +68,28 @@ enum Kind : int {
   kUnsignedNibbles = 5,
   kScales4 = 6
 };
+
+// Note [block passes that read or reduce]:
+// A block op may declare kStore (bit 0: the parameter, bit 2 + s: state s), as the trust-ratio passes of
+// rules_trust.h do: the walk then stores the parameter (and its copy) only where bit 0 is set, and requantizes
+// only the states whose bit is set. A pass that only reads a state leaves its codes and absmax exactly as they
+// were (decoding and encoding again is not always the identity: a square-root state's root * root can
+// underflow). The functors of math.h declare no kStore and store everything.
+// A block op may also declare kSums > 0 and a member terms(r, t) (up to two double terms per element, as the
+// trust passes' op(r, t)): after a block is stored, the walk decodes the block's states again from their new
+// codes and calls terms on (param, grad, states) as stored, so the terms see exactly what a later pass will
+// read (rules_trust_quant.h: LAMB's update norm from the requantized moments). A block's terms are added in a
+// fixed order (CPU: a vectorized sum of the block's terms; CUDA: a fixed tree over the block's threads), and each
+// tensor's sums add its blocks' sums in block order: the same result for any number of threads (quant_cpu.h's
+// run_blocks returns them; quant_cuda.cuh writes them for trust_cuda.cuh's finisher). 8-bit row blocks only.
+template <class Op, class = void>
+struct StoreMask : std::integral_constant<unsigned, ~0u> {};
+template <class Op>
+struct StoreMask<Op, std::void_t<decltype(Op::kStore)>> : std::integral_constant<unsigned, Op::kStore> {};
+template <class Op, class = void>
+struct BlockSums : std::integral_constant<int, 0> {};
+template <class Op>
+struct BlockSums<Op, std::void_t<decltype(Op::kSums)>> : std::integral_constant<int, Op::kSums> {};
 
 // The tables of both maps (Note [8-bit optimizer states]). Thresholds: mid[k] between entries k and k+1;
 // the unused last slot is +inf-like (never read by the searches below).

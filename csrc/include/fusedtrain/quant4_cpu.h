@@ -52,6 +52,8 @@ struct Packed4 {
                                                          const Op& op_in, uint32_t key, const Signs& sgn) {
     using T = at::opmath_type<typename L::P>;
     constexpr int S = Op::depth - 2;
+    static_assert(StoreMask<Op>::value == ~0u && BlockSums<Op>::value == 0,
+                  "4-bit blocks requantize every state (Note [block passes that read or reduce] in quant.h)");
     const Op op = op_in;
     const int64_t nb = (n + 1) / 2;  // bytes of this block
     T st[S > 0 ? S : 1][kBlock4];

@@ -244,9 +244,13 @@ using BitsOf = std::conditional_t<sizeof(T) == 8, int64_t, int32_t>;
 //   static void locate(int64_t b, int64_t numel, int64_t row, int64_t* e0, int64_t* n);   block b's elements
 //   template <class L, typename Op, bool kVector> static void body(void* const* ptr, int64_t b, int64_t e0,
 //       int64_t n, const Op& op, uint32_t key, const Signs& sgn);  one block (kVector: AVX2 or above)
+// and, for the passes that reduce (Note [block passes that read or reduce] in quant.h; RowBlocks only),
+//   template <class L, typename Op, bool kVector> static void terms(void* const* ptr, int64_t b, int64_t e0,
+//       int64_t n, const Op& op, const Signs& sgn, double* sums);   the block's two sums of op.terms
 
 // The rule's functor over the n dequantized elements of one block (st: per state, in place), storing the
-// parameter (and its copy) at elements e0.. of the tuple's lists.
+// parameter (and its copy) at elements e0.. of the tuple's lists (Note [block passes that read or reduce]:
+// unless the op stores no parameter, quant.h).
 template <class L, typename Op, typename T, size_t R, size_t N>
 inline __attribute__((always_inline)) void update_block(void* const* ptr, int64_t e0, int64_t n, const Op& op,
                                                         uint32_t key, T (&st)[R][N]) {
@@ -261,9 +265,11 @@ inline __attribute__((always_inline)) void update_block(void* const* ptr, int64_
     r[1] = static_cast<T>(g[i]);
     for (int s = 0; s < S; ++s) r[2 + s] = st[s][i];
     op(r);
-    p[i] = rounding::store_param<L>(r[0], key, e0 + i);
+    if constexpr ((StoreMask<Op>::value & 1u) != 0) {  // Note [block passes that read or reduce] (quant.h)
+      p[i] = rounding::store_param<L>(r[0], key, e0 + i);
+      if constexpr (L::kCopy) out[i] = static_cast<typename L::O>(r[0]);
+    }
     for (int s = 0; s < S; ++s) st[s][i] = r[2 + s];
-    if constexpr (L::kCopy) out[i] = static_cast<typename L::O>(r[0]);
   }
 }
 
@@ -295,13 +301,10 @@ struct RowBlocks {
     *n = std::min<int64_t>(kBlock, row - k * kBlock);
   }
 
-  template <class L, typename Op, bool kVector>
-  static inline __attribute__((always_inline)) void body(void* const* ptr, int64_t b, int64_t e0, int64_t n,
-                                                         const Op& op_in, uint32_t key, const Signs& sgn) {
-    using T = at::opmath_type<typename L::P>;
-    constexpr int S = Op::depth - 2;
-    const Op op = op_in;
-    T st[S > 0 ? S : 1][kBlock];
+  // Block b's states, dequantized into st (opmath type).
+  template <int S, typename T>
+  static inline __attribute__((always_inline)) void decode(void* const* ptr, int64_t b, int64_t e0, int64_t n,
+                                                           const Signs& sgn, T (&st)[S > 0 ? S : 1][kBlock]) {
     for (int s = 0; s < S; ++s) {
       const float absmax = static_cast<const float*>(ptr[3 + 2 * s])[b];
       const uint8_t* __restrict__ c = static_cast<const uint8_t*>(ptr[2 + 2 * s]) + e0;
@@ -317,8 +320,20 @@ struct RowBlocks {
         }
       }
     }
+  }
+
+  template <class L, typename Op, bool kVector>
+  static inline __attribute__((always_inline)) void body(void* const* ptr, int64_t b, int64_t e0, int64_t n,
+                                                         const Op& op_in, uint32_t key, const Signs& sgn) {
+    using T = at::opmath_type<typename L::P>;
+    constexpr int S = Op::depth - 2;
+    const Op op = op_in;
+    T st[S > 0 ? S : 1][kBlock];
+    decode<S>(ptr, b, e0, n, sgn, st);
     update_block<L>(ptr, e0, n, op, key, st);
     for (int s = 0; s < S; ++s) {
+      // Note [block passes that read or reduce] (quant.h): a state the op only reads keeps its codes
+      if (((StoreMask<Op>::value >> (2 + s)) & 1u) == 0) continue;
       T* __restrict__ x = st[s];
       const float absmax = state_absmax(x, n, sgn[s]);
       static_cast<float*>(ptr[3 + 2 * s])[b] = absmax;
@@ -330,27 +345,69 @@ struct RowBlocks {
       }
     }
   }
+
+  // Note [block passes that read or reduce] (quant.h): the op's terms over block b as stored, in a fixed order.
+  template <class L, typename Op, bool kVector>
+  static inline __attribute__((always_inline)) void terms(void* const* ptr, int64_t b, int64_t e0, int64_t n,
+                                                          const Op& op_in, const Signs& sgn, double* sums) {
+    using T = at::opmath_type<typename L::P>;
+    constexpr int D = Op::depth, S = D - 2;
+    const Op op = op_in;
+    T st[S > 0 ? S : 1][kBlock];
+    decode<S>(ptr, b, e0, n, sgn, st);
+    const typename L::P* __restrict__ p = static_cast<const typename L::P*>(ptr[0]) + e0;
+    const typename L::G* __restrict__ g = static_cast<const typename L::G*>(ptr[1]) + e0;
+    double t0[kBlock], t1[kBlock];
+#pragma GCC ivdep
+    for (int64_t i = 0; i < n; ++i) {
+      T r[D];
+      r[0] = static_cast<T>(p[i]);
+      r[1] = static_cast<T>(g[i]);
+      for (int s = 0; s < S; ++s) r[2 + s] = st[s][i];
+      double t[2] = {0.0, 0.0};
+      op.terms(r, t);
+      t0[i] = t[0];
+      t1[i] = t[1];
+    }
+    double a0 = 0.0, a1 = 0.0;  // (as trust_cpu.h's body: a separate reduction loop vectorizes)
+#pragma omp simd reduction(+ : a0, a1)
+    for (int64_t i = 0; i < n; ++i) {
+      a0 += t0[i];
+      a1 += t1[i];
+    }
+    sums[0] = a0;
+    sums[1] = a1;
+  }
 };
 
 template <class L, typename Op>
-using BlockFn = void (*)(void* const*, int64_t, int64_t, int64_t, const Op&, uint32_t, const Signs&);
+using BlockFn = void (*)(void* const*, int64_t, int64_t, int64_t, const Op&, uint32_t, const Signs&, double*);
+
+// One block of format F: its update, then (Note [block passes that read or reduce] in quant.h) its terms.
+template <class F, class L, typename Op, bool kVector>
+inline __attribute__((always_inline)) void block(void* const* ptr, int64_t b, int64_t e0, int64_t n, const Op& op,
+                                                 uint32_t key, const Signs& sgn, double* sums) {
+  F::template body<L, Op, kVector>(ptr, b, e0, n, op, key, sgn);
+  if constexpr (BlockSums<Op>::value > 0) F::template terms<L, Op, kVector>(ptr, b, e0, n, op, sgn, sums);
+}
 
 #ifdef FT_HAVE_X86_DISPATCH
 template <class F, class L, typename Op>
 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c"))) void block_avx512(
-    void* const* ptr, int64_t b, int64_t e0, int64_t n, const Op& op, uint32_t key, const Signs& sgn) {
-  F::template body<L, Op, true>(ptr, b, e0, n, op, key, sgn);
+    void* const* ptr, int64_t b, int64_t e0, int64_t n, const Op& op, uint32_t key, const Signs& sgn, double* sums) {
+  block<F, L, Op, true>(ptr, b, e0, n, op, key, sgn, sums);
 }
 template <class F, class L, typename Op>
 __attribute__((target("avx2,fma,f16c"))) void block_avx2(void* const* ptr, int64_t b, int64_t e0, int64_t n,
-                                                          const Op& op, uint32_t key, const Signs& sgn) {
-  F::template body<L, Op, true>(ptr, b, e0, n, op, key, sgn);
+                                                          const Op& op, uint32_t key, const Signs& sgn,
+                                                          double* sums) {
+  block<F, L, Op, true>(ptr, b, e0, n, op, key, sgn, sums);
 }
 #endif
 template <class F, class L, typename Op>
 void block_baseline(void* const* ptr, int64_t b, int64_t e0, int64_t n, const Op& op, uint32_t key,
-                    const Signs& sgn) {
-  F::template body<L, Op, false>(ptr, b, e0, n, op, key, sgn);
+                    const Signs& sgn, double* sums) {
+  block<F, L, Op, false>(ptr, b, e0, n, op, key, sgn, sums);
 }
 
 template <class F, class L, typename Op>
@@ -369,17 +426,21 @@ BlockFn<L, Op> select_block() {
 }
 
 // Note [CPU block split] over format F's blocks (Note [quantized block formats]). Bound per tensor as
-// multi_tensor_apply binds (Note [per-tensor binding]).
+// multi_tensor_apply binds (Note [per-tensor binding]). Returns each tensor's two sums of the op's terms
+// (Note [block passes that read or reduce] in quant.h: the blocks' sums in block order; zeros without terms).
 template <class F, class L, typename Op>
-void run_blocks(const Work& work, const Op& op, const Signs& sgn) {
+std::vector<double> run_blocks(const Work& work, const Op& op, const Signs& sgn) {
   constexpr int S = Op::depth - 2;
+  constexpr bool kReduces = BlockSums<Op>::value > 0;
+  std::vector<double> sums(2 * work.size(), 0.0);
   if constexpr (2 + 2 * S + (L::kCopy ? 1 : 0) > kMaxDepth || S > kMaxStates) {
     TORCH_CHECK(false, "fusedtrain: too many quantized state lists for one tuple");
   } else {
     std::vector<int64_t> offset(work.size() + 1, 0);  // in blocks
     for (size_t i = 0; i < work.size(); ++i) offset[i + 1] = offset[i] + F::blocks(work.numel[i], work.row[i]);
     const int64_t total = offset.back();
-    if (total == 0) return;
+    if (total == 0) return sums;
+    std::vector<double> partial(kReduces ? 2 * total : 0, 0.0);  // per block, in block order
     const BlockFn<L, Op> fn = select_block<F, L, Op>();
     const uint64_t seed = L::kStochastic ? read_seed(work.scalars) : 0;
     at::parallel_for(0, total, cpu::kGrain / F::kBlock, [&](int64_t begin, int64_t end) {
@@ -391,11 +452,20 @@ void run_blocks(const Work& work, const Op& op, const Signs& sgn) {
         for (int64_t b = lo; b < hi; ++b) {
           int64_t e0 = 0, n = 0;
           F::locate(b, work.numel[i], work.row[i], &e0, &n);
-          fn(ptr, b, e0, n, bound, key, sgn);
+          fn(ptr, b, e0, n, bound, key, sgn, kReduces ? &partial[2 * (offset[i] + b)] : nullptr);
         }
       });
     });
+    if constexpr (kReduces) {
+      for (size_t i = 0; i < work.size(); ++i) {
+        for (int64_t b = offset[i]; b < offset[i + 1]; ++b) {
+          sums[2 * i] += partial[2 * b];
+          sums[2 * i + 1] += partial[2 * b + 1];
+        }
+      }
+    }
   }
+  return sums;
 }
 
 }  // namespace cpu_impl

@@ -34,6 +34,7 @@
 
 #include <array>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "fusedtrain/optim_host.h"
@@ -86,30 +87,35 @@ std::vector<int> kinds_of(const double* h) {
   return out;
 }
 
+// Calls f(L{}) for the storage layout of a quantized call: uniform parameters of any floating dtype (bfloat16
+// optionally with stochastic rounding), or float32 master weights with float16/bfloat16 copies.
+template <class F>
+void for_layout(const host::Precision& prec, F&& f) {
+  if (prec.copies) {
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(prec.grad, "fusedtrain_quant_master", [&] {
+      f(Layout<float, scalar_t, float, scalar_t, true, false>{});
+    });
+    return;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, prec.param, "fusedtrain_quant", [&] {
+    if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+      if (prec.stochastic) return f(Uniform<scalar_t, true>{});
+    }
+    f(Uniform<scalar_t, false>{});
+  });
+}
+
 // Note [quantized rules]: the functor of the float rule, for the call's layout, on the block driver
 // (Drv: Driver for 8-bit states, Driver4 of rules_quant4.h for 4-bit ones).
 template <class Backend, class Rule, template <class> class Drv = Driver>
 void run_quantized(const host::RunArgs& a) {
   using Float = typename Rule::Float;
-  const host::Precision& prec = a.prec;
-  const Work& work = a.work;
   const Signs sgn = Rule::signed_states(a.hyper);
-  if (prec.copies) {
-    AT_DISPATCH_REDUCED_FLOATING_TYPES(prec.grad, "fusedtrain_quant_master", [&] {
-      Float::template make<float>(a.hyper, a.common, [&](const auto& op) {
-        Drv<Backend>::template apply<Layout<float, scalar_t, float, scalar_t, true, false>>(work, op, sgn);
-      });
-    });
-    return;
-  }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, prec.param, "fusedtrain_quant", [&] {
-    using T = at::opmath_type<scalar_t>;
-    Float::template make<T>(a.hyper, a.common, [&](const auto& op) {
-      if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
-        if (prec.stochastic) return Drv<Backend>::template apply<Uniform<scalar_t, true>>(work, op, sgn);
-      }
-      Drv<Backend>::template apply<Uniform<scalar_t, false>>(work, op, sgn);
-    });
+  for_layout(a.prec, [&](auto layout) {
+    using L = decltype(layout);
+    using T = at::opmath_type<typename L::P>;
+    Float::template make<T>(a.hyper, a.common,
+                            [&](const auto& op) { Drv<Backend>::template apply<L>(a.work, op, sgn); });
   });
 }
 

@@ -284,10 +284,13 @@ struct TrustEma {
   }
 };
 
-// A trust-pass op for the generic launchers (cuda_launcher.cuh), which call op(r).
+// A trust-pass op for the generic launchers (cuda_launcher.cuh) and the 8-bit block walks (quant_cpu.h,
+// quant_cuda.cuh), which call op(r). kStore tells the block walks what the pass writes (Note [block passes that
+// read or reduce] in quant_cpu.h); the element-wise launchers store every register.
 template <typename T, typename Op>
 struct NoSums {
   static constexpr int depth = Op::depth;
+  static constexpr unsigned kStore = Op::kStore;
   Op op;
   FT_HD void bind(const Bound& b) { op.bind(b); }
   FT_HD void operator()(T* r) const {

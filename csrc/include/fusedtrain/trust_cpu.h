@@ -193,7 +193,13 @@ struct Backend : cpu::Backend {
 
   template <class L, typename Op, typename Fin>
   static void reduce(const Work& work, const Op& op, const Fin& fin, Work& out) {
-    std::vector<double> sums = pass<L>(work, op);
+    finish(work, pass<L>(work, op), fin, out);
+  }
+
+  // Each tensor's two sums (added across shards first, when the work list says so) through the finisher into
+  // out.aux; also for the 8-bit block walks' sums (trust_quant_cpu.h).
+  template <typename Fin>
+  static void finish(const Work& work, std::vector<double> sums, const Fin& fin, Work& out) {
     std::vector<int64_t> numel = work.numel;
     if (work.reduce_across) {  // Note [sums across shards] (work.h): the whole tensors' sums and sizes
       const int64_t n = static_cast<int64_t>(work.size());

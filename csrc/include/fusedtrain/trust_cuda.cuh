@@ -120,6 +120,70 @@ __global__ void finish_kernel(const __grid_constant__ cuda::TensorTable<D> table
   }
 }
 
+// Note [deterministic per-tensor sums on the GPU], for the tables of any pass: for_tables(fn) calls
+// fn(table, units) for each filled table of D lists (units: its chunks, or quantization blocks for the 8-bit
+// walk of trust_quant_cuda.cuh); launch(table, units, partials, base) launches the pass's kernel on it, which
+// writes the sums of the table's unit c to partials[2 * (base + c)]. Each tensor's sums are then finished (added
+// across shards first, Note [sums across shards]) into out.aux. The finisher's numel is the table's numel[t].
+template <int D, typename Fin, typename ForTables, typename Launch>
+void reduce_tables(const Work& work, const Fin& fin, int64_t all_units, Work& out, ForTables&& for_tables,
+                   Launch&& launch) {
+  using Table = cuda::TensorTable<D>;
+  const c10::cuda::CUDAGuard guard(work.device);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const auto options = at::TensorOptions().device(work.device);
+  at::Tensor partials = at::empty({std::max<int64_t>(2 * all_units, 1)}, options.dtype(at::kDouble));
+  at::Tensor values = at::empty({static_cast<int64_t>(2 * work.size())}, options.dtype(at::kFloat));
+  double* part = partials.data_ptr<double>();
+  float* vals = values.data_ptr<float>();
+  out.keep_alive.push_back(partials);
+  out.keep_alive.push_back(values);
+
+  const bool across = static_cast<bool>(work.reduce_across);
+  at::Tensor rows;
+  double* row = nullptr;
+  if (across) {
+    rows = at::empty({static_cast<int64_t>(work.size()), 3}, options.dtype(at::kDouble));
+    row = rows.data_ptr<double>();
+  }
+  struct Filled {
+    Table table;
+    size_t tensor_base;
+  };
+  std::vector<Filled> filled;  // (across shards: the tables, finished after the reduction)
+
+  int64_t chunk_base = 0;
+  size_t tensor_base = 0;
+  for_tables([&](const Table& table, int64_t units) {
+    const unsigned fin_grid = static_cast<unsigned>((table.count + 127) / 128);
+    launch(table, units, part, chunk_base);
+    if (across) {
+      finish_kernel<D, Fin, kToRows><<<fin_grid, 128, 0, stream>>>(table, fin, chunk_base, part,
+                                                                    row + 3 * tensor_base, nullptr);
+      filled.push_back({table, tensor_base});
+    } else {
+      finish_kernel<D, Fin, kFinish><<<fin_grid, 128, 0, stream>>>(table, fin, chunk_base, part, nullptr,
+                                                                    vals + 2 * tensor_base);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    tensor_base += static_cast<size_t>(table.count);
+    chunk_base += units;
+  });
+  if (across) {
+    work.reduce_across(rows, work.ordinal);
+    out.keep_alive.push_back(rows);
+    for (const Filled& f : filled) {
+      const unsigned fin_grid = static_cast<unsigned>((f.table.count + 127) / 128);
+      finish_kernel<D, Fin, kFromRows><<<fin_grid, 128, 0, stream>>>(f.table, fin, 0, nullptr,
+                                                                      row + 3 * f.tensor_base,
+                                                                      vals + 2 * f.tensor_base);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  }
+  out.aux.resize(work.size());
+  for (size_t i = 0; i < work.size(); ++i) out.aux[i] = {Scalar{vals + 2 * i, 0.0}, Scalar{vals + 2 * i + 1, 0.0}};
+}
+
 struct Backend : cuda::Backend {
   using Generic = cuda::Backend;  // the element-wise launcher (host::run_rule), whose apply this one hides
 
@@ -128,65 +192,18 @@ struct Backend : cuda::Backend {
     constexpr int D = Op::depth;
     using Table = cuda::TensorTable<D>;
     const c10::cuda::CUDAGuard guard(work.device);
-    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     int sm_count = 0;
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, work.device.index()));
     const int64_t max_grid = static_cast<int64_t>(sm_count) * 4;
     int64_t all_chunks = 0;
     for (size_t i = 0; i < work.size(); ++i) all_chunks += (work.numel[i] + cuda::kChunk - 1) / cuda::kChunk;
-    const auto options = at::TensorOptions().device(work.device);
-    at::Tensor partials = at::empty({std::max<int64_t>(2 * all_chunks, 1)}, options.dtype(at::kDouble));
-    at::Tensor values = at::empty({static_cast<int64_t>(2 * work.size())}, options.dtype(at::kFloat));
-    double* part = partials.data_ptr<double>();
-    float* vals = values.data_ptr<float>();
-    out.keep_alive.push_back(partials);
-    out.keep_alive.push_back(values);
-
-    const bool across = static_cast<bool>(work.reduce_across);
-    at::Tensor rows;
-    double* row = nullptr;
-    if (across) {
-      rows = at::empty({static_cast<int64_t>(work.size()), 3}, options.dtype(at::kDouble));
-      row = rows.data_ptr<double>();
-    }
-    struct Filled {
-      Table table;
-      size_t tensor_base;
-    };
-    std::vector<Filled> filled;  // (across shards: the tables, finished after the reduction)
-
-    int64_t chunk_base = 0;
-    size_t tensor_base = 0;
-    cuda::for_each_table<D>(work, [&](const Table& table, int64_t chunks) {
-      const unsigned grid = static_cast<unsigned>(chunks < max_grid ? chunks : max_grid);
-      const unsigned fin_grid = static_cast<unsigned>((table.count + 127) / 128);
-      reduce_kernel<L, Op><<<grid, kThreads, 0, stream>>>(table, op, chunk_base, part);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      if (across) {
-        finish_kernel<D, Fin, kToRows><<<fin_grid, 128, 0, stream>>>(table, fin, chunk_base, part,
-                                                                      row + 3 * tensor_base, nullptr);
-        filled.push_back({table, tensor_base});
-      } else {
-        finish_kernel<D, Fin, kFinish><<<fin_grid, 128, 0, stream>>>(table, fin, chunk_base, part, nullptr,
-                                                                      vals + 2 * tensor_base);
-      }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      tensor_base += static_cast<size_t>(table.count);
-      chunk_base += chunks;
-    });
-    if (across) {
-      work.reduce_across(rows, work.ordinal);
-      out.keep_alive.push_back(rows);
-      for (const Filled& f : filled) {
-        const unsigned fin_grid = static_cast<unsigned>((f.table.count + 127) / 128);
-        finish_kernel<D, Fin, kFromRows><<<fin_grid, 128, 0, stream>>>(f.table, fin, 0, nullptr,
-                                                                        row + 3 * f.tensor_base,
-                                                                        vals + 2 * f.tensor_base);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      }
-    }
-    out.aux.resize(work.size());
-    for (size_t i = 0; i < work.size(); ++i) out.aux[i] = {Scalar{vals + 2 * i, 0.0}, Scalar{vals + 2 * i + 1, 0.0}};
+    reduce_tables<D>(
+        work, fin, all_chunks, out, [&](auto&& fn) { cuda::for_each_table<D>(work, fn); },
+        [&](const Table& table, int64_t chunks, double* part, int64_t chunk_base) {
+          const unsigned grid = static_cast<unsigned>(chunks < max_grid ? chunks : max_grid);
+          reduce_kernel<L, Op><<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(table, op, chunk_base, part);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
   }
 
   template <class L, typename Op>

@@ -265,7 +265,7 @@ class FusedOptimizerMixin(KeepsOptions):
       bfloat16 (half the state memory and traffic); None: the parameter's dtype (float32 with master
       weights), as torch does.
     - ``state_bits`` (optimizers with an 8-bit rule: Adam, AdamW, SGD, Adagrad, RMSprop, NAdam, RAdam, Adamax,
-      Adadelta, Lion; the others refuse 8 with a ValueError that says why): 8 stores the states
+      Adadelta, Lion, Lamb, Lars; the others refuse 8 with a ValueError that says why): 8 stores the states
       of every real parameter of >= 2 dims with at least ``min_8bit_size`` elements (default 4096) as
       blockwise-quantized 8-bit codes plus one float32 absmax per block of up to 256 elements of a dim-0 slice
       (Note [8-bit states in the optimizers]; DTensor parameters sharded along dim 0, as FSDP2 shards them,

@@ -83,10 +83,17 @@ class Lamb(_TrustMixin, torch.optim.Optimizer):
             name, which replaces fusedtrain's ``max_grad_norm`` option (the same clipping up to the 1e-6 of
             ``clip_grad_norm_``); the norm is kept in ``last_grad_norm``.
         foreach: accepted and recorded as timm does; the fused kernels always run.
-        ema, l1, master_weights, stochastic_rounding, state_dtype: the options fusedtrain adds to every
-            optimizer; see :class:`~fusedtrain.optim._base.FusedOptimizerMixin`.
+        ema, l1, master_weights, stochastic_rounding, state_dtype, state_bits, min_8bit_size: the options
+            fusedtrain adds to every optimizer; see :class:`~fusedtrain.optim._base.FusedOptimizerMixin`.
+            ``state_bits=8`` keeps ``exp_avg`` (signed codes) and ``exp_avg_sq`` (unsigned codes of its square
+            root) of parameters with >= 2 dims and at least ``min_8bit_size`` elements as 8-bit codes with one
+            absmax per block; the update's norm (for the trust ratio) is that of the update from the requantized
+            moments, the update the step applies (Note [quantized trust passes] in
+            csrc/include/fusedtrain/rules_trust_quant.h).
+            ``caution=True`` has no 8-bit passes: it refuses ``state_bits=8``.
 
-    State: ``exp_avg``, ``exp_avg_sq`` (timm's keys) and a per-parameter ``step`` counter. timm counts steps
+    State: ``exp_avg``, ``exp_avg_sq`` (timm's keys; at ``state_bits=8`` int8 / uint8 codes plus
+    ``exp_avg_absmax`` / ``exp_avg_sq_absmax``) and a per-parameter ``step`` counter. timm counts steps
     per param group (``param_groups[i]['step']``); the two agree whenever every parameter of a group has a
     gradient at every step. A timm checkpoint loads (its group counters become the parameters' counters).
 
@@ -98,8 +105,8 @@ class Lamb(_TrustMixin, torch.optim.Optimizer):
 
     _opt_name = "Lamb"
     _rule = "lamb"
-    _no_8bit_reason = ("its update runs in its own multi-pass kernels (a per-tensor trust ratio between the "
-                       "passes), which have no 8-bit state layout")
+    _rule_8bit = "lamb8bit"
+    _signed_states = frozenset({"exp_avg"})
     _reference = "timm.optim.Lamb"
 
     def __init__(self, params: Any, lr: float | Tensor = 1e-3, bias_correction: bool = True,
@@ -108,7 +115,7 @@ class Lamb(_TrustMixin, torch.optim.Optimizer):
                  always_adapt: bool = False, caution: bool = False, decoupled_decay: bool = False,
                  corrected_weight_decay: bool = False, foreach: bool | None = None, *, ema: Any = None,
                  l1: float = 0.0, master_weights: bool = False, stochastic_rounding: bool = False,
-                 state_dtype: torch.dtype | None = None, state_bits: int = 32) -> None:
+                 state_dtype: torch.dtype | None = None, state_bits: int = 32, min_8bit_size: int = 4096) -> None:
         _validate_scalar("learning rate", lr)
         _validate_scalar("epsilon", eps)
         _validate_scalar("weight_decay", weight_decay)
@@ -122,12 +129,25 @@ class Lamb(_TrustMixin, torch.optim.Optimizer):
                         caution=caution, decoupled_decay=decoupled_decay,
                         corrected_weight_decay=corrected_weight_decay, max_lr_snapshot=max_lr, foreach=foreach)
         super().__init__(params, defaults)
-        self._init_extras(ema, None, l1, master_weights, stochastic_rounding, state_dtype, state_bits)
+        self._init_extras(ema, None, l1, master_weights, stochastic_rounding, state_dtype, state_bits, min_8bit_size)
+        for group in self.param_groups:
+            self._check_caution(group)
         # timm records its max_grad_norm in the defaults (and so in every group) but reads only the defaults';
         # recorded after _init_extras, which refuses fusedtrain's optimizer-wide max_grad_norm in a group.
         self.defaults["max_grad_norm"] = max_grad_norm
         for group in self.param_groups:
             group.setdefault("max_grad_norm", max_grad_norm)
+
+    def _check_caution(self, group: dict[str, Any]) -> None:
+        """caution=True has no 8-bit passes (Note [quantized trust passes]): refused with state_bits=8."""
+        if group.get("caution", False) and self.state_bits == 8:
+            raise ValueError("fusedtrain.optim.Lamb: caution=True has no 8-bit states (its mask count would need "
+                             "a pass of its own over the quantized moments); use caution=False with state_bits=8, "
+                             "or state_bits=32")
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self._check_caution({"caution": param_group.get("caution", self.defaults.get("caution", False))})
+        super().add_param_group(param_group)
 
     def _rule_max_norm(self) -> float | None:
         value = self.defaults.get("max_grad_norm")
@@ -149,6 +169,7 @@ class Lamb(_TrustMixin, torch.optim.Optimizer):
                 state["exp_avg_sq"] = self._zeros(p)
 
     def _hyper(self, group: dict[str, Any]) -> dict[str, Any]:
+        self._check_caution(group)  # (a group's caution set after construction: refused before any write)
         beta1, beta2 = group["betas"]
         decoupled = bool(group.get("decoupled_decay", False))
         corrected = decoupled and bool(group.get("corrected_weight_decay", False))
@@ -195,11 +216,15 @@ class Lars(MomentumBufferState, _TrustMixin, torch.optim.Optimizer):
         params, lr, momentum, dampening, weight_decay, nesterov, trust_coeff, eps, trust_clip, always_adapt:
             as in timm.optim.Lars (same defaults and errors).
         foreach: accepted and recorded as timm does; the fused kernels always run.
-        ema, max_grad_norm, l1, master_weights, stochastic_rounding, state_dtype: the options fusedtrain adds
-            to every optimizer; see :class:`~fusedtrain.optim._base.FusedOptimizerMixin` (the trust ratio sees
-            the clipped, L1-augmented gradient).
+        ema, max_grad_norm, l1, master_weights, stochastic_rounding, state_dtype, state_bits, min_8bit_size:
+            the options fusedtrain adds to every optimizer; see
+            :class:`~fusedtrain.optim._base.FusedOptimizerMixin` (the trust ratio sees the clipped, L1-augmented
+            gradient). ``state_bits=8`` keeps the momentum buffer of parameters with >= 2 dims and at least
+            ``min_8bit_size`` elements as signed 8-bit codes with one absmax per block (Note [quantized trust
+            passes] in csrc/include/fusedtrain/rules_trust_quant.h).
 
-    State: ``momentum_buffer`` when momentum is non-zero (timm's key).
+    State: ``momentum_buffer`` when momentum is non-zero (timm's key; at ``state_bits=8`` int8 codes plus
+    ``momentum_buffer_absmax``).
 
     DTensor (FSDP2) parameters: the norms of the local shards are added across the shards, one ``all_reduce`` per
     param group and step; the step then equals the unsharded one.
@@ -209,8 +234,8 @@ class Lars(MomentumBufferState, _TrustMixin, torch.optim.Optimizer):
 
     _opt_name = "Lars"
     _rule = "lars"
-    _no_8bit_reason = ("its update runs in its own multi-pass kernels (a per-tensor trust ratio between the "
-                       "passes), which have no 8-bit state layout")
+    _rule_8bit = "lars8bit"
+    _signed_states = frozenset({"momentum_buffer"})
     _reference = "timm.optim.Lars"
 
     def __init__(self, params: Any, lr: float | Tensor = 1.0, momentum: float = 0, dampening: float = 0,
@@ -218,7 +243,7 @@ class Lars(MomentumBufferState, _TrustMixin, torch.optim.Optimizer):
                  trust_clip: bool = False, always_adapt: bool = False, foreach: bool | None = None, *,
                  ema: Any = None, max_grad_norm: float | None = None, l1: float = 0.0, master_weights: bool = False,
                  stochastic_rounding: bool = False, state_dtype: torch.dtype | None = None,
-                 state_bits: int = 32) -> None:
+                 state_bits: int = 32, min_8bit_size: int = 4096) -> None:
         if lr < 0.0:
             raise ValueError(f"Invalid learning rate: {lr}")
         if momentum < 0.0:
@@ -231,7 +256,8 @@ class Lars(MomentumBufferState, _TrustMixin, torch.optim.Optimizer):
                         trust_coeff=trust_coeff, eps=eps, trust_clip=trust_clip, always_adapt=always_adapt,
                         foreach=foreach)
         super().__init__(params, defaults)
-        self._init_extras(ema, max_grad_norm, l1, master_weights, stochastic_rounding, state_dtype, state_bits)
+        self._init_extras(ema, max_grad_norm, l1, master_weights, stochastic_rounding, state_dtype, state_bits,
+                          min_8bit_size)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
