@@ -199,6 +199,22 @@ def run_grads(opt: torch.optim.Optimizer, params: list[torch.Tensor], grads: lis
         opt.step()
 
 
+def step_cpu_and_cuda(cls: Any, cpu: list[torch.Tensor], kw: dict[str, Any], steps: int = 3, seed: int = 17
+                      ) -> tuple[list[torch.Tensor], list[torch.optim.Optimizer]]:
+    """CUDA twins of the CPU parameters ``cpu`` and one ``cls(params, **kw)`` per device, stepped ``steps``
+    times with the same float64-drawn gradients; returns the CUDA parameters and the two optimizers."""
+    gpu = [p.detach().cuda().requires_grad_() for p in cpu]
+    opts = [cls(ps, **kw) for ps in (cpu, gpu)]
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        for p, q in zip(cpu, gpu):
+            p.grad = torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype)
+            q.grad = p.grad.cuda()
+        for opt in opts:
+            opt.step()
+    return gpu, opts
+
+
 def roundtrip(obj: Any, how: str) -> Any:
     """``obj`` through ``copy.deepcopy``, ``pickle`` or ``torch.save`` / ``torch.load`` (``how``)."""
     if how == "deepcopy":

@@ -14,7 +14,7 @@ import pytest
 import torch
 from fusedtrain.optim import _quant
 
-from _helpers import DIGITS_ORDERS, digits_loss, run_grads
+from _helpers import DIGITS_ORDERS, digits_loss, run_grads, step_cpu_and_cuda
 
 BLOCK = 256
 
@@ -369,15 +369,7 @@ def test_cuda_row_blocks_equal_cpu(case: tuple[str, dict[str, Any]]) -> None:
     torch.manual_seed(16)
     shapes = ROW_SHAPES + [(2, 3, 0), (7, 1)]
     cpu = [torch.randn(shape, dtype=torch.float64).requires_grad_() for shape in shapes]
-    gpu = [p.detach().cuda().requires_grad_() for p in cpu]
-    opts = [getattr(fusedtrain.optim, kind)(ps, state_bits=8, min_8bit_size=0, **kw) for ps in (cpu, gpu)]
-    g = torch.Generator().manual_seed(17)
-    for _ in range(3):
-        for p, q in zip(cpu, gpu):
-            p.grad = torch.randn(p.shape, generator=g, dtype=torch.float64)
-            q.grad = p.grad.cuda()
-        for opt in opts:
-            opt.step()
+    gpu, opts = step_cpu_and_cuda(getattr(fusedtrain.optim, kind), cpu, dict(state_bits=8, min_8bit_size=0, **kw))
     for p, q in zip(cpu, gpu):
         torch.testing.assert_close(q.detach().cpu(), p.detach(), rtol=1e-12, atol=1e-14)
         for key, value in opts[0].state[p].items():

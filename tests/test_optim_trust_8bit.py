@@ -16,7 +16,7 @@ import torch
 
 import fusedtrain
 from fusedtrain.optim import _quant
-from _helpers import run_grads
+from _helpers import run_grads, step_cpu_and_cuda
 
 timm_optim = pytest.importorskip("timm.optim")
 
@@ -482,15 +482,7 @@ def test_cuda_equals_cpu(case: tuple[str, dict[str, Any]]) -> None:
     parameters to rounding of the sums' order and the same codes (up to a rare midpoint flip)."""
     name, kw = case
     cpu = _params(torch.float64, 16) + [torch.randn(2, 3, 0, dtype=torch.float64).requires_grad_()]
-    gpu = [p.detach().cuda().requires_grad_() for p in cpu]
-    opts = [getattr(fusedtrain.optim, name)(ps, state_bits=8, min_8bit_size=0, **kw) for ps in (cpu, gpu)]
-    g = torch.Generator().manual_seed(17)
-    for _ in range(3):
-        for p, q in zip(cpu, gpu):
-            p.grad = torch.randn(p.shape, generator=g, dtype=torch.float64)
-            q.grad = p.grad.cuda()
-        for opt in opts:
-            opt.step()
+    gpu, opts = step_cpu_and_cuda(getattr(fusedtrain.optim, name), cpu, dict(state_bits=8, min_8bit_size=0, **kw))
     for p, q in zip(cpu, gpu):
         torch.testing.assert_close(q.detach().cpu(), p.detach(), rtol=1e-10, atol=1e-12)
         for key, value in opts[0].state[p].items():

@@ -25,7 +25,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "fusedtrain/cpu_isa.h"
+#include "fusedtrain/cpu_isa_run.h"
 #include "fusedtrain/cross_entropy.h"
 #include "fusedtrain/cross_entropy_host.h"
 
@@ -146,38 +146,6 @@ struct ScaleKernel {
   }
 };
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define FT_XENT_X86 1
-template <class K, class... Args>
-__attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c"))) void on_avx512(Args... a) {
-  K::run(a...);
-}
-template <class K, class... Args>
-__attribute__((target("avx2,fma,f16c"))) void on_avx2(Args... a) {
-  K::run(a...);
-}
-#endif
-template <class K, class... Args>
-void on_baseline(Args... a) {
-  K::run(a...);
-}
-
-template <class K, class... Args>
-void dispatch(Args... a) {
-#ifdef FT_XENT_X86
-  switch (active_isa()) {
-    case Isa::kAvx512:
-      on_avx512<K>(a...);
-      return;
-    case Isa::kAvx2:
-      on_avx2<K>(a...);
-      return;
-    default:
-      break;
-  }
-#endif
-  on_baseline<K>(a...);
-}
 
 // The number of non-ignored targets; throws on the first target outside [0, C) that is not ignore_index.
 int64_t count_targets(const at::Tensor& target, int64_t classes, int64_t ignore_index) {
@@ -217,7 +185,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_cpu(const at::Tensor& input, co
     const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(C, 1));
     at::parallel_for(0, N, grain, [&](int64_t r0, int64_t r1) {
       std::vector<A> scratch(need_scratch ? static_cast<size_t>(C) : 0);
-      dispatch<RowsKernel<scalar_t>>(xp, a.row_stride, tp, C, r0, r1, ignore_index, eps, w, gp, lp, scratch.data());
+      run_on_isa<RowsKernel<scalar_t>>(xp, a.row_stride, tp, C, r0, r1, ignore_index, eps, w, gp, lp, scratch.data());
     });
     if (a.reduction == xent::kNone) {
       loss = rows;
@@ -246,7 +214,7 @@ at::Tensor cross_entropy_backward_cpu(const at::Tensor& grad, const at::Tensor& 
     scalar_t* op = out.data_ptr<scalar_t>();
     const int64_t grain = std::max<int64_t>(1, kGrainElems / C);
     at::parallel_for(0, N, grain, [&](int64_t r0, int64_t r1) {
-      dispatch<ScaleKernel<scalar_t>>(gp, gop, per_row, C, r0, r1, op);
+      run_on_isa<ScaleKernel<scalar_t>>(gp, gop, per_row, C, r0, r1, op);
     });
   });
   return out;

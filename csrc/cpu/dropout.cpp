@@ -20,7 +20,7 @@
 #include <cstdint>
 #include <tuple>
 
-#include "fusedtrain/cpu_isa.h"
+#include "fusedtrain/cpu_isa_run.h"
 #include "fusedtrain/dropout.h"
 #include "fusedtrain/dropout_host.h"
 #include "fusedtrain/philox.h"
@@ -172,38 +172,6 @@ struct BiasDropoutAddBackwardKernel {
   }
 };
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define FT_DROPOUT_X86 1
-template <class K, class... A>
-__attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c"))) void on_avx512(A... a) {
-  K::run(a...);
-}
-template <class K, class... A>
-__attribute__((target("avx2,fma,f16c"))) void on_avx2(A... a) {
-  K::run(a...);
-}
-#endif
-template <class K, class... A>
-void on_baseline(A... a) {
-  K::run(a...);
-}
-
-template <class K, class... A>
-void dispatch(A... a) {
-#ifdef FT_DROPOUT_X86
-  switch (active_isa()) {
-    case Isa::kAvx512:
-      on_avx512<K>(a...);
-      return;
-    case Isa::kAvx2:
-      on_avx2<K>(a...);
-      return;
-    default:
-      break;
-  }
-#endif
-  on_baseline<K>(a...);
-}
 
 void run_dropout(const at::Tensor& x, const at::Tensor& y, int64_t group, const philox::Stream& s, double p,
                  bool rescale) {
@@ -216,7 +184,7 @@ void run_dropout(const at::Tensor& x, const at::Tensor& y, int64_t group, const 
     scalar_t* yp = y.data_ptr<scalar_t>();
     const int64_t chunks = (n + kChunk - 1) / kChunk;
     at::parallel_for(0, chunks, kGrainChunks, [&](int64_t b, int64_t e) {
-      dispatch<DropoutKernel<scalar_t>>(xp, yp, b * kChunk, std::min(n, e * kChunk), group, s, rule);
+      run_on_isa<DropoutKernel<scalar_t>>(xp, yp, b * kChunk, std::min(n, e * kChunk), group, s, rule);
     });
   });
 }
@@ -248,7 +216,7 @@ at::Tensor bias_dropout_add_cpu(const at::Tensor& input, const at::Tensor& bias,
     scalar_t* op = out.data_ptr<scalar_t>();
     const int64_t chunks = (n + kChunk - 1) / kChunk;
     at::parallel_for(0, chunks, kGrainChunks, [&](int64_t cb, int64_t ce) {
-      dispatch<BiasDropoutAddKernel<scalar_t>>(xp, bp, rp, op, cb * kChunk, std::min(n, ce * kChunk), H, s, rule);
+      run_on_isa<BiasDropoutAddKernel<scalar_t>>(xp, bp, rp, op, cb * kChunk, std::min(n, ce * kChunk), H, s, rule);
     });
   });
   return out;
@@ -279,7 +247,7 @@ std::tuple<at::Tensor, at::Tensor> bias_dropout_add_backward_cpu(const at::Tenso
     scalar_t* op = gx.data_ptr<scalar_t>();
     at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
-        dispatch<BiasDropoutAddBackwardKernel<scalar_t>>(gp, op, pp + b * H, b * block, std::min(n, (b + 1) * block),
+        run_on_isa<BiasDropoutAddBackwardKernel<scalar_t>>(gp, op, pp + b * H, b * block, std::min(n, (b + 1) * block),
                                                          H, s, rule);
       }
     });
