@@ -68,6 +68,7 @@ OPTIMIZERS: dict[str, tuple[str, dict[str, Any], int]] = {
     "RMSprop": ("RMSprop", dict(lr=1e-2), 20),
     # torch.optim's other element-wise optimizers (issue 15): (p, g, 2 states) read, (p, 2 states) written;
     # ASGD (p, g, ax) read, (p, ax) written. ASGD with t0=0 so that its averaging pass runs from step 2.
+    "NAdam": ("NAdam", dict(lr=2e-3), 28),
     "RAdam": ("RAdam", dict(lr=1e-3), 28),
     "Adamax": ("Adamax", dict(lr=2e-3), 28),
     "Adadelta": ("Adadelta", dict(lr=1.0), 28),
