@@ -419,28 +419,6 @@ def test_bfloat16_options_track_float_states(name: str, opts: dict[str, Any]) ->
 
 
 @pytest.mark.parametrize("name", ["Lamb", "Lars"])
-def test_ema_is_updated_by_its_own_pass(name: str) -> None:
-    from fusedtrain.ensemble import EMA
-    torch.manual_seed(15)
-    model = torch.nn.Linear(128, 64)
-    twin = copy.deepcopy(model)
-    ema, ema_twin = EMA(model, decay=0.9), EMA(twin, decay=0.9)
-    opt = getattr(fusedtrain.optim, name)(model.parameters(), state_bits=8, ema=ema, **OPTS[name])
-    opt_twin = getattr(fusedtrain.optim, name)(twin.parameters(), state_bits=8, **OPTS[name])
-    x = torch.randn(16, 128)
-    for _ in range(3):
-        for m, o in ((model, opt), (twin, opt_twin)):
-            o.zero_grad()
-            m(x).square().mean().backward()
-            o.step()
-        ema_twin.update()
-    assert opt.state[model.weight][KEYS[name][0]].dtype == torch.int8
-    for a, b in zip(ema.averages_for(list(model.parameters())) or [],
-                    ema_twin.averages_for(list(twin.parameters())) or []):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
-
-
-@pytest.mark.parametrize("name", ["Lamb", "Lars"])
 def test_grad_scale_found_inf_and_traced_step(name: str) -> None:
     """GradScaler's protocol (grad_scale / found_inf): a scaled step equals the unscaled one bit for bit (the scale
     is a power of two) and a step with found_inf writes nothing; the traced step (torch.compile's path) equals
