@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import fusedtrain
+from _helpers import run_grads
 
 pytestmark = pytest.mark.skipif(not hasattr(torch.optim, "Adafactor"),
                                 reason="torch.optim.Adafactor needs torch >= 2.5")
@@ -444,34 +445,26 @@ def test_cuda_is_deterministic_and_mixes_with_cpu_parameters() -> None:
     torch.manual_seed(11)
     ref = _mixed(torch.float32)
     grads = [torch.randn(p.shape) for p in ref]
-    runs = []
-    for _ in range(2):
-        ps = [p.detach().cuda().requires_grad_() for p in ref]
+
+    def stepped(on_cuda: list[bool]) -> list[torch.Tensor]:
+        """Copies of the parameters of ``ref`` marked True (on CUDA where on_cuda says so) after 3 steps."""
+        ps = [p.detach().cuda() if cuda else p.detach().clone() for p, cuda in zip(ref, on_cuda)]
+        ps = [p.requires_grad_() for p in ps]
         opt = fusedtrain.optim.Adafactor(ps, lr=0.03, weight_decay=0.1)
-        for _ in range(3):
-            for p, g in zip(ps, grads):
-                p.grad = g.cuda()
-            opt.step()
-        runs.append(ps)
-    for x, y in zip(*runs):
-        assert torch.equal(x, y)
-    mixed = [p.detach().clone().requires_grad_() if i % 2 else p.detach().cuda().requires_grad_()
-             for i, p in enumerate(ref)]
-    opt = fusedtrain.optim.Adafactor(mixed, lr=0.03, weight_decay=0.1)
-    for _ in range(3):
-        for p, g in zip(mixed, grads):
-            p.grad = g.to(p.device)
-        opt.step()
-    cpu_only = [p.detach().clone().requires_grad_() for i, p in enumerate(ref) if i % 2]
+        run_grads(opt, ps, [[g.to(p.device) for p, g in zip(ps, grads)]] * 3)
+        return ps
+
+    cuda = stepped([True] * len(ref))
+    assert all(torch.equal(x, y) for x, y in zip(cuda, stepped([True] * len(ref))))
+    mixed = stepped([i % 2 == 0 for i in range(len(ref))])
+    for i, (x, y) in enumerate(zip(mixed, cuda)):
+        if i % 2 == 0:
+            assert x.is_cuda and torch.equal(x, y)
+    cpu = [p for i, p in enumerate(ref) if i % 2]
+    cpu_only = [p.detach().clone().requires_grad_() for p in cpu]
     opt = fusedtrain.optim.Adafactor(cpu_only, lr=0.03, weight_decay=0.1)
-    for _ in range(3):
-        for p, g in zip(cpu_only, [g for i, g in enumerate(grads) if i % 2]):
-            p.grad = g.clone()
-        opt.step()
-    for x, y in zip([p for i, p in enumerate(mixed) if i % 2], cpu_only):
-        assert torch.equal(x, y)
-    for x, y in zip([p for i, p in enumerate(mixed) if i % 2 == 0], runs[0]):
-        assert torch.equal(x, y)
+    run_grads(opt, cpu_only, [[g for i, g in enumerate(grads) if i % 2]] * 3)
+    assert all(torch.equal(x, y) for x, y in zip(mixed[1::2], cpu_only))
 
 
 @pytest.mark.cuda
