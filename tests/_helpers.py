@@ -235,9 +235,10 @@ DIGITS_ORDERS = (1, 2, 3, 4, 5)
 
 
 @functools.cache
-def digits_loss(state_bits: int, order: int, steps: int = 100) -> float:
-    """The whole-set cross-entropy after training the digits MLP with ``AdamW(state_bits=...)`` on the batch
-    order ``order``; cached, so the float32 runs serve every test."""
+def digits_loss(state_bits: int, order: int, steps: int = 100, optimizer: str = "AdamW") -> float:
+    """The whole-set cross-entropy after training the digits MLP with ``AdamW(state_bits=...)`` (or ``Muon``:
+    the two hidden matrices by Muon, the rest by its AdamW groups) on the batch order ``order``; cached, so the
+    float32 runs serve every test."""
     sklearn = pytest.importorskip("sklearn.datasets")
     xs, ys = sklearn.load_digits(return_X_y=True)
     x, y = torch.tensor(xs, dtype=torch.float32) / 16.0, torch.tensor(ys)
@@ -246,12 +247,21 @@ def digits_loss(state_bits: int, order: int, steps: int = 100) -> float:
                                 torch.nn.ReLU(), torch.nn.Linear(256, 10))
     g = torch.Generator().manual_seed(order)
     batches = [torch.randint(0, x.shape[0], (128,), generator=g) for _ in range(steps)]
-    opt = fusedtrain.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-2, state_bits=state_bits)
+    if optimizer == "Muon":
+        hidden = [model[0].weight, model[2].weight]
+        rest = [p for p in model.parameters() if all(p is not h for h in hidden)]
+        opt: torch.optim.Optimizer = fusedtrain.optim.Muon(
+            [dict(params=hidden), dict(params=rest, use_muon=False, lr=2e-3)], lr=0.02, weight_decay=1e-2,
+            state_bits=state_bits)
+        key = "momentum_buffer"
+    else:
+        opt = fusedtrain.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-2, state_bits=state_bits)
+        key = "exp_avg"
     for idx in batches:
         opt.zero_grad()
         torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
         opt.step()
     if state_bits != 32:  # the hidden matrix's states really are codes
-        assert opt.state[model[2].weight]["exp_avg"].dtype == torch.int8
+        assert opt.state[model[2].weight][key].dtype == torch.int8
     with torch.no_grad():
         return float(torch.nn.functional.cross_entropy(model(x), y))

@@ -492,7 +492,7 @@ def test_bad_options_are_refused() -> None:
 # optimizers without an 8-bit rule refuse state_bits=8 in the constructor, naming the argument
 REFUSING: list[tuple[str, dict[str, Any]]] = [
     ("ASGD", {}), ("Rprop", {}), ("ScheduleFreeAdamW", {}), ("ScheduleFreeSGD", {}),
-    ("Muon", {}), ("Adafactor", {}),
+    ("Adafactor", {}),
 ]
 
 
@@ -515,15 +515,16 @@ def test_8bit_optimizers_list() -> None:
             if isinstance(getattr(fusedtrain.optim, name), type)
             and getattr(getattr(fusedtrain.optim, name), "_rule_8bit", None) is not None}
     assert have >= {"SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "NAdam", "RAdam", "Adamax", "Adadelta", "Lion",
-                    "Adam8bit", "AdamW8bit", "Lamb", "Lars"}
+                    "Adam8bit", "AdamW8bit", "Lamb", "Lars"} | ({"Muon"} if hasattr(fusedtrain.optim, "Muon") else set())
     others = {getattr(fusedtrain.optim, name) for name in fusedtrain.optim.__all__
               if isinstance(getattr(fusedtrain.optim, name), type)
               and issubclass(getattr(fusedtrain.optim, name), torch.optim.Optimizer) and name not in have}
     refusing = {getattr(fusedtrain.optim, name) for name, _ in REFUSING if hasattr(fusedtrain.optim, name)}
     assert others <= refusing, others - refusing
-    for name in have:
-        assert fusedtrain._ops.RULES[getattr(fusedtrain.optim, name)._rule_8bit]["hyper"] == \
-            fusedtrain._ops.RULES[getattr(fusedtrain.optim, name)._rule]["hyper"]
+    for name in have:  # the 8-bit rule takes its float rule's hyperparameters (Muon: its momentum pass's)
+        cls = getattr(fusedtrain.optim, name)
+        float_rule = "muon_momentum" if name == "Muon" else cls._rule
+        assert fusedtrain._ops.RULES[cls._rule_8bit]["hyper"] == fusedtrain._ops.RULES[float_rule]["hyper"]
 
 
 def test_op_refuses_bad_quantized_lists_and_writes_nothing() -> None:

@@ -14,21 +14,35 @@
 namespace fusedtrain {
 namespace math {
 
-// Registers: (B, g, U): the momentum buffer takes the parameter's place (updated in place), U is written.
+// The momentum step of one element: B <- lerp(B, g, 1 - mu) in place; returns U (the Newton-Schulz input).
 template <typename T>
-struct MuonMomentumOp : GradPrescale<T> {
-  static constexpr int depth = 3;
+struct MuonMomentumMath : GradPrescale<T> {
   T momentum, one_minus_momentum;
   T nesterov;  // flag (Note [flags as numbers])
 
   FT_HD void bind(const Bound& b) { this->bind_prescale(b); }
 
-  FT_HD void operator()(T* r) const {
-    const T g = this->grad(r[1]);
-    const T b = lerp(r[0], g, one_minus_momentum);  // buf.lerp_(grad, 1 - momentum)
-    r[0] = b;
-    r[2] = on(nesterov) ? lerp(g, b, momentum) : b;  // grad.lerp(buf, momentum)
+  FT_HD T momentum_step(T& buf, T grad) const {
+    const T g = this->grad(grad);
+    buf = lerp(buf, g, one_minus_momentum);         // buf.lerp_(grad, 1 - momentum)
+    return on(nesterov) ? lerp(g, buf, momentum) : buf;  // grad.lerp(buf, momentum)
   }
+};
+
+// Registers: (B, g, U): the momentum buffer takes the parameter's place (updated in place), U is written.
+template <typename T>
+struct MuonMomentumOp : MuonMomentumMath<T> {
+  static constexpr int depth = 3;
+  FT_HD void operator()(T* r) const { r[2] = this->momentum_step(r[0], r[1]); }
+};
+
+// Registers: (U, g, B): the same step with U in the parameter's place (written, never read) and B a state,
+// for the block drivers of quantized states, which keep states in registers and a float tensor in slot 0
+// (Note [Muon's 8-bit momentum] in rules_muon_quant.h).
+template <typename T>
+struct MuonMomentumOutOp : MuonMomentumMath<T> {
+  static constexpr int depth = 3;
+  FT_HD void operator()(T* r) const { r[0] = this->momentum_step(r[2], r[1]); }
 };
 
 // Registers: (p, O). lr is the shape-adjusted learning rate (adjust_lr_fn), decay = 1 - lr*weight_decay
@@ -61,11 +75,18 @@ struct MuonMomentum {
 
   template <typename T, typename Launch>
   static void make(const double* h, const Common&, Launch&& launch) {
-    math::MuonMomentumOp<T> op{};
-    op.momentum = T(h[kMomentum]);
-    op.one_minus_momentum = T(1.0 - h[kMomentum]);
-    op.nesterov = flag<T>(h[kNesterov]);
-    launch(op);
+    launch(op<math::MuonMomentumOp<T>>(h));
+  }
+
+  // The functor Op (MuonMomentumOp or MuonMomentumOutOp) with this rule's hyperparameters.
+  template <class Op>
+  static Op op(const double* h) {
+    using T = decltype(Op::momentum);
+    Op o{};
+    o.momentum = T(h[kMomentum]);
+    o.one_minus_momentum = T(1.0 - h[kMomentum]);
+    o.nesterov = flag<T>(h[kNesterov]);
+    return o;
   }
 };
 

@@ -19,7 +19,7 @@ meta tensors).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,6 +82,104 @@ def check_own_step_options(name: str, foreach: bool | None, fused: bool | None, 
         if value != OPTIONS_OFF[key]:
             raise ValueError(f"fusedtrain.optim.{name}: {key}={value!r} is not supported by {name}; leave it at "
                              f"{OPTIONS_OFF[key]!r}")
+
+
+def check_state_bits(name: str, state_bits: int, min_8bit_size: int, *, rule_8bit: str | None,
+                     rule_4bit: str | None, no_8bit_reason: str = "", state_dtype: torch.dtype | None = None,
+                     differentiable: bool = False) -> None:
+    """The constructor checks of ``state_bits`` / ``min_8bit_size`` of optimizer ``name`` (Note [8-bit states in
+    the optimizers]): ``rule_8bit`` / ``rule_4bit`` its quantized rules (None: it has none, and
+    ``no_8bit_reason`` says why); ``state_dtype`` and ``differentiable`` cannot come with quantized states."""
+    if isinstance(state_bits, bool) or state_bits not in (4, 8, 32):
+        raise ValueError(f"Invalid state_bits: {state_bits!r}; use 32 (float states), 8 or 4 (blockwise-"
+                         "quantized 8-bit or 4-bit states)")
+    if isinstance(min_8bit_size, bool) or not isinstance(min_8bit_size, int) or min_8bit_size < 0:
+        raise ValueError(f"Invalid min_8bit_size: {min_8bit_size!r}; pass an int >= 0 (parameters with fewer "
+                         "elements keep float32 states)")
+    if state_bits == 4 and rule_4bit is None:
+        raise ValueError(f"Invalid state_bits: 4; fusedtrain.optim.{name} has no 4-bit states (only Adam and "
+                         "AdamW have). Use state_bits=32, or state_bits=8 where the optimizer has 8-bit states "
+                         "(docs/optim.md, \"8-bit states\" and \"4-bit states\")")
+    if state_bits in (4, 8):
+        if state_bits == 8 and rule_8bit is None:
+            reason = f": {no_8bit_reason}" if no_8bit_reason else ""
+            raise ValueError(f"Invalid state_bits: 8; fusedtrain.optim.{name} has no 8-bit states{reason}. Use "
+                             "state_bits=32, or an optimizer with 8-bit states (Note [8-bit states in the "
+                             "optimizers]: docs/optim.md, \"8-bit states\")")
+        if state_dtype is not None:
+            raise ValueError(f"state_bits={state_bits} and state_dtype both set the states' precision; pass "
+                             "only one")
+        if differentiable:
+            raise ValueError(f"state_bits={state_bits} cannot be differentiable (torch's implementation, which "
+                             "differentiable=True runs, keeps float states); use state_bits=32")
+
+
+def quantized_states(p: Tensor, state_bits: int, min_8bit_size: int) -> bool:
+    """Whether an optimizer with ``state_bits`` / ``min_8bit_size`` keeps ``p``'s states quantized (Note [8-bit
+    states in the optimizers]): 8 bits for real parameters of >= 2 dims with >= ``min_8bit_size`` elements
+    (DTensors with whole rows on each rank), 4 bits for real plain tensors of >= ``min_8bit_size`` elements."""
+    if state_bits not in (4, 8) or p.is_complex() or p.numel() < min_8bit_size:
+        return False
+    if state_bits == 4:  # one-dimensional packed codes: plain tensors of any shape, no DTensor layout
+        return not is_dtensor(p)
+    return p.dim() >= 2 and (not is_dtensor(p) or rows_kept_whole(p))
+
+
+def convert_state_bits(name: str, state: dict[str, Any], key: str, p: Tensor, bits: int, signed: bool) -> bool:
+    """State ``key`` of parameter ``p`` (in its state dict ``state``) as codes of ``bits`` (8 or 4: quantized
+    from float values, or converted from codes of the other width through their float values) or, for
+    ``bits=32``, as float values (codes are dequantized to float32; floats are left as they are). ``signed``:
+    the state can be negative (signed codes). Returns whether the state now holds codes. Optimizer ``name``
+    names the errors (codes without their scales)."""
+    value = state.get(key)
+    if not isinstance(value, Tensor):  # (SGD's momentum_buffer may be None in torch's state)
+        return False
+    absmax_key = key + _quant.ABSMAX_SUFFIX
+    absmax4_key, shape4_key = key + _quant.ABSMAX4_SUFFIX, key + _quant.SHAPE4_SUFFIX
+    if _quant.is_codes(value):
+        four = absmax4_key in state
+        if (four and shape4_key not in state) or (not four and absmax_key not in state):
+            raise RuntimeError(f"fusedtrain.optim.{name}: the state '{key}' holds quantized codes but "
+                               f"'{absmax4_key}' and '{shape4_key}' (4 bits) or '{absmax_key}' (8 bits) are "
+                               "missing")
+        if bits == (4 if four else 8):
+            return True
+        # the other width, or float states wanted: through the float values
+        if four:
+            value = _quant.dequantize4(value, state.pop(absmax4_key), state.pop(shape4_key), torch.float32)
+        else:
+            value = _quant.dequantize(value, state.pop(absmax_key), torch.float32)
+        state[key] = value = value.to(p.device)
+    if bits == 4:
+        state[key], state[absmax4_key] = _quant.quantize4(value, signed)
+        state[shape4_key] = tuple(p.shape)
+        return True
+    if bits == 8:
+        state[key], state[absmax_key] = _quant.quantize(value, signed)
+        return True
+    return False
+
+
+def restore_saved_codes(param_groups: list[dict[str, Any]], state: Any, state_dict: dict[str, Any]
+                        ) -> Iterator[tuple[Tensor, dict[str, Any], str, Tensor]]:
+    """After torch's load_state_dict (which casts every state to its parameter's dtype): takes the quantized
+    codes and their scales again from ``state_dict`` as saved, and yields ``(param, its state, key, saved
+    value)`` for every other floating state tensor but ``step``, for the caller's own dtype rules."""
+    id_map = {pid: p for saved, group in zip(state_dict["param_groups"], param_groups)
+              for pid, p in zip(saved["params"], group["params"])}
+    for pid, entry in state_dict["state"].items():
+        p = id_map.get(pid)
+        if p is None or p not in state:
+            continue
+        mine = state[p]
+        for key, value in entry.items():
+            if key == "step" or not isinstance(value, Tensor):
+                continue
+            if _quant.is_codes(value) or any(key.endswith(suffix) and _quant.is_codes(entry.get(key[:-len(suffix)]))
+                                             for suffix in (_quant.ABSMAX_SUFFIX, _quant.ABSMAX4_SUFFIX)):
+                mine[key] = value.to(device=p.device, copy=True)
+            elif value.is_floating_point():
+                yield p, mine, key, value
 
 
 class KeepsOptions:
@@ -360,29 +458,9 @@ class FusedOptimizerMixin(KeepsOptions):
 
     def _init_state_bits(self, state_bits: int, min_8bit_size: int, state_dtype: torch.dtype | None) -> None:
         """Checks and records ``state_bits`` / ``min_8bit_size`` (Note [8-bit states in the optimizers])."""
-        name = self._opt_name
-        if isinstance(state_bits, bool) or state_bits not in (4, 8, 32):
-            raise ValueError(f"Invalid state_bits: {state_bits!r}; use 32 (float states), 8 or 4 (blockwise-"
-                             "quantized 8-bit or 4-bit states)")
-        if isinstance(min_8bit_size, bool) or not isinstance(min_8bit_size, int) or min_8bit_size < 0:
-            raise ValueError(f"Invalid min_8bit_size: {min_8bit_size!r}; pass an int >= 0 (parameters with fewer "
-                             "elements keep float32 states)")
-        if state_bits == 4 and self._rule_4bit is None:
-            raise ValueError(f"Invalid state_bits: 4; fusedtrain.optim.{name} has no 4-bit states (only Adam and "
-                             "AdamW have). Use state_bits=32, or state_bits=8 where the optimizer has 8-bit states "
-                             "(docs/optim.md, \"8-bit states\" and \"4-bit states\")")
-        if state_bits in (4, 8):
-            if state_bits == 8 and self._rule_8bit is None:
-                reason = f": {self._no_8bit_reason}" if self._no_8bit_reason else ""
-                raise ValueError(f"Invalid state_bits: 8; fusedtrain.optim.{name} has no 8-bit states{reason}. Use "
-                                 "state_bits=32, or an optimizer with 8-bit states (Note [8-bit states in the "
-                                 "optimizers]: docs/optim.md, \"8-bit states\")")
-            if state_dtype is not None:
-                raise ValueError(f"state_bits={state_bits} and state_dtype both set the states' precision; pass "
-                                 "only one")
-            if any(g.get("differentiable", False) for g in self.param_groups):
-                raise ValueError(f"state_bits={state_bits} cannot be differentiable (torch's implementation, which "
-                                 "differentiable=True runs, keeps float states); use state_bits=32")
+        check_state_bits(self._opt_name, state_bits, min_8bit_size, rule_8bit=self._rule_8bit,
+                         rule_4bit=self._rule_4bit, no_8bit_reason=self._no_8bit_reason, state_dtype=state_dtype,
+                         differentiable=any(g.get("differentiable", False) for g in self.param_groups))
         self.state_bits = int(state_bits)
         self.min_8bit_size = int(min_8bit_size)
 
@@ -408,11 +486,7 @@ class FusedOptimizerMixin(KeepsOptions):
     # the other width are converted through their float values.
     def _quantized(self, p: Tensor) -> bool:
         """Whether ``p``'s states are 8-bit or 4-bit (Note [8-bit states in the optimizers])."""
-        if self.state_bits not in (4, 8) or p.is_complex() or p.numel() < self.min_8bit_size:
-            return False
-        if self.state_bits == 4:  # one-dimensional packed codes: plain tensors of any shape, no DTensor layout
-            return not is_dtensor(p)
-        return p.dim() >= 2 and (not is_dtensor(p) or rows_kept_whole(p))
+        return quantized_states(p, self.state_bits, self.min_8bit_size)
 
     def _rule_of(self, p: Tensor) -> str:
         """The rule that updates ``p``: the optimizer's, or its 8-bit or 4-bit variant."""
@@ -433,37 +507,14 @@ class FusedOptimizerMixin(KeepsOptions):
     def _convert_state(self, group: dict[str, Any], p: Tensor, key: str) -> None:
         """State ``key`` of ``p`` into the form its rule updates: codes and absmax (8-bit), or a float tensor
         of the state dtype (Note [mixed-precision layouts])."""
+        bits = self.state_bits if self._quantized(p) else 32
         state = self.state[p]
-        value = state[key]
-        if not isinstance(value, Tensor):  # (SGD's momentum_buffer may be None in torch's state)
+        if convert_state_bits(self._opt_name, state, key, p, bits, key in self._signed_states):
             return
-        absmax_key = key + _quant.ABSMAX_SUFFIX
-        absmax4_key, shape4_key = key + _quant.ABSMAX4_SUFFIX, key + _quant.SHAPE4_SUFFIX
-        if _quant.is_codes(value):
-            four = absmax4_key in state
-            if (four and shape4_key not in state) or (not four and absmax_key not in state):
-                raise RuntimeError(f"fusedtrain.optim.{self._opt_name}: the state '{key}' holds quantized codes but "
-                                   f"'{absmax4_key}' and '{shape4_key}' (4 bits) or '{absmax_key}' (8 bits) are "
-                                   "missing")
-            bits = 4 if four else 8
-            if self._quantized(p) and bits == self.state_bits:
-                return
-            # the other width, or float states wanted: through the float values
-            if four:
-                value = _quant.dequantize4(value, state.pop(absmax4_key), state.pop(shape4_key), torch.float32)
-            else:
-                value = _quant.dequantize(value, state.pop(absmax_key), torch.float32)
-            state[key] = value = value.to(p.device)
-        if self._quantized(p):
-            signed = key in self._signed_states
-            if self.state_bits == 4:
-                state[key], state[absmax4_key] = _quant.quantize4(value, signed)
-                state[shape4_key] = tuple(p.shape)
-            else:
-                state[key], state[absmax_key] = _quant.quantize(value, signed)
+        if not isinstance(state[key], Tensor):  # (SGD's momentum_buffer may be None in torch's state)
             return
         want = self._state_dtype_for(p)
-        if value.dtype != want:
+        if state[key].dtype != want:
             state[key] = self._state_in(group, p, key, want)
 
     @staticmethod
@@ -525,25 +576,10 @@ class FusedOptimizerMixin(KeepsOptions):
         """torch's load_state_dict casts every state to its parameter's dtype; master weights, ``state_dtype``
         states and 8-bit codes with their absmax are taken again from the saved tensors in their own dtype (no
         precision lost)."""
-        id_map = {pid: p for saved, group in zip(state_dict["param_groups"], self.param_groups)
-                  for pid, p in zip(saved["params"], group["params"])}
-        for pid, entry in state_dict["state"].items():
-            p = id_map.get(pid)
-            if p is None or p not in self.state:
-                continue
-            mine = self.state[p]
-            for key, value in entry.items():
-                if key == "step" or not isinstance(value, Tensor):
-                    continue
-                if _quant.is_codes(value) or any(key.endswith(suffix) and _quant.is_codes(entry.get(key[:-len(suffix)]))
-                                                 for suffix in (_quant.ABSMAX_SUFFIX, _quant.ABSMAX4_SUFFIX)):
-                    mine[key] = value.to(device=p.device, copy=True)
-                    continue
-                if not value.is_floating_point():
-                    continue
-                want = torch.float32 if key == "master_param" else self._state_dtype_for(p)
-                if mine[key].dtype != want:
-                    mine[key] = value.to(device=p.device, dtype=want, copy=True)
+        for p, mine, key, value in restore_saved_codes(self.param_groups, self.state, state_dict):
+            want = torch.float32 if key == "master_param" else self._state_dtype_for(p)
+            if mine[key].dtype != want:
+                mine[key] = value.to(device=p.device, dtype=want, copy=True)
 
     # ----------------------------------------------------------------------------------------- step
     @torch.no_grad()

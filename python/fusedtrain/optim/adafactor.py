@@ -12,7 +12,8 @@ from torch import Tensor
 
 from .._dtensor import is_dtensor
 from ..clip import clip_coefficient, grads_norm
-from ._base import KeepsOptions, check_max_grad_norm, check_own_step_options, check_param, cpu_step, new_step, where
+from ._base import (KeepsOptions, check_max_grad_norm, check_own_step_options, check_param, check_state_bits, cpu_step,
+                    new_step, where)
 
 __all__ = ["Adafactor"]
 
@@ -105,6 +106,10 @@ class Adafactor(KeepsOptions, _torch_adafactor):  # type: ignore[misc,valid-type
                  foreach: bool | None = None, maximize: bool = False, fused: bool | None = None,
                  differentiable: bool = False, ema: Any = None, max_grad_norm: float | None = None,
                  **refused: Any) -> None:
+        check_state_bits("Adafactor", refused.get("state_bits", 32), 4096, rule_8bit=None, rule_4bit=None,
+                         no_8bit_reason="its second moments of matrices are already factored (a row and a column "
+                         "vector), and its per-element states belong to 1-D parameters, which 8-bit states leave "
+                         "in float32")
         check_own_step_options("Adafactor", foreach, fused, differentiable, refused)
         self.max_grad_norm = check_max_grad_norm(max_grad_norm)
         self.ema = ema

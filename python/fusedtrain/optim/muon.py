@@ -34,7 +34,9 @@ from torch import Tensor
 
 from .. import _ops
 from ..clip import clip_coefficient, grads_norm
-from ._base import KeepsOptions, check_max_grad_norm, check_own_step_options, check_param, new_step, where
+from . import _quant
+from ._base import (KeepsOptions, check_max_grad_norm, check_own_step_options, check_param, check_state_bits,
+                    convert_state_bits, new_step, quantized_states, restore_saved_codes, where)
 
 __all__ = ["Muon"]
 
@@ -145,10 +147,19 @@ class Muon(KeepsOptions, _torch_muon):  # type: ignore[misc,valid-type]
         max_grad_norm: clip the joint 2-norm of all gradients of this optimizer (Muon and AdamW groups)
             inside the step; the clip factor is applied in the fused momentum / AdamW passes. The norm is kept
             in ``last_grad_norm``.
+        state_bits: 32 (float states, default) or 8: blockwise-quantized 8-bit states (Note [8-bit states in the
+            optimizers], docs/optim.md) for every parameter of >= 2 dims with at least ``min_8bit_size``
+            elements: the Muon groups' ``momentum_buffer`` (int8 codes, Note [Muon's 8-bit momentum] in
+            ``csrc/include/fusedtrain/rules_muon_quant.h``) and the AdamW groups' ``exp_avg`` / ``exp_avg_sq``
+            (as ``AdamW(state_bits=8)``), each with its ``<key>_absmax`` scales in the state.
+            :func:`fusedtrain.optim.to_torch_state_dict` turns such a state dict into one torch.optim.Muon loads;
+            a float state dict (torch's) loads into an 8-bit Muon and is quantized.
+        min_8bit_size: parameters with fewer elements keep float states at ``state_bits=8`` (default 4096).
 
     GradScaler: supported (``scaler.step(opt)`` hands the scale to the fused passes; a step with
     ``found_inf`` is skipped, read on the host). Not supported, refused with an error naming them:
-    ``differentiable``, ``capturable``, ``l1``, ``master_weights``, ``stochastic_rounding``, ``state_dtype``.
+    ``differentiable``, ``capturable``, ``l1``, ``master_weights``, ``stochastic_rounding``, ``state_dtype``,
+    ``state_bits=4``.
 
     **Muon and AdamW in one optimizer.** Muon is meant for the 2-D matrices of hidden layers; biases,
     norms' weights (0-D / 1-D) and, by the usual recipe, embeddings and the output head are trained with
@@ -167,6 +178,10 @@ class Muon(KeepsOptions, _torch_muon):  # type: ignore[misc,valid-type]
     """
 
     _opt_name = "Muon"
+    _rule_8bit = "muon_momentum8bit"
+    # (Muon's state_bits / min_8bit_size; class defaults for objects unpickled from before they existed)
+    state_bits = 32
+    min_8bit_size = 4096
     # torch.amp.GradScaler hands its scale and found_inf (attributes grad_scale / found_inf during step)
     _step_supports_amp_scaling = True
 
@@ -177,8 +192,10 @@ class Muon(KeepsOptions, _torch_muon):  # type: ignore[misc,valid-type]
                  flatten: bool = False, ns_dtype: torch.dtype = torch.bfloat16,
                  adamw_betas: tuple[float, float] = (0.9, 0.999), adamw_eps: float = 1e-8,
                  foreach: bool | None = None, fused: bool | None = None, differentiable: bool = False,
-                 ema: Any = None, max_grad_norm: float | None = None, **refused: Any) -> None:
+                 ema: Any = None, max_grad_norm: float | None = None, state_bits: int = 32,
+                 min_8bit_size: int = 4096, **refused: Any) -> None:
         check_own_step_options("Muon", foreach, fused, differentiable, refused)
+        check_state_bits("Muon", state_bits, min_8bit_size, rule_8bit=self._rule_8bit, rule_4bit=None)
         if ns_dtype not in _NS_DTYPES:
             raise ValueError(f"Invalid ns_dtype: {ns_dtype}; use torch.bfloat16 (torch's), torch.float32 or "
                              "torch.float64")
@@ -192,6 +209,8 @@ class Muon(KeepsOptions, _torch_muon):  # type: ignore[misc,valid-type]
                         adamw_eps=adamw_eps)
         self.max_grad_norm = max_grad_norm
         self.ema = ema
+        self.state_bits = int(state_bits)
+        self.min_8bit_size = int(min_8bit_size)
         self.last_grad_norm: Tensor | None = None
         torch.optim.Optimizer.__init__(self, params, defaults)
 
@@ -222,9 +241,38 @@ class Muon(KeepsOptions, _torch_muon):  # type: ignore[misc,valid-type]
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's load_state_dict (a torch.optim.Muon state dict loads, and ours loads into torch's); the
-        fusedtrain group keys a torch state dict lacks take this optimizer's defaults."""
+        fusedtrain group keys a torch state dict lacks take this optimizer's defaults. Quantized states keep
+        their codes; states are brought to this optimizer's ``state_bits`` (float states quantized, codes
+        dequantized)."""
         super().load_state_dict(state_dict)
         self._fill_group_defaults()
+        for _ in restore_saved_codes(self.param_groups, self.state, state_dict):
+            pass  # float states keep torch's cast to the parameter's dtype
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p in self.state and p.device.type != "meta":
+                    self._state_form(group, p)
+
+    # Which states of a group's parameters are quantized at state_bits=8, and whether each is signed.
+    _MUON_STATES = (("momentum_buffer", True),)
+    _ADAMW_STATES = (("exp_avg", True), ("exp_avg_sq", False))
+
+    def _quantized(self, p: Tensor) -> bool:
+        """Whether ``p``'s states are 8-bit (``state_bits=8``, >= 2 dims, >= ``min_8bit_size`` elements)."""
+        return quantized_states(p, self.state_bits, self.min_8bit_size)
+
+    def _state_form(self, group: dict[str, Any], p: Tensor) -> bool:
+        """``p``'s states in the form its pass updates: 8-bit codes (returns True) or float states of the
+        parameter's dtype (codes of a loaded 8-bit state dict are dequantized)."""
+        state = self.state[p]
+        bits = 8 if self._quantized(p) else 32
+        codes = False
+        for key, signed in self._MUON_STATES if group["use_muon"] else self._ADAMW_STATES:
+            if convert_state_bits(self._opt_name, state, key, p, bits, signed):
+                codes = True
+            elif isinstance(state.get(key), Tensor) and state[key].dtype != p.dtype:
+                state[key] = state[key].to(p.dtype)
+        return codes
 
     def _fill_group_defaults(self) -> None:
         defaults = getattr(self, "defaults", {})
@@ -333,20 +381,26 @@ class Muon(KeepsOptions, _torch_muon):  # type: ignore[misc,valid-type]
             return
         ns_dtype: torch.dtype = group["ns_dtype"]
         batches: dict[tuple[Any, ...], list[int]] = {}
+        quantized: list[bool] = []
         for i, p in enumerate(params):
             state = self.state[p]
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(_grad(p), memory_format=torch.preserve_format)
+            quantized.append(self._state_form(group, p))
             m, n = _shape2d(p)
             batches.setdefault((p.device, p.dtype, min(m, n), max(m, n)), []).append(i)
-        hyper = _ops.hyper_list("muon_momentum", dict(momentum=group["momentum"], nesterov=group["nesterov"]))
+        hypers = {rule: _ops.hyper_list(rule, dict(momentum=group["momentum"], nesterov=group["nesterov"]))
+                  for rule in ("muon_momentum", self._rule_8bit)}
         for (device, dtype, rows, cols), idx in batches.items():
             ps = [params[i] for i in idx]
             emulate = ns_dtype == torch.bfloat16 and device.type == "cpu"
             # the dtype the momentum pass writes: the Newton-Schulz input itself where a layout allows it
             # (bfloat16 from float32: torch's .bfloat16() of the float32 update), else the parameter's, converted
-            # after (float64 -> bfloat16 rounds once, as torch does)
+            # after (float64 -> bfloat16 rounds once, as torch does); the 8-bit pass writes the parameter's
+            # (Note [Muon's 8-bit momentum])
             direct = ns_dtype == dtype or (dtype == torch.float32 and ns_dtype == torch.bfloat16)
+            if any(quantized[i] for i in idx):
+                direct = ns_dtype == dtype
             u = torch.empty(len(ps), rows, cols, dtype=ns_dtype if direct else dtype, device=device)
             views = [self._as_param(u[k], p) for k, p in enumerate(ps)]
             kw: dict[str, Any] = {}
@@ -354,8 +408,18 @@ class Muon(KeepsOptions, _torch_muon):  # type: ignore[misc,valid-type]
                 kw["grad_scale"] = grad_scale if device.type == "cpu" else grad_scale.to(device)
             if clip_coef is not None:
                 kw["clip_coef"] = clip_coef if clip_coef.device == device else clip_coef.to(device)
-            _ops.step_("muon_momentum", hyper, [self.state[p]["momentum_buffer"] for p in ps],
-                       [_grad(p) for p in ps], views, **kw)
+            floats = [k for k, i in enumerate(idx) if not quantized[i]]
+            codes = [k for k, i in enumerate(idx) if quantized[i]]
+            if floats:
+                _ops.step_("muon_momentum", hypers["muon_momentum"],
+                           [self.state[ps[k]]["momentum_buffer"] for k in floats], [_grad(ps[k]) for k in floats],
+                           [views[k] for k in floats], **kw)
+            if codes:
+                states = [self.state[ps[k]] for k in codes]
+                _ops.step_(self._rule_8bit, hypers[self._rule_8bit], [views[k] for k in codes],
+                           [_grad(ps[k]) for k in codes],
+                           [s["momentum_buffer"] for s in states] + [s["momentum_buffer_absmax"] for s in states],
+                           **kw)
             x = u if u.dtype == ns_dtype else u.to(ns_dtype)
             if emulate:
                 x = x.to(torch.float32)
@@ -379,22 +443,24 @@ class Muon(KeepsOptions, _torch_muon):  # type: ignore[misc,valid-type]
     def _adamw_group(self, group: dict[str, Any], plan: dict[str, Any], grad_scale: Tensor | None,
                      clip_coef: Tensor | None, fused_ema: list[Tensor] | None) -> None:
         params: list[Tensor] = plan["params"]
+        splits: dict[tuple[Any, ...], list[Tensor]] = {}
         for p in params:
             state = self.state[p]
             if "step" not in state:
                 state["step"] = new_step()
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            splits.setdefault((p.device, p.dtype, self._state_form(group, p)), []).append(p)
         beta1, beta2 = group["adamw_betas"]
-        hyper = _ops.hyper_list("adam", dict(beta1=beta1, beta2=beta2, eps=group["adamw_eps"],
-                                             weight_decay=group["weight_decay"], amsgrad=False, maximize=False,
-                                             decoupled_weight_decay=True))
-        splits: dict[tuple[Any, ...], list[Tensor]] = {}
-        for p in params:
-            splits.setdefault((p.device, p.dtype), []).append(p)
+        adam = dict(beta1=beta1, beta2=beta2, eps=group["adamw_eps"], weight_decay=group["weight_decay"],
+                    amsgrad=False, maximize=False, decoupled_weight_decay=True)
         lr = group["lr"]
-        for (device, _), ps in splits.items():
+        for (device, _, codes), ps in splits.items():
             states = [self.state[p] for p in ps]
+            # the 8-bit rule's state lists: each state's codes, then its absmax (Note [quantized state lists])
+            keys = ("exp_avg", "exp_avg_absmax", "exp_avg_sq", "exp_avg_sq_absmax") if codes else (
+                "exp_avg", "exp_avg_sq")
+            rule = "adam8bit" if codes else "adam"
             kw: dict[str, Any] = {}
             if isinstance(lr, Tensor) and device.type == "cuda":
                 kw["lr_tensor"] = lr.to(device)
@@ -404,9 +470,10 @@ class Muon(KeepsOptions, _torch_muon):  # type: ignore[misc,valid-type]
                 kw["grad_scale"] = grad_scale if device.type == "cpu" else grad_scale.to(device)
             if clip_coef is not None:
                 kw["clip_coef"] = clip_coef if clip_coef.device == device else clip_coef.to(device)
-            _ops.step_("adam", hyper, ps, [_grad(p) for p in ps],
-                       [s["exp_avg"] for s in states] + [s["exp_avg_sq"] for s in states],
-                       [s["step"] for s in states], **kw, **self._ema_kwargs(ps, fused_ema))
+            # (the 8-bit rule's kernels do not carry EMA averages: those follow in finish_fused_update)
+            ema_kw = {} if codes else self._ema_kwargs(ps, fused_ema)
+            _ops.step_(rule, _ops.hyper_list(rule, adam), ps, [_grad(p) for p in ps],
+                       [s[key] for key in keys for s in states], [s["step"] for s in states], **kw, **ema_kw)
 
     def _meta_step(self, group: dict[str, Any], params: list[Tensor]) -> None:
         """Parameters on the meta device (model-building flows): their state is made as torch makes it; the
