@@ -199,6 +199,22 @@ def run_grads(opt: torch.optim.Optimizer, params: list[torch.Tensor], grads: lis
         opt.step()
 
 
+def step_scaled_and_clipped(a: torch.optim.Optimizer, pa: list[torch.Tensor], b: torch.optim.Optimizer,
+                            pb: list[torch.Tensor], max_norm: float, steps: int = 3) -> None:
+    """``steps`` steps of ``a`` (made with ``max_grad_norm=max_norm``) on gradients multiplied by a GradScaler
+    scale of 1024 handed to it as ``grad_scale`` / ``found_inf``, and of ``b`` on the same gradients unscaled and
+    clipped by ``torch.nn.utils.clip_grad_norm_``: the two must then agree."""
+    scale = torch.tensor(1024.0)
+    for _ in range(steps):
+        grads = [torch.randn(p.shape) for p in pa]
+        for p, q, g in zip(pa, pb, grads):
+            p.grad, q.grad = g * scale, g.clone()
+        a.grad_scale, a.found_inf = scale, torch.tensor(0.0)  # type: ignore[attr-defined]
+        a.step()
+        torch.nn.utils.clip_grad_norm_(pb, max_norm)
+        b.step()
+
+
 def step_cpu_and_cuda(cls: Any, cpu: list[torch.Tensor], kw: dict[str, Any], steps: int = 3, seed: int = 17
                       ) -> tuple[list[torch.Tensor], list[torch.optim.Optimizer]]:
     """CUDA twins of the CPU parameters ``cpu`` and one ``cls(params, **kw)`` per device, stepped ``steps``

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import fusedtrain
-from _helpers import run_grads
+from _helpers import run_grads, step_scaled_and_clipped
 
 pytestmark = pytest.mark.skipif(not hasattr(torch.optim, "Adafactor"),
                                 reason="torch.optim.Adafactor needs torch >= 2.5")
@@ -153,15 +153,7 @@ def test_max_grad_norm_and_grad_scale_equal_unscaled_clipped_gradients() -> None
     pb = _clone(pa)
     a = fusedtrain.optim.Adafactor(pa, lr=0.02, max_grad_norm=0.5)
     b = fusedtrain.optim.Adafactor(pb, lr=0.02)
-    scale = torch.tensor(1024.0)
-    for _ in range(3):
-        grads = [torch.randn(p.shape) for p in pa]
-        for p, q, g in zip(pa, pb, grads):
-            p.grad, q.grad = g * scale, g.clone()
-        a.grad_scale, a.found_inf = scale, torch.tensor(0.0)
-        a.step()
-        torch.nn.utils.clip_grad_norm_(pb, 0.5)
-        b.step()
+    step_scaled_and_clipped(a, pa, b, pb, 0.5)
     for x, y in zip(pa, pb):
         _scaled_close(x, y, rtol=1e-6, atol=1e-6)
     before = [p.detach().clone() for p in pa]

@@ -20,6 +20,8 @@ import torch
 
 import fusedtrain
 
+from _helpers import step_scaled_and_clipped
+
 pytestmark = pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon needs torch >= 2.9")
 
 BF16_FRACTION = 0.02
@@ -285,15 +287,7 @@ def test_max_grad_norm_and_grad_scale_equal_unscaled_clipped_gradients() -> None
     pb = _clone(pa)
     a = fusedtrain.optim.Muon(pa, lr=0.02, max_grad_norm=0.5)
     b = fusedtrain.optim.Muon(pb, lr=0.02)
-    scale = torch.tensor(1024.0)
-    for _ in range(3):
-        grads = [torch.randn(p.shape) for p in pa]
-        for p, q, g in zip(pa, pb, grads):
-            p.grad, q.grad = g * scale, g.clone()
-        a.grad_scale, a.found_inf = scale, torch.tensor(0.0)
-        a.step()
-        torch.nn.utils.clip_grad_norm_(pb, 0.5)
-        b.step()
+    step_scaled_and_clipped(a, pa, b, pb, 0.5)
     for x, y in zip(pa, pb):
         torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(a.state[x]["momentum_buffer"], b.state[y]["momentum_buffer"], rtol=1e-6,

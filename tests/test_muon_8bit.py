@@ -20,7 +20,7 @@ import torch
 import fusedtrain
 from fusedtrain.optim import _quant
 
-from _helpers import DIGITS_ORDERS, digits_loss, step_cpu_and_cuda
+from _helpers import DIGITS_ORDERS, digits_loss, step_cpu_and_cuda, step_scaled_and_clipped
 from test_muon import _reference_step
 
 pytestmark = pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon needs torch >= 2.9")
@@ -236,15 +236,7 @@ def test_grad_scale_clipping_and_skipped_steps() -> None:
     pb = [p.detach().clone().requires_grad_() for p in pa]
     a = fusedtrain.optim.Muon(pa, lr=0.02, max_grad_norm=0.5, state_bits=8, min_8bit_size=0)
     b = fusedtrain.optim.Muon(pb, lr=0.02, state_bits=8, min_8bit_size=0)
-    scale = torch.tensor(1024.0)
-    for _ in range(3):
-        grads = [torch.randn(p.shape) for p in pa]
-        for p, q, g in zip(pa, pb, grads):
-            p.grad, q.grad = g * scale, g.clone()
-        a.grad_scale, a.found_inf = scale, torch.tensor(0.0)
-        a.step()
-        torch.nn.utils.clip_grad_norm_(pb, 0.5)
-        b.step()
+    step_scaled_and_clipped(a, pa, b, pb, 0.5)
     for x, y in zip(pa, pb):
         torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(_buffer(a, x), _buffer(b, y), rtol=1e-5, atol=1e-6)
