@@ -173,13 +173,18 @@ def test_partial_parameters_refused(mesh: Any, name: str) -> None:
     assert torch.equal(p.to_local(), before) and not opt.state[p]
 
 
-def test_adafactor_refuses_dtensor_parameters_and_writes_nothing(mesh: Any) -> None:
-    """Adafactor's factors are not defined across shards here (torch's own step fails on DTensors): a clear
-    error names the parameter, before any write, and leaves no state behind."""
+@pytest.mark.parametrize("name,kw", [("Adafactor", {}), ("Muon", {}), ("Muon", dict(state_bits=8, min_8bit_size=0))])
+def test_whole_matrix_optimizers_refuse_dtensor_parameters_and_write_nothing(mesh: Any, name: str,
+                                                                          kw: dict[str, Any]) -> None:
+    """Adafactor's factors and Muon's Newton-Schulz need whole matrices, which these implementations do not gather
+    across shards (torch's Adafactor fails on DTensors too): a clear error names the parameter, before any write,
+    and leaves no state behind."""
     from torch.distributed.tensor import Shard
+    if not hasattr(fusedtrain.optim, name):
+        pytest.skip(f"fusedtrain.optim.{name} needs a newer torch")
     sharded, plain = _params(mesh, Shard(0))
     _grads(sharded, plain, mesh, Shard(0), seed=3)
-    opt = fusedtrain.optim.Adafactor([plain[2], sharded[2]], lr=0.01)
+    opt = getattr(fusedtrain.optim, name)([plain[2], sharded[2]], lr=0.01, **kw)
     before = [p.detach().full_tensor().clone() if hasattr(p, "full_tensor") else p.detach().clone()
               for p in (plain[2], sharded[2])]
     with pytest.raises(RuntimeError, match=r"param_groups\[0\]\['params'\]\[1\] is a DTensor"):

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from .. import _ops
+from .._dtensor import is_dtensor
 from ..clip import clip_coefficient, grads_norm
 from . import _quant
 from ._base import (KeepsOptions, check_max_grad_norm, check_own_step_options, check_param, check_state_bits,
@@ -159,7 +160,8 @@ class Muon(KeepsOptions, _torch_muon):  # type: ignore[misc,valid-type]
     GradScaler: supported (``scaler.step(opt)`` hands the scale to the fused passes; a step with
     ``found_inf`` is skipped, read on the host). Not supported, refused with an error naming them:
     ``differentiable``, ``capturable``, ``l1``, ``master_weights``, ``stochastic_rounding``, ``state_dtype``,
-    ``state_bits=4``.
+    ``state_bits=4``; DTensor (FSDP2 / tensor-parallel) parameters are refused at the step, before any write
+    (Newton-Schulz needs whole matrices; use torch.optim.Muon there).
 
     **Muon and AdamW in one optimizer.** Muon is meant for the 2-D matrices of hidden layers; biases,
     norms' weights (0-D / 1-D) and, by the usual recipe, embeddings and the output head are trained with
@@ -352,6 +354,11 @@ class Muon(KeepsOptions, _torch_muon):  # type: ignore[misc,valid-type]
                 meta.append(p)
                 continue
             check_param(self._opt_name, p, where(gi, pos))
+            if is_dtensor(p):  # before any write: a refused step changes nothing
+                raise RuntimeError(f"fusedtrain.optim.Muon: {where(gi, pos)} is a DTensor (FSDP2 / tensor parallel); "
+                                   "Newton-Schulz orthogonalizes whole matrices, which this implementation does not "
+                                   "gather across shards. Use torch.optim.Muon for sharded parameters, or an "
+                                   "element-wise optimizer (e.g. fusedtrain.optim.AdamW). Nothing was updated.")
             params.append(p)
         plan: dict[str, Any] = dict(params=params, meta=meta)
         if group["use_muon"]:
