@@ -235,9 +235,10 @@ DIGITS_ORDERS = (1, 2, 3, 4, 5)
 
 
 @functools.cache
-def digits_loss(state_bits: int, order: int, steps: int = 100) -> float:
-    """The whole-set cross-entropy after training the digits MLP with ``AdamW(state_bits=...)`` on the batch
-    order ``order``; cached, so the float32 runs serve every test."""
+def digits_loss(state_bits: int, order: int, steps: int = 100, optimizer: str = "AdamW") -> float:
+    """The whole-set cross-entropy after training the digits MLP with ``fusedtrain.optim.<optimizer>(state_bits=...)``
+    (AdamW by default) on the batch order ``order``; cached, so the float32 runs serve every test. A schedule-free
+    optimizer trains in train mode and is evaluated in eval mode (at x)."""
     sklearn = pytest.importorskip("sklearn.datasets")
     xs, ys = sklearn.load_digits(return_X_y=True)
     x, y = torch.tensor(xs, dtype=torch.float32) / 16.0, torch.tensor(ys)
@@ -246,12 +247,18 @@ def digits_loss(state_bits: int, order: int, steps: int = 100) -> float:
                                 torch.nn.ReLU(), torch.nn.Linear(256, 10))
     g = torch.Generator().manual_seed(order)
     batches = [torch.randint(0, x.shape[0], (128,), generator=g) for _ in range(steps)]
-    opt = fusedtrain.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-2, state_bits=state_bits)
+    opt = getattr(fusedtrain.optim, optimizer)(model.parameters(), lr=2e-3, weight_decay=1e-2, state_bits=state_bits)
+    schedule_free = hasattr(opt, "eval")
+    if schedule_free:
+        opt.train()
     for idx in batches:
         opt.zero_grad()
         torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
         opt.step()
     if state_bits != 32:  # the hidden matrix's states really are codes
-        assert opt.state[model[2].weight]["exp_avg"].dtype == torch.int8
+        key, codes = ("exp_avg_sq", torch.uint8) if schedule_free else ("exp_avg", torch.int8)
+        assert opt.state[model[2].weight][key].dtype == codes
+    if schedule_free:
+        opt.eval()
     with torch.no_grad():
         return float(torch.nn.functional.cross_entropy(model(x), y))

@@ -309,6 +309,9 @@ class FusedOptimizerMixin(KeepsOptions):
     # The rule's 4-bit variant (None: the optimizer has none; Adam and AdamW have "adam4bit").
     _rule_4bit: str | None = None
     _signed_states: frozenset[str] = frozenset()
+    # States the 8-bit rule keeps float, as the float rule keeps them (Note [mixed state lists] in
+    # csrc/include/fusedtrain/rules_quant.h; Schedule-Free AdamW's z): no codes, no "_absmax".
+    _float_8bit_states: frozenset[str] = frozenset()
     # Why an optimizer without an 8-bit rule has none (the state_bits=8 error says it).
     _no_8bit_reason: str = ""
 
@@ -405,7 +408,8 @@ class FusedOptimizerMixin(KeepsOptions):
     # floats are wanted are dequantized, at load_state_dict and before a parameter's first update.
     # state_bits=4 (Adam and AdamW: _rule_4bit, "adam4bit") works the same way with the 4-bit format: the
     # packed codes under the state's key, "<key>_absmax4" and "<key>_shape4" (optim/_quant.py); states of
-    # the other width are converted through their float values.
+    # the other width are converted through their float values. An 8-bit rule may keep some states float
+    # (_float_8bit_states: Schedule-Free AdamW's z, the iterate itself); those stay as the float rule keeps them.
     def _quantized(self, p: Tensor) -> bool:
         """Whether ``p``'s states are 8-bit or 4-bit (Note [8-bit states in the optimizers])."""
         if self.state_bits not in (4, 8) or p.is_complex() or p.numel() < self.min_8bit_size:
@@ -423,12 +427,14 @@ class FusedOptimizerMixin(KeepsOptions):
 
     def _rule_state_keys(self, group: dict[str, Any], rule: str) -> list[str]:
         """The state keys of ``rule``'s state lists: ``_state_keys``, each followed by its ``_absmax`` for the
-        8-bit rule (``_absmax4`` for the 4-bit one)."""
+        8-bit rule (``_absmax4`` for the 4-bit one), except the states the 8-bit rule keeps float."""
         keys = self._state_keys(group)
         if rule == self._rule:
             return keys
-        suffix = _quant.ABSMAX4_SUFFIX if rule == self._rule_4bit else _quant.ABSMAX_SUFFIX
-        return [k for key in keys for k in (key, key + suffix)]
+        if rule == self._rule_4bit:
+            return [k for key in keys for k in (key, key + _quant.ABSMAX4_SUFFIX)]
+        return [k for key in keys
+                for k in ((key,) if key in self._float_8bit_states else (key, key + _quant.ABSMAX_SUFFIX))]
 
     def _convert_state(self, group: dict[str, Any], p: Tensor, key: str) -> None:
         """State ``key`` of ``p`` into the form its rule updates: codes and absmax (8-bit), or a float tensor
@@ -446,7 +452,7 @@ class FusedOptimizerMixin(KeepsOptions):
                                    f"'{absmax4_key}' and '{shape4_key}' (4 bits) or '{absmax_key}' (8 bits) are "
                                    "missing")
             bits = 4 if four else 8
-            if self._quantized(p) and bits == self.state_bits:
+            if self._quantized(p) and bits == self.state_bits and key not in self._float_8bit_states:
                 return
             # the other width, or float states wanted: through the float values
             if four:
@@ -454,7 +460,7 @@ class FusedOptimizerMixin(KeepsOptions):
             else:
                 value = _quant.dequantize(value, state.pop(absmax_key), torch.float32)
             state[key] = value = value.to(p.device)
-        if self._quantized(p):
+        if self._quantized(p) and not (self.state_bits == 8 and key in self._float_8bit_states):
             signed = key in self._signed_states
             if self.state_bits == 4:
                 state[key], state[absmax4_key] = _quant.quantize4(value, signed)
