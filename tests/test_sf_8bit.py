@@ -371,12 +371,12 @@ def test_op_refuses_bad_lists_and_writes_nothing() -> None:
 
 
 # ---------------------------------------------------------------------------------------------- convergence
-def test_convergence_8bit_within_a_few_percent_of_float() -> None:
+def test_convergence_8bit_within_2_percent_of_float() -> None:
     """The digits MLP of test_optim_8bit.py's convergence test (tests/_helpers.py: digits_loss), trained with
-    ScheduleFreeAdamW and evaluated at x (eval mode), five batch orders: the 8-bit run ends within 3 % (+ 1e-3) of
-    the float run on every order."""
+    ScheduleFreeAdamW and evaluated at x (eval mode), five batch orders: the loss falls from 2.3 to ~0.11, and the
+    8-bit run ends within 2 % (+ 1e-3) of the float run on every order (measured -0.3 to +0.2 %)."""
     for order in DIGITS_ORDERS:
         full, low = digits_loss(32, order, optimizer="ScheduleFreeAdamW"), \
             digits_loss(8, order, optimizer="ScheduleFreeAdamW")
-        assert full < 0.3, (order, full)  # it learned
-        assert abs(low - full) <= 0.03 * full + 1e-3, (order, full, low)
+        assert full < 0.15, (order, full)  # it learned
+        assert abs(low - full) <= 0.02 * full + 1e-3, (order, full, low)
