@@ -252,9 +252,10 @@ DIGITS_ORDERS = (1, 2, 3, 4, 5)
 
 @functools.cache
 def digits_loss(state_bits: int, order: int, steps: int = 100, optimizer: str = "AdamW") -> float:
-    """The whole-set cross-entropy after training the digits MLP with ``AdamW(state_bits=...)`` (or ``Muon``:
-    the two hidden matrices by Muon, the rest by its AdamW groups) on the batch order ``order``; cached, so the
-    float32 runs serve every test."""
+    """The whole-set cross-entropy after training the digits MLP with ``fusedtrain.optim.<optimizer>(state_bits=...)``
+    (AdamW by default; Muon trains the two hidden matrices, its AdamW groups the rest) on the batch order
+    ``order``; cached, so the float32 runs serve every test. A schedule-free optimizer trains in train mode and is
+    evaluated in eval mode (at x)."""
     sklearn = pytest.importorskip("sklearn.datasets")
     xs, ys = sklearn.load_digits(return_X_y=True)
     x, y = torch.tensor(xs, dtype=torch.float32) / 16.0, torch.tensor(ys)
@@ -269,15 +270,21 @@ def digits_loss(state_bits: int, order: int, steps: int = 100, optimizer: str = 
         opt: torch.optim.Optimizer = fusedtrain.optim.Muon(
             [dict(params=hidden), dict(params=rest, use_muon=False, lr=2e-3)], lr=0.02, weight_decay=1e-2,
             state_bits=state_bits)
-        key = "momentum_buffer"
     else:
-        opt = fusedtrain.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-2, state_bits=state_bits)
-        key = "exp_avg"
+        opt = getattr(fusedtrain.optim, optimizer)(model.parameters(), lr=2e-3, weight_decay=1e-2,
+                                                   state_bits=state_bits)
+    schedule_free = hasattr(opt, "eval")
+    if schedule_free:
+        opt.train()
     for idx in batches:
         opt.zero_grad()
         torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
         opt.step()
     if state_bits != 32:  # the hidden matrix's states really are codes
-        assert opt.state[model[2].weight][key].dtype == torch.int8
+        key, codes = {"Muon": ("momentum_buffer", torch.int8)}.get(
+            optimizer, ("exp_avg_sq", torch.uint8) if schedule_free else ("exp_avg", torch.int8))
+        assert opt.state[model[2].weight][key].dtype == codes
+    if schedule_free:
+        opt.eval()
     with torch.no_grad():
         return float(torch.nn.functional.cross_entropy(model(x), y))

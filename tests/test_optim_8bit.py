@@ -491,8 +491,7 @@ def test_bad_options_are_refused() -> None:
 
 # optimizers without an 8-bit rule refuse state_bits=8 in the constructor, naming the argument
 REFUSING: list[tuple[str, dict[str, Any]]] = [
-    ("ASGD", {}), ("Rprop", {}), ("ScheduleFreeAdamW", {}), ("ScheduleFreeSGD", {}),
-    ("Adafactor", {}),
+    ("ASGD", {}), ("Rprop", {}), ("ScheduleFreeSGD", {}), ("Adafactor", {}),
 ]
 
 
@@ -515,7 +514,8 @@ def test_8bit_optimizers_list() -> None:
             if isinstance(getattr(fusedtrain.optim, name), type)
             and getattr(getattr(fusedtrain.optim, name), "_rule_8bit", None) is not None}
     assert have >= {"SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "NAdam", "RAdam", "Adamax", "Adadelta", "Lion",
-                    "Adam8bit", "AdamW8bit", "Lamb", "Lars"} | ({"Muon"} if hasattr(fusedtrain.optim, "Muon") else set())
+                    "Adam8bit", "AdamW8bit", "Lamb", "Lars", "ScheduleFreeAdamW"} | (
+                        {"Muon"} if hasattr(fusedtrain.optim, "Muon") else set())
     others = {getattr(fusedtrain.optim, name) for name in fusedtrain.optim.__all__
               if isinstance(getattr(fusedtrain.optim, name), type)
               and issubclass(getattr(fusedtrain.optim, name), torch.optim.Optimizer) and name not in have}

@@ -578,7 +578,9 @@ struct RegisterRule {
 // beside states(): per state list, quant::kSignedCodes (int8), quant::kUnsignedCodes (uint8), both of the
 // parameter's shape, or quant::kScales (float32, one value per block of the parameter's elements in
 // row-major order: shape [size(0), blocks per row], or [blocks] for 0 or 1 dims, Note [row blocks]); at 4 bits
-// kSignedNibbles (int8) / kUnsignedNibbles (uint8), one-dimensional packed bytes, and kScales4 (one-dimensional).
+// kSignedNibbles (int8) / kUnsignedNibbles (uint8), one-dimensional packed bytes, and kScales4 (one-dimensional);
+// quant::kFloatState, a state the rule keeps float (Note [mixed state lists] in rules_quant.h): the dtype and
+// shape of params[i] (the float32 masters beside master weights), as the float rule keeps it.
 // Such a rule brings its own backend function (the generic run_rule knows element-wise states only), and its
 // lists bypass the dtype and shape rules of checked(); they are checked here instead, before anything is
 // written. The work list carries them after (params, grads) in the rule's order, like any state list, so the
@@ -595,7 +597,11 @@ inline void check_quantized(const char* op, const rules::Names& names, const std
       const at::Tensor& p = params[i];
       TORCH_CHECK(t.defined() && t.layout() == at::kStrided && t.device() == p.device(), "fusedtrain.", op, ": ",
                   names[k], "[", i, "] must be a dense tensor on ", p.device());
-      if (kinds[k] == quant::kScales) {
+      if (kinds[k] == quant::kFloatState) {
+        TORCH_CHECK(t.scalar_type() == p.scalar_type() && t.sizes() == p.sizes(), "fusedtrain.", op, ": ", names[k],
+                    "[", i, "] (", t.scalar_type(), " ", t.sizes(), ") must be a float state of the dtype and shape of "
+                    "params[", i, "] (", p.scalar_type(), " ", p.sizes(), ")");
+      } else if (kinds[k] == quant::kScales) {
         // Note [row blocks]: [rows, blocks per row] for >= 2 dims, [blocks] for 0 or 1
         std::vector<int64_t> want{quant::num_blocks(row_length(p))};
         if (p.dim() >= 2) want.insert(want.begin(), p.size(0));

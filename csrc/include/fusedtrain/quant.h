@@ -60,13 +60,16 @@ FT_HD int64_t tensor_blocks(int64_t numel, int64_t row) { return row > 0 ? numel
 // checks the lists by it).
 // The 4-bit lists (Note [4-bit optimizer states] in quant4.h): packed codes (int8 bytes for the signed map,
 // uint8 for the unsigned one) and one scale per block of quant4.h's kBlock4 elements.
+// kFloatState: a state a quantized rule keeps float (Note [mixed state lists] in rules_quant.h), of the
+// parameter's dtype and shape (float32 masters' dtype beside master weights).
 enum Kind : int {
   kSignedCodes = 1,
   kUnsignedCodes = 2,
   kScales = 3,
   kSignedNibbles = 4,
   kUnsignedNibbles = 5,
-  kScales4 = 6
+  kScales4 = 6,
+  kFloatState = 7
 };
 
 // Note [block passes that read or reduce]:

@@ -49,7 +49,7 @@ struct Packed4 {
   // state, copy).
   template <class L, typename Op, bool kVector>
   static inline __attribute__((always_inline)) void body(void* const* ptr, int64_t b, int64_t e0, int64_t n,
-                                                         const Op& op_in, uint32_t key, const Signs& sgn) {
+                                                         const Op& op_in, uint32_t key, const Forms& fm) {
     using T = at::opmath_type<typename L::P>;
     constexpr int S = Op::depth - 2;
     static_assert(StoreMask<Op>::value == ~0u && BlockSums<Op>::value == 0,
@@ -69,7 +69,7 @@ struct Packed4 {
       for (int64_t i = 2 * nb; i < n8; ++i) code[i] = 0;  // a tail's lanes past n (decoded, never used)
       // Note [4-bit block loops]: the 16-entry table as two vectors of 8, looked up by a two-register shuffle
       // (AVX2: two vpermps and a blend, no gather); the same values as table[code]
-      const float* table = sgn[s] ? kMaps4.signed_value : kMaps4.unsigned_value;
+      const float* table = fm.is_signed(s) ? kMaps4.signed_value : kMaps4.unsigned_value;
       F8 lo, hi;
       __builtin_memcpy(&lo, table, sizeof(F8));
       __builtin_memcpy(&hi, table + 8, sizeof(F8));
@@ -78,17 +78,17 @@ struct Packed4 {
         I8 k;
         __builtin_memcpy(&k, code + i, sizeof(I8));
         F8 v = __builtin_shuffle(lo, hi, k) * absmax;
-        if (!sgn[s]) v = v * v;  // Note [square-root states] (rules_quant.h): the codes hold sqrt(state)
+        if (!fm.is_signed(s)) v = v * v;  // Note [square-root states] (rules_quant.h): the codes hold sqrt(state)
         for (int j = 0; j < 8; ++j) x[i + j] = static_cast<T>(v[j]);
       }
     }
-    cpu_impl::update_block<L>(ptr, e0, n, op, key, st);
+    cpu_impl::update_block<L>(ptr, e0, n, op, key, st, 2 + 2 * S);
     for (int s = 0; s < S; ++s) {
       T* __restrict__ x = st[s];
-      const float absmax = cpu_impl::state_absmax(x, n, sgn[s]);
+      const float absmax = cpu_impl::state_absmax(x, n, fm.is_signed(s));
       static_cast<float*>(ptr[3 + 2 * s])[b] = absmax;
       const T inv = absmax > 0.0f ? T(1) / static_cast<T>(absmax) : T(0);
-      const float* mid = sgn[s] ? kMaps4.signed_mid : kMaps4.unsigned_mid;
+      const float* mid = fm.is_signed(s) ? kMaps4.signed_mid : kMaps4.unsigned_mid;
       T m[15];
       for (int k = 0; k < 15; ++k) m[k] = static_cast<T>(mid[k]);
       for (int64_t i = 0; i < n; ++i) {
@@ -110,8 +110,11 @@ struct Packed4 {
 template <>
 struct Driver4<cpu::Backend> {
   template <class L, typename Op>
-  static void apply(const Work& work, const Op& op, const Signs& sgn) {
-    cpu_impl::run_blocks<cpu4_impl::Packed4, L>(work, op, sgn);
+  static void apply(const Work& work, const Op& op, const Forms& fm) {
+    for (int s = 0; s < Op::depth - 2; ++s) {
+      TORCH_CHECK(!fm.is_float(s), "fusedtrain: 4-bit states keep no float state (Note [mixed state lists])");
+    }
+    cpu_impl::run_blocks<cpu4_impl::Packed4, L>(work, op, fm);
   }
 };
 

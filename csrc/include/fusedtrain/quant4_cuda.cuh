@@ -104,14 +104,17 @@ template <>
 struct Driver4<cuda::Backend> {
   // Note [CUDA block launch] (quant_cuda.cuh), with flat blocks of kBlock4 elements.
   template <class L, typename Op>
-  static void apply(const Work& work, const Op& op, const Signs& sgn) {
+  static void apply(const Work& work, const Op& op, const Forms& fm) {
     constexpr int S = Op::depth - 2;
     constexpr int N = 2 + 2 * S + (L::kCopy ? 1 : 0);
     if constexpr (N > kMaxDepth || S > kMaxStates) {
       TORCH_CHECK(false, "fusedtrain: too many quantized state lists for one tuple");
     } else {
       unsigned signs = 0;
-      for (int s = 0; s < S; ++s) signs |= sgn[s] ? (1u << s) : 0u;
+      for (int s = 0; s < S; ++s) {
+        TORCH_CHECK(!fm.is_float(s), "fusedtrain: 4-bit states keep no float state (Note [mixed state lists])");
+        signs |= fm.is_signed(s) ? (1u << s) : 0u;
+      }
       cuda_impl::launch_blocks<cuda4_impl::quant4_kernel<L, Op, N>, kBlock4, N>(
           work, op, signs, "4-bit", [&](size_t i) {
             return std::pair<int64_t, int64_t>(num_blocks4(work.numel[i]), work.numel[i]);

@@ -243,21 +243,21 @@ using BitsOf = std::conditional_t<sizeof(T) == 8, int64_t, int32_t>;
 //   static int64_t blocks(int64_t numel, int64_t row);             blocks of a tensor
 //   static void locate(int64_t b, int64_t numel, int64_t row, int64_t* e0, int64_t* n);   block b's elements
 //   template <class L, typename Op, bool kVector> static void body(void* const* ptr, int64_t b, int64_t e0,
-//       int64_t n, const Op& op, uint32_t key, const Signs& sgn);  one block (kVector: AVX2 or above)
+//       int64_t n, const Op& op, uint32_t key, const Forms& fm);  one block (kVector: AVX2 or above)
 // and, for the passes that reduce (Note [block passes that read or reduce] in quant.h; RowBlocks only),
 //   template <class L, typename Op, bool kVector> static void terms(void* const* ptr, int64_t b, int64_t e0,
-//       int64_t n, const Op& op, const Signs& sgn, double* sums);   the block's two sums of op.terms
+//       int64_t n, const Op& op, const Forms& fm, double* sums);   the block's two sums of op.terms
 
 // The rule's functor over the n dequantized elements of one block (st: per state, in place), storing the
-// parameter (and its copy) at elements e0.. of the tuple's lists (Note [block passes that read or reduce]:
-// unless the op stores no parameter, quant.h).
+// parameter (and its copy, list copy_list: Note [mixed state lists] in rules_quant.h) at elements e0.. of the
+// tuple's lists (Note [block passes that read or reduce]: unless the op stores no parameter, quant.h).
 template <class L, typename Op, typename T, size_t R, size_t N>
 inline __attribute__((always_inline)) void update_block(void* const* ptr, int64_t e0, int64_t n, const Op& op,
-                                                        uint32_t key, T (&st)[R][N]) {
+                                                        uint32_t key, T (&st)[R][N], int copy_list) {
   constexpr int D = Op::depth, S = D - 2;
   typename L::P* __restrict__ p = static_cast<typename L::P*>(ptr[0]) + e0;
   const typename L::G* __restrict__ g = static_cast<const typename L::G*>(ptr[1]) + e0;
-  typename L::O* __restrict__ out = L::kCopy ? static_cast<typename L::O*>(ptr[2 + 2 * S]) + e0 : nullptr;
+  typename L::O* __restrict__ out = L::kCopy ? static_cast<typename L::O*>(ptr[copy_list]) + e0 : nullptr;
 #pragma GCC ivdep
   for (int64_t i = 0; i < n; ++i) {
     T r[D];
@@ -291,7 +291,8 @@ inline __attribute__((always_inline)) float state_absmax(T* __restrict__ x, int6
 }
 
 // 8-bit codes in row blocks (Note [row blocks] in quant.h): block b (its absmax index) of its tensor is the n
-// (<= kBlock) elements from e0. ptr: the tuple's lists (param, grad, (codes, absmax) per state, copy).
+// (<= kBlock) elements from e0. ptr: the tuple's lists (param, grad, per state (codes, absmax) or a float
+// state's values, copy: Note [mixed state lists] in rules_quant.h).
 struct RowBlocks {
   static constexpr int kBlock = quant::kBlock;
   static int64_t blocks(int64_t numel, int64_t row) { return tensor_blocks(numel, row); }
@@ -301,15 +302,21 @@ struct RowBlocks {
     *n = std::min<int64_t>(kBlock, row - k * kBlock);
   }
 
-  // Block b's states, dequantized into st (opmath type).
-  template <int S, typename T>
+  // Block b's states, dequantized (a float state: copied) into st (opmath type).
+  template <class L, int S, typename T>
   static inline __attribute__((always_inline)) void decode(void* const* ptr, int64_t b, int64_t e0, int64_t n,
-                                                           const Signs& sgn, T (&st)[S > 0 ? S : 1][kBlock]) {
+                                                           const Forms& fm, T (&st)[S > 0 ? S : 1][kBlock]) {
     for (int s = 0; s < S; ++s) {
-      const float absmax = static_cast<const float*>(ptr[3 + 2 * s])[b];
-      const uint8_t* __restrict__ c = static_cast<const uint8_t*>(ptr[2 + 2 * s]) + e0;
+      const int l = fm.list(s);
       T* __restrict__ x = st[s];
-      if (sgn[s]) {
+      if (fm.is_float(s)) {  // Note [mixed state lists] (rules_quant.h)
+        const typename L::St* __restrict__ v = static_cast<const typename L::St*>(ptr[l]) + e0;
+        for (int64_t i = 0; i < n; ++i) x[i] = static_cast<T>(v[i]);
+        continue;
+      }
+      const float absmax = static_cast<const float*>(ptr[l + 1])[b];
+      const uint8_t* __restrict__ c = static_cast<const uint8_t*>(ptr[l]) + e0;
+      if (fm.is_signed(s)) {
         const float* __restrict__ table = kSignedByByte.data();
         for (int64_t i = 0; i < n; ++i) x[i] = static_cast<T>(table[c[i]] * absmax);
       } else {  // Note [square-root states] (rules_quant.h): the codes hold sqrt(state)
@@ -324,24 +331,30 @@ struct RowBlocks {
 
   template <class L, typename Op, bool kVector>
   static inline __attribute__((always_inline)) void body(void* const* ptr, int64_t b, int64_t e0, int64_t n,
-                                                         const Op& op_in, uint32_t key, const Signs& sgn) {
+                                                         const Op& op_in, uint32_t key, const Forms& fm) {
     using T = at::opmath_type<typename L::P>;
     constexpr int S = Op::depth - 2;
     const Op op = op_in;
     T st[S > 0 ? S : 1][kBlock];
-    decode<S>(ptr, b, e0, n, sgn, st);
-    update_block<L>(ptr, e0, n, op, key, st);
+    decode<L, S>(ptr, b, e0, n, fm, st);
+    update_block<L>(ptr, e0, n, op, key, st, fm.list(S));
     for (int s = 0; s < S; ++s) {
       // Note [block passes that read or reduce] (quant.h): a state the op only reads keeps its codes
       if (((StoreMask<Op>::value >> (2 + s)) & 1u) == 0) continue;
+      const int l = fm.list(s);
       T* __restrict__ x = st[s];
-      const float absmax = state_absmax(x, n, sgn[s]);
-      static_cast<float*>(ptr[3 + 2 * s])[b] = absmax;
+      if (fm.is_float(s)) {  // Note [mixed state lists] (rules_quant.h): stored as the float drivers store it
+        typename L::St* __restrict__ v = static_cast<typename L::St*>(ptr[l]) + e0;
+        for (int64_t i = 0; i < n; ++i) v[i] = static_cast<typename L::St>(x[i]);
+        continue;
+      }
+      const float absmax = state_absmax(x, n, fm.is_signed(s));
+      static_cast<float*>(ptr[l + 1])[b] = absmax;
       const T inv = absmax > 0.0f ? T(1) / static_cast<T>(absmax) : T(0);
-      if (sgn[s]) {
-        encode_block<T, true, kVector>(x, inv, n, static_cast<int8_t*>(ptr[2 + 2 * s]) + e0);
+      if (fm.is_signed(s)) {
+        encode_block<T, true, kVector>(x, inv, n, static_cast<int8_t*>(ptr[l]) + e0);
       } else {
-        encode_block<T, false, kVector>(x, inv, n, static_cast<uint8_t*>(ptr[2 + 2 * s]) + e0);
+        encode_block<T, false, kVector>(x, inv, n, static_cast<uint8_t*>(ptr[l]) + e0);
       }
     }
   }
@@ -349,12 +362,12 @@ struct RowBlocks {
   // Note [block passes that read or reduce] (quant.h): the op's terms over block b as stored, in a fixed order.
   template <class L, typename Op, bool kVector>
   static inline __attribute__((always_inline)) void terms(void* const* ptr, int64_t b, int64_t e0, int64_t n,
-                                                          const Op& op_in, const Signs& sgn, double* sums) {
+                                                          const Op& op_in, const Forms& fm, double* sums) {
     using T = at::opmath_type<typename L::P>;
     constexpr int D = Op::depth, S = D - 2;
     const Op op = op_in;
     T st[S > 0 ? S : 1][kBlock];
-    decode<S>(ptr, b, e0, n, sgn, st);
+    decode<L, S>(ptr, b, e0, n, fm, st);
     const typename L::P* __restrict__ p = static_cast<const typename L::P*>(ptr[0]) + e0;
     const typename L::G* __restrict__ g = static_cast<const typename L::G*>(ptr[1]) + e0;
     double t0[kBlock], t1[kBlock];
@@ -381,33 +394,33 @@ struct RowBlocks {
 };
 
 template <class L, typename Op>
-using BlockFn = void (*)(void* const*, int64_t, int64_t, int64_t, const Op&, uint32_t, const Signs&, double*);
+using BlockFn = void (*)(void* const*, int64_t, int64_t, int64_t, const Op&, uint32_t, const Forms&, double*);
 
 // One block of format F: its update, then (Note [block passes that read or reduce] in quant.h) its terms.
 template <class F, class L, typename Op, bool kVector>
 inline __attribute__((always_inline)) void block(void* const* ptr, int64_t b, int64_t e0, int64_t n, const Op& op,
-                                                 uint32_t key, const Signs& sgn, double* sums) {
-  F::template body<L, Op, kVector>(ptr, b, e0, n, op, key, sgn);
-  if constexpr (BlockSums<Op>::value > 0) F::template terms<L, Op, kVector>(ptr, b, e0, n, op, sgn, sums);
+                                                 uint32_t key, const Forms& fm, double* sums) {
+  F::template body<L, Op, kVector>(ptr, b, e0, n, op, key, fm);
+  if constexpr (BlockSums<Op>::value > 0) F::template terms<L, Op, kVector>(ptr, b, e0, n, op, fm, sums);
 }
 
 #ifdef FT_HAVE_X86_DISPATCH
 template <class F, class L, typename Op>
 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c"))) void block_avx512(
-    void* const* ptr, int64_t b, int64_t e0, int64_t n, const Op& op, uint32_t key, const Signs& sgn, double* sums) {
-  block<F, L, Op, true>(ptr, b, e0, n, op, key, sgn, sums);
+    void* const* ptr, int64_t b, int64_t e0, int64_t n, const Op& op, uint32_t key, const Forms& fm, double* sums) {
+  block<F, L, Op, true>(ptr, b, e0, n, op, key, fm, sums);
 }
 template <class F, class L, typename Op>
 __attribute__((target("avx2,fma,f16c"))) void block_avx2(void* const* ptr, int64_t b, int64_t e0, int64_t n,
-                                                          const Op& op, uint32_t key, const Signs& sgn,
+                                                          const Op& op, uint32_t key, const Forms& fm,
                                                           double* sums) {
-  block<F, L, Op, true>(ptr, b, e0, n, op, key, sgn, sums);
+  block<F, L, Op, true>(ptr, b, e0, n, op, key, fm, sums);
 }
 #endif
 template <class F, class L, typename Op>
 void block_baseline(void* const* ptr, int64_t b, int64_t e0, int64_t n, const Op& op, uint32_t key,
-                    const Signs& sgn, double* sums) {
-  block<F, L, Op, false>(ptr, b, e0, n, op, key, sgn, sums);
+                    const Forms& fm, double* sums) {
+  block<F, L, Op, false>(ptr, b, e0, n, op, key, fm, sums);
 }
 
 template <class F, class L, typename Op>
@@ -429,7 +442,7 @@ BlockFn<L, Op> select_block() {
 // multi_tensor_apply binds (Note [per-tensor binding]). Returns each tensor's two sums of the op's terms
 // (Note [block passes that read or reduce] in quant.h: the blocks' sums in block order; zeros without terms).
 template <class F, class L, typename Op>
-std::vector<double> run_blocks(const Work& work, const Op& op, const Signs& sgn) {
+std::vector<double> run_blocks(const Work& work, const Op& op, const Forms& fm) {
   constexpr int S = Op::depth - 2;
   constexpr bool kReduces = BlockSums<Op>::value > 0;
   std::vector<double> sums(2 * work.size(), 0.0);
@@ -452,7 +465,7 @@ std::vector<double> run_blocks(const Work& work, const Op& op, const Signs& sgn)
         for (int64_t b = lo; b < hi; ++b) {
           int64_t e0 = 0, n = 0;
           F::locate(b, work.numel[i], work.row[i], &e0, &n);
-          fn(ptr, b, e0, n, bound, key, sgn, kReduces ? &partial[2 * (offset[i] + b)] : nullptr);
+          fn(ptr, b, e0, n, bound, key, fm, kReduces ? &partial[2 * (offset[i] + b)] : nullptr);
         }
       });
     });
@@ -473,8 +486,8 @@ std::vector<double> run_blocks(const Work& work, const Op& op, const Signs& sgn)
 template <>
 struct Driver<cpu::Backend> {
   template <class L, typename Op>
-  static void apply(const Work& work, const Op& op, const Signs& sgn) {
-    cpu_impl::run_blocks<cpu_impl::RowBlocks, L>(work, op, sgn);
+  static void apply(const Work& work, const Op& op, const Forms& fm) {
+    cpu_impl::run_blocks<cpu_impl::RowBlocks, L>(work, op, fm);
   }
 };
 

@@ -41,7 +41,9 @@ __device__ __forceinline__ T decode_state(bool is_signed, uint8_t byte, float ab
   return static_cast<T>(root * root);
 }
 
-// signs: bit s set = state s holds int8 codes on the signed map (else uint8 on the unsigned map).
+// signs (Forms::bits): bit s set = state s holds int8 codes on the signed map (else uint8 on the unsigned map);
+// bit 8 + s set = state s is a float state of type L::St (Note [mixed state lists] in rules_quant.h): loaded and
+// stored as is, its lists start at list[s] (the copy at list[S]); the table may have unused trailing columns.
 // Note [block passes that read or reduce] (quant.h): the parameter and the states the op stores (StoreMask)
 // are written; an op with terms (BlockSums) has each quantization block c of the table write its two sums,
 // a fixed tree over the block's threads of the terms of its elements as stored, to partials[2 * (base + c)].
@@ -53,6 +55,7 @@ __global__ void __launch_bounds__(kBlock) quant_kernel(const __grid_constant__ c
   using P = typename L::P;
   using G = typename L::G;
   using O = typename L::O;
+  using St = typename L::St;
   constexpr int D = Op::depth, S = D - 2, W = kBlock / 32;
   constexpr unsigned kMask = StoreMask<Op>::value;
   constexpr bool kReduces = BlockSums<Op>::value > 0;
@@ -69,6 +72,10 @@ __global__ void __launch_bounds__(kBlock) quant_kernel(const __grid_constant__ c
   math::Bound bound{-1.0, 0.0, 0.0, 0.0, 0.0};
   const uint64_t sr_seed = L::kStochastic ? read_seed(table.scalars) : 0;
   const int i = threadIdx.x, lane = i & 31, warp = i >> 5;
+  int list[S + 1];  // Note [mixed state lists]: each state's first list, then the copy's
+  list[0] = 2;
+#pragma unroll
+  for (int s = 0; s < S; ++s) list[s + 1] = list[s] + (((signs >> (8 + s)) & 1u) ? 1 : 2);
   for (int32_t c = blockIdx.x; c < total; c += gridDim.x) {
     int64_t b;
     const int t = cuda::find_unit(table, c, &b);
@@ -91,28 +98,41 @@ __global__ void __launch_bounds__(kBlock) quant_kernel(const __grid_constant__ c
 #pragma unroll
     for (int s = 0; s < S; ++s) {
       byte[s] = 0;
-      scale[s] = static_cast<const float*>(table.ptr[3 + 2 * s][t])[b];
+      scale[s] = ((signs >> (8 + s)) & 1u) ? 0.0f : static_cast<const float*>(table.ptr[list[s] + 1][t])[b];
     }
     if (active) {
       r[0] = static_cast<T>(static_cast<const P*>(table.ptr[0][t])[e]);
       r[1] = static_cast<T>(static_cast<const G*>(table.ptr[1][t])[e]);
 #pragma unroll
       for (int s = 0; s < S; ++s) {
-        byte[s] = static_cast<const uint8_t*>(table.ptr[2 + 2 * s][t])[e];
+        if ((signs >> (8 + s)) & 1u) {  // a float state (Note [mixed state lists])
+          r[2 + s] = static_cast<T>(static_cast<const St*>(table.ptr[list[s]][t])[e]);
+          continue;
+        }
+        byte[s] = static_cast<const uint8_t*>(table.ptr[list[s]][t])[e];
         r[2 + s] = decode_state<T>((signs >> s) & 1u, byte[s], scale[s], maps);
       }
       op(r);
       if constexpr ((kMask & 1u) != 0) {
         static_cast<P*>(table.ptr[0][t])[e] = rounding::store_param<L>(r[0], key, e);
-        if constexpr (L::kCopy) static_cast<O*>(table.ptr[2 + 2 * S][t])[e] = static_cast<O>(r[0]);
+        if constexpr (L::kCopy) static_cast<O*>(table.ptr[list[S]][t])[e] = static_cast<O>(r[0]);
+      }
+#pragma unroll
+      for (int s = 0; s < S; ++s) {  // float states: stored as the float drivers store them
+        if (((signs >> (8 + s)) & 1u) && ((kMask >> (2 + s)) & 1u)) {
+          static_cast<St*>(table.ptr[list[s]][t])[e] = static_cast<St>(r[2 + s]);
+        }
       }
     }
     // what the codes hold: the state, or its square root (Note [square-root states])
 #pragma unroll
-    for (int s = 0; s < S; ++s) r[2 + s] = ((signs >> s) & 1u) ? r[2 + s] : ::sqrt(r[2 + s]);
+    for (int s = 0; s < S; ++s) {
+      r[2 + s] = ((signs >> s) & 1u) || ((signs >> (8 + s)) & 1u) ? r[2 + s] : ::sqrt(r[2 + s]);
+    }
 #pragma unroll
     for (int s = 0; s < S; ++s) {
       if (((kMask >> (2 + s)) & 1u) == 0) continue;  // read only: the codes stay (uniform over the block)
+      if ((signs >> (8 + s)) & 1u) continue;         // a float state: no block scale (uniform over the block)
       T m = active ? (r[2 + s] < T(0) ? -r[2 + s] : r[2 + s]) : T(0);
 #pragma unroll
       for (int off = 16; off >= 1; off >>= 1) m = nan_max(m, __shfl_xor_sync(0xffffffffu, m, off));
@@ -121,22 +141,22 @@ __global__ void __launch_bounds__(kBlock) quant_kernel(const __grid_constant__ c
     __syncthreads();
 #pragma unroll
     for (int s = 0; s < S; ++s) {
-      if (((kMask >> (2 + s)) & 1u) == 0) continue;
+      if (((kMask >> (2 + s)) & 1u) == 0 || ((signs >> (8 + s)) & 1u)) continue;
       T m = partial[s][0];
 #pragma unroll
       for (int w = 1; w < W; ++w) m = nan_max(m, partial[s][w]);
       const float absmax = static_cast<float>(m);
-      if (i == 0) static_cast<float*>(table.ptr[3 + 2 * s][t])[b] = absmax;
+      if (i == 0) static_cast<float*>(table.ptr[list[s] + 1][t])[b] = absmax;
       scale[s] = absmax;
       const T inv = absmax > 0.0f ? T(1) / static_cast<T>(absmax) : T(0);
       if (active) {
         if ((signs >> s) & 1u) {
           const int8_t code = encode_signed(r[2 + s] * inv, maps.signed_mid);
-          static_cast<int8_t*>(table.ptr[2 + 2 * s][t])[e] = code;
+          static_cast<int8_t*>(table.ptr[list[s]][t])[e] = code;
           byte[s] = static_cast<uint8_t>(code);
         } else {
           const uint8_t code = encode_unsigned(r[2 + s] * inv, maps.unsigned_mid);
-          static_cast<uint8_t*>(table.ptr[2 + 2 * s][t])[e] = code;
+          static_cast<uint8_t*>(table.ptr[list[s]][t])[e] = code;
           byte[s] = code;
         }
       }
@@ -148,7 +168,10 @@ __global__ void __launch_bounds__(kBlock) quant_kernel(const __grid_constant__ c
         q[0] = static_cast<T>(static_cast<const P*>(table.ptr[0][t])[e]);
         q[1] = static_cast<T>(static_cast<const G*>(table.ptr[1][t])[e]);
 #pragma unroll
-        for (int s = 0; s < S; ++s) q[2 + s] = decode_state<T>((signs >> s) & 1u, byte[s], scale[s], maps);
+        for (int s = 0; s < S; ++s) {
+          q[2 + s] = ((signs >> (8 + s)) & 1u) ? static_cast<T>(static_cast<const St*>(table.ptr[list[s]][t])[e])
+                                                : decode_state<T>((signs >> s) & 1u, byte[s], scale[s], maps);
+        }
         op.terms(q, terms);
       }
       tree[0][i] = terms[0];
@@ -258,12 +281,8 @@ void launch8(const Work& work, const cuda::TensorTable<N>& table, int64_t blocks
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// The tables' signs argument (bit s: state s is signed).
-inline unsigned sign_bits(const Signs& sgn, int states) {
-  unsigned signs = 0;
-  for (int s = 0; s < states; ++s) signs |= sgn[s] ? (1u << s) : 0u;
-  return signs;
-}
+// The kernel's signs argument (Forms::bits: bit s signed, bit 8 + s float; Note [mixed state lists]).
+inline unsigned sign_bits(const Forms& fm, int states) { return fm.bits(states); }
 
 }  // namespace cuda_impl
 
@@ -271,15 +290,15 @@ template <>
 struct Driver<cuda::Backend> {
   // Note [CUDA block launch]
   template <class L, typename Op>
-  static void apply(const Work& work, const Op& op, const Signs& sgn) {
+  static void apply(const Work& work, const Op& op, const Forms& fm) {
     constexpr int S = Op::depth - 2;
-    constexpr int N = 2 + 2 * S + (L::kCopy ? 1 : 0);
+    constexpr int N = 2 + 2 * S + (L::kCopy ? 1 : 0);  // at most (a float state has one list: unused columns)
     if constexpr (N > kMaxDepth || S > kMaxStates) {
       TORCH_CHECK(false, "fusedtrain: too many quantized state lists for one tuple");
     } else {
       static_assert(BlockSums<Op>::value == 0, "a reducing block pass has its sums to finish (trust_quant_cuda.cuh)");
       const c10::cuda::CUDAGuard guard(work.device);
-      const unsigned signs = cuda_impl::sign_bits(sgn, S);
+      const unsigned signs = cuda_impl::sign_bits(fm, S);
       cuda_impl::for_each_table8<N>(work, [&](const cuda::TensorTable<N>& table, int64_t blocks) {
         cuda_impl::launch8<L>(work, table, blocks, op, signs, nullptr, 0);
       });

@@ -12,8 +12,6 @@
 // arithmetic is the float pass's (MuonMomentumMath::momentum_step), with the buffer dequantized first.
 #pragma once
 
-#include <vector>
-
 #include "fusedtrain/rules_muon.h"
 #include "fusedtrain/rules_quant.h"
 
@@ -32,16 +30,9 @@ struct MuonMomentumOut : MuonMomentum {
   }
 };
 
-struct MuonMomentum8bit : MuonMomentumOut {
-  using Float = MuonMomentumOut;
+struct MuonMomentum8bit : Quantized<MuonMomentum8bit, MuonMomentumOut> {
   static constexpr const char* kName = "muon_momentum8bit";
   static quant::Signs signed_states(const double*) { return {true, false, false}; }
-  static Names states(const double* h) { return quant::quantized_names<MuonMomentumOut>(h); }
-  static std::vector<int> state_kinds(const double* h) { return quant::kinds_of<MuonMomentum8bit>(h); }
-  template <class Backend>
-  static void run(const host::RunArgs& a) {
-    quant::run_quantized<Backend, MuonMomentum8bit>(a);
-  }
 };
 
 }  // namespace rules

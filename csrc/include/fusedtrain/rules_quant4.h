@@ -13,7 +13,7 @@ namespace fusedtrain {
 namespace quant {
 
 // The 4-bit block driver of a backend (specialized in quant4_cpu.h and quant4_cuda.cuh), with Driver's
-// signature: template <class L, typename Op> static void apply(const Work&, const Op&, const Signs&).
+// signature: template <class L, typename Op> static void apply(const Work&, const Op&, const Forms&).
 template <class Backend>
 struct Driver4;
 

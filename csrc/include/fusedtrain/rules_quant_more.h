@@ -15,17 +15,10 @@
 namespace fusedtrain {
 namespace rules {
 
-#define FUSEDTRAIN_QUANTIZED_RULE(Name, FloatRule, name, ...)                                     \
-  struct Name : FloatRule {                                                                      \
-    using Float = FloatRule;                                                                     \
-    static constexpr const char* kName = name;                                                   \
-    static quant::Signs signed_states(const double*) { return {__VA_ARGS__}; }                   \
-    static Names states(const double* h) { return quant::quantized_names<FloatRule>(h); }        \
-    static std::vector<int> state_kinds(const double* h) { return quant::kinds_of<Name>(h); }    \
-    template <class Backend>                                                                     \
-    static void run(const host::RunArgs& a) {                                                    \
-      quant::run_quantized<Backend, Name>(a);                                                    \
-    }                                                                                            \
+#define FUSEDTRAIN_QUANTIZED_RULE(Name, FloatRule, name, ...)                   \
+  struct Name : Quantized<Name, FloatRule> {                                   \
+    static constexpr const char* kName = name;                                 \
+    static quant::Signs signed_states(const double*) { return {__VA_ARGS__}; } \
   };
 
 // exp_avg signed, exp_avg_sq unsigned

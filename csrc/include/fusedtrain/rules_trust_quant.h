@@ -64,12 +64,9 @@ struct BlockPass {
 
 namespace rules {
 
-struct Lars8bit : Lars {
-  using Float = Lars;
+struct Lars8bit : Quantized<Lars8bit, Lars> {
   static constexpr const char* kName = "lars8bit";
   static quant::Signs signed_states(const double*) { return {true, false, false}; }
-  static Names states(const double* h) { return quant::quantized_names<Lars>(h); }
-  static std::vector<int> state_kinds(const double* h) { return quant::kinds_of<Lars8bit>(h); }
 
   template <class Backend>
   static void run(const host::RunArgs& a) {
@@ -100,17 +97,15 @@ struct Lars8bit : Lars {
   }
 };
 
-struct Lamb8bit : Lamb {
-  using Float = Lamb;
+struct Lamb8bit : Quantized<Lamb8bit, Lamb> {
   static constexpr const char* kName = "lamb8bit";
   static quant::Signs signed_states(const double*) { return {true, false, false}; }
   // (checked here: the call's checks ask for the state lists before anything is written, Note [refused calls])
   static Names states(const double* h) {
     TORCH_CHECK(h[kCaution] == 0.0, "fusedtrain: 'lamb8bit' has no caution passes (Note [quantized trust "
                 "passes]); use caution=False, or float states (state_bits=32)");
-    return quant::quantized_names<Lamb>(h);
+    return Quantized::states(h);
   }
-  static std::vector<int> state_kinds(const double* h) { return quant::kinds_of<Lamb8bit>(h); }
 
   template <class Backend>
   static void run(const host::RunArgs& a) {

@@ -407,6 +407,9 @@ class FusedOptimizerMixin(KeepsOptions):
     # The rule's 4-bit variant (None: the optimizer has none; Adam and AdamW have "adam4bit").
     _rule_4bit: str | None = None
     _signed_states: frozenset[str] = frozenset()
+    # States the 8-bit rule keeps float, as the float rule keeps them (Note [mixed state lists] in
+    # csrc/include/fusedtrain/rules_quant.h; Schedule-Free AdamW's z): no codes, no "_absmax".
+    _float_8bit_states: frozenset[str] = frozenset()
     # Why an optimizer without an 8-bit rule has none (the state_bits=8 error says it).
     _no_8bit_reason: str = ""
 
@@ -483,7 +486,8 @@ class FusedOptimizerMixin(KeepsOptions):
     # floats are wanted are dequantized, at load_state_dict and before a parameter's first update.
     # state_bits=4 (Adam and AdamW: _rule_4bit, "adam4bit") works the same way with the 4-bit format: the
     # packed codes under the state's key, "<key>_absmax4" and "<key>_shape4" (optim/_quant.py); states of
-    # the other width are converted through their float values.
+    # the other width are converted through their float values. An 8-bit rule may keep some states float
+    # (_float_8bit_states: Schedule-Free AdamW's z, the iterate itself); those stay as the float rule keeps them.
     def _quantized(self, p: Tensor) -> bool:
         """Whether ``p``'s states are 8-bit or 4-bit (Note [8-bit states in the optimizers])."""
         return quantized_states(p, self.state_bits, self.min_8bit_size)
@@ -497,17 +501,20 @@ class FusedOptimizerMixin(KeepsOptions):
 
     def _rule_state_keys(self, group: dict[str, Any], rule: str) -> list[str]:
         """The state keys of ``rule``'s state lists: ``_state_keys``, each followed by its ``_absmax`` for the
-        8-bit rule (``_absmax4`` for the 4-bit one)."""
+        8-bit rule (``_absmax4`` for the 4-bit one), except the states the 8-bit rule keeps float."""
         keys = self._state_keys(group)
         if rule == self._rule:
             return keys
-        suffix = _quant.ABSMAX4_SUFFIX if rule == self._rule_4bit else _quant.ABSMAX_SUFFIX
-        return [k for key in keys for k in (key, key + suffix)]
+        if rule == self._rule_4bit:
+            return [k for key in keys for k in (key, key + _quant.ABSMAX4_SUFFIX)]
+        return [k for key in keys
+                for k in ((key,) if key in self._float_8bit_states else (key, key + _quant.ABSMAX_SUFFIX))]
 
     def _convert_state(self, group: dict[str, Any], p: Tensor, key: str) -> None:
         """State ``key`` of ``p`` into the form its rule updates: codes and absmax (8-bit), or a float tensor
         of the state dtype (Note [mixed-precision layouts])."""
-        bits = self.state_bits if self._quantized(p) else 32
+        float_kept = self.state_bits == 8 and key in self._float_8bit_states  # (Schedule-Free AdamW's z)
+        bits = self.state_bits if self._quantized(p) and not float_kept else 32
         state = self.state[p]
         if convert_state_bits(self._opt_name, state, key, p, bits, key in self._signed_states):
             return

@@ -66,8 +66,6 @@ class _ScheduleFree(StandaloneFusedOptimizer):
     # GradScaler the scaler therefore unscales the gradients and skips step() on inf/NaN itself, as it does
     # for torch.optim's non-fused optimizers, so a skipped step leaves the schedule alone.
     _step_supports_amp_scaling = False
-    _no_8bit_reason = ("its state z is the optimization iterate itself (the parameter is an interpolation "
-                       "toward it), which 8-bit codes cannot hold to the parameters' precision")
 
     def _momentum(self, group: dict[str, Any]) -> float:
         """beta1 (AdamW) or momentum (SGD): the weight of x in y."""
@@ -75,13 +73,14 @@ class _ScheduleFree(StandaloneFusedOptimizer):
 
     def _finish_init(self, ema: Any, max_grad_norm: float | None, l1: float, master_weights: bool,
                      stochastic_rounding: bool, state_dtype: torch.dtype | None, model: nn.Module | None,
-                     state_bits: int = 32) -> None:
+                     state_bits: int = 32, min_8bit_size: int = 4096) -> None:
         if state_dtype not in (None, torch.float32):
             raise ValueError(
                 f"fusedtrain.optim.{self._opt_name}: state_dtype={state_dtype} is not supported: the state z is the "
                 "optimization iterate itself (the parameter is an interpolation toward it), and rounding it to a "
                 "low precision every step loses the updates; keep state_dtype=None")
-        self._init_extras(ema, max_grad_norm, l1, master_weights, stochastic_rounding, state_dtype, state_bits)
+        self._init_extras(ema, max_grad_norm, l1, master_weights, stochastic_rounding, state_dtype, state_bits,
+                          min_8bit_size)
         if model is not None:
             self.tie_to(model)
 
@@ -203,27 +202,39 @@ class ScheduleFreeAdamW(_ScheduleFree):
             a GradScaler the scaler unscales and skips steps on inf itself (the schedule must not advance on a
             skipped step). Complex parameters are refused (the reference squares complex gradients as
             complex numbers).
+        state_bits: 32 (float states, the default) or 8: ``exp_avg_sq`` of every real parameter of >= 2 dims
+            with at least ``min_8bit_size`` elements (default 4096) as uint8 codes of its square root plus one
+            float32 absmax per block of up to 256 elements of a row (Note [8-bit states in the optimizers] in
+            ``_base.py``), while ``z`` stays float: it is the optimization iterate itself (y interpolates toward
+            it, x averages it), so it keeps the parameters' precision. Smaller parameters keep float states.
+        min_8bit_size: see ``state_bits``.
 
-    State: the reference's keys, ``z`` and ``exp_avg_sq`` per parameter, and per group ``k``, ``lr_max``,
-    ``weight_sum``, ``scheduled_lr``, ``train_mode``; ``state_dict()`` loads into AdamWScheduleFree and back.
+    State: the reference's keys, ``z`` and ``exp_avg_sq`` per parameter (at ``state_bits=8``: codes and
+    ``exp_avg_sq_absmax``; :func:`fusedtrain.optim.to_torch_state_dict` gives float ones), and per group ``k``,
+    ``lr_max``, ``weight_sum``, ``scheduled_lr``, ``train_mode``; ``state_dict()`` loads into AdamWScheduleFree
+    and back.
     Unlike the reference, the step leaves ``p.grad`` as it was (the reference normalizes it in place).
     """
 
     _opt_name = "ScheduleFreeAdamW"
     _rule = "sf_adamw"
+    # Note [8-bit states in the optimizers] (_base.py): exp_avg_sq in 8 bits, z float (Note [mixed state lists]
+    # in csrc/include/fusedtrain/rules_quant.h; rules_sf_quant.h says why)
+    _rule_8bit = "sf_adamw8bit"
+    _float_8bit_states = frozenset({"z"})
 
     def __init__(self, params: Any, lr: float | Tensor = 0.0025, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0, warmup_steps: int = 0, r: float = 0.0,
                  weight_lr_power: float = 2.0, foreach: bool | None = True, *, model: nn.Module | None = None,
                  ema: Any = None, max_grad_norm: float | None = None, l1: float = 0.0, master_weights: bool = False,
                  stochastic_rounding: bool = False, state_dtype: torch.dtype | None = None,
-                 state_bits: int = 32) -> None:
+                 state_bits: int = 32, min_8bit_size: int = 4096) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, r=r, k=0, warmup_steps=warmup_steps, train_mode=False,
                         weight_sum=0.0, lr_max=-1.0, scheduled_lr=0.0, weight_lr_power=weight_lr_power,
                         weight_decay=weight_decay, foreach=foreach)
         super().__init__(params, defaults)
         self._finish_init(ema, max_grad_norm, l1, master_weights, stochastic_rounding, state_dtype, model,
-                          state_bits)
+                          state_bits, min_8bit_size)
 
     def _check_group(self, gi: int, group: dict[str, Any]) -> None:
         if any(p.is_complex() for p in group["params"]):
@@ -278,6 +289,8 @@ class ScheduleFreeSGD(_ScheduleFree):
 
     _opt_name = "ScheduleFreeSGD"
     _rule = "sf_sgd"
+    _no_8bit_reason = ("its only state z is the optimization iterate itself (the parameter is an interpolation "
+                       "toward it), which 8-bit codes cannot hold to the parameters' precision")
 
     def __init__(self, params: Any, lr: float | Tensor = 1.0, momentum: float = 0.9, weight_decay: float = 0,
                  warmup_steps: int = 0, r: float = 0.0, weight_lr_power: float = 2, foreach: bool | None = True, *,
