@@ -199,6 +199,23 @@ def run_grads(opt: torch.optim.Optimizer, params: list[torch.Tensor], grads: lis
         opt.step()
 
 
+def assert_cuda_matches_cpu_8bit(cpu: list[torch.Tensor], gpu: list[torch.Tensor], opts: list[Any],
+                                 state_atol: float = 0.0) -> None:
+    """float64 parameters and their states after the same steps on the CPU (``opts[0]``) and CUDA (``opts[1]``):
+    parameters and float states to 1e-12; 8-bit codes equal but for rare neighbours (a bias correction's pow may
+    differ by an ulp between the devices: a value on a midpoint flips), at most 1 % of them one code apart."""
+    from fusedtrain.optim import _quant
+    for p, q in zip(cpu, gpu):
+        torch.testing.assert_close(q.detach().cpu(), p.detach(), rtol=1e-12, atol=1e-14)
+        for key, value in opts[0].state[p].items():
+            other = opts[1].state[q][key].cpu()
+            if _quant.is_codes(value):
+                diff = (other.long() - value.long()).abs()
+                assert diff.numel() == 0 or (int(diff.max()) <= 1 and float((diff > 0).float().mean()) <= 0.01), key
+            else:
+                torch.testing.assert_close(other, value, rtol=1e-12, atol=state_atol)
+
+
 def step_scaled_and_clipped(a: torch.optim.Optimizer, pa: list[torch.Tensor], b: torch.optim.Optimizer,
                             pb: list[torch.Tensor], max_norm: float, steps: int = 3) -> None:
     """``steps`` steps of ``a`` (made with ``max_grad_norm=max_norm``) on gradients multiplied by a GradScaler

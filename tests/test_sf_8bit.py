@@ -16,7 +16,7 @@ import schedulefree
 import torch
 from fusedtrain.optim import _quant
 
-from _helpers import DIGITS_ORDERS, digits_loss, run_grads
+from _helpers import DIGITS_ORDERS, assert_cuda_matches_cpu_8bit, digits_loss, run_grads
 
 BLOCK = 256
 # rows of 300, 175, 10, 512, 257 elements: tails, one block, several blocks per row
@@ -138,15 +138,7 @@ def test_cuda_equals_cpu(kw: dict[str, Any]) -> None:
             q.grad = p.grad.cuda()
         for opt in opts:
             opt.step()
-    for p, q in zip(cpu, gpu):
-        torch.testing.assert_close(q.detach().cpu(), p.detach(), rtol=1e-12, atol=1e-14)
-        for key, value in opts[0].state[p].items():
-            other = opts[1].state[q][key].cpu()
-            if _quant.is_codes(value):  # (a bias correction's pow may differ by an ulp: a rare midpoint flip)
-                diff = (other.long() - value.long()).abs()
-                assert diff.numel() == 0 or (int(diff.max()) <= 1 and float((diff > 0).float().mean()) <= 0.01), key
-            else:
-                torch.testing.assert_close(other, value, rtol=1e-12, atol=1e-14)
+    assert_cuda_matches_cpu_8bit(cpu, gpu, opts, state_atol=1e-14)
 
 
 @pytest.mark.cuda

@@ -7,7 +7,6 @@ import argparse
 import json
 import os
 import platform
-import sys
 from datetime import datetime, timezone
 from typing import Any
 

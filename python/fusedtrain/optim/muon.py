@@ -35,7 +35,6 @@ from torch import Tensor
 from .. import _ops
 from .._dtensor import is_dtensor
 from ..clip import clip_coefficient, grads_norm
-from . import _quant
 from ._base import (KeepsOptions, check_max_grad_norm, check_own_step_options, check_param, check_state_bits,
                     convert_state_bits, new_step, quantized_states, restore_saved_codes, where)
 
