@@ -14,7 +14,8 @@ import pytest
 import torch
 from fusedtrain.optim import _quant
 
-from _helpers import DIGITS_ORDERS, assert_cuda_matches_cpu_8bit, digits_loss, run_grads, step_cpu_and_cuda
+from _helpers import (DIGITS_ORDERS, assert_cuda_matches_cpu_8bit, assert_same_values, digits_loss, run_grads,
+                      step_cpu_and_cuda)
 
 BLOCK = 256
 
@@ -713,3 +714,41 @@ def test_convergence_8bit_within_2_percent_of_float32() -> None:
         full, low = digits_loss(32, order), digits_loss(8, order)
         assert full < 0.15, (order, full)  # it learned
         assert abs(low - full) <= 0.02 * full + 1e-3, (order, full, low)
+
+
+@pytest.mark.parametrize("name", ["Adagrad", "SGD"])
+def test_sparse_gradients_with_8bit_states_are_refused_or_kept_float(name: str) -> None:
+    """Sparse gradients are updated by torch's implementation, which keeps float states: a parameter whose
+    states would be 8-bit is refused (before anything is written, naming it and the fix); with min_8bit_size
+    above its size, its states stay float and the step is torch's."""
+    torch.manual_seed(0)
+    dense = torch.randn(40, 40, requires_grad=True)
+    emb = torch.randn(50, 16, requires_grad=True)
+    kw = dict(lr=0.1) if name == "Adagrad" else dict(lr=0.1, momentum=0.9)
+    key = "sum" if name == "Adagrad" else "momentum_buffer"
+
+    def grads() -> None:
+        dense.grad = torch.randn(40, 40)
+        idx = torch.tensor([[1, 7, 7, 30]])
+        emb.grad = torch.sparse_coo_tensor(idx, torch.randn(4, 16), (50, 16))
+
+    opt = getattr(fusedtrain.optim, name)([dense, emb], state_bits=8, min_8bit_size=1, **kw)
+    grads()
+    before = copy.deepcopy([dense.detach(), emb.detach(), [dict(opt.state[p]) for p in (dense, emb)]])
+    with pytest.raises(RuntimeError, match=r"param_groups\[0\]\['params'\]\[1\] has a sparse gradient.*"
+                                           r"min_8bit_size > 800"):
+        opt.step()
+    assert_same_values(before, [dense.detach(), emb.detach(), [dict(opt.state[p]) for p in (dense, emb)]],
+                       "after the refused step")  # (torch's Adagrad makes its state at init)
+
+    ours = getattr(fusedtrain.optim, name)([dense, emb], state_bits=8, min_8bit_size=801, **kw)
+    d2, e2 = dense.detach().clone().requires_grad_(), emb.detach().clone().requires_grad_()
+    ref = getattr(torch.optim, name)([d2, e2], **kw)
+    for _ in range(3):
+        grads()
+        d2.grad, e2.grad = dense.grad.clone(), emb.grad.clone()
+        ours.step()
+        ref.step()
+    torch.testing.assert_close(emb, e2, rtol=0, atol=0)  # torch's own step, float states
+    assert ours.state[emb][key].dtype == torch.float32
+    assert ours.state[dense][key].dtype == (torch.uint8 if name == "Adagrad" else torch.int8)

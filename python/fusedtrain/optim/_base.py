@@ -753,7 +753,7 @@ class FusedOptimizerMixin(KeepsOptions):
                 fused.append(pos)
             if external:
                 has_external_options = True
-                self._check_external(gi, group, [group["params"][i] for i in external])
+                self._check_external(gi, group, external)
                 out.external.append((gi, external))
             out.roles.append(roles)
             out.fused.append(fused)
@@ -763,9 +763,11 @@ class FusedOptimizerMixin(KeepsOptions):
                 "update runs torch's implementation); clip them yourself before step() and drop max_grad_norm")
         return out
 
-    def _check_external(self, gi: int, group: dict[str, Any], params: list[Tensor]) -> None:
-        """What torch's implementation, which updates external parameters, cannot do."""
+    def _check_external(self, gi: int, group: dict[str, Any], positions: list[int]) -> None:
+        """What torch's implementation, which updates the external parameters (at ``positions`` of param group
+        ``gi``), cannot do."""
         name = self._opt_name
+        params = [group["params"][i] for i in positions]
         refusal = self._sparse_refusal(group)
         if refusal is not None and any(p.grad is not None and p.grad.is_sparse for p in params):
             raise RuntimeError(refusal)  # torch's own message, raised before anything is written
@@ -773,7 +775,13 @@ class FusedOptimizerMixin(KeepsOptions):
             raise RuntimeError(f"fusedtrain.optim.{name}: l1= is applied by the fused kernels and cannot reach the "
                                f"sparse-gradient / meta parameters of param_groups[{gi}]; put them in a group with "
                                "l1=0")
-        for p in params:
+        for pos, p in zip(positions, params):
+            if p.grad is not None and p.grad.is_sparse and self._quantized(p):
+                raise RuntimeError(
+                    f"fusedtrain.optim.{name}: {where(gi, pos)} has a sparse gradient, which torch's implementation "
+                    f"updates, with float states; this parameter's are {self.state_bits}-bit (state_bits="
+                    f"{self.state_bits}, {p.numel()} >= min_8bit_size elements). Pass min_8bit_size > {p.numel()} "
+                    "(float states for it) or state_bits=32; nothing was updated")
             if self._kind(p) != "plain":
                 raise RuntimeError(f"fusedtrain.optim.{name}: master_weights / stochastic_rounding cannot apply to the "
                                    f"sparse-gradient / meta parameters of param_groups[{gi}] (torch's implementation "
