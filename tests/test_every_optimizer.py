@@ -8,6 +8,7 @@ fails when a new class is in neither this file's registry nor tests/_helpers.py'
 from __future__ import annotations
 
 import copy
+import io
 import re
 import warnings
 from collections.abc import Callable
@@ -342,3 +343,56 @@ def test_meta_parameters_step_like_the_reference_or_are_refused_clearly(name: st
             if isinstance(value, torch.Tensor):
                 mine = a.state[x][key]
                 assert (mine.dtype, mine.shape) == (value.dtype, value.shape), key
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_skipped_step_changes_nothing(name: str) -> None:
+    """A step GradScaler skips (an inf gradient): no parameter, state, group value or EMA average changes, and
+    the next step proceeds (the skipped one is not counted)."""
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.ps = nn.ParameterList(_params(name))
+    params = list(model.parameters())
+    ema = fusedtrain.ensemble.EMA(model, decay=0.9)
+    opt = _make(name, params, ema=ema)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    weights = [torch.randn(p.shape) for p in params]
+    for i in range(5):
+        opt.zero_grad()
+        scaler.scale(sum((p * w).square().sum() for p, w in zip(params, weights))).backward()
+        skip = i in (2, 3)
+        if skip:
+            params[0].grad.view(-1)[0] = float("inf")
+        before = (_snapshot(opt, params), copy.deepcopy(ema.module.state_dict()), ema.num_updates)
+        scaler.step(opt)
+        scaler.update()
+        after = (_snapshot(opt, params), copy.deepcopy(ema.module.state_dict()), ema.num_updates)
+        if skip:
+            assert_same_values(before, after, "skipped step")
+        else:
+            assert not torch.equal(before[0][0], after[0][0]), "a step that was not skipped changed nothing"
+    assert ema.num_updates == 3 and scaler.get_scale() == 2.0**6
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_state_dict_resumes_bit_exactly(name: str) -> None:
+    """state_dict() of a stepped optimizer (through torch.save) loaded into a fresh one on copies of the
+    parameters: the two continue bit for bit, and the fresh one's state_dict is the original's."""
+    params = _params(name)
+    opt = _make(name, [{"params": params[:2]}, {"params": params[2:], "lr": 3e-3}], max_grad_norm=1.0)
+    for i in range(2):
+        _grads(params, i)
+        opt.step()
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    params2 = [nn.Parameter(p.detach().clone()) for p in params]
+    opt2 = _make(name, [{"params": params2[:2]}, {"params": params2[2:], "lr": 3e-3}], max_grad_norm=1.0)
+    opt2.load_state_dict(torch.load(buf, weights_only=True))
+    assert_same_values(opt.state_dict(), opt2.state_dict(), "loaded state_dict")
+    for i in range(2, 5):
+        _grads(params, i)
+        _grads(params2, i)
+        opt.step()
+        opt2.step()
+    assert_same_values(_snapshot(opt, params), _snapshot(opt2, params2), "resumed vs original")
