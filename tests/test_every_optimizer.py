@@ -396,3 +396,32 @@ def test_state_dict_resumes_bit_exactly(name: str) -> None:
         opt.step()
         opt2.step()
     assert_same_values(_snapshot(opt, params), _snapshot(opt2, params2), "resumed vs original")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_add_param_group_mid_training(name: str) -> None:
+    """A group added after two steps (the cached plan must take it): its parameters step as under an optimizer
+    of their own, created then; the first group's continue as if nothing had been added."""
+    params = _params(name)
+    first, second = params[:2], params[2:]
+    alone_first = [nn.Parameter(p.detach().clone()) for p in first]
+    alone_second = [nn.Parameter(p.detach().clone()) for p in second]
+    opt = _make(name, [{"params": first}])
+    ref_first = _make(name, [{"params": alone_first}])
+    for i in range(2):
+        _grads(first, i)
+        _grads(alone_first, i)
+        opt.step()
+        ref_first.step()
+    opt.add_param_group({"params": second})
+    if hasattr(opt, "train"):
+        opt.train()
+    ref_second = _make(name, [{"params": alone_second}])
+    for i in range(2, 5):
+        _grads(params, i)
+        _grads(alone_first + alone_second, i)
+        opt.step()
+        ref_first.step()
+        ref_second.step()
+    assert_same_values([p.detach() for p in params], [p.detach() for p in alone_first + alone_second],
+                       "after add_param_group")
