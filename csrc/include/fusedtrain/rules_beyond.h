@@ -56,15 +56,16 @@ struct LionOp : GradPrescale<T> {
 // kept only where it agrees with the gradient (u*g > 0) and rescaled by 1 / max(mean(mask), 1e-3), the mask's
 // mean over the whole tensor, so the mean must be known before the update: two passes (Note [trust-ratio
 // passes] in rules_trust.h), kLionCount reads (p, g, m) and counts the mask per tensor, LionCautionFin turns
-// the count into the scale (a float pair in Bound::aux0 / aux1 of the next pass: exact for float64 also on
-// CUDA), kLionApply is LionOp's step with
+// the count into the scale (Bound::aux0 of the next pass, a double on both backends), kLionApply is LionOp's
+// step with
 //   u <- u * (mask / scale)   (timm: mask.div_(scale); update.mul_(mask); param.add_(update, alpha=-lr)).
 enum LionMode : int { kLionCount = 0, kLionApply = 1 };
 
 template <typename T>
 struct LionCautionFin {
   FT_HD void operator()(const double* sums, int64_t numel, const Bound&, double* out) const {
-    split_ratio(static_cast<double>(caution_scale<T>(sums[0], numel)), out);
+    out[0] = static_cast<double>(caution_scale<T>(sums[0], numel));
+    out[1] = 0.0;
   }
 };
 
@@ -77,7 +78,7 @@ struct CautiousLionOp : LionOp<T> {
 
   FT_HD void bind(const Bound& b) {
     LionOp<T>::bind(b);
-    scale = static_cast<T>(b.aux0 + b.aux1);
+    scale = static_cast<T>(b.aux0);
   }
 
   FT_HD void operator()(T* r, double* t) const {

@@ -16,9 +16,9 @@
 //   LARS   pass 1 reads p and g and reduces sum(p^2), sum(g^2); pass 2 is the SGD update of the scaled
 //          gradient (g + wd*p) * ratio. Without adaptation: one pass.
 // The per-tensor sums are deterministic on both backends (fixed splits, fixed combination order). The
-// finisher's two outputs reach the next pass as the tensor's Bound::aux0 / aux1 (work.h), which on CUDA
-// are float32 device values: a ratio travels as a float pair (hi, lo = ratio - hi; bind adds them back in
-// double), so float64 updates keep a 48-bit ratio.
+// finisher's two outputs reach the next pass as the tensor's Bound::aux0 / aux1 (work.h), float64 on both
+// backends (on CUDA, device values: Note [wide device scalars] in work.h), so a float64 update gets its ratio
+// and caution scale as the CPU computes them.
 //
 // Backend interface (trust_cpu.h, trust_cuda.cuh):
 //   template <class L, class Op, class Fin> static void reduce(const Work&, const Op&, const Fin&, Work& out)
@@ -38,13 +38,6 @@
 
 namespace fusedtrain {
 namespace math {
-
-// Pass-through hi/lo pair of a double as two float32 values (Note [trust-ratio passes]).
-FT_HD void split_ratio(double x, double* out) {
-  const float hi = static_cast<float>(x);
-  out[0] = static_cast<double>(hi);
-  out[1] = x - static_cast<double>(hi);  // exact in double
-}
 
 // torch.clamp(x, max=1): NaN stays NaN.
 template <typename T>
@@ -127,12 +120,8 @@ struct LambOp {
     const double wd_scale = max_lr != 0.0 ? ::pow(b.lr, 2.0) / max_lr : b.lr;
     decay = static_cast<T>(-wd_scale * wd_d);
     neg_lr = static_cast<T>(-b.lr);
-    if constexpr (CAUTION) {
-      ratio = static_cast<T>(b.aux0);
-      scale = static_cast<T>(b.aux1);
-    } else {
-      ratio = static_cast<T>(b.aux0 + b.aux1);
-    }
+    ratio = static_cast<T>(b.aux0);
+    if constexpr (CAUTION) scale = static_cast<T>(b.aux1);
   }
 
   FT_HD T grad(T g, T p) const {
@@ -195,13 +184,8 @@ struct LambFin {
     if constexpr (MODE == kLambCount) {
       CautionFin<T>{}(sums, numel, b, out);  // the ratio is 1 until the norms pass
     } else {
-      const T r = adapt ? lamb_trust_ratio<T>(sums[0], sums[1], clip) : T(1);
-      if constexpr (CAUTION) {
-        out[0] = static_cast<double>(r);
-        out[1] = b.aux1;  // the caution scale, passed on
-      } else {
-        split_ratio(static_cast<double>(r), out);
-      }
+      out[0] = static_cast<double>(adapt ? lamb_trust_ratio<T>(sums[0], sums[1], clip) : T(1));
+      out[1] = CAUTION ? b.aux1 : 0.0;  // the caution scale, passed on
     }
   }
 };
@@ -228,7 +212,7 @@ struct LarsOp : GradPrescale<T> {
   FT_HD void bind(const Bound& b) {
     this->bind_prescale(b);
     neg_lr = static_cast<T>(-b.lr);
-    ratio = static_cast<T>(b.aux0 + b.aux1);
+    ratio = static_cast<T>(b.aux0);
   }
 
   FT_HD T grad_of(T g, T p) const { return effective_grad(GradPrescale<T>::grad(g), p, T(0), T(0), this->l1); }
@@ -257,9 +241,8 @@ struct LarsFin {
   T coeff, wd, eps;
   bool clip;
   FT_HD void operator()(const double* sums, int64_t, const Bound& b, double* out) const {
-    split_ratio(static_cast<double>(lars_trust_ratio<T>(sums[0], sums[1], coeff, wd, eps, clip,
-                                                        static_cast<T>(b.lr))),
-                out);
+    out[0] = static_cast<double>(lars_trust_ratio<T>(sums[0], sums[1], coeff, wd, eps, clip, static_cast<T>(b.lr)));
+    out[1] = 0.0;
   }
 };
 

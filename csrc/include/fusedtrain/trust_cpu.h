@@ -11,6 +11,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -218,12 +219,15 @@ struct Backend : cpu::Backend {
         numel[i] = static_cast<int64_t>(r[3 * i + 2]);
       }
     }
+    // the values as float64 scalars in memory, as on CUDA (Note [wide device scalars] in work.h)
+    at::Tensor values = at::zeros({static_cast<int64_t>(2 * work.size())}, at::TensorOptions().dtype(at::kDouble));
+    double* v = values.data_ptr<double>();
+    out.keep_alive.push_back(values);
     out.aux.resize(work.size());
     for (size_t i = 0; i < work.size(); ++i) {
       const math::Bound b = bound_for(work.scalars, work.step[i], work.aux.empty() ? nullptr : work.aux[i].data());
-      double v[2] = {0.0, 0.0};
-      fin(&sums[2 * i], numel[i], b, v);
-      out.aux[i] = {Scalar{nullptr, v[0]}, Scalar{nullptr, v[1]}};
+      fin(&sums[2 * i], numel[i], b, v + 2 * i);
+      out.aux[i] = {Scalar::wide(v + 2 * i), Scalar::wide(v + 2 * i + 1)};
     }
   }
 

@@ -5,8 +5,8 @@
 // chunk is reduced by one block (a fixed tree over the threads' double sums) into its own slot of a
 // partials buffer, so nothing is accumulated with atomics. A second kernel, one thread per tensor, adds
 // its chunks' partials in chunk order and runs the rule's finisher (the trust ratio), writing the two
-// float32 values the next pass binds as aux0 / aux1. Deterministic, no host synchronisation, capturable.
-// The final pass is the generic launcher (cuda_launcher.cuh).
+// float64 values the next pass binds as aux0 / aux1 (Note [wide device scalars] in work.h). Deterministic,
+// no host synchronisation, capturable. The final pass is the generic launcher (cuda_launcher.cuh).
 #pragma once
 
 #include <ATen/ops/empty.h>
@@ -91,7 +91,7 @@ enum FinishMode : int { kFinish = 0, kToRows = 1, kFromRows = 2 };
 
 template <int D, typename Fin, int MODE>
 __global__ void finish_kernel(const __grid_constant__ cuda::TensorTable<D> table, const Fin fin, int64_t chunk_base,
-                              const double* partials, double* rows, float* out) {
+                              const double* partials, double* rows, double* out) {
   const int t = blockIdx.x * blockDim.x + threadIdx.x;
   if (t >= table.count) return;
   double sums[2] = {0.0, 0.0};
@@ -115,8 +115,8 @@ __global__ void finish_kernel(const __grid_constant__ cuda::TensorTable<D> table
     const math::Bound b = bound_for(table.scalars, table.step[t], table.has_aux ? table.aux[t] : nullptr);
     double v[2] = {0.0, 0.0};
     fin(sums, numel, b, v);
-    out[2 * t] = static_cast<float>(v[0]);
-    out[2 * t + 1] = static_cast<float>(v[1]);
+    out[2 * t] = v[0];
+    out[2 * t + 1] = v[1];
   }
 }
 
@@ -133,9 +133,9 @@ void reduce_tables(const Work& work, const Fin& fin, int64_t all_units, Work& ou
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const auto options = at::TensorOptions().device(work.device);
   at::Tensor partials = at::empty({std::max<int64_t>(2 * all_units, 1)}, options.dtype(at::kDouble));
-  at::Tensor values = at::empty({static_cast<int64_t>(2 * work.size())}, options.dtype(at::kFloat));
+  at::Tensor values = at::empty({static_cast<int64_t>(2 * work.size())}, options.dtype(at::kDouble));
   double* part = partials.data_ptr<double>();
-  float* vals = values.data_ptr<float>();
+  double* vals = values.data_ptr<double>();
   out.keep_alive.push_back(partials);
   out.keep_alive.push_back(values);
 
@@ -181,7 +181,7 @@ void reduce_tables(const Work& work, const Fin& fin, int64_t all_units, Work& ou
     }
   }
   out.aux.resize(work.size());
-  for (size_t i = 0; i < work.size(); ++i) out.aux[i] = {Scalar{vals + 2 * i, 0.0}, Scalar{vals + 2 * i + 1, 0.0}};
+  for (size_t i = 0; i < work.size(); ++i) out.aux[i] = {Scalar::wide(vals + 2 * i), Scalar::wide(vals + 2 * i + 1)};
 }
 
 struct Backend : cuda::Backend {

@@ -21,9 +21,19 @@ constexpr int kMaxDepth = 9;
 
 // A scalar the kernels read either as a host value or from device memory (capturable mode, a tensor
 // lr, GradScaler's scale on the GPU, a clip coefficient computed on the GPU). `ptr` wins when set.
+//
+// Note [wide device scalars]:
+// Device scalars are float32, except the per-tensor values a reduction pass hands to the next pass (the
+// trust ratios and caution scales of rules_trust.h), which are float64 so that a float64 update gets them
+// exactly as the CPU does. Such a scalar is made by Scalar::wide: its pointer carries the tag bit 0 (a
+// float or double is never at an odd address) and read() loads a double from it. Only read() dereferences
+// `ptr`; the struct keeps its 16 bytes (the CUDA tables hold two per tensor).
 struct Scalar {
   const float* ptr = nullptr;
   double value = 0.0;
+  static Scalar wide(const double* p) {
+    return Scalar{reinterpret_cast<const float*>(reinterpret_cast<uintptr_t>(p) | uintptr_t{1}), 0.0};
+  }
 };
 
 // Per-launch scalars of Note [per-tensor binding] (math.h); the step is per tuple (Work::step).
@@ -39,7 +49,12 @@ struct Scalars {
   uint64_t sr_seed = 0;
 };
 
-FT_HD double read(const Scalar& s) { return s.ptr != nullptr ? static_cast<double>(*s.ptr) : s.value; }
+FT_HD double read(const Scalar& s) {
+  if (s.ptr == nullptr) return s.value;
+  const uintptr_t address = reinterpret_cast<uintptr_t>(s.ptr);
+  if (address & uintptr_t{1}) return *reinterpret_cast<const double*>(address - 1);  // Note [wide device scalars]
+  return static_cast<double>(*s.ptr);
+}
 
 FT_HD uint64_t read_seed(const Scalars& s) {
   return s.sr_seed_ptr != nullptr ? static_cast<uint64_t>(*s.sr_seed_ptr) : s.sr_seed;
