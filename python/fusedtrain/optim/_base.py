@@ -569,6 +569,7 @@ class FusedOptimizerMixin(KeepsOptions):
         if self.master_weights or self.state_dtype is not None or has_codes:
             self._restore_state_dtypes(state_dict)
         if not self._use_torch_step():
+            self._restore_tensor_scalars(state_dict)
             for group in self.param_groups:
                 for p in group["params"]:
                     entry = self.state.get(p)
@@ -578,6 +579,27 @@ class FusedOptimizerMixin(KeepsOptions):
                         for key in self._state_keys(group):  # Note [8-bit states in the optimizers]
                             if key in entry:
                                 self._convert_state(group, p, key)
+
+    def _restore_tensor_scalars(self, state_dict: dict[str, Any]) -> None:
+        """The rule's tensor scalars (NAdam's mu_product, ASGD's eta and mu), which torch makes in float32 (its
+        scalar dtype), are taken again from ``state_dict`` as saved: torch's load_state_dict casts them to a
+        float16 / bfloat16 parameter's dtype, which rounds them (and the kernels read float32 or float64). A
+        low-precision saved value becomes float32, as torch would have made it."""
+        keys = _ops.RULES[self._rule]["aux"]
+        if not keys:
+            return
+        id_map = {pid: p for saved, group in zip(state_dict["param_groups"], self.param_groups)
+                  for pid, p in zip(saved["params"], group["params"])}
+        for pid, entry in state_dict["state"].items():
+            p = id_map.get(pid)
+            mine = self.state.get(p) if p is not None else None
+            if mine is None:
+                continue
+            for key in keys:
+                saved = entry.get(key)
+                if isinstance(saved, Tensor) and saved.is_floating_point():
+                    dtype = saved.dtype if saved.dtype in (torch.float32, torch.float64) else torch.float32
+                    mine[key] = saved.to(device=p.device, dtype=dtype, copy=True)
 
     def _restore_state_dtypes(self, state_dict: dict[str, Any]) -> None:
         """torch's load_state_dict casts every state to its parameter's dtype; master weights, ``state_dtype``
