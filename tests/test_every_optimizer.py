@@ -445,3 +445,40 @@ def test_add_param_group_mid_training(name: str) -> None:
         ref_second.step()
     assert_same_values([p.detach() for p in params], [p.detach() for p in alone_first + alone_second],
                        "after add_param_group")
+
+
+def _through_bytes(state_dict: dict[str, Any]) -> dict[str, Any]:
+    buf = io.BytesIO()
+    torch.save(state_dict, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if REGISTRY[n][1] is not None])
+def test_checkpoints_move_to_the_reference_and_back(name: str) -> None:
+    """A fusedtrain checkpoint loads into the reference implementation (timm, schedulefree, torch), which
+    continues as fusedtrain does; the reference's checkpoint of that run loads back and continues too (e.g.
+    LAMB: fusedtrain's per-parameter step counters and timm's per-group one)."""
+    pa = _params(name)
+    a = _make(name, pa)
+    for i in range(2):
+        _grads(pa, i)
+        a.step()
+    pb = [nn.Parameter(p.detach().clone()) for p in pa]
+    b = _reference(name, pb)
+    b.load_state_dict(_through_bytes(a.state_dict()))
+    for i in range(2, 4):
+        _grads(pa, i)
+        _grads(pb, i)
+        a.step()
+        b.step()
+    torch.testing.assert_close(pb, pa, rtol=1e-5, atol=1e-6)
+    pc = [nn.Parameter(p.detach().clone()) for p in pb]
+    c = _make(name, pc)
+    c.load_state_dict(_through_bytes(b.state_dict()))
+    for i in range(4, 6):
+        _grads(pb, i)
+        _grads(pc, i)
+        b.step()
+        c.step()
+    torch.testing.assert_close(pc, pb, rtol=1e-5, atol=1e-6)

@@ -95,7 +95,9 @@ class Lamb(_TrustMixin, torch.optim.Optimizer):
     State: ``exp_avg``, ``exp_avg_sq`` (timm's keys; at ``state_bits=8`` int8 / uint8 codes plus
     ``exp_avg_absmax`` / ``exp_avg_sq_absmax``) and a per-parameter ``step`` counter. timm counts steps
     per param group (``param_groups[i]['step']``); the two agree whenever every parameter of a group has a
-    gradient at every step. A timm checkpoint loads (its group counters become the parameters' counters).
+    gradient at every step. A timm checkpoint loads (its group counters become the parameters' counters), and
+    ``state_dict()`` also writes each group's ``step`` (its largest counter), so a fusedtrain checkpoint loads
+    into timm's Lamb and continues there.
 
     DTensor (FSDP2) parameters: the norms (and the caution mask's count) of the local shards are added across the
     shards, one ``all_reduce`` per param group and pass; the step then equals the unsharded one.
@@ -188,18 +190,35 @@ class Lamb(_TrustMixin, torch.optim.Optimizer):
                                ("max_lr_snapshot", self.defaults["max_lr_snapshot"]), ("foreach", None)):
                 group.setdefault(key, value)
 
+    def state_dict(self) -> dict[str, Any]:
+        """torch.optim's state_dict, whose param groups also carry timm.optim.Lamb's per-group ``step`` (the
+        largest step counter of the group's parameters), so that the checkpoint also loads into timm's Lamb and
+        continues there with the same bias corrections (loading it here ignores that key)."""
+        out = super().state_dict()
+        for saved, group in zip(out["param_groups"], self.param_groups):
+            steps = [float(self.state[p]["step"]) for p in group["params"] if "step" in self.state.get(p, {})]
+            if steps:
+                saved["step"] = int(max(steps))
+        return out
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Also loads a timm.optim.Lamb checkpoint: its per-group ``step`` becomes the step counter of every
-        parameter of the group that has state."""
+        parameter of the group that has state. A checkpoint of this class that timm's Lamb loaded and stepped
+        further (its group ``step`` ahead of the largest per-parameter counter) advances every counter by the
+        steps timm took."""
         super().load_state_dict(state_dict)
         for group in self.param_groups:
             step = group.pop("step", None)
             if step is None:
                 continue
-            for p in group["params"]:
-                entry = self.state.get(p)
-                if entry and "exp_avg" in entry and "step" not in entry:
+            entries = [(p, self.state[p]) for p in group["params"] if "exp_avg" in self.state.get(p, {})]
+            known = [float(entry["step"]) for _, entry in entries if "step" in entry]
+            ahead = float(step) - max(known) if known else 0.0
+            for p, entry in entries:
+                if "step" not in entry:
                     entry["step"] = new_step(self._step_device(group, p)).fill_(float(step))
+                elif ahead > 0:
+                    entry["step"].add_(ahead)
 
 
 class Lars(MomentumBufferState, _TrustMixin, torch.optim.Optimizer):
