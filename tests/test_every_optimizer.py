@@ -482,3 +482,27 @@ def test_checkpoints_move_to_the_reference_and_back(name: str) -> None:
         b.step()
         c.step()
     torch.testing.assert_close(pc, pb, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if n not in CLASS_OF or n in (
+    "Adam-8bit", "Adam-4bit", "Lamb-8bit", "ScheduleFreeAdamW-8bit", "Muon-8bit")])
+def test_compiled_training_step_equals_eager(name: str) -> None:
+    """A training step (zero_grad, forward, backward, step) under torch.compile (aot_eager: the step's traced
+    path, Note [step plan]'s fallback) gives eager's parameters after three steps."""
+    runs = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        params = _params(name)
+        weights = [torch.randn(p.shape, generator=torch.Generator().manual_seed(5)) for p in params]
+        opt = _make(name, params)
+
+        def train_step() -> None:
+            opt.zero_grad()
+            sum((p * w).sin().sum() for p, w in zip(params, weights)).backward()
+            opt.step()
+
+        fn = torch.compile(train_step, backend="aot_eager") if compiled else train_step
+        for _ in range(3):
+            fn()
+        runs.append([p.detach().clone() for p in params])
+    torch.testing.assert_close(runs[1], runs[0], rtol=1e-5, atol=1e-6)
