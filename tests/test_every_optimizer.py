@@ -464,24 +464,17 @@ def test_checkpoints_move_to_the_reference_and_back(name: str) -> None:
     for i in range(2):
         _grads(pa, i)
         a.step()
-    pb = [nn.Parameter(p.detach().clone()) for p in pa]
-    b = _reference(name, pb)
-    b.load_state_dict(_through_bytes(a.state_dict()))
-    for i in range(2, 4):
-        _grads(pa, i)
-        _grads(pb, i)
-        a.step()
-        b.step()
-    torch.testing.assert_close(pb, pa, rtol=1e-5, atol=1e-6)
-    pc = [nn.Parameter(p.detach().clone()) for p in pb]
-    c = _make(name, pc)
-    c.load_state_dict(_through_bytes(b.state_dict()))
-    for i in range(4, 6):
-        _grads(pb, i)
-        _grads(pc, i)
-        b.step()
-        c.step()
-    torch.testing.assert_close(pc, pb, rtol=1e-5, atol=1e-6)
+    for first, make in ((2, _reference), (4, _make)):  # to the reference, then back
+        pb = [nn.Parameter(p.detach().clone()) for p in pa]
+        b = make(name, pb)
+        b.load_state_dict(_through_bytes(a.state_dict()))
+        for i in range(first, first + 2):
+            _grads(pa, i)
+            _grads(pb, i)
+            a.step()
+            b.step()
+        torch.testing.assert_close(pb, pa, rtol=1e-5, atol=1e-6)
+        pa, a = pb, b
 
 
 @pytest.mark.parametrize("name", [n for n in NAMES if n not in CLASS_OF or n in (
