@@ -377,9 +377,14 @@ def test_skipped_step_changes_nothing(name: str) -> None:
 _TWINS = {name: kw for name, kw in reversed(CONFIGS)}  # torch.optim's twins: a configuration each (the first)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["f32", "bf16", "f16"])
-@pytest.mark.parametrize("name", NAMES + [n for n in _TWINS if n not in NAMES])
-def test_state_dict_resumes_bit_exactly(name: str, dtype: torch.dtype) -> None:
+_RESUME_CASES = [(name, dtype) for name in NAMES + [n for n in _TWINS if n not in NAMES]
+                 for dtype in (torch.float32, torch.bfloat16, torch.float16)]
+_RESUME_CASES += [(name, "bf16-states") for name in _TWINS]  # float32 parameters, state_dtype=torch.bfloat16
+
+
+@pytest.mark.parametrize("name,dtype", _RESUME_CASES,
+                         ids=[f"{n}-{str(d).replace('torch.', '')}" for n, d in _RESUME_CASES])
+def test_state_dict_resumes_bit_exactly(name: str, dtype: torch.dtype | str) -> None:
     """state_dict() of a stepped optimizer (through torch.save) loaded into a fresh one on copies of the
     parameters: the two continue bit for bit (stochastic rounding's bits drawn alike), and the fresh one's
     state_dict is the original's. For float16 / bfloat16 parameters torch's load_state_dict casts every state
@@ -391,11 +396,14 @@ def test_state_dict_resumes_bit_exactly(name: str, dtype: torch.dtype) -> None:
         extra: dict[str, Any] = {}
         if dtype == torch.bfloat16 and CLASS_OF.get(name, name) not in without_sr:
             extra = dict(stochastic_rounding=True)
+        if dtype == "bf16-states":
+            extra = dict(state_dtype=torch.bfloat16)
         if name in REGISTRY:
             return _make(name, groups, max_grad_norm=1.0, **extra)
         return getattr(fusedtrain.optim, name)(groups, **{**_TWINS[name], **extra}, max_grad_norm=1.0)
 
-    params = [nn.Parameter(p.detach().to(dtype)) for p in _params(name if name in REGISTRY else "Lion")]
+    param_dtype = torch.float32 if dtype == "bf16-states" else dtype
+    params = [nn.Parameter(p.detach().to(param_dtype)) for p in _params(name if name in REGISTRY else "Lion")]
     opt = make(params)
     for i in range(2):
         _grads(params, i)

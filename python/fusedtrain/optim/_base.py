@@ -160,13 +160,19 @@ def convert_state_bits(name: str, state: dict[str, Any], key: str, p: Tensor, bi
     return False
 
 
+def saved_param_map(param_groups: list[dict[str, Any]], state_dict: dict[str, Any]) -> dict[Any, Tensor]:
+    """The parameter ids of ``state_dict`` -> the parameters of ``param_groups`` they load into (torch's pairing:
+    group by group, position by position)."""
+    return {pid: p for saved, group in zip(state_dict["param_groups"], param_groups)
+            for pid, p in zip(saved["params"], group["params"])}
+
+
 def restore_saved_codes(param_groups: list[dict[str, Any]], state: Any, state_dict: dict[str, Any]
                         ) -> Iterator[tuple[Tensor, dict[str, Any], str, Tensor]]:
     """After torch's load_state_dict (which casts every state to its parameter's dtype): takes the quantized
     codes and their scales again from ``state_dict`` as saved, and yields ``(param, its state, key, saved
     value)`` for every other floating state tensor but ``step``, for the caller's own dtype rules."""
-    id_map = {pid: p for saved, group in zip(state_dict["param_groups"], param_groups)
-              for pid, p in zip(saved["params"], group["params"])}
+    id_map = saved_param_map(param_groups, state_dict)
     for pid, entry in state_dict["state"].items():
         p = id_map.get(pid)
         if p is None or p not in state:
@@ -588,8 +594,7 @@ class FusedOptimizerMixin(KeepsOptions):
         keys = _ops.RULES[self._rule]["aux"]
         if not keys:
             return
-        id_map = {pid: p for saved, group in zip(state_dict["param_groups"], self.param_groups)
-                  for pid, p in zip(saved["params"], group["params"])}
+        id_map = saved_param_map(self.param_groups, state_dict)
         for pid, entry in state_dict["state"].items():
             p = id_map.get(pid)
             mine = self.state.get(p) if p is not None else None
