@@ -160,19 +160,13 @@ def convert_state_bits(name: str, state: dict[str, Any], key: str, p: Tensor, bi
     return False
 
 
-def saved_param_map(param_groups: list[dict[str, Any]], state_dict: dict[str, Any]) -> dict[Any, Tensor]:
-    """The parameter ids of ``state_dict`` -> the parameters of ``param_groups`` they load into (torch's pairing:
-    group by group, position by position)."""
-    return {pid: p for saved, group in zip(state_dict["param_groups"], param_groups)
-            for pid, p in zip(saved["params"], group["params"])}
-
-
 def restore_saved_codes(param_groups: list[dict[str, Any]], state: Any, state_dict: dict[str, Any]
                         ) -> Iterator[tuple[Tensor, dict[str, Any], str, Tensor]]:
     """After torch's load_state_dict (which casts every state to its parameter's dtype): takes the quantized
     codes and their scales again from ``state_dict`` as saved, and yields ``(param, its state, key, saved
     value)`` for every other floating state tensor but ``step``, for the caller's own dtype rules."""
-    id_map = saved_param_map(param_groups, state_dict)
+    id_map = {pid: p for saved, group in zip(state_dict["param_groups"], param_groups)
+              for pid, p in zip(saved["params"], group["params"])}
     for pid, entry in state_dict["state"].items():
         p = id_map.get(pid)
         if p is None or p not in state:
@@ -572,10 +566,8 @@ class FusedOptimizerMixin(KeepsOptions):
         super().load_state_dict(state_dict)  # type: ignore[misc]
         self.__dict__["_ft_plan"] = None
         has_codes = any(_quant.is_codes(v) for entry in state_dict["state"].values() for v in entry.values())
-        if self.master_weights or self.state_dtype is not None or has_codes:
-            self._restore_state_dtypes(state_dict)
+        self._restore_state_dtypes(state_dict, self.master_weights or self.state_dtype is not None or has_codes)
         if not self._use_torch_step():
-            self._restore_tensor_scalars(state_dict)
             for group in self.param_groups:
                 for p in group["params"]:
                     entry = self.state.get(p)
@@ -586,32 +578,23 @@ class FusedOptimizerMixin(KeepsOptions):
                             if key in entry:
                                 self._convert_state(group, p, key)
 
-    def _restore_tensor_scalars(self, state_dict: dict[str, Any]) -> None:
-        """The rule's tensor scalars (NAdam's mu_product, ASGD's eta and mu), which torch makes in float32 (its
-        scalar dtype), are taken again from ``state_dict`` as saved: torch's load_state_dict casts them to a
-        float16 / bfloat16 parameter's dtype, which rounds them (and the kernels read float32 or float64). A
-        low-precision saved value becomes float32, as torch would have made it."""
-        keys = _ops.RULES[self._rule]["aux"]
-        if not keys:
-            return
-        id_map = saved_param_map(self.param_groups, state_dict)
-        for pid, entry in state_dict["state"].items():
-            p = id_map.get(pid)
-            mine = self.state.get(p) if p is not None else None
-            if mine is None:
-                continue
-            for key in keys:
-                saved = entry.get(key)
-                if isinstance(saved, Tensor) and saved.is_floating_point():
-                    dtype = saved.dtype if saved.dtype in (torch.float32, torch.float64) else torch.float32
-                    mine[key] = saved.to(device=p.device, dtype=dtype, copy=True)
-
-    def _restore_state_dtypes(self, state_dict: dict[str, Any]) -> None:
-        """torch's load_state_dict casts every state to its parameter's dtype; master weights, ``state_dtype``
-        states and 8-bit codes with their absmax are taken again from the saved tensors in their own dtype (no
-        precision lost)."""
+    def _restore_state_dtypes(self, state_dict: dict[str, Any], all_states: bool) -> None:
+        """torch's load_state_dict casts every state to its parameter's dtype. Taken again from the saved tensors,
+        with no precision lost: the 8-bit codes and their absmax (as saved); the rule's tensor scalars (NAdam's
+        mu_product, ASGD's eta and mu), which torch makes in float32 and the kernels read in float32 or float64,
+        where the cast narrowed them to a float16 / bfloat16 parameter's dtype (a low-precision one saved becomes
+        float32); with ``all_states`` (master weights, ``state_dtype``, codes), the master weights (float32) and
+        the states (``_state_dtype_for``)."""
+        scalars = _ops.RULES[self._rule]["aux"]
         for p, mine, key, value in restore_saved_codes(self.param_groups, self.state, state_dict):
-            want = torch.float32 if key == "master_param" else self._state_dtype_for(p)
+            if key in scalars:
+                if mine[key].dtype in (torch.float32, torch.float64):
+                    continue  # (a float64 parameter's upcast keeps every bit, as in torch's own loaded run)
+                want = value.dtype if value.dtype in (torch.float32, torch.float64) else torch.float32
+            elif all_states:
+                want = torch.float32 if key == "master_param" else self._state_dtype_for(p)
+            else:
+                continue
             if mine[key].dtype != want:
                 mine[key] = value.to(device=p.device, dtype=want, copy=True)
 
