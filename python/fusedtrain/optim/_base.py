@@ -586,6 +586,8 @@ class FusedOptimizerMixin(KeepsOptions):
         float32); with ``all_states`` (master weights, ``state_dtype``, codes), the master weights (float32) and
         the states (``_state_dtype_for``)."""
         scalars = _ops.RULES[self._rule]["aux"]
+        if not (all_states or scalars):
+            return  # torch's cast narrowed nothing the kernels need back (no codes either)
         for p, mine, key, value in restore_saved_codes(self.param_groups, self.state, state_dict):
             if key in scalars:
                 if mine[key].dtype in (torch.float32, torch.float64):
