@@ -68,6 +68,23 @@ inline bool same_dims(c10::IntArrayRef a, c10::IntArrayRef b) {
   return true;
 }
 
+// The data pointer of a tensor whose TensorImpl is the one the plan recorded (whose data pointer was read
+// when the plan was built): TensorImpl::data() without its virtual has_storage() and its dtype check, which
+// were a tenth of a warm step's validation. nullptr for an empty tensor, as data() gives; a TensorImpl that
+// has lost its storage reads as `lost` (compares unequal to every recorded pointer).
+inline const void* recorded_data(const c10::TensorImpl* impl, const void* lost) {
+  if (impl->numel() == 0) return nullptr;
+  const c10::StorageImpl* storage = impl->unsafe_storage().unsafeGetStorageImpl();
+  if (storage == nullptr) return lost;
+  return static_cast<const char*>(storage->data()) + impl->dtype().itemsize() * impl->storage_offset();
+}
+
+// A parameter's gradient, read from its autograd metadata (Tensor::grad() also asks whether the tensor is a
+// leaf, through the autograd hooks, before returning the same reference).
+inline const at::Tensor& grad_of(PyObject* obj) {
+  return THPVariable_Unpack(obj).unsafeGetTensorImpl()->grad();
+}
+
 const at::Tensor& unpack(PyObject* obj, const char* what) {
   TORCH_CHECK(THPVariable_Check(obj), "fusedtrain step plan: ", what, " is not a tensor");
   return THPVariable_Unpack(obj);
@@ -521,7 +538,7 @@ class StepPlanImpl {
   // resizing a state tensor's storage in place (no optimizer or checkpoint tool does) would go unnoticed.
   static bool same(const at::Tensor& x, const Memory& r) {
     const c10::TensorImpl* impl = x.unsafeGetTensorImpl();
-    return impl->storage().unsafeGetStorageImpl() == r.storage.unsafeGetStorageImpl() &&
+    return impl->unsafe_storage().unsafeGetStorageImpl() == r.storage.unsafeGetStorageImpl() &&
            impl->storage_offset() == r.offset;
   }
   static bool memory_unchanged(const Seg& s, const Tuple& t) {
@@ -550,7 +567,7 @@ class StepPlanImpl {
         if (obj != e.obj.ptr() || THPVariable_Unpack(obj).unsafeGetTensorImpl() != e.impl) return false;
         // A parameter that had no gradient must still have none; its presence is read without Python, from
         // the tensor's autograd metadata.
-        if (e.role == kAbsent && THPVariable_Unpack(obj).grad().defined()) return false;
+        if (e.role == kAbsent && grad_of(obj).defined()) return false;
       }
     }
     if (!snapshot_.unchanged(state.ptr())) return false;
@@ -564,7 +581,7 @@ class StepPlanImpl {
         // the parameter's memory and geometry as the plan recorded them (p.data = ..., resize_, set_)
         const int64_t* dims = s.dims.data() + t.dim;
         if (local.unsafeGetTensorImpl() != t.local_impl ||
-            (local.numel() > 0 ? local.const_data_ptr() : nullptr) != t.local_ptr ||
+            recorded_data(t.local_impl, &t) != t.local_ptr ||
             !same_dims(local.sizes(), {dims, t.ndim}) || !same_dims(local.strides(), {dims + t.ndim, t.ndim})) {
           return false;
         }
@@ -576,9 +593,9 @@ class StepPlanImpl {
             owned = unpack(g.attr("_local_tensor").ptr(), "a gradient");
           }
         }
-        const at::Tensor& g = dtensor ? owned : THPVariable_Unpack(obj).grad();
-        if (!g.defined()) return false;                                  // its gradient vanished
-        if (g.layout() != at::kStrided || g.is_sparse()) return false;   // now a sparse gradient
+        const at::Tensor& g = dtensor ? owned : grad_of(obj);
+        if (!g.defined()) return false;                 // its gradient vanished
+        if (g.layout() != at::kStrided) return false;   // now a sparse gradient
         if (g.scalar_type() != local.scalar_type() || !same_dims(g.sizes(), local.sizes()) ||
             g.device() != local.device()) {
           refuse(s, t, "its gradient (" + std::string(c10::toString(g.scalar_type())) + " " + c10::str(g.sizes()) +
@@ -586,10 +603,11 @@ class StepPlanImpl {
                            c10::toString(local.scalar_type()) + " " + c10::str(local.sizes()) + " on " +
                            local.device().str() + "); nothing was updated");
         }
-        s.grads.push_back(g.numel() > 0 ? g.const_data_ptr() : nullptr);
+        const void* grad_ptr = g.numel() > 0 ? g.const_data_ptr() : nullptr;
+        s.grads.push_back(grad_ptr);
         if (t.avg_obj) {
           const at::Tensor& a = local_of(t.avg_obj.ptr(), dtensor, s.keep_now);
-          if (a.unsafeGetTensorImpl() != t.avg_impl || (a.numel() > 0 ? a.const_data_ptr() : nullptr) != t.avg_ptr) {
+          if (a.unsafeGetTensorImpl() != t.avg_impl || recorded_data(t.avg_impl, &t) != t.avg_ptr) {
             return false;
           }
         }
@@ -604,7 +622,7 @@ class StepPlanImpl {
         const bool direct = t.contiguous ? g.is_contiguous()
                                          : (g.is_non_overlapping_and_dense() && same_dims(g.strides(), local.strides()));
         if (!direct) s.general_now = true;
-        s.work.ptr[t.work][1] = const_cast<void*>(g.const_data_ptr());
+        s.work.ptr[t.work][1] = const_cast<void*>(grad_ptr);
       }
       if (s.general_now) collect_lists(s);
     }
@@ -622,7 +640,7 @@ class StepPlanImpl {
       at::Tensor local = local_of(obj, dtensor, s.keep_now);
       at::Tensor g = dtensor ? unpack(py::reinterpret_borrow<py::object>(obj).attr("grad").attr("_local_tensor").ptr(),
                                       "a gradient")
-                             : THPVariable_Unpack(obj).grad();
+                             : grad_of(obj);
       s.locals_now.push_back(cplx ? at::view_as_real(local) : local);
       s.grads_now.push_back(cplx ? at::view_as_real(g) : g);
       if (t.avg_obj) {
@@ -642,7 +660,7 @@ class StepPlanImpl {
     bool any_double = false;
     for (Seg& s : segs_) {
       for (const Tuple& t : s.tuples) {
-        at::Tensor g = THPVariable_Unpack(groups_[s.group][t.position].obj.ptr()).grad();
+        at::Tensor g = grad_of(groups_[s.group][t.position].obj.ptr());
         if (t.kind & kComplex) g = at::view_as_real(g);
         any_double = any_double || g.scalar_type() == at::kDouble;
         by[{g.device().str(), static_cast<int>(g.scalar_type())}].push_back(std::move(g));

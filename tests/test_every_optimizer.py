@@ -507,3 +507,85 @@ def test_compiled_training_step_equals_eager(name: str) -> None:
             fn()
         runs.append([p.detach().clone() for p in params])
     torch.testing.assert_close(runs[1], runs[0], rtol=1e-5, atol=1e-6)
+
+
+def _any(name: str, params: Any) -> torch.optim.Optimizer:
+    """An optimizer of the registry here, or one of torch's twins with its first configuration."""
+    if name in REGISTRY:
+        return _make(name, params)
+    return getattr(fusedtrain.optim, name)(params, **_TWINS[name])
+
+
+_ALL = NAMES + [n for n in _TWINS if n not in NAMES]
+
+
+@pytest.mark.parametrize("name", _ALL)
+def test_step_wrapper_is_torchs(name: str) -> None:
+    """Note [the step's wrapper]: a fusedtrain class's step runs the global and own step hooks in torch.optim's
+    order (global pre, own pre, the step, own post, global post), a pre hook's (args, kwargs) replace the
+    step's (a closure it hands is called), a bad pre hook result is refused before anything changes, the
+    profiler records one "Optimizer.step#<class>.step" range per step, and grad mode is restored, also after a
+    refused step."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+    def run(opt: torch.optim.Optimizer, params: list[nn.Parameter]) -> list[str]:
+        calls: list[str] = []
+        handles = [register_optimizer_step_pre_hook(lambda o, a, k: calls.append("global pre")),
+                   opt.register_step_pre_hook(lambda o, a, k: calls.append("pre")),
+                   opt.register_step_post_hook(lambda o, a, k: calls.append("post")),
+                   register_optimizer_step_post_hook(lambda o, a, k: calls.append("global post"))]
+        try:
+            _grads(params, 0)
+            opt.step()
+        finally:
+            for h in handles:
+                h.remove()
+        return calls
+
+    params = _params(name if name in REGISTRY else "Lion")
+    opt = _any(name, params)
+    ref_params = [nn.Parameter(p.detach().clone()) for p in params]
+    ref = torch.optim.SGD(ref_params, lr=0.1)
+    assert run(opt, params) == run(ref, ref_params) == ["global pre", "pre", "post", "global post"]
+
+    # a pre hook hands a closure: the step calls it (with grad mode on) and returns its loss
+    seen: list[bool] = []
+
+    def closure() -> torch.Tensor:
+        seen.append(torch.is_grad_enabled())
+        return torch.tensor(2.5)
+
+    handle = opt.register_step_pre_hook(lambda o, a, k: ((a[0],), {"closure": closure}))
+    _grads(params, 1)
+    assert float(opt.step()) == 2.5 and seen == [True]
+    handle.remove()
+
+    # a pre hook's bad result: refused before the step; nothing changes, grad mode is restored
+    handle = opt.register_step_pre_hook(lambda o, a, k: "not a tuple")
+    before = _snapshot(opt, params)
+    _grads(params, 2)
+    for enabled in (True, False):
+        with torch.set_grad_enabled(enabled):
+            with pytest.raises(RuntimeError, match="must return None or a tuple of"):
+                opt.step()
+            assert torch.is_grad_enabled() is enabled
+    assert_same_values(before, _snapshot(opt, params), "refused step")
+    handle.remove()
+
+    # grad mode: restored after the step
+    inside: list[bool] = []
+    handle = opt.register_step_post_hook(lambda o, a, k: inside.append(torch.is_grad_enabled()))
+    for enabled in (True, False):
+        with torch.set_grad_enabled(enabled):
+            opt.step()
+            assert torch.is_grad_enabled() is enabled
+    handle.remove()
+    assert inside == [True, False]  # hooks run outside the step's no-grad region, as torch's do
+
+    # the profiler's range, once per step, named as torch names it
+    label = f"Optimizer.step#{type(opt).__name__}.step"
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for i in range(2):
+            _grads(params, 3 + i)
+            opt.step()
+    assert [e.name for e in prof.events()].count(label) == 2

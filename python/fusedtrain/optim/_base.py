@@ -19,11 +19,14 @@ meta tensors).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any
 
 import torch
+import torch.optim.optimizer as _optim_hooks
 from torch import Tensor
 
 from .. import _ops
@@ -182,6 +185,56 @@ def restore_saved_codes(param_groups: list[dict[str, Any]], state: Any, state_di
                 yield p, mine, key, value
 
 
+# Note [the step's wrapper]:
+# torch.optim.Optimizer wraps each class's ``step`` once (``_patch_step_function``) in a function that opens a
+# ``torch.autograd.profiler.record_function`` range named "Optimizer.step#<class>.step" and runs the global and
+# per-optimizer step pre and post hooks. That range is a dispatcher call that builds a TorchScript object, with
+# or without a profiler attached: 18 us a step with warm caches and ~220 us with cold ones on the 2-core VM,
+# as much as the rest of fusedtrain's step over 2004 one-element tensors (benchmarks/NOTES.md, "Cold step,
+# fourth pass"). fusedtrain's classes wrap their step in the same hook runner, with the same range name,
+# opened by ``torch._C._profiler._RecordFunctionFast`` (the C++ range torch's compiled code uses: it records
+# only when a profiler or a RecordFunction observer is attached; ~1 us warm, ~30 us cold). Under
+# ``torch.compile`` the call goes through torch's own wrapper, which Dynamo knows how to trace.
+try:
+    from torch._C._profiler import _RecordFunctionFast as _FastRange
+except ImportError:  # pragma: no cover - torch builds without it use torch's wrapper throughout
+    _FastRange = None
+
+
+def profile_hook_step(func: Callable[..., Any]) -> Callable[..., Any]:
+    """``func`` (a class's ``step``) wrapped as ``torch.optim.Optimizer.profile_hook_step`` wraps it (Note
+    [the step's wrapper]): the profiler range "Optimizer.step#<class>.step" around the global and then the
+    optimizer's step pre hooks, the step, ``_optimizer_step_code`` and the post hooks."""
+    traced = torch.optim.Optimizer.profile_hook_step(func)
+    if _FastRange is None:
+        return traced
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling():
+            return traced(*args, **kwargs)
+        self = args[0]
+        with _FastRange(f"Optimizer.step#{self.__class__.__name__}.step"):
+            for pre_hook in chain(_optim_hooks._global_optimizer_pre_hooks.values(),
+                                  self._optimizer_step_pre_hooks.values()):
+                result = pre_hook(self, args, kwargs)
+                if result is not None:
+                    if isinstance(result, tuple) and len(result) == 2:
+                        args, kwargs = result
+                    else:
+                        raise RuntimeError(
+                            f"{func} must return None or a tuple of (new_args, new_kwargs), but got {result}.")
+            out = func(*args, **kwargs)
+            self._optimizer_step_code()
+            for post_hook in chain(self._optimizer_step_post_hooks.values(),
+                                   _optim_hooks._global_optimizer_post_hooks.values()):
+                post_hook(self, args, kwargs)
+            return out
+
+    wrapper.hooked = True  # type: ignore[attr-defined]
+    return wrapper
+
+
 class KeepsOptions:
     """What every fusedtrain optimizer class shares, mixed in before its torch base class (also by Muon and
     Adafactor, whose steps are their own): Note [copies keep the options] (torch.optim's ``__getstate__``
@@ -195,9 +248,17 @@ class KeepsOptions:
                 state[key] = self.__dict__[key]
         return state
 
+    def _patch_step_function(self) -> None:
+        """torch.optim.Optimizer's hook (Note [the step's wrapper]): the class's ``step`` wrapped once, on the
+        first instance, with fusedtrain's profiling and hook runner instead of torch's."""
+        self._zero_grad_profile_name = f"Optimizer.zero_grad#{self.__class__.__name__}.zero_grad"
+        if not getattr(self.__class__.step, "hooked", None):
+            self.__class__.step = profile_hook_step(self.__class__.step)  # type: ignore[method-assign]
+
     def _amp(self) -> tuple[Tensor | None, Tensor | None]:
         """GradScaler's grad_scale / found_inf (set on the optimizer during ``scaler.step``)."""
-        return getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        d = self.__dict__
+        return d.get("grad_scale"), d.get("found_inf")
 
     def _unscaled_norm(self, norm: Tensor, grad_scale: Tensor | None) -> Tensor:
         """The gradients' joint norm ``norm`` (float32 or wider) divided by GradScaler's scale, before any
@@ -601,7 +662,6 @@ class FusedOptimizerMixin(KeepsOptions):
                 mine[key] = value.to(device=p.device, dtype=want, copy=True)
 
     # ----------------------------------------------------------------------------------------- step
-    @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         r"""Performs one optimization step (Note [the step]): one fused kernel per (device, dtype) of each
         group, all reached through one cached C++ plan.
@@ -625,6 +685,21 @@ class FusedOptimizerMixin(KeepsOptions):
         Returns:
             The closure's loss, or None.
         """
+        if closure is not None or torch.compiler.is_compiling() or self._use_torch_step():
+            return self._step_general(closure)
+        # Without a closure, grad mode is set directly: torch.no_grad()'s decorator costs ~70 us a step with
+        # cold caches (Note [the step's wrapper]).
+        enabled = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(False)
+        try:
+            self._step_planned()
+        finally:
+            torch._C._set_grad_enabled(enabled)
+        return None
+
+    @torch.no_grad()
+    def _step_general(self, closure: Callable[[], Any] | None) -> Any:
+        """``step`` with a closure, under ``torch.compile``, or with torch's step (``differentiable=True``)."""
         if closure is not None:
             closure = _unscaled_closure(self, closure)
         if self._use_torch_step():
