@@ -551,6 +551,58 @@ class StepPlanImpl {
     return true;
   }
 
+  // Note [cold walk prefetch]:
+  // A step that follows a forward and backward pass finds the objects validate() reads in DRAM: per fused
+  // parameter its TensorImpl, StorageImpl and autograd metadata, the gradient's TensorImpl and StorageImpl,
+  // and the TensorImpls of its states and counter. The gradient's are reached through a chain of four
+  // dependent loads, and a tuple's checks are too many instructions for the core to run the next tuple's
+  // loads meanwhile, so the misses are paid one after another (~0.3 us per parameter on the 2-core VM). The
+  // walk therefore prefetches tuple i + kAhead's chain one level per distance: the TensorImpls (whose
+  // addresses the plan holds) 12 tuples ahead, the storage and autograd metadata those point to 8 ahead, the
+  // gradient's TensorImpl 4 ahead, its storage 2 ahead. The loads that follow the chain read only objects
+  // that are alive (the parameter's object, which the plan holds, and what it points to now) and decide
+  // nothing: validation proper reads everything again.
+  static constexpr size_t kAhead = 12;
+  static void prefetch_impl(const c10::TensorImpl* impl) {
+    const char* p = reinterpret_cast<const char*>(impl);
+    __builtin_prefetch(p);
+    __builtin_prefetch(p + 64);
+    __builtin_prefetch(p + 128);
+    __builtin_prefetch(p + 192);
+  }
+  void prefetch(const Seg& s, size_t i) const {
+    const size_t n = s.tuples.size();
+    if (i + kAhead < n) {
+      const size_t j = i + kAhead;
+      prefetch_impl(s.tuples[j].local_impl);
+      for (size_t k = 0; k < s.n_states; ++k) prefetch_impl(s.states[k * n + j].unsafeGetTensorImpl());
+      if (!s.step_ptr.empty()) prefetch_impl(s.steps[j].unsafeGetTensorImpl());
+    }
+    const auto param_impl = [&](size_t j) -> const c10::TensorImpl* {
+      const Tuple& t = s.tuples[j];
+      if (t.kind & kDTensor) return nullptr;
+      return THPVariable_Unpack(groups_[s.group][t.position].obj.ptr()).unsafeGetTensorImpl();
+    };
+    const auto grad_impl = [&](size_t j) -> const c10::TensorImpl* {
+      const c10::TensorImpl* impl = param_impl(j);
+      const auto* meta = impl ? static_cast<const torch::autograd::AutogradMeta*>(impl->autograd_meta()) : nullptr;
+      return meta && meta->grad_.defined() ? meta->grad_.unsafeGetTensorImpl() : nullptr;
+    };
+    if (i + 8 < n) {
+      if (const c10::TensorImpl* impl = param_impl(i + 8)) {
+        __builtin_prefetch(impl->unsafe_storage().unsafeGetStorageImpl());
+        const auto* meta = static_cast<const torch::autograd::AutogradMeta*>(impl->autograd_meta());
+        if (meta) __builtin_prefetch(&meta->grad_);
+      }
+    }
+    if (i + 4 < n) {
+      if (const c10::TensorImpl* g = grad_impl(i + 4)) prefetch_impl(g);
+    }
+    if (i + 2 < n) {
+      if (const c10::TensorImpl* g = grad_impl(i + 2)) __builtin_prefetch(g->unsafe_storage().unsafeGetStorageImpl());
+    }
+  }
+
   bool validate(py::list group_params, py::handle state) {
     for (Seg& s : segs_) s.keep_now.clear();
     if (py::len(group_params) != groups_.size()) return false;
@@ -575,6 +627,7 @@ class StepPlanImpl {
       s.general_now = s.static_general;
       s.grads.clear();
       for (const Tuple& t : s.tuples) {
+        prefetch(s, &t - s.tuples.data());  // Note [cold walk prefetch]
         PyObject* obj = groups_[s.group][t.position].obj.ptr();
         const bool dtensor = t.kind & kDTensor;
         const at::Tensor& local = local_of(obj, dtensor, s.keep_now);

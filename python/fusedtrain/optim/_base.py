@@ -373,6 +373,8 @@ class _Plan:
     sharded: bool                # DTensor parameters: the clip norm is reduced across ranks in Python
     grads_of: list[tuple[int, int]]  # (group, position) of every fused parameter (for a sharded norm)
     device: torch.device | None
+    stochastic: bool = False     # some segment rounds stochastically: a seed is drawn each step
+    on_cuda: bool = False        # the first device is a GPU (a step under CUDA-graph capture is checked)
 
 
 # Note [amp scaling and closures]: ``_step_supports_amp_scaling`` tells torch.amp.GradScaler to hand the step
@@ -736,7 +738,7 @@ class FusedOptimizerMixin(KeepsOptions):
             built = plan is None
             if plan is None:
                 plan = self.__dict__["_ft_plan"] = self._build_plan()
-            if plan.device is not None and plan.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            if plan.on_cuda and torch.cuda.is_current_stream_capturing():
                 self._check_capturable()
             hypers = [_ops.hyper_list(self._rule, self._hyper(g)) for g in groups]
             lrs = self.__dict__.get("_ft_lrs") or [local(g["lr"]) if isinstance(g["lr"], Tensor) else g["lr"]
@@ -766,7 +768,7 @@ class FusedOptimizerMixin(KeepsOptions):
             weight, weight_tensor = (0.0, None)
             if ema is not None and plan.fused_ema:
                 weight, weight_tensor = ema.weight_args(plan.device)
-            sr_seed = draw_sr_seed(plan.device) if plan.impl.has_stochastic else None
+            sr_seed = draw_sr_seed(plan.device) if plan.stochastic else None
             status, norm, device_found_inf = plan.impl.step(
                 [g["params"] for g in groups], self.state, hypers, lrs, l1s, grad_scale, found_inf, max_norm,
                 clip_coef, weight, weight_tensor, sr_seed)
@@ -1008,8 +1010,10 @@ class FusedOptimizerMixin(KeepsOptions):
         grads_of = [(gi, pos) for gi, fused in enumerate(collected.fused) for pos in fused]
         sharded = any(is_dtensor(group_params[gi][pos]) for gi, pos in grads_of)
         devices = impl.devices
+        device = devices[0] if devices else None
         return _Plan(impl=impl, group_params=group_params, external=collected.external, fused_ema=fused_ema,
-                     fresh=fresh, sharded=sharded, grads_of=grads_of, device=devices[0] if devices else None)
+                     fresh=fresh, sharded=sharded, grads_of=grads_of, device=device,
+                     stochastic=impl.has_stochastic, on_cuda=device is not None and device.type == "cuda")
 
     def _step_traced(self) -> None:
         """The step as ``step_`` op calls (torch.compile traces these; fake kernels give their effects)."""
