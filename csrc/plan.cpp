@@ -70,12 +70,12 @@ inline bool same_dims(c10::IntArrayRef a, c10::IntArrayRef b) {
 
 // The data pointer of a tensor whose TensorImpl is the one the plan recorded (whose data pointer was read
 // when the plan was built): TensorImpl::data() without its virtual has_storage() and its dtype check, which
-// were a tenth of a warm step's validation. nullptr for an empty tensor, as data() gives; a TensorImpl that
-// has lost its storage reads as `lost` (compares unequal to every recorded pointer).
-inline const void* recorded_data(const c10::TensorImpl* impl, const void* lost) {
+// were a tenth of a warm step's validation. nullptr for an empty tensor, as data() gives, and for one that has
+// lost its storage: a non-empty tensor's recorded pointer is never null, so that compares unequal.
+inline const void* recorded_data(const c10::TensorImpl* impl) {
   if (impl->numel() == 0) return nullptr;
   const c10::StorageImpl* storage = impl->unsafe_storage().unsafeGetStorageImpl();
-  if (storage == nullptr) return lost;
+  if (storage == nullptr) return nullptr;
   return static_cast<const char*>(storage->data()) + impl->dtype().itemsize() * impl->storage_offset();
 }
 
@@ -634,7 +634,7 @@ class StepPlanImpl {
         // the parameter's memory and geometry as the plan recorded them (p.data = ..., resize_, set_)
         const int64_t* dims = s.dims.data() + t.dim;
         if (local.unsafeGetTensorImpl() != t.local_impl ||
-            recorded_data(t.local_impl, &t) != t.local_ptr ||
+            recorded_data(t.local_impl) != t.local_ptr ||
             !same_dims(local.sizes(), {dims, t.ndim}) || !same_dims(local.strides(), {dims + t.ndim, t.ndim})) {
           return false;
         }
@@ -660,7 +660,7 @@ class StepPlanImpl {
         s.grads.push_back(grad_ptr);
         if (t.avg_obj) {
           const at::Tensor& a = local_of(t.avg_obj.ptr(), dtensor, s.keep_now);
-          if (a.unsafeGetTensorImpl() != t.avg_impl || recorded_data(t.avg_impl, &t) != t.avg_ptr) {
+          if (a.unsafeGetTensorImpl() != t.avg_impl || recorded_data(t.avg_impl) != t.avg_ptr) {
             return false;
           }
         }
